@@ -1,0 +1,91 @@
+"""LoRA on a pretrained classifier, and the adapter state (LoRA + head) that travels as records.
+
+Only trainable tensors are exchanged; the frozen base never leaves the machine that loaded it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import PreTrainedModel
+
+from common.config import LoraSettings
+
+# Attention projections to adapt, per `config.model_type` (Hu et al. 2021 adapt W_q and W_v).
+TARGET_MODULES: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "mpnet": ["q", "v"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+}
+
+
+class AdapterError(ValueError):
+    """An adapter state does not fit the model: wrong keys, shapes, or non-finite values."""
+
+
+def target_modules(settings: LoraSettings, model_type: str) -> list[str]:
+    if settings.target_modules:
+        return list(settings.target_modules)
+    if model_type not in TARGET_MODULES:
+        known = ", ".join(sorted(TARGET_MODULES))
+        raise AdapterError(f"no default LoRA target modules for model type {model_type!r} "
+                           f"(known: {known}); set lora.target_modules")
+    return TARGET_MODULES[model_type]
+
+
+def lora_config(settings: LoraSettings, model_type: str) -> LoraConfig:
+    """The one place `peft.LoraConfig` is built, so PEFT's own checks run on our settings."""
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS,  # keeps the classification head trainable (modules_to_save)
+        r=settings.r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=target_modules(settings, model_type),
+    )
+
+
+def add_lora(base: PreTrainedModel, settings: LoraSettings) -> PeftModel:
+    """Freeze `base` and wrap it with LoRA; the caller seeds torch for a reproducible init."""
+    return get_peft_model(base, lora_config(settings, base.config.model_type))
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Copies of every trainable tensor (LoRA matrices and the head), by parameter name."""
+    return {name: p.detach().cpu().numpy().copy()
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, np.ndarray]) -> None:
+    """Copy `state` into the trainable parameters after checking names, shapes and finiteness."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise AdapterError(f"adapter keys do not match the model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    for name, value in state.items():
+        if tuple(value.shape) != tuple(params[name].shape):
+            raise AdapterError(f"adapter tensor {name} has shape {tuple(value.shape)}, "
+                               f"expected {tuple(params[name].shape)}")
+        if not np.all(np.isfinite(value)):
+            raise AdapterError(f"adapter tensor {name} holds NaN or infinite values")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(torch.from_numpy(np.ascontiguousarray(value)))
+
+
+def to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in state.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}

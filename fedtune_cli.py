@@ -1,0 +1,128 @@
+"""`fedtune`: parse flags into a RunConfig and hand it to the simulation or the baseline.
+
+No logic lives here: flags become dotted configuration keys, validated once by RunConfig.
+Exit codes: 0 success, 2 bad input (one line naming the problem), 1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Flag -> dotted configuration key. Scripts depend on these flag names.
+FLAGS: dict[str, tuple[str, type, str]] = {
+    "--data": ("data.path", str, "data directory, CSV file, 'hf:<id>' or 'builtin'"),
+    "--model": ("model.name", str, "'embedded', a hub id or a local model directory"),
+    "--num-clients": ("federation.num_clients", int, "simulated clients"),
+    "--rounds": ("federation.rounds", int, "federated rounds"),
+    "--fraction-train": ("federation.fraction_train", float, "share of clients trained per round"),
+    "--partition": ("partition.scheme", str, "iid | dirichlet | natural"),
+    "--alpha": ("partition.alpha", float, "Dirichlet concentration"),
+    "--partition-by": ("partition.by", str, "field for the natural partition"),
+    "--max-length": ("model.max_length", int, "tokens per example"),
+    "--batch-size": ("train.batch_size", int, "examples per step"),
+    "--local-epochs": ("train.local_epochs", int, "local passes per round"),
+    "--local-steps": ("train.local_steps", int, "local steps per round (overrides epochs)"),
+    "--lr": ("train.lr", float, "AdamW learning rate"),
+    "--lora-r": ("lora.r", int, "LoRA rank"),
+    "--seed": ("seed", int, "seed for everything random"),
+    "--out": ("output.dir", str, "run directory (default runs/<command>-<time>)"),
+}
+
+
+class InputError(Exception):
+    """Bad input from the command line; reported as one line with exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtune", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    simulate = commands.add_parser("simulate", help="simulate a federation in one process")
+    _add_run_flags(simulate)
+    simulate.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last "
+                          "checkpoint (its saved configuration is used; --rounds may extend it)")
+    simulate.add_argument("--workers", type=int, help="Ray workers (default: one per core)")
+    centralized = commands.add_parser("centralized", help="the centralised LoRA baseline with "
+                                      "the same data, model and passes")
+    _add_run_flags(centralized)
+    return parser
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    for flag, (_, kind, text) in FLAGS.items():
+        parser.add_argument(flag, type=kind, help=text, dest=flag[2:].replace("-", "_"))
+
+
+def resolve_config(args: argparse.Namespace) -> Any:
+    """Defaults <- TOML file <- flags; or, with --resume, the run's saved configuration."""
+    from common.config import RunConfig, with_run_dir
+
+    overrides = {key: getattr(args, flag[2:].replace("-", "_"))
+                 for flag, (key, _, _) in FLAGS.items()}
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if getattr(args, "resume", None):
+        extra = sorted(set(overrides) - {"federation.rounds"})
+        if extra or args.config:
+            dropped = ", ".join(extra) or "--config"
+            raise InputError(f"--resume uses the run's saved configuration; drop {dropped}")
+        saved = Path(args.resume) / "config.json"
+        if not saved.is_file():
+            raise InputError(f"{args.resume} holds no fedtune run to resume (no config.json)")
+        import json
+        try:
+            values = json.loads(saved.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise InputError(f"{saved} is unreadable: {error}") from None
+        return RunConfig.from_mapping(values).with_overrides(overrides)
+    config = RunConfig.from_toml(args.config) if args.config else RunConfig()
+    return with_run_dir(config.with_overrides(overrides), args.command)
+
+
+def run(args: argparse.Namespace) -> None:
+    from common.task import cached_task
+
+    config = resolve_config(args)
+    task = cached_task(config)  # loads data and model: bad input fails here, before Ray starts
+    clients = config.federation.num_clients
+    for client in range(clients):
+        task.client_examples(config.partition, client, clients)
+    if args.command == "centralized":
+        from simulations.centralized import train_centralized
+
+        rows = train_centralized(config)
+    else:
+        from simulations.engine import simulate
+
+        rows = simulate(config, resume=bool(args.resume), num_workers=args.workers)
+    if rows:
+        print(f"run directory: {config.output.dir}  final accuracy: {rows[-1]['accuracy']:.4f}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from common.adapter import AdapterError
+    from common.config import ConfigError
+    from common.data import DataError
+    from common.model import ModelLoadError
+    from common.partition import PartitionError
+    from server.checkpoint import CheckpointError
+    from server.federation import RunDirError
+
+    bad_input = (InputError, ConfigError, DataError, ModelLoadError, PartitionError,
+                 AdapterError, CheckpointError, RunDirError)
+    try:
+        run(args)
+    except bad_input as error:
+        print(f"fedtune: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

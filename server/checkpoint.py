@@ -1,0 +1,58 @@
+"""Per-round checkpoints of the global adapter and the server's state, written atomically."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.atomic_file import write_atomic
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^round-(\d{4,})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing or unreadable; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int
+    arrays: dict[str, np.ndarray]  # the global adapter after `round`
+    state: dict[str, Any]  # JSON-safe: strategy RNG, retired clients, ...
+
+
+def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
+    buffer = io.BytesIO()
+    torch.save({"round": checkpoint.round,
+                "arrays": {k: torch.from_numpy(np.ascontiguousarray(v))
+                           for k, v in checkpoint.arrays.items()},
+                "state": json.dumps(checkpoint.state, sort_keys=True)}, buffer)
+    path = Path(run_dir) / CHECKPOINT_DIR / f"round-{checkpoint.round:04d}.pt"
+    write_atomic(path, buffer.getvalue())
+    return path
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The checkpoint of the highest complete round, or None when the run has none."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    rounds = sorted(int(m.group(1)) for p in folder.glob("round-*.pt")
+                    if (m := _NAME.match(p.name))) if folder.is_dir() else []
+    return load_checkpoint(folder / f"round-{rounds[-1]:04d}.pt") if rounds else None
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        return Checkpoint(round=int(raw["round"]),
+                          arrays={k: v.numpy() for k, v in raw["arrays"].items()},
+                          state=json.loads(raw["state"]))
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, EOFError) as error:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {error}") from None

@@ -1,0 +1,147 @@
+"""The server's round loop: sample, train, aggregate, evaluate, record, checkpoint.
+
+Flower's `Strategy.start` runs all rounds in one call; fedtune needs a checkpoint after every
+round, a resume that starts mid-run, and multi-message rounds for secure aggregation, so the loop
+is written here on top of the strategy's own configure/aggregate methods and Flower's `Grid`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from rich.console import Console
+
+from common import record_keys as keys
+from common.adapter import from_record, load_trainable_state, to_record
+from common.atomic_file import write_atomic
+from common.config import RunConfig
+from common.task import cached_task
+from server.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from server.evaluation import evaluate_centrally, summarise_client_evaluation
+from server.metrics_log import METRICS_FILE, append_round, keep_rounds_up_to, read_rounds
+from server.roster import Roster
+from server.strategies.fedavg import SeededFedAvg
+
+CONFIG_FILE = "config.json"
+ADAPTER_DIR = "adapter"
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (it holds another run, or nothing to resume)."""
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    arrays: ArrayRecord | None  # None when no client returned an update
+    metrics: MetricRecord | None
+    clients: int
+    failures: int
+    bytes_up: int
+    bytes_down: int
+
+
+def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False) -> list[dict[str, Any]]:
+    """Run (or continue) the rounds of `config`; return the metrics rows of the whole run."""
+    run_dir = Path(config.output.dir)
+    prepare_run_dir(run_dir, config, resume=resume)
+    task = cached_task(config)
+    roster = Roster()
+    federation = config.federation
+    strategy = SeededFedAvg(
+        roster, config.seed, fraction_train=federation.fraction_train,
+        fraction_evaluate=federation.fraction_evaluate, min_train_nodes=1,
+        min_evaluate_nodes=1 if federation.fraction_evaluate > 0 else 0,
+        min_available_nodes=federation.wait_for,
+        weighted_by_key=keys.NUM_EXAMPLES, arrayrecord_key=keys.ARRAYS,
+        configrecord_key=keys.CONFIG)
+
+    arrays, done = dict(task.initial_adapter), 0
+    if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
+        arrays, done = checkpoint.arrays, checkpoint.round
+        strategy.load_state_dict(checkpoint.state["strategy"])
+        roster.retired.update(checkpoint.state["retired"])
+    keep_rounds_up_to(run_dir, done)
+
+    console = Console(stderr=True)
+    settings = ConfigRecord({keys.RUN_CONFIG: json.dumps(config.to_flat())})
+    for server_round in range(done + 1, federation.rounds + 1):
+        started = time.perf_counter()
+        roster.refresh(grid, federation.wait_for, federation.timeout)
+        outcome = train_exchange(grid, strategy, server_round, to_record(arrays), settings,
+                                 federation.timeout)
+        if outcome.arrays is not None:
+            arrays = from_record(outcome.arrays)
+        eval_messages = list(strategy.configure_evaluate(server_round, to_record(arrays),
+                                                         settings, grid))
+        eval_replies = grid.send_and_receive(eval_messages, timeout=federation.timeout)
+        central = evaluate_centrally(task, arrays)
+        row = {
+            "round": server_round,
+            "accuracy": central.accuracy,
+            "loss": central.loss,
+            "label_accuracy": central.per_label_accuracy,
+            "clients": outcome.clients,
+            "clients_failed": outcome.failures,
+            "train_loss": _metric(outcome.metrics, keys.TRAIN_LOSS),
+            "bytes_up": outcome.bytes_up,
+            "bytes_down": outcome.bytes_down + _bytes(eval_messages),
+            **summarise_client_evaluation(eval_replies, roster),
+            "seconds": time.perf_counter() - started,
+        }
+        append_round(run_dir, row)
+        state = {"strategy": strategy.state_dict(), "retired": sorted(roster.retired)}
+        save_checkpoint(run_dir, Checkpoint(round=server_round, arrays=arrays, state=state))
+        _print_round(console, row, federation.rounds)
+
+    load_trainable_state(task.model, arrays)
+    task.model.save_pretrained(str(run_dir / ADAPTER_DIR))
+    return read_rounds(run_dir)
+
+
+def train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int, arrays: ArrayRecord,
+                   settings: ConfigRecord, timeout: float) -> TrainOutcome:
+    """One plain training exchange: the global adapter out, each client's update back."""
+    messages = list(strategy.configure_train(server_round, arrays, settings, grid))
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+    ok = [r for r in replies if not r.has_error()]
+    return TrainOutcome(arrays=new_arrays, metrics=metrics, clients=len(ok),
+                        failures=len(replies) - len(ok) + len(messages) - len(replies),
+                        bytes_up=_bytes(ok), bytes_down=_bytes(messages))
+
+
+def prepare_run_dir(run_dir: Path, config: RunConfig, *, resume: bool) -> None:
+    """Refuse to start over an existing run; write the resolved configuration for a new one."""
+    has_run = (run_dir / METRICS_FILE).exists() or latest_checkpoint(run_dir) is not None
+    if resume:
+        if not (run_dir / CONFIG_FILE).exists():
+            raise RunDirError(f"{run_dir} holds no fedtune run to resume (no {CONFIG_FILE})")
+        return
+    if has_run:
+        raise RunDirError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "
+                          f"or choose another --out")
+    write_atomic(run_dir / CONFIG_FILE, config.to_json().encode())
+
+
+def _bytes(messages: list[Message]) -> int:
+    return sum(m.content[keys.ARRAYS].count_bytes() for m in messages
+               if m.has_content() and keys.ARRAYS in m.content.array_records)
+
+
+def _metric(metrics: MetricRecord | None, key: str) -> float | None:
+    return float(metrics[key]) if metrics is not None and key in metrics else None
+
+
+def _print_round(console: Console, row: dict[str, Any], rounds: int) -> None:
+    worst = row.get("client_accuracy_worst")
+    worst_text = f"  worst client {worst:.3f}" if worst is not None else ""
+    console.print(f"[bold cyan]round {row['round']}/{rounds}[/]  clients {row['clients']}"
+                  f"  accuracy [bold]{row['accuracy']:.3f}[/]  loss {row['loss']:.3f}"
+                  f"{worst_text}  {row['seconds']:.1f}s")
+

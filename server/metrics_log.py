@@ -1,0 +1,30 @@
+"""metrics.jsonl: one JSON object per completed round, appended, trimmed on resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from common.atomic_file import write_atomic
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def append_round(run_dir: Path, row: dict[str, Any]) -> None:
+    with (Path(run_dir) / METRICS_FILE).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def keep_rounds_up_to(run_dir: Path, last_round: int) -> None:
+    """Drop rows of rounds after the checkpoint being resumed (written before a crash)."""
+    rows = [r for r in read_rounds(run_dir) if r["round"] <= last_round]
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    write_atomic(Path(run_dir) / METRICS_FILE, text.encode())

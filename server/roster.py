@@ -1,0 +1,73 @@
+"""Stable client names behind Flower's node ids, so sampling and per-client records repeat.
+
+Node ids change when a simulation restarts or a node reconnects; the name a node reports (its
+partition in simulation, its configured name in deployment) does not.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+
+from flwr.app import Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from common import record_keys as keys
+
+
+class Roster:
+    """Maps connected node ids to names; retired names are never sampled again."""
+
+    def __init__(self) -> None:
+        self._node_of: dict[str, int] = {}
+        self._name_of: dict[int, str] = {}
+        self.retired: set[str] = set()
+
+    def name_of(self, node_id: int) -> str:
+        return self._name_of.get(node_id, f"node-{node_id}")
+
+    def active(self) -> list[tuple[str, int]]:
+        """(name, node id) of every known, connected, not retired client, sorted by name."""
+        return sorted((n, i) for n, i in self._node_of.items() if n not in self.retired)
+
+    def retire(self, name: str) -> None:
+        self.retired.add(name)
+
+    def refresh(self, grid: Grid, wait_for: int, timeout: float) -> None:
+        """Ask new nodes for their names; wait until `wait_for` clients are active."""
+        waited = 0.0
+        while True:
+            connected = set(grid.get_node_ids())
+            self._forget(set(self._name_of) - connected)
+            unknown = sorted(connected - set(self._name_of))
+            if unknown:
+                self._identify(grid, unknown, timeout)
+            if len(self.active()) >= wait_for:
+                return
+            if waited % 10 == 0:
+                log(INFO, "Waiting for clients: %d of %d connected", len(self.active()), wait_for)
+            if waited >= timeout:
+                raise TimeoutError(f"only {len(self.active())} of {wait_for} clients connected "
+                                   f"within {timeout:.0f}s")
+            time.sleep(1.0)
+            waited += 1.0
+
+    def _identify(self, grid: Grid, node_ids: list[int], timeout: float) -> None:
+        queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
+                   for n in node_ids]
+        for reply in grid.send_and_receive(queries, timeout=timeout):
+            node_id = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "Node %d did not identify itself: %s", node_id, reply.error.reason)
+                continue
+            name = str(reply.content[keys.CONFIG][keys.CLIENT_NAME])
+            if name in self._node_of:
+                self._forget({self._node_of[name]})  # the same client reconnected
+            self._node_of[name], self._name_of[node_id] = node_id, name
+
+    def _forget(self, node_ids: set[int]) -> None:
+        for node_id in node_ids:
+            name = self._name_of.pop(node_id)
+            if self._node_of.get(name) == node_id:
+                del self._node_of[name]
