@@ -46,7 +46,9 @@ def load_classifier(name: str, num_labels: int) -> PreTrainedModel:
     """A sequence classifier with a fresh head of `num_labels` outputs, seeded by the caller."""
     path = resolve_model_path(name)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        # A checkpoint that already has a head of another width gets a fresh one.
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, ignore_mismatched_sizes=True)
     except (OSError, ValueError) as error:
         raise ModelLoadError(_explain(name, error)) from None
 

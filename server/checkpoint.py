@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,5 +55,6 @@ def load_checkpoint(path: Path) -> Checkpoint:
         return Checkpoint(round=int(raw["round"]),
                           arrays={k: v.numpy() for k, v in raw["arrays"].items()},
                           state=json.loads(raw["state"]))
-    except (OSError, RuntimeError, KeyError, ValueError, TypeError, EOFError) as error:
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, EOFError,
+            pickle.UnpicklingError) as error:
         raise CheckpointError(f"checkpoint {path} is unreadable: {error}") from None

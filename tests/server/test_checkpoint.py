@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+
+from server.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from server.metrics_log import append_round, keep_rounds_up_to, read_rounds
+
+
+def test_latest_checkpoint_round_trips_arrays_and_state(tmp_path):
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    for r in (1, 2, 10):
+        save_checkpoint(tmp_path, Checkpoint(round=r, arrays=arrays, state={"rng": {"r": r}}))
+    latest = latest_checkpoint(tmp_path)
+    assert latest.round == 10 and latest.state == {"rng": {"r": 10}}
+    np.testing.assert_array_equal(latest.arrays["w"], arrays["w"])
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
+
+
+def test_no_checkpoint_means_none_and_a_torn_file_is_named(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    torn = tmp_path / "round-0001.pt"
+    torn.write_bytes(b"\x80\x02garbage")
+    with pytest.raises(CheckpointError, match=r"round-0001\.pt is unreadable"):
+        load_checkpoint(torn)
+
+
+def test_metrics_rows_after_the_resumed_round_are_dropped(tmp_path):
+    for r in (1, 2, 3):
+        append_round(tmp_path, {"round": r, "accuracy": r / 10})
+    keep_rounds_up_to(tmp_path, 2)
+    assert [row["round"] for row in read_rounds(tmp_path)] == [1, 2]
