@@ -8,17 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 CONFIG_VERSION = 1
 EMBEDDED_MODEL = "embedded"
