@@ -70,10 +70,13 @@ def resolve_config(args: argparse.Namespace) -> Any:
         if extra or args.config:
             dropped = ", ".join(extra) or "--config"
             raise InputError(f"--resume uses the run's saved configuration; drop {dropped}")
-        saved = Path(args.resume) / "config.json"
-        if not saved.is_file():
-            raise InputError(f"{args.resume} holds no fedtune run to resume (no config.json)")
         import json
+
+        from server.federation import CONFIG_FILE
+
+        saved = Path(args.resume) / CONFIG_FILE
+        if not saved.is_file():
+            raise InputError(f"{args.resume} holds no fedtune run to resume (no {CONFIG_FILE})")
         try:
             values = json.loads(saved.read_text())
         except (OSError, json.JSONDecodeError) as error:

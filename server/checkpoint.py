@@ -41,12 +41,20 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     return path
 
 
+def checkpoint_rounds(run_dir: Path) -> list[int]:
+    """Rounds that have a checkpoint file, ascending (nothing is loaded)."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.glob("round-*.pt") if (m := _NAME.match(p.name)))
+
+
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     """The checkpoint of the highest complete round, or None when the run has none."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    rounds = sorted(int(m.group(1)) for p in folder.glob("round-*.pt")
-                    if (m := _NAME.match(p.name))) if folder.is_dir() else []
-    return load_checkpoint(folder / f"round-{rounds[-1]:04d}.pt") if rounds else None
+    rounds = checkpoint_rounds(run_dir)
+    if not rounds:
+        return None
+    return load_checkpoint(Path(run_dir) / CHECKPOINT_DIR / f"round-{rounds[-1]:04d}.pt")
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

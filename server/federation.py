@@ -22,7 +22,12 @@ from common.adapter import from_record, load_trainable_state, to_record
 from common.atomic_file import write_atomic
 from common.config import RunConfig
 from common.task import cached_task
-from server.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from server.checkpoint import (
+    Checkpoint,
+    checkpoint_rounds,
+    latest_checkpoint,
+    save_checkpoint,
+)
 from server.evaluation import evaluate_centrally, summarise_client_evaluation
 from server.metrics_log import METRICS_FILE, append_round, keep_rounds_up_to, read_rounds
 from server.roster import Roster
@@ -118,7 +123,7 @@ def train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int, arrays
 
 def prepare_run_dir(run_dir: Path, config: RunConfig, *, resume: bool) -> None:
     """Refuse to start over an existing run; write the resolved configuration for a new one."""
-    has_run = (run_dir / METRICS_FILE).exists() or latest_checkpoint(run_dir) is not None
+    has_run = (run_dir / METRICS_FILE).exists() or bool(checkpoint_rounds(run_dir))
     if resume:
         if not (run_dir / CONFIG_FILE).exists():
             raise RunDirError(f"{run_dir} holds no fedtune run to resume (no {CONFIG_FILE})")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from server.checkpoint import latest_checkpoint
+from server.metrics_log import read_rounds
 from tests.conftest import write_jsonl
 
 REQUIRED = {"round", "accuracy", "loss", "clients", "seconds", "bytes_up", "bytes_down",
@@ -24,10 +25,6 @@ def fedtune(*args: str | Path, timeout: int = 600) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 def test_simulate_writes_metrics_checkpoints_and_a_peft_adapter(tiny_model_dir, toy_data_dir,
                                                                   tmp_path):
@@ -36,7 +33,7 @@ def test_simulate_writes_metrics_checkpoints_and_a_peft_adapter(tiny_model_dir, 
                    "--num-clients", 3, "--rounds", 2, "--batch-size", 8, "--lr", 0.01,
                    "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
-    history = rows(out)
+    history = read_rounds(out)
     assert [r["round"] for r in history] == [1, 2]
     assert all(set(r) >= REQUIRED for r in history)
     assert all(r["clients"] == 3 and r["bytes_up"] > 0 for r in history)
@@ -56,7 +53,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_model_dir, toy_data_dir, tmp_pa
     resumed = fedtune("simulate", "--resume", split, "--rounds", 3)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    a, b = rows(whole), rows(split)
+    a, b = read_rounds(whole), read_rounds(split)
     assert [r["round"] for r in b] == [1, 2, 3]
     for x, y in zip(a, b, strict=True):
         assert x["client_accuracy"].keys() == y["client_accuracy"].keys()  # same clients
