@@ -29,6 +29,19 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--local-steps": ("train.local_steps", int, "local steps per round (overrides epochs)"),
     "--lr": ("train.lr", float, "AdamW learning rate"),
     "--lora-r": ("lora.r", int, "LoRA rank"),
+    "--max-grad-norm": ("train.max_grad_norm", float,
+                        "gradient clipping norm (per example under DP-SGD)"),
+    "--dp": ("privacy.dp", bool, "train with differential privacy"),
+    "--dp-level": ("privacy.level", str, "sample (DP-SGD, per-client ledgers) | client"),
+    "--epsilon": ("privacy.epsilon", float, "target epsilon over all rounds (and budget)"),
+    "--delta": ("privacy.delta", float, "target delta (default 1/(10 n))"),
+    "--noise-multiplier": ("privacy.noise_multiplier", float,
+                           "fixed noise multiplier instead of one computed from --epsilon"),
+    "--clip-norm": ("privacy.clip_norm", float, "client level: L2 bound on each update"),
+    "--accountant": ("privacy.accountant", str, "rdp | prv"),
+    "--secagg": ("secagg.enabled", bool, "secure aggregation: the server sees only the sum"),
+    "--secagg-threshold": ("secagg.threshold", int, "shares needed to rebuild a secret"),
+    "--secagg-neighbours": ("secagg.neighbours", int, "clients each one masks with (even)"),
     "--seed": ("seed", int, "seed for everything random"),
     "--out": ("output.dir", str, "run directory (default runs/<command>-<time>)"),
 }
@@ -55,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
     for flag, (_, kind, text) in FLAGS.items():
-        parser.add_argument(flag, type=kind, help=text, dest=flag[2:].replace("-", "_"))
+        dest = flag[2:].replace("-", "_")
+        if kind is bool:
+            parser.add_argument(flag, action="store_const", const=True, help=text, dest=dest)
+        else:
+            parser.add_argument(flag, type=kind, help=text, dest=dest)
 
 
 def resolve_config(args: argparse.Namespace) -> Any:
@@ -90,10 +107,13 @@ def run(args: argparse.Namespace) -> None:
     from common.task import cached_task
 
     config = resolve_config(args)
+    if args.command == "centralized" and config.privacy.dp:
+        raise InputError("fedtune centralized is the non-private baseline; drop --dp")
     task = cached_task(config)  # loads data and model: bad input fails here, before Ray starts
     clients = config.federation.num_clients
-    for client in range(clients):
-        task.client_examples(config.partition, client, clients)
+    shares = [task.client_examples(config.partition, client, clients)[0]
+              for client in range(clients)]
+    _check_privacy(config, [len(rows) for rows in shares])
     if args.command == "centralized":
         from simulations.centralized import train_centralized
 
@@ -106,6 +126,21 @@ def run(args: argparse.Namespace) -> None:
         print(f"run directory: {config.output.dir}  final accuracy: {rows[-1]['accuracy']:.4f}")
 
 
+def _check_privacy(config: Any, client_rows: list[int]) -> None:
+    """Fail before any round when no noise level can meet the privacy target."""
+    if not config.privacy.dp:
+        return
+    if config.privacy.level == "client":
+        from common.client_dp import client_level_plan
+
+        client_level_plan(config)
+        return
+    from client.dp_sgd import plan_round
+
+    for rows in client_rows:
+        plan_round(config, rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
@@ -114,11 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from common.data import DataError
     from common.model import ModelLoadError
     from common.partition import PartitionError
+    from common.privacy import PrivacyError
     from server.checkpoint import CheckpointError
     from server.federation import RunDirError
 
     bad_input = (InputError, ConfigError, DataError, ModelLoadError, PartitionError,
-                 AdapterError, CheckpointError, RunDirError)
+                 AdapterError, CheckpointError, RunDirError, PrivacyError)
     try:
         run(args)
     except bad_input as error:

@@ -19,6 +19,8 @@ CONFIG_VERSION = 1
 EMBEDDED_MODEL = "embedded"
 BUILTIN_DATA = "builtin"
 PARTITION_SCHEMES = ("iid", "dirichlet", "natural")
+DP_LEVELS = ("sample", "client")
+ACCOUNTANTS = ("rdp", "prv")
 
 
 class ConfigError(ValueError):
@@ -118,7 +120,8 @@ class TrainConfig:
     batch_size: int = _help("examples per optimizer step", 16)
     lr: float = _help("AdamW learning rate", 5e-4)
     weight_decay: float = _help("AdamW weight decay", 0.0)
-    max_grad_norm: float = _help("clip the batch gradient to this L2 norm; 0 = no clipping", 1.0)
+    max_grad_norm: float = _help("clip the batch gradient (each example's under DP-SGD) to this "
+                                 "L2 norm; 0 = no clipping", 1.0)
 
     def __post_init__(self) -> None:
         _require(self.local_epochs >= 1, "train.local_epochs", "must be >= 1", self.local_epochs)
@@ -160,6 +163,72 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy: per-example DP-SGD on each client, or client-level DP on updates."""
+
+    dp: bool = _help("train with differential privacy", False)
+    level: str = _help("sample (DP-SGD per example, each client's own budget) | client (clip "
+                       "each update, Gaussian noise on the sum)", "sample")
+    epsilon: float = _help("target epsilon over all rounds; also each client's budget unless "
+                           "its node sets one", 8.0)
+    delta: float = _help("target delta; 0 = 1/(10 n) for n records (clients at sample level)",
+                         0.0)
+    noise_multiplier: float = _help("noise std / clipping norm; 0 = computed from epsilon for "
+                                    "the whole planned horizon", 0.0)
+    clip_norm: float = _help("client level: L2 bound on each client's whole update", 0.1)
+    accountant: str = _help("rdp | prv (Opacus accountants)", "rdp")
+    client_budgets: list[str] = field(
+        default_factory=list,
+        metadata={"help": "simulation: per-client epsilon budgets as 'client-3=2.5'"})
+    ledger_dir: str = _help("where simulated clients keep their privacy ledgers; empty = "
+                            "<run dir>/ledgers", "")
+
+    def __post_init__(self) -> None:
+        _require(self.level in DP_LEVELS, "privacy.level",
+                 f"must be one of {', '.join(DP_LEVELS)}", self.level)
+        _require(self.accountant in ACCOUNTANTS, "privacy.accountant",
+                 f"must be one of {', '.join(ACCOUNTANTS)}", self.accountant)
+        _require(self.epsilon > 0, "privacy.epsilon", "must be > 0", self.epsilon)
+        _require(0 <= self.delta < 1, "privacy.delta", "must be in [0, 1)", self.delta)
+        _require(self.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0",
+                 self.noise_multiplier)
+        _require(self.clip_norm > 0, "privacy.clip_norm", "must be > 0", self.clip_norm)
+        self.budgets()  # validates the entries
+
+    def budgets(self) -> dict[str, float]:
+        """`client_budgets` as {client name: epsilon}."""
+        parsed: dict[str, float] = {}
+        for entry in self.client_budgets:
+            name, sep, value = entry.partition("=")
+            try:
+                epsilon = float(value)
+            except ValueError:
+                epsilon = -1.0
+            _require(bool(sep and name.strip()) and epsilon > 0, "privacy.client_budgets",
+                     "entries must look like 'client-3=2.5' with epsilon > 0", entry)
+            parsed[name.strip()] = epsilon
+        return parsed
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation: the server learns only the sum of the updates (see README)."""
+
+    enabled: bool = _help("mask every update so the server sees only their sum", False)
+    threshold: int = _help("shares needed to rebuild a client's secrets; 0 = a majority of its "
+                           "neighbours and itself", 0)
+    neighbours: int = _help("clients each one masks with; 0 = everyone up to 32 clients, "
+                            "about 3 log2 n beyond (even, SecAgg+)", 0)
+
+    def __post_init__(self) -> None:
+        _require(self.threshold == 0 or self.threshold >= 2, "secagg.threshold",
+                 "must be 0 (default) or >= 2", self.threshold)
+        _require(self.neighbours == 0 or (self.neighbours >= 2 and self.neighbours % 2 == 0),
+                 "secagg.neighbours", "must be 0 (default) or an even number >= 2",
+                 self.neighbours)
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     """Where a run writes its configuration, metrics, checkpoints and final adapter."""
 
@@ -173,6 +242,8 @@ SECTIONS: dict[str, type] = {
     "lora": LoraSettings,
     "train": TrainConfig,
     "federation": FederationConfig,
+    "privacy": PrivacyConfig,
+    "secagg": SecAggConfig,
     "output": OutputConfig,
 }
 
@@ -188,7 +259,19 @@ class RunConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        if self.privacy.dp and self.privacy.level == "sample":
+            _require(self.train.max_grad_norm > 0, "train.max_grad_norm",
+                     "must be > 0 under DP-SGD (it bounds each example's gradient)",
+                     self.train.max_grad_norm)
+        if self.secagg.enabled:
+            _require(self.federation.num_clients >= 3, "federation.num_clients",
+                     "must be >= 3 with secure aggregation (with two, each learns the other's "
+                     "update from the sum)", self.federation.num_clients)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:

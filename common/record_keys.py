@@ -17,3 +17,14 @@ STEPS = "steps"
 
 # Identity query: a client's stable name, independent of its Flower node id
 CLIENT_NAME = "client-name"
+
+# Privacy: a client's epsilon spent and its refusal to train past its budget
+EPSILON = "epsilon"  # MetricRecord: the node's total epsilon after this round (sample level)
+STATUS = "status"  # ConfigRecord entry of a train reply that carries no update
+BUDGET_EXHAUSTED = "budget-exhausted"
+UNIT_WEIGHT = "unit-weight"  # MetricRecord: 1 per client; client-level DP averages uniformly
+
+# Secure aggregation steps: ClientApp actions (message types "train.<action>") and entries
+SECAGG_STEPS = ("secagg_keys", "secagg_shares", "secagg_masked", "secagg_unmask")
+SECAGG_SESSION = "secagg-session"  # 16 random bytes naming one round's protocol run
+MASKED = "masked"  # ArrayRecord entry: the masked ring vector

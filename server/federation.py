@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from rich.console import Console
 
@@ -28,10 +29,13 @@ from server.checkpoint import (
     latest_checkpoint,
     save_checkpoint,
 )
+from server.client_dp import ServerSideNoise
 from server.evaluation import evaluate_centrally, summarise_client_evaluation
 from server.metrics_log import METRICS_FILE, append_round, keep_rounds_up_to, read_rounds
 from server.roster import Roster
+from server.secagg_exchange import secure_train_exchange
 from server.strategies.fedavg import SeededFedAvg
+from server.train_outcome import TrainOutcome, refused, retire_exhausted
 
 CONFIG_FILE = "config.json"
 ADAPTER_DIR = "adapter"
@@ -41,16 +45,6 @@ class RunDirError(RuntimeError):
     """The run directory cannot be used as asked (it holds another run, or nothing to resume)."""
 
 
-@dataclass(frozen=True)
-class TrainOutcome:
-    arrays: ArrayRecord | None  # None when no client returned an update
-    metrics: MetricRecord | None
-    clients: int
-    failures: int
-    bytes_up: int
-    bytes_down: int
-
-
 def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False) -> list[dict[str, Any]]:
     """Run (or continue) the rounds of `config`; return the metrics rows of the whole run."""
     run_dir = Path(config.output.dir)
@@ -58,19 +52,22 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False) -> li
     task = cached_task(config)
     roster = Roster()
     federation = config.federation
+    client_level = config.privacy.dp and config.privacy.level == "client"
+    noise = ServerSideNoise(config) if client_level else None
     strategy = SeededFedAvg(
         roster, config.seed, fraction_train=federation.fraction_train,
         fraction_evaluate=federation.fraction_evaluate, min_train_nodes=1,
         min_evaluate_nodes=1 if federation.fraction_evaluate > 0 else 0,
         min_available_nodes=federation.wait_for,
-        weighted_by_key=keys.NUM_EXAMPLES, arrayrecord_key=keys.ARRAYS,
-        configrecord_key=keys.CONFIG)
+        weighted_by_key=keys.UNIT_WEIGHT if client_level else keys.NUM_EXAMPLES,
+        arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG)
 
-    arrays, done = dict(task.initial_adapter), 0
+    arrays, done, releases = dict(task.initial_adapter), 0, 0
     if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
         arrays, done = checkpoint.arrays, checkpoint.round
         strategy.load_state_dict(checkpoint.state["strategy"])
         roster.retired.update(checkpoint.state["retired"])
+        releases = checkpoint.state.get("releases", 0)
     keep_rounds_up_to(run_dir, done)
 
     console = Console(stderr=True)
@@ -78,10 +75,21 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False) -> li
     for server_round in range(done + 1, federation.rounds + 1):
         started = time.perf_counter()
         roster.refresh(grid, federation.wait_for, federation.timeout)
-        outcome = train_exchange(grid, strategy, server_round, to_record(arrays), settings,
-                                 federation.timeout)
+        if not roster.active():
+            log(WARNING, "Every client has spent its privacy budget; the run stops after "
+                "round %d", server_round - 1)
+            break
+        if config.secagg.enabled:
+            outcome = secure_train_exchange(grid, strategy, server_round, to_record(arrays),
+                                            settings, federation.timeout, config.secagg)
+        else:
+            outcome = train_exchange(grid, strategy, server_round, to_record(arrays), settings,
+                                     federation.timeout)
         if outcome.arrays is not None:
             arrays = from_record(outcome.arrays)
+            if noise is not None:
+                arrays = noise.privatise(arrays, outcome.clients, server_round)
+                releases += 1
         eval_messages = list(strategy.configure_evaluate(server_round, to_record(arrays),
                                                          settings, grid))
         eval_replies = grid.send_and_receive(eval_messages, timeout=federation.timeout)
@@ -96,11 +104,13 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False) -> li
             "train_loss": _metric(outcome.metrics, keys.TRAIN_LOSS),
             "bytes_up": outcome.bytes_up,
             "bytes_down": outcome.bytes_down + _bytes(eval_messages),
+            **_privacy_columns(outcome, noise, releases),
             **summarise_client_evaluation(eval_replies, roster),
             "seconds": time.perf_counter() - started,
         }
         append_round(run_dir, row)
-        state = {"strategy": strategy.state_dict(), "retired": sorted(roster.retired)}
+        state = {"strategy": strategy.state_dict(), "retired": sorted(roster.retired),
+                 "releases": releases}
         save_checkpoint(run_dir, Checkpoint(round=server_round, arrays=arrays, state=state))
         _print_round(console, row, federation.rounds)
 
@@ -111,14 +121,37 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False) -> li
 
 def train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int, arrays: ArrayRecord,
                    settings: ConfigRecord, timeout: float) -> TrainOutcome:
-    """One plain training exchange: the global adapter out, each client's update back."""
+    """One plain training exchange: the global adapter out, each client's update back.
+
+    A client past its privacy budget answers without an update; it is retired from sampling.
+    """
     messages = list(strategy.configure_train(server_round, arrays, settings, grid))
     replies = list(grid.send_and_receive(messages, timeout=timeout))
-    new_arrays, metrics = strategy.aggregate_train(server_round, replies)
     ok = [r for r in replies if not r.has_error()]
-    return TrainOutcome(arrays=new_arrays, metrics=metrics, clients=len(ok),
-                        failures=len(replies) - len(ok) + len(messages) - len(replies),
-                        bytes_up=_bytes(ok), bytes_down=_bytes(messages))
+    updates = [r for r in ok if not refused(r)]
+    exhausted = retire_exhausted(strategy.roster, [r for r in ok if refused(r)])
+    new_arrays, metrics = strategy.aggregate_train(server_round, updates) if updates else (
+        None, None)
+    names = strategy.roster.name_of
+    epsilon = {names(r.metadata.src_node_id): float(r.content[keys.METRICS][keys.EPSILON])
+               for r in ok if keys.EPSILON in r.content[keys.METRICS]}
+    return TrainOutcome(arrays=new_arrays, metrics=metrics, clients=len(updates),
+                        failures=len(messages) - len(ok), bytes_up=_bytes(updates),
+                        bytes_down=_bytes(messages), epsilon=dict(sorted(epsilon.items())),
+                        exhausted=exhausted)
+
+
+def _privacy_columns(outcome: TrainOutcome, noise: ServerSideNoise | None,
+                     releases: int) -> dict[str, Any]:
+    columns: dict[str, Any] = {}
+    if outcome.epsilon:
+        columns["epsilon"] = outcome.epsilon
+        columns["epsilon_max"] = max(outcome.epsilon.values())
+    if outcome.exhausted:
+        columns["clients_exhausted"] = outcome.exhausted
+    if noise is not None:
+        columns["epsilon_client_level"] = noise.epsilon(releases)
+    return columns
 
 
 def prepare_run_dir(run_dir: Path, config: RunConfig, *, resume: bool) -> None:
@@ -146,7 +179,8 @@ def _metric(metrics: MetricRecord | None, key: str) -> float | None:
 def _print_round(console: Console, row: dict[str, Any], rounds: int) -> None:
     worst = row.get("client_accuracy_worst")
     worst_text = f"  worst client {worst:.3f}" if worst is not None else ""
+    epsilon = row.get("epsilon_max", row.get("epsilon_client_level"))
+    epsilon_text = f"  ε {epsilon:.2f}" if epsilon is not None else ""
     console.print(f"[bold cyan]round {row['round']}/{rounds}[/]  clients {row['clients']}"
                   f"  accuracy [bold]{row['accuracy']:.3f}[/]  loss {row['loss']:.3f}"
-                  f"{worst_text}  {row['seconds']:.1f}s")
-
+                  f"{worst_text}{epsilon_text}  {row['seconds']:.1f}s")

@@ -35,7 +35,10 @@ class Roster:
         self.retired.add(name)
 
     def refresh(self, grid: Grid, wait_for: int, timeout: float) -> None:
-        """Ask new nodes for their names; wait until `wait_for` clients are active."""
+        """Ask new nodes for their names; wait until `wait_for` clients are connected.
+
+        Retired clients count as connected: a node that spent its budget is still there.
+        """
         waited = 0.0
         while True:
             connected = set(grid.get_node_ids())
@@ -43,12 +46,12 @@ class Roster:
             unknown = sorted(connected - set(self._name_of))
             if unknown:
                 self._identify(grid, unknown, timeout)
-            if len(self.active()) >= wait_for:
+            if len(self._node_of) >= wait_for:
                 return
             if waited % 10 == 0:
-                log(INFO, "Waiting for clients: %d of %d connected", len(self.active()), wait_for)
+                log(INFO, "Waiting for clients: %d of %d connected", len(self._node_of), wait_for)
             if waited >= timeout:
-                raise TimeoutError(f"only {len(self.active())} of {wait_for} clients connected "
+                raise TimeoutError(f"only {len(self._node_of)} of {wait_for} clients connected "
                                    f"within {timeout:.0f}s")
             time.sleep(1.0)
             waited += 1.0

@@ -1,0 +1,35 @@
+"""Write a benchmark's figures with what produced them: machine, versions, command, time."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PACKAGES = ("torch", "transformers", "peft", "opacus", "flwr", "cryptography")
+
+
+def machine() -> dict[str, Any]:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "gpu": gpu,
+            "versions": {name: metadata.version(name) for name in PACKAGES}}
+
+
+def save(name: str, figures: dict[str, Any], *, quick: bool) -> Path:
+    """benchmarks/results/<name>[-quick].json; quick runs never overwrite the real figures."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}{'-quick' if quick else ''}.json"
+    body = {"benchmark": name, "quick": quick, "command": " ".join([sys.executable, *sys.argv]),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
+            **figures}
+    path.write_text(json.dumps(body, indent=2) + "\n")
+    return path

@@ -1,0 +1,96 @@
+"""Sample-level DP-SGD on a client with Opacus: Poisson batches, per-example clipping, noise.
+
+Opacus computes per-example gradients only for the parameters that require them, so on a PEFT
+model the cost is that of the LoRA matrices and the head, not of the frozen transformer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader
+
+from common.config import RunConfig
+from common.privacy import (
+    GaussianEvent,
+    default_delta,
+    dp_sgd_schedule,
+    noise_for_target,
+)
+from common.training import TrainStats
+
+# Opacus' per-sample gradient engine; chosen by benchmarks/dp_overhead.py (see README).
+GRAD_SAMPLE_MODE = "hooks"
+
+
+@dataclass(frozen=True)
+class DPRoundPlan:
+    """What one round of DP-SGD on this client will spend, fixed before it trains."""
+
+    event: GaussianEvent
+    delta: float
+    max_grad_norm: float
+
+
+def plan_round(config: RunConfig, records: int) -> DPRoundPlan:
+    """Noise for the whole planned horizon (every round x this round's steps), not per round."""
+    privacy = config.privacy
+    sample_rate, steps = dp_sgd_schedule(records, config.train.batch_size,
+                                         config.train.local_epochs, config.train.local_steps)
+    delta = privacy.delta or default_delta(records)
+    noise = privacy.noise_multiplier or noise_for_target(
+        privacy.epsilon, delta, sample_rate, steps * config.federation.rounds,
+        privacy.accountant)
+    return DPRoundPlan(GaussianEvent(noise, sample_rate, steps), delta,
+                       config.train.max_grad_norm)
+
+
+def train_private(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                  plan: DPRoundPlan, *, device: torch.device,
+                  noise_generator: torch.Generator) -> TrainStats:
+    """Exactly `plan.event.steps` DP-SGD steps; the model is returned unwrapped."""
+    model.train()  # Opacus refuses a model in eval mode (the cached model was just evaluated)
+    engine = PrivacyEngine(accountant="rdp")  # the ledger, not this accountant, is the record
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        private_model, private_optimizer, private_loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=plan.event.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+            poisson_sampling=True, grad_sample_mode=GRAD_SAMPLE_MODE,
+            noise_generator=noise_generator)
+        try:
+            return _steps(private_model, private_optimizer, private_loader, plan.event.steps,
+                          device)
+        finally:
+            private_model._close()  # drop Opacus' hooks: the cached model serves other clients
+
+
+def _steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+           steps: int, device: torch.device) -> TrainStats:
+    model.train()
+    total_loss, examples = 0.0, 0
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+    for batch in itertools.islice(batches, steps):
+        batch = {key: value.to(device) for key, value in batch.items()}
+        optimizer.zero_grad(set_to_none=True)
+        if len(batch["labels"]) == 0:  # an empty Poisson draw still releases noise
+            _noise_only_step(model, optimizer)
+            continue
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        total_loss += float(loss.detach()) * len(batch["labels"])
+        examples += len(batch["labels"])
+    return TrainStats(loss=total_loss / max(examples, 1), examples=examples, steps=steps)
+
+
+def _noise_only_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    for param in model.parameters():
+        if param.requires_grad:
+            param.grad_sample = torch.zeros((0, *param.shape), device=param.device)
+    optimizer.step()

@@ -1,0 +1,71 @@
+"""Privacy accounting shared by clients (their ledgers) and the server (client-level DP).
+
+A run of DP-SGD or of the client-level Gaussian mechanism is a list of `GaussianEvent`s; an
+Opacus accountant (RDP by default, PRV on request) turns any such history into epsilon at a delta.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+
+class PrivacyError(ValueError):
+    """A privacy setting cannot be met (e.g. a budget too small for any noise level)."""
+
+
+@dataclass(frozen=True)
+class GaussianEvent:
+    """`steps` subsampled Gaussian mechanism steps at one noise multiplier and sample rate."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+def epsilon_spent(events: Sequence[GaussianEvent], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon at `delta` of the composition of every event (0 for an empty history)."""
+    history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps > 0]
+    if not history:
+        return 0.0
+    if any(noise <= 0 for noise, _, _ in history):
+        return math.inf
+    counter = create_accountant(mechanism=accountant)
+    counter.history = history
+    return float(counter.get_epsilon(delta=delta))
+
+
+@lru_cache(maxsize=64)
+def noise_for_target(epsilon: float, delta: float, sample_rate: float, steps: int,
+                     accountant: str = "rdp") -> float:
+    """The smallest noise multiplier (to 0.01 in epsilon) whose `steps` stay within epsilon."""
+    try:
+        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps,
+                                          accountant=accountant, epsilon_tolerance=0.01))
+    except ValueError as error:
+        raise PrivacyError(f"no noise multiplier reaches epsilon {epsilon} at delta {delta:g} "
+                           f"over {steps} steps at sample rate {sample_rate:.4g}: "
+                           f"{error}") from None
+
+
+def default_delta(records: int) -> float:
+    """1/(10 n): comfortably below 1/n, the point where 'delta' would allow releasing a record."""
+    return 1.0 / (10 * max(records, 1))
+
+
+def dp_sgd_schedule(records: int, batch_size: int, local_epochs: int,
+                    local_steps: int) -> tuple[float, int]:
+    """(Poisson sample rate, steps per round) of DP-SGD on `records` rows.
+
+    Opacus' Poisson loader draws each row with rate 1/len(loader) = 1/ceil(n/B) per step, so
+    an epoch is ceil(n/B) steps in expectation.
+    """
+    batches = math.ceil(records / batch_size)
+    steps = local_steps if local_steps > 0 else local_epochs * batches
+    return 1.0 / batches, steps

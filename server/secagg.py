@@ -1,0 +1,144 @@
+"""The server's side of secure aggregation: build the cohort, route encrypted shares, and
+recover only the sum of the masked inputs it received.
+
+`SecAggServer` is pure (no Flower), so the protocol can be driven and attacked in tests; the
+message exchange that drives it is `server/secagg_exchange.py`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.secagg import channel, prg, shamir
+from common.secagg.graph import default_neighbours
+from common.secagg.protocol import Cohort, Reveal, mask_sign, pairwise_seed
+
+
+class SecAggAbort(RuntimeError):
+    """The round cannot be completed securely (too few clients left); it is abandoned."""
+
+
+def default_threshold(holders: int) -> int:
+    """A majority of the holders of each client's shares (its neighbours and itself), >= 2."""
+    return max(2, holders // 2 + 1)
+
+
+@dataclass
+class SecAggServer:
+    """One round of the protocol at the server."""
+
+    server_round: int
+    threshold_setting: int = 0  # 0 = default_threshold
+    neighbours_setting: int = 0  # 0 = default_neighbours
+    session: bytes = field(default_factory=lambda: secrets.token_bytes(16))
+    cohort: Cohort | None = None
+    holders: dict[str, list[str]] = field(default_factory=dict)  # whose shares each one holds
+    partners: dict[str, list[str]] = field(default_factory=dict)  # pairwise masks in its input
+
+    def make_cohort(self, keys: Mapping[str, tuple[bytes, bytes]]) -> Cohort:
+        """Step 1 -> 2: everyone's public keys, the graph and the threshold."""
+        names = sorted(keys)
+        k = min(self.neighbours_setting or default_neighbours(len(names)), len(names) - 1)
+        t = self.threshold_setting or default_threshold(k + 1)
+        if len(names) < 3 or t > k + 1:
+            raise SecAggAbort(f"{len(names)} clients with {k} neighbours each cannot meet "
+                              f"threshold {t}")
+        for name in names:
+            if any(len(key) != 32 for key in keys[name]):
+                raise SecAggAbort(f"{name} sent a malformed public key")
+        self.cohort = Cohort(names, [keys[n][0] for n in names], [keys[n][1] for n in names],
+                             k, t, secrets.randbelow(2**63))
+        return self.cohort
+
+    def route(self, sealed: Mapping[str, Mapping[str, bytes]]) -> dict[str, dict[str, bytes]]:
+        """Step 2 -> 3: the ciphertexts addressed to each client that answered step 2.
+
+        Ciphertexts from unknown senders or to non-neighbours are dropped here."""
+        cohort = self._cohort()
+        graph = cohort.graph()
+        senders = sorted(name for name in sealed if name in graph)
+        inbox: dict[str, dict[str, bytes]] = {name: {} for name in senders}
+        for sender in senders:
+            for recipient, ciphertext in sealed[sender].items():
+                if recipient in inbox and (recipient in graph[sender] or recipient == sender):
+                    inbox[recipient][sender] = ciphertext
+        self.holders = {name: sorted(inbox[name]) for name in senders}
+        self.partners = {name: [s for s in self.holders[name] if s != name] for name in senders}
+        return inbox
+
+    def check_masked(self, name: str, masked: np.ndarray, length: int) -> None:
+        """Refuse a masked input that cannot be summed (raises ValueError with the reason)."""
+        if name not in self.partners:
+            raise ValueError(f"{name} is not in this round's step 3")
+        if masked.dtype != np.uint64:
+            raise ValueError(f"{name} sent a {masked.dtype} vector, not a ring (uint64) vector")
+        if masked.shape != (length,):
+            raise ValueError(f"{name} sent a vector of shape {masked.shape}, expected ({length},)")
+
+    def unmask(self, masked: Mapping[str, np.ndarray],
+               reveals: Mapping[str, list[Reveal]]) -> np.ndarray:
+        """Step 4: the sum of the survivors' encoded inputs, or SecAggAbort."""
+        cohort = self._cohort()
+        survivors = sorted(masked)
+        dropped = sorted(set(self.partners) - set(masked))
+        total = np.zeros_like(next(iter(masked.values())))
+        for name in survivors:
+            total = total + masked[name]
+        b_shares, s_shares = self._collect(reveals, set(survivors), set(dropped))
+        for name in survivors:
+            seed = self._rebuild(b_shares, name, "self-mask seed")
+            total = total - prg.expand(seed, len(total))
+        for gone in dropped:
+            s_key = self._rebuild(s_shares, gone, "mask key")
+            if channel.public_bytes(channel.private_from_bytes(s_key)) != cohort.public(gone, "s"):
+                raise SecAggAbort(f"the rebuilt mask key of {gone} does not match its public key")
+            for name in survivors:
+                if gone in self.partners[name]:
+                    pad = prg.expand(pairwise_seed(s_key, cohort.public(name, "s"),
+                                                   self.session), len(total))
+                    total = total - pad if mask_sign(name, gone) > 0 else total + pad
+        return total
+
+    def reveal_lists(self, masked: Mapping[str, np.ndarray]) -> tuple[list[str], list[str]]:
+        """Step 3 -> 4: (survivors, dropped) to send the survivors, or SecAggAbort."""
+        survivors = sorted(masked)
+        if len(survivors) < self._cohort().threshold:
+            raise SecAggAbort(f"only {len(survivors)} masked inputs arrived; the threshold is "
+                              f"{self._cohort().threshold}")
+        return survivors, sorted(set(self.partners) - set(masked))
+
+    def _collect(self, reveals: Mapping[str, list[Reveal]], survivors: set[str],
+                 dropped: set[str]) -> tuple[dict[str, list], dict[str, list]]:
+        b_shares: dict[str, list] = {}
+        s_shares: dict[str, list] = {}
+        for revealer, items in reveals.items():
+            if revealer not in survivors:
+                continue
+            for item in items:
+                if item.owner not in self.holders.get(revealer, []):
+                    continue  # only shares the revealer could have received count
+                if item.kind == "b" and item.owner in survivors:
+                    b_shares.setdefault(item.owner, []).append((item.x, item.share))
+                elif item.kind == "s" and item.owner in dropped:
+                    s_shares.setdefault(item.owner, []).append((item.x, item.share))
+        return b_shares, s_shares
+
+    def _rebuild(self, shares: dict[str, list], owner: str, what: str) -> bytes:
+        threshold = self._cohort().threshold
+        found = shares.get(owner, [])
+        if len(found) < threshold:
+            raise SecAggAbort(f"{len(found)} shares of {owner}'s {what} arrived; "
+                              f"{threshold} are needed")
+        try:
+            return shamir.combine(found, threshold)
+        except shamir.ShamirError as error:
+            raise SecAggAbort(f"cannot rebuild {owner}'s {what}: {error}") from None
+
+    def _cohort(self) -> Cohort:
+        if self.cohort is None:
+            raise SecAggAbort("no cohort yet: step 1 has not completed")
+        return self.cohort

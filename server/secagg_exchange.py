@@ -1,0 +1,154 @@
+"""Secure aggregation as a round's training exchange: four message exchanges with the sampled
+clients drive `SecAggServer`; the result is the same weighted FedAvg as `train_exchange`, but
+the server only ever holds masked vectors and the unmasked sum."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from common import record_keys as keys
+from common.adapter import from_record, to_record
+from common.config import SecAggConfig
+from common.secagg import ring
+from common.secagg.protocol import average_from_sum, vector_length
+from common.secagg.records import (
+    RecordError,
+    cohort_to_record,
+    keys_from_record,
+    reveals_from_record,
+    sealed_from_record,
+    sealed_to_record,
+)
+from server.secagg import SecAggAbort, SecAggServer
+from server.strategies.fedavg import SeededFedAvg
+from server.train_outcome import TrainOutcome, refused, retire_exhausted
+
+
+def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
+                          arrays: ArrayRecord, settings: ConfigRecord, timeout: float,
+                          secagg: SecAggConfig) -> TrainOutcome:
+    """One round of training through the protocol; an abandoned round returns no arrays."""
+    sampled = [strategy.roster.name_of(m.metadata.dst_node_id)
+               for m in strategy.configure_train(server_round, arrays, settings, grid)]
+    protocol = SecAggServer(server_round, secagg.threshold, secagg.neighbours)
+    base = {**dict(settings), keys.SERVER_ROUND: server_round,
+            keys.SECAGG_SESSION: protocol.session}
+    link = _Link(grid, strategy, timeout)
+
+    replies = link.exchange(sampled, "secagg_keys", lambda _: RecordDict(
+        {keys.CONFIG: ConfigRecord(base)}))
+    exhausted = retire_exhausted(strategy.roster, [r for r in replies.values() if refused(r)])
+    epsilon = {name: float(r.content[keys.METRICS][keys.EPSILON]) for name, r in replies.items()
+               if refused(r)}
+    public = {name: _parse(keys_from_record, r.content[keys.CONFIG], name)
+              for name, r in replies.items() if not refused(r)}
+    public = {name: value for name, value in public.items() if value is not None}
+    metrics: dict[str, MetricRecord] = {}
+    try:
+        cohort = protocol.make_cohort(public)
+        replies = link.exchange(cohort.names, "secagg_shares", lambda _: RecordDict(
+            {keys.CONFIG: ConfigRecord({**base, **cohort_to_record(cohort)})}))
+        sealed = {name: _parse(sealed_from_record, r.content[keys.CONFIG], name, "to")
+                  for name, r in replies.items()}
+        inbox = protocol.route({n: s for n, s in sealed.items() if s is not None})
+
+        length = vector_length(from_record(arrays))
+        replies = link.exchange(sorted(inbox), "secagg_masked", lambda name: RecordDict(
+            {keys.ARRAYS: arrays,
+             keys.CONFIG: ConfigRecord({**base, **sealed_to_record(inbox[name], "from")})}))
+        masked = {}
+        for name, reply in replies.items():
+            vector = _masked_vector(protocol, name, reply, length)
+            if vector is not None:
+                masked[name], metrics[name] = vector, reply.content[keys.METRICS]
+        survivors, dropped = protocol.reveal_lists(masked)
+
+        replies = link.exchange(survivors, "secagg_unmask", lambda _: RecordDict(
+            {keys.CONFIG: ConfigRecord({**base, "survivors": survivors, "dropped": dropped})}))
+        reveals = {name: _parse(reveals_from_record, r.content[keys.CONFIG], name) or []
+                   for name, r in replies.items()}
+        total = ring.decode(protocol.unmask(masked, reveals))
+        new_arrays = to_record(average_from_sum(total, from_record(arrays)))
+    except SecAggAbort as error:
+        log(WARNING, "Round %d abandoned, the global adapter stays as it was: %s",
+            server_round, error)
+        new_arrays, metrics = None, {}
+    log(INFO, "secure aggregation: %d of %d sampled clients summed", len(metrics), len(sampled))
+    epsilon.update({name: float(m[keys.EPSILON]) for name, m in metrics.items()
+                    if keys.EPSILON in m})
+    return TrainOutcome(arrays=new_arrays, metrics=_mean_loss(metrics), clients=len(metrics),
+                        failures=len(sampled) - len(metrics) - len(exhausted),
+                        bytes_up=link.bytes_up, bytes_down=link.bytes_down,
+                        epsilon=dict(sorted(epsilon.items())), exhausted=exhausted)
+
+
+class _Link:
+    """Send one step's messages by client name; keep the good replies and count the bytes."""
+
+    def __init__(self, grid: Grid, strategy: SeededFedAvg, timeout: float) -> None:
+        self.grid, self.timeout, self.roster = grid, timeout, strategy.roster
+        self.bytes_up = self.bytes_down = 0
+
+    def exchange(self, names: list[str], action: str,
+                 content_for: Callable[[str], RecordDict]) -> dict[str, Message]:
+        node_of = dict(self.roster.active())
+        messages = [Message(content_for(name), dst_node_id=node_of[name],
+                            message_type=f"train.{action}") for name in names if name in node_of]
+        self.bytes_down += sum(_size(m) for m in messages)
+        replies = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            name = self.roster.name_of(reply.metadata.src_node_id)
+            if reply.has_error():
+                log(WARNING, "%s failed at %s: %s", name, action, reply.error.reason)
+                continue
+            self.bytes_up += _size(reply)
+            replies[name] = reply
+        return replies
+
+
+def _masked_vector(protocol: SecAggServer, name: str, reply: Message,
+                   length: int) -> np.ndarray | None:
+    try:
+        vector = reply.content[keys.ARRAYS][keys.MASKED].numpy()
+        protocol.check_masked(name, vector, length)
+    except (KeyError, ValueError) as error:
+        log(WARNING, "Masked input of %s refused: %s", name, error)
+        return None
+    return vector
+
+
+def _parse(parse, record: ConfigRecord, name: str, *args):
+    try:
+        return parse(record, *args)
+    except RecordError as error:
+        log(WARNING, "Message from %s refused: %s", name, error)
+        return None
+
+
+def _mean_loss(metrics: dict[str, MetricRecord]) -> MetricRecord | None:
+    if not metrics:
+        return None
+    weights = np.array([float(m[keys.NUM_EXAMPLES]) for m in metrics.values()])
+    losses = np.array([float(m[keys.TRAIN_LOSS]) for m in metrics.values()])
+    return MetricRecord({keys.TRAIN_LOSS: float(np.average(losses, weights=weights))})
+
+
+def _size(message: Message) -> int:
+    """Payload bytes: arrays plus the bytes values of config records (keys, shares)."""
+    if not message.has_content():
+        return 0
+    content = message.content
+    total = sum(record.count_bytes() for record in content.array_records.values())
+    for record in content.config_records.values():
+        for value in record.values():
+            if isinstance(value, bytes):
+                total += len(value)
+            elif isinstance(value, list):
+                total += sum(len(v) for v in value if isinstance(v, bytes))
+    return total

@@ -1,0 +1,129 @@
+"""DP-SGD on a tiny PEFT model: per-example clipping, calibrated noise, exact steps, clean model."""
+
+import numpy as np
+import pytest
+import torch
+from opacus import PrivacyEngine
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from client import dp_sgd
+from client.dp_sgd import GRAD_SAMPLE_MODE, DPRoundPlan, plan_round, train_private
+from common.adapter import add_lora, trainable_state
+from common.config import LoraSettings, RunConfig
+from common.data import Examples
+from common.privacy import GaussianEvent, epsilon_spent, noise_for_target
+from common.training import make_loader
+
+
+@pytest.fixture()
+def model(tiny_model_dir):
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    return add_lora(base, LoraSettings(r=4, lora_dropout=0.0))
+
+
+@pytest.fixture()
+def loader(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    words = ["alpha", "bravo", "charlie"]
+    data = Examples(texts=[f"{words[i % 3]} thing number {i} " * (1 + i % 4) for i in range(40)],
+                    labels=np.arange(40) % 3)
+    return make_loader(data, tokenizer, max_length=32, batch_size=8, shuffle=True, seed=0)
+
+
+def private(model, loader, noise: float, clip: float):
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    engine = PrivacyEngine()
+    model.train()
+    return engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+                               noise_multiplier=noise, max_grad_norm=clip,
+                               poisson_sampling=True, grad_sample_mode=GRAD_SAMPLE_MODE,
+                               noise_generator=torch.Generator().manual_seed(1))
+
+
+def per_sample_norms(params) -> torch.Tensor:
+    flat = torch.cat([p.grad_sample.reshape(len(p.grad_sample), -1) for p in params], dim=1)
+    return flat.norm(dim=1)
+
+
+def test_every_per_sample_gradient_is_clipped_to_max_grad_norm(model, loader):
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    dp_model, optimizer, dp_loader = private(model, loader, noise=0.0, clip=0.05)
+    batch = next(b for b in dp_loader if len(b["labels"]) > 1)
+    dp_model(**batch).loss.backward()
+    # Opacus computed a per-example gradient for each trainable tensor, and only for those
+    assert all(p.grad_sample is not None and len(p.grad_sample) == len(batch["labels"])
+               for p in trainable)
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None
+                   for p in model.parameters() if not p.requires_grad)
+    norms = per_sample_norms(trainable)
+    assert (norms > 0.05).any()  # the bound binds, so the test can fail
+    optimizer.pre_step()  # clip, accumulate and (here zero) noise
+    factors = (0.05 / (norms + 1e-6)).clamp(max=1.0)
+    clipped_norms = norms * factors
+    assert (clipped_norms <= 0.05 + 1e-6).all()
+    for p in trainable:
+        expected = torch.einsum("i,i...->...", factors, p.grad_sample)
+        torch.testing.assert_close(p.summed_grad, expected, rtol=1e-4, atol=1e-7)
+    dp_model._close()
+
+
+def test_noise_has_the_calibrated_standard_deviation(model, loader):
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    noise, clip = 1.3, 0.5
+    dp_model, optimizer, dp_loader = private(model, loader, noise=noise, clip=clip)
+    batch = next(b for b in dp_loader if len(b["labels"]) > 1)
+    dp_model(**batch).loss.backward()
+    optimizer.pre_step()
+    # Opacus: grad = (sum of clipped + N(0, (noise * clip)^2)) / expected batch size
+    drawn = torch.cat([(p.grad * optimizer.expected_batch_size - p.summed_grad).ravel()
+                       for p in trainable])
+    assert drawn.numel() > 1000
+    assert float(drawn.mean()) == pytest.approx(0.0, abs=4 * noise * clip / drawn.numel() ** 0.5)
+    assert float(drawn.std()) == pytest.approx(noise * clip, rel=0.08)  # ~4 standard errors
+    dp_model._close()
+
+
+def test_train_private_takes_exactly_its_steps_and_returns_a_clean_model(model, loader):
+    before = trainable_state(model)
+    plan = DPRoundPlan(GaussianEvent(1.0, 1 / len(loader), 7), delta=1e-3, max_grad_norm=1.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    stats = train_private(model, loader, optimizer, plan, device=torch.device("cpu"),
+                          noise_generator=torch.Generator().manual_seed(0))
+    assert stats.steps == 7 and stats.examples > 0
+    after = trainable_state(model)
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+    assert not any(p._forward_hooks or p._backward_hooks for p in model.modules())
+    assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+
+
+def test_empty_poisson_batches_still_take_a_noise_step(model, loader, monkeypatch):
+    noise_steps = []
+    real_step = dp_sgd._noise_only_step
+    monkeypatch.setattr(dp_sgd, "_noise_only_step",
+                        lambda *args: noise_steps.append(1) or real_step(*args))
+    before = trainable_state(model)
+    # batch size 1 on 40 rows: each step draws each row with rate 1/40, so ~37% are empty
+    single = torch.utils.data.DataLoader(loader.dataset, batch_size=1,
+                                         collate_fn=loader.collate_fn,
+                                         generator=torch.Generator().manual_seed(0))
+    plan = DPRoundPlan(GaussianEvent(1.0, 1 / 40, 12), delta=1e-3, max_grad_norm=1.0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    stats = train_private(model, single, optimizer, plan, device=torch.device("cpu"),
+                          noise_generator=torch.Generator().manual_seed(0))
+    assert stats.steps == 12 and noise_steps  # some steps drew nobody and still stepped
+    after = trainable_state(model)
+    assert all(np.isfinite(v).all() for v in after.values())
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_plan_spreads_the_target_over_every_planned_round():
+    config = RunConfig.from_mapping({"privacy.dp": True, "privacy.epsilon": 3.0,
+                                     "federation.rounds": 4, "train.batch_size": 10})
+    plan = plan_round(config, records=100)
+    assert plan.event.sample_rate == 0.1 and plan.event.steps == 10
+    assert plan.delta == pytest.approx(1e-3)
+    whole_run = epsilon_spent([plan.event] * 4, plan.delta)
+    assert 2.95 <= whole_run <= 3.0
+    # noise for four rounds, not for one: one round alone would have needed far less
+    assert plan.event.noise_multiplier > 1.2 * noise_for_target(3.0, plan.delta, 0.1, 10)

@@ -1,0 +1,93 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from client.ledger import Ledger, LedgerError, fingerprint
+from common.data import Examples
+from common.privacy import GaussianEvent
+from tests.common.test_privacy import independent_epsilon
+
+ROUND = GaussianEvent(noise_multiplier=1.2, sample_rate=0.1, steps=10)
+
+
+def rows(n: int = 50, start: int = 0) -> Examples:
+    return Examples(texts=[f"record {i}" for i in range(start, start + n)],
+                    labels=np.arange(n) % 3)
+
+
+def open_ledger(directory, data: Examples | None = None) -> Ledger:
+    data = data or rows()
+    return Ledger.open(directory, fingerprint(data), len(data), 1e-3, "rdp")
+
+
+def test_epsilon_equals_an_independent_accountant_over_the_same_history(tmp_path):
+    ledger = open_ledger(tmp_path)
+    for server_round in (1, 2, 3):
+        entry = ledger.record("run-a", "client-0", server_round, ROUND)
+        assert entry.epsilon == pytest.approx(
+            independent_epsilon(1.2, 0.1, 10 * server_round, 1e-3), rel=1e-9)
+    stored = json.loads(ledger.path.read_text())
+    assert stored["epsilon"] == pytest.approx(ledger.spent())
+    assert [r["round"] for r in stored["rounds"]] == [1, 2, 3]
+
+
+def test_a_restarted_node_continues_its_ledger(tmp_path):
+    first = open_ledger(tmp_path)
+    first.record("run-a", "client-0", 1, ROUND)
+    restarted = open_ledger(tmp_path)  # a new process reads the file again
+    assert restarted.spent() == pytest.approx(first.spent())
+    assert restarted.epsilon_after(ROUND) > restarted.spent() > 0
+    restarted.record("run-b", "hospital-a", 1, ROUND)  # same data, another run: one budget
+    assert len(open_ledger(tmp_path).entries) == 2
+
+
+def test_a_crash_between_write_and_rename_keeps_the_previous_ledger(tmp_path, monkeypatch):
+    ledger = open_ledger(tmp_path)
+    ledger.record("run-a", "client-0", 1, ROUND)
+    before = ledger.path.read_bytes()
+
+    def crash(*_args):
+        raise OSError("power lost")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="power lost"):
+        ledger.record("run-a", "client-0", 2, ROUND)
+    monkeypatch.undo()
+    assert ledger.path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [ledger.path.name]  # no temp file left
+    assert len(open_ledger(tmp_path).entries) == 1
+
+
+@pytest.mark.parametrize("damage", ["{ not json", '{"version": 99}',
+                                    '{"version": 1, "fingerprint": "%s", "delta": 0.001}'])
+def test_a_corrupt_ledger_refuses_to_train_and_is_left_as_it_is(tmp_path, damage):
+    path = open_ledger(tmp_path).path
+    body = damage % fingerprint(rows()) if "%s" in damage else damage
+    path.write_text(body)
+    with pytest.raises(LedgerError, match="refusing to train"):
+        open_ledger(tmp_path)
+    assert path.read_text() == body
+
+
+def test_a_ledger_for_other_data_or_another_delta_is_refused(tmp_path):
+    ledger = open_ledger(tmp_path)
+    ledger.record("run-a", "client-0", 1, ROUND)
+    other = rows(50, start=1000)
+    moved = tmp_path / f"ledger-{fingerprint(other)[:32]}.json"
+    ledger.path.rename(moved)
+    with pytest.raises(LedgerError, match="other data"):
+        open_ledger(tmp_path, other)
+    moved.rename(ledger.path)
+    with pytest.raises(LedgerError, match="delta"):
+        Ledger.open(tmp_path, fingerprint(rows()), 50, 1e-5, "rdp")
+
+
+def test_fingerprint_ignores_row_order_but_not_content():
+    data = rows()
+    shuffled = data.subset(np.random.default_rng(0).permutation(len(data)))
+    assert fingerprint(shuffled) == fingerprint(data)
+    assert fingerprint(rows(49)) != fingerprint(data)
+    relabelled = Examples(texts=data.texts, labels=(data.labels + 1) % 3)
+    assert fingerprint(relabelled) != fingerprint(data)

@@ -1,0 +1,78 @@
+import math
+
+import numpy as np
+import pytest
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+from common.client_dp import clip_update, update_norm
+from common.privacy import (
+    GaussianEvent,
+    PrivacyError,
+    default_delta,
+    dp_sgd_schedule,
+    epsilon_spent,
+    noise_for_target,
+)
+
+ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+
+
+def independent_epsilon(noise: float, rate: float, steps: int, delta: float) -> float:
+    """The RDP bound computed directly from Mironov's analysis, outside any accountant."""
+    rdp = compute_rdp(q=rate, noise_multiplier=noise, steps=steps, orders=ORDERS)
+    return get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)[0]
+
+
+def test_round_by_round_history_equals_one_composition():
+    rounds = [GaussianEvent(1.1, 0.05, 20)] * 5
+    assert epsilon_spent(rounds, 1e-5) == pytest.approx(
+        independent_epsilon(1.1, 0.05, 100, 1e-5), rel=1e-9)
+
+
+def test_mixed_history_is_the_sum_of_its_rdp_curves():
+    events = [GaussianEvent(1.0, 0.1, 10), GaussianEvent(2.0, 0.2, 7)]
+    rdp = sum(compute_rdp(q=e.sample_rate, noise_multiplier=e.noise_multiplier,
+                          steps=e.steps, orders=ORDERS) for e in events)
+    expected = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=1e-4)[0]
+    assert epsilon_spent(events, 1e-4) == pytest.approx(expected, rel=1e-9)
+
+
+def test_empty_history_spends_nothing_and_no_noise_spends_everything():
+    assert epsilon_spent([], 1e-5) == 0.0
+    assert math.isinf(epsilon_spent([GaussianEvent(0.0, 0.1, 3)], 1e-5))
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("target", [1.0, 3.0, 8.0])
+def test_noise_for_target_lands_at_or_just_under_the_target(target, accountant):
+    rate, steps, delta = 0.1, 50, 1e-4
+    noise = noise_for_target(target, delta, rate, steps, accountant)
+    spent = epsilon_spent([GaussianEvent(noise, rate, steps)], delta, accountant)
+    assert target - 0.05 <= spent <= target
+    # and a little less noise would overshoot: the search found the edge, not a safe guess
+    assert epsilon_spent([GaussianEvent(noise * 0.97, rate, steps)], delta, accountant) > target
+
+
+def test_an_unreachable_target_is_a_privacy_error():
+    with pytest.raises(PrivacyError, match="epsilon 1e-09"):
+        noise_for_target(1e-9, 1e-5, 1.0, 10_000)
+
+
+def test_schedule_and_default_delta():
+    assert dp_sgd_schedule(100, 32, local_epochs=2, local_steps=0) == (0.25, 8)
+    assert dp_sgd_schedule(100, 32, local_epochs=2, local_steps=5) == (0.25, 5)
+    assert default_delta(400) == pytest.approx(1 / 4000)
+
+
+def test_client_update_is_clipped_to_the_bound_and_small_updates_kept():
+    rng = np.random.default_rng(0)
+    base = {"a": rng.normal(size=(4, 3)).astype(np.float32), "b": np.zeros(5, np.float32)}
+    big = {k: v + rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()}
+    clipped = clip_update(base, big, 0.5)
+    assert update_norm(base, clipped) == pytest.approx(0.5, rel=1e-5)
+    direction = np.concatenate([(big[k] - base[k]).ravel() for k in base])
+    kept = np.concatenate([(clipped[k] - base[k]).ravel() for k in base])
+    assert np.allclose(kept / np.linalg.norm(kept), direction / np.linalg.norm(direction),
+                       atol=1e-5)
+    small = {k: v + 1e-4 for k, v in base.items()}
+    assert all(np.allclose(clip_update(base, small, 0.5)[k], small[k]) for k in base)
