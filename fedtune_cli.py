@@ -1,4 +1,4 @@
-"""`fedtune`: parse flags into a RunConfig and hand it to the simulation or the baseline.
+"""`fedtune`: parse the command line and hand it to simulation, baseline or deployment.
 
 No logic lives here: flags become dotted configuration keys, validated once by RunConfig.
 Exit codes: 0 success, 2 bad input (one line naming the problem), 1 anything unexpected.
@@ -62,7 +62,69 @@ def build_parser() -> argparse.ArgumentParser:
     centralized = commands.add_parser("centralized", help="the centralised LoRA baseline with "
                                       "the same data, model and passes")
     _add_run_flags(centralized)
+    _add_deployment_commands(commands)
     return parser
+
+
+def _add_deployment_commands(commands: Any) -> None:
+    certs = commands.add_parser("certs", help="make the CA, server certificate and node keys")
+    kinds = certs.add_subparsers(dest="certs_command", required=True)
+    init = kinds.add_parser("init", help="a CA and a server TLS certificate")
+    init.add_argument("dir", type=Path)
+    init.add_argument("--server-host", action="append", required=True, metavar="NAME_OR_IP",
+                      help="a name or address nodes dial (repeat for several)")
+    init.add_argument("--force", action="store_true", help="replace existing files")
+    node = kinds.add_parser("node", help="a node's authentication key pair")
+    node.add_argument("dir", type=Path)
+    node.add_argument("name")
+    node.add_argument("--force", action="store_true", help="replace existing files")
+
+    server = commands.add_parser("server", help="run the federation's SuperLink and ServerApp")
+    server.add_argument("--certs", type=Path, required=True, help="directory from `certs init`")
+    server.add_argument("--state", type=Path, required=True,
+                        help="directory for the SuperLink database, checkpoints and metrics")
+    server.add_argument("--config", type=Path, required=True, help="TOML run configuration")
+    server.add_argument("--node", type=Path, action="append", default=[], dest="nodes",
+                        metavar="KEY.pub", help="register this node public key (repeat)")
+    server.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    server.add_argument("--port", type=int, default=9200, help="port nodes connect to")
+
+    client = commands.add_parser("client", help="join a federation as a SuperNode")
+    client.add_argument("--server", required=True, metavar="HOST:PORT")
+    client.add_argument("--root-cert", type=Path, required=True, help="the federation's CA")
+    client.add_argument("--node-key", type=Path, required=True, help="from `certs node`")
+    client.add_argument("--data", type=Path, required=True, help="this node's data directory")
+    client.add_argument("--ledger", type=Path, required=True, help="privacy ledger directory")
+    client.add_argument("--budget-epsilon", type=float, help="this node's privacy budget")
+    client.add_argument("--name", help="this node's name (default: the key's file name)")
+    client.add_argument("--port", type=int, default=9094, help="this node's local API port")
+    client.add_argument("--wait-server", type=float, default=120.0, metavar="SECONDS",
+                        help="how long to wait for the server at start-up")
+
+
+def run_deployment(args: argparse.Namespace) -> int:
+    """certs, server and client: thin calls into common/certs.py, server/ and client/."""
+    if args.command == "certs":
+        from common import certs
+
+        if args.certs_command == "init":
+            made = certs.init(args.dir, args.server_host, force=args.force)
+            print(f"CA {made.ca_cert}, server certificate {made.server_cert}")
+        else:
+            private, public = certs.node_key(args.dir, args.name, force=args.force)
+            print(f"node key {private} (keep it on the node), public key {public} (give it to "
+                  "the operator)")
+        return 0
+    if args.command == "server":
+        from server.deploy import ServerSettings, serve
+
+        return serve(ServerSettings(args.certs, args.state, args.config, args.nodes, args.host,
+                                    args.port))
+    from client.deploy import ClientSettings, join
+
+    return join(ClientSettings(args.server, args.root_cert, args.node_key, args.data,
+                               args.ledger, args.name or args.node_key.stem, args.budget_epsilon,
+                               args.port, args.wait_server))
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -144,18 +206,24 @@ def _check_privacy(config: Any, client_rows: list[int]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    from client.deploy import ServerUnreachable
     from common.adapter import AdapterError
+    from common.certs import CertError
     from common.config import ConfigError
     from common.data import DataError
     from common.model import ModelLoadError
     from common.partition import PartitionError
     from common.privacy import PrivacyError
     from server.checkpoint import CheckpointError
+    from server.deploy import DeployError
     from server.federation import RunDirError
 
     bad_input = (InputError, ConfigError, DataError, ModelLoadError, PartitionError,
-                 AdapterError, CheckpointError, RunDirError, PrivacyError)
+                 AdapterError, CheckpointError, RunDirError, PrivacyError, CertError, DeployError,
+                 ServerUnreachable)
     try:
+        if args.command in ("certs", "server", "client"):
+            return run_deployment(args)
         run(args)
     except bad_input as error:
         print(f"fedtune: error: {error}", file=sys.stderr)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig, with_run_dir
-from server.federation import run_federation
+from server.federation import CONFIG_FILE, run_federation
+
+CONFIG_FILE_KEY = "config-file"  # run-config key: a TOML file on the server's disk
 
 
 def make_server_app(config: RunConfig | None = None, *, resume: bool = False) -> ServerApp:
@@ -15,11 +22,36 @@ def make_server_app(config: RunConfig | None = None, *, resume: bool = False) ->
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_config = config or with_run_dir(RunConfig.from_mapping(dict(context.run_config)),
-                                            "flwr")
-        run_federation(grid, run_config, resume=resume)
+        if config is not None:
+            run_federation(grid, config, resume=resume)
+            return
+        run_config, resuming = config_from_run_config(dict(context.run_config))
+        run_federation(grid, run_config, resume=resuming)
 
     return server_app
+
+
+def config_from_run_config(values: Mapping[str, Any]) -> tuple[RunConfig, bool]:
+    """(configuration, resume?) from Flower's run config.
+
+    With `config-file` set (as `fedtune server` does), the TOML file is the configuration and only
+    `output.dir` comes from the run config. A run directory that already holds a run is resumed
+    with its saved configuration (`federation.rounds` may extend it): a restarted server goes on
+    from its last checkpoint.
+    """
+    values = dict(values)
+    config_file = str(values.pop(CONFIG_FILE_KEY, "") or "")
+    if config_file:
+        config = RunConfig.from_toml(config_file).with_overrides(
+            {"output.dir": values.get("output.dir", "")})
+    else:
+        config = RunConfig.from_mapping(values)
+    config = with_run_dir(config, "flwr")
+    saved = Path(config.output.dir) / CONFIG_FILE
+    if not saved.exists():
+        return config, False
+    previous = RunConfig.from_mapping(json.loads(saved.read_text()))
+    return previous.with_overrides({"federation.rounds": config.federation.rounds}), True
 
 
 app = make_server_app()

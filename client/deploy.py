@@ -1,0 +1,128 @@
+"""`fedtune client`: a real Flower SuperNode that trains on this machine's data directory.
+
+Everything is checked before Flower starts (certificate, key, data, ledger directory) so that a
+mistake is one clear line. A SuperNode the SuperLink turns away at start-up gives up; `join`
+starts it again with a back-off, so nodes may start before the server has registered them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import certs
+from common.config import DataConfig
+from common.data import load_data
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    server: str  # HOST:PORT of the SuperLink
+    root_cert: Path
+    node_key: Path
+    data: Path
+    ledger: Path
+    name: str
+    budget_epsilon: float | None = None
+    port: int = 9094  # this node's local API (one per SuperNode on a machine)
+    wait_server: float = 120.0  # seconds to wait for the server at start-up
+
+
+class ServerUnreachable(RuntimeError):
+    """No server answered at the address within the start-up wait."""
+
+
+def supernode_command(settings: ClientSettings) -> list[str]:
+    """The `flower-supernode` command line for these settings, after checking every input."""
+    host, sep, port = settings.server.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise certs.CertError(f"--server must be HOST:PORT, got {settings.server!r}")
+    certs.check_certificate(settings.root_cert)
+    certs.check_private_key(settings.node_key)
+    load_data(DataConfig(path=str(settings.data)), seed=0)  # DataError names the problem
+    settings.ledger.mkdir(parents=True, exist_ok=True)
+    if not os.access(settings.ledger, os.W_OK):
+        raise certs.CertError(f"ledger directory {settings.ledger} is not writable")
+    node_config = [f'data-path="{settings.data.resolve()}"',
+                   f'ledger-dir="{settings.ledger.resolve()}"', f'name="{settings.name}"']
+    if settings.budget_epsilon is not None:
+        node_config.append(f"budget-epsilon={settings.budget_epsilon}")
+    tool = shutil.which("flower-supernode", path=str(Path(sys.executable).parent)) or \
+        shutil.which("flower-supernode") or "flower-supernode"
+    return [tool, "--superlink", settings.server, "--root-certificates",
+            str(settings.root_cert), "--auth-supernode-private-key", str(settings.node_key),
+            "--port", str(settings.port), "--node-config", " ".join(node_config)]
+
+
+REFUSED = "Failed to activate SuperNode"  # Flower's message when the SuperLink turns it away
+
+
+def probe_server(settings: ClientSettings) -> None:
+    """Wait for the server to answer, then check its certificate against our root certificate."""
+    host, _, port = settings.server.rpartition(":")
+    context = ssl.create_default_context(cafile=str(settings.root_cert))
+    deadline = time.monotonic() + settings.wait_server
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=5) as raw, \
+                    context.wrap_socket(raw, server_hostname=host):
+                return
+        except ssl.SSLCertVerificationError as error:
+            raise certs.CertError(f"the server at {settings.server} presents a certificate that "
+                                  f"{settings.root_cert} does not vouch for "
+                                  f"({error.verify_message})") from None
+        except OSError as error:
+            if time.monotonic() > deadline:
+                raise ServerUnreachable(f"server {settings.server} unreachable for "
+                                        f"{settings.wait_server:.0f}s ({error})") from None
+            time.sleep(2)
+
+
+def join(settings: ClientSettings) -> int:
+    """Run the SuperNode; while the SuperLink refuses it (not registered yet, or restarting),
+    start it again with a back-off. Flower's own SuperNode retries a lost connection but gives
+    up, without exiting, when activation is refused."""
+    command = supernode_command(settings)
+    probe_server(settings)
+    delay = 2.0
+    while True:
+        # same process group as this wrapper: stopping the wrapper's group stops the node
+        node = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        signal.signal(signal.SIGTERM, lambda *_, node=node: _stop(node))
+        refused = _relay_until_refused(node)
+        if not refused:
+            return node.wait()
+        _stop(node)
+        print(f"fedtune: {settings.server} refused this node (not registered yet?); retrying "
+              f"in {delay:.0f}s", file=sys.stderr, flush=True)
+        time.sleep(delay)
+        delay = min(delay * 2, 60.0)
+
+
+def _relay_until_refused(node: subprocess.Popen) -> bool:
+    """Copy the SuperNode's output to ours; True as soon as it reports a refused activation."""
+    assert node.stdout is not None
+    for raw in node.stdout:
+        sys.stdout.buffer.write(raw)
+        sys.stdout.flush()
+        if REFUSED.encode() in raw:
+            return True
+    return False
+
+
+def _stop(node: subprocess.Popen) -> None:
+    if node.poll() is None:
+        node.terminate()
+        try:
+            node.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()

@@ -1,0 +1,201 @@
+"""Real deployment on loopback: `fedtune server` (SuperLink with TLS and node authentication)
+and `fedtune client` SuperNodes as separate processes, as operators and hospitals run them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common import certs
+from server.metrics_log import read_rounds
+from tests.conftest import write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Federation:
+    """Files and processes of one loopback federation in a temporary directory."""
+
+    def __init__(self, root: Path, model_dir: Path, *, clients: int = 2, rounds: int = 2,
+                 min_clients: int = 0, timeout: float = 120.0, extra: str = "") -> None:
+        self.root, self.port, self.procs = root, free_port(), []
+        certs.init(root / "certs", ["localhost"])
+        words = ["alpha", "bravo", "charlie"]
+        rows = [{"text": f"{words[i % 3]} item {i}", "label": i % 3} for i in range(200)]
+        for name, part in [("a", rows[:50]), ("b", rows[50:100]), ("c", rows[100:150]),
+                           ("d", rows[150:])]:
+            data = root / f"data-{name}"
+            data.mkdir()
+            write_jsonl(data / "train.jsonl", part)
+            write_jsonl(data / "test.jsonl", part[:30])
+            (data / "labels.json").write_text('{"0": "a", "1": "b", "2": "c"}')
+            certs.node_key(root / "keys", f"hospital-{name}")
+        self.config = root / "run.toml"
+        self.config.write_text(
+            f'[model]\nname = "{model_dir}"\nmax_length = 32\n[data]\npath = "{root / "data-c"}"\n'
+            f"[train]\nbatch_size = 8\nlr = 0.01\n[federation]\nrounds = {rounds}\n"
+            f"num_clients = {clients}\nmin_clients = {min_clients}\ntimeout = {timeout}\n"
+            + extra)
+        self.state = root / "state"
+
+    def env(self, home: str) -> dict[str, str]:
+        return {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_HOME": str(self.root / home),
+                "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+
+    def start(self, log: str, *args: str | Path, home: str) -> subprocess.Popen:
+        handle = (self.root / log).open("ab")
+        proc = subprocess.Popen([sys.executable, "-m", "fedtune_cli", *map(str, args)],
+                                stdout=handle, stderr=subprocess.STDOUT, env=self.env(home),
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def server(self, *nodes: str) -> subprocess.Popen:
+        keys = [a for n in nodes for a in ("--node", self.root / "keys" / f"hospital-{n}.pub")]
+        return self.start("server.log", "server", "--certs", self.root / "certs", "--state",
+                          self.state, "--config", self.config, "--port", self.port, *keys,
+                          "--host", "127.0.0.1", home="flwr-server")
+
+    def client(self, name: str, *, root_cert: Path | None = None) -> subprocess.Popen:
+        return self.start(f"client-{name}.log", "client", "--server", f"127.0.0.1:{self.port}",
+                          "--root-cert", root_cert or self.root / "certs" / "ca.pem",
+                          "--node-key", self.root / "keys" / f"hospital-{name}.key",
+                          "--data", self.root / f"data-{name}", "--ledger",
+                          self.root / f"ledger-{name}", "--port", free_port(),
+                          home=f"flwr-{name}")
+
+    def log(self, name: str) -> str:
+        return (self.root / name).read_text(errors="replace")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture()
+def federation(tmp_path, tiny_model_dir):
+    fed = Federation(tmp_path, tiny_model_dir)
+    yield fed
+    fed.stop()
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_nodes_over_tls_with_authentication_complete_a_private_secure_run(tmp_path,
+                                                                           tiny_model_dir):
+    federation = Federation(tmp_path, tiny_model_dir, clients=3,
+                            extra="[privacy]\ndp = true\nepsilon = 8.0\n[secagg]\nenabled = true\n")
+    try:
+        _run_with_intruders(federation, tmp_path)
+    finally:
+        federation.stop()
+    rows = read_rounds(federation.state / "run")
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["clients"] == 3 for r in rows)
+    assert sorted(rows[-1]["client_accuracy"]) == ["hospital-a", "hospital-b", "hospital-d"]
+    assert sorted(rows[-1]["epsilon"]) == ["hospital-a", "hospital-b", "hospital-d"]
+    assert all(0 < eps <= 8.0 for eps in rows[-1]["epsilon"].values())
+    for name in "abd":  # each ledger on its own node's disk
+        assert len(list((tmp_path / f"ledger-{name}").glob("ledger-*.json"))) == 1
+    wrong_ca = federation.log("client-c.log")
+    assert "does not vouch for" in wrong_ca and "Traceback" not in wrong_ca
+    assert "hospital-c" not in json.dumps(rows)
+    assert "rogue" not in json.dumps(rows)
+
+
+def _run_with_intruders(federation: Federation, tmp_path: Path) -> None:
+    server = federation.server("a", "b", "c", "d")
+    other_ca = certs.init(tmp_path / "other-ca", ["localhost"]).ca_cert
+    wrong = federation.client("c", root_cert=other_ca)  # registered, but trusts the wrong CA
+    assert wrong.wait(timeout=180) == 2
+    certs.node_key(tmp_path / "keys", "rogue")  # a key the operator never registered
+    federation.start("client-rogue.log", "client", "--server", f"127.0.0.1:{federation.port}",
+                     "--root-cert", tmp_path / "certs" / "ca.pem", "--node-key",
+                     tmp_path / "keys" / "rogue.key", "--data", tmp_path / "data-a",
+                     "--ledger", tmp_path / "ledger-rogue", "--port", free_port(),
+                     home="flwr-rogue")
+    for name in "abd":
+        federation.client(name)
+    assert server.wait(timeout=600) == 0, federation.log("server.log")[-3000:]
+
+
+def test_a_restarted_server_resumes_from_its_checkpoint(federation):
+    server = federation.server("a", "b")
+    federation.client("a")
+    federation.client("b")
+    wait_for(lambda: "SuperLink ready" in federation.log("server.log"), 60, "the server")
+    metrics = federation.state / "run" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 300, "round 1")
+    os.killpg(server.pid, signal.SIGKILL)  # the whole server: SuperLink and ServerApp
+    server.wait()
+    assert [r["round"] for r in read_rounds(federation.state / "run")] == [1]
+
+    restarted = federation.server("a", "b")  # same state directory; nodes reconnect by themselves
+    assert restarted.wait(timeout=420) == 0, federation.log("server.log")[-3000:]
+    rows = read_rounds(federation.state / "run")
+    assert [r["round"] for r in rows] == [1, 2]  # nothing lost, nothing repeated
+    assert sorted((federation.state / "run" / "checkpoints").iterdir())[-1].name == \
+        "round-0002.pt"
+
+
+def test_a_client_killed_mid_round_does_not_stop_the_run(tmp_path, tiny_model_dir):
+    federation = Federation(tmp_path, tiny_model_dir, clients=3, min_clients=2, timeout=45.0)
+    try:
+        server = federation.server("a", "b", "c")
+        federation.client("a")
+        federation.client("b")
+        doomed = federation.client("c")
+        # killed once the round has begun with it (it answered the server's roll call), before
+        # its update: the server must give up on it after the timeout and go on
+        wait_for(lambda: "Sent successfully" in federation.log("client-c.log"), 300,
+                 "hospital-c to answer the roll call")
+        os.killpg(doomed.pid, signal.SIGKILL)
+        assert server.wait(timeout=600) == 0, federation.log("server.log")[-3000:]
+    finally:
+        federation.stop()
+    rows = read_rounds(federation.state / "run")
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[0]["clients"] == 2 and rows[0]["clients_failed"] >= 1
+    assert rows[-1]["clients"] == 2
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--root-cert", "missing.pem"], "does not exist"),
+    (["--node-key", "certs/ca.pem"], "is unreadable"),
+    (["--data", "nowhere"], "does not exist"),
+    (["--server", "no-port"], "HOST:PORT"),
+    (["--server", "127.0.0.1:1", "--wait-server", "2"], "unreachable"),
+])
+def test_bad_client_input_is_one_line_and_exit_2(federation, args, message):
+    base = {"--server": f"127.0.0.1:{federation.port}", "--root-cert": "certs/ca.pem",
+            "--node-key": "keys/hospital-a.key", "--data": "data-a", "--ledger": "ledger-a"}
+    base.update(dict(zip(args[::2], args[1::2], strict=True)))
+    flags = [str(x) for k, v in base.items() for x in (k, v)]
+    done = subprocess.run([sys.executable, "-m", "fedtune_cli", "client", *flags],
+                          cwd=federation.root, capture_output=True, text=True,
+                          env=federation.env("flwr-x"), timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
