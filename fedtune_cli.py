@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     centralized = commands.add_parser("centralized", help="the centralised LoRA baseline with "
                                       "the same data, model and passes")
     _add_run_flags(centralized)
+    report = commands.add_parser("report", help="plots and a Markdown summary of a run")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     _add_deployment_commands(commands)
     return parser
 
@@ -217,13 +219,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from server.checkpoint import CheckpointError
     from server.deploy import DeployError
     from server.federation import RunDirError
+    from simulations.report import ReportError
 
     bad_input = (InputError, ConfigError, DataError, ModelLoadError, PartitionError,
                  AdapterError, CheckpointError, RunDirError, PrivacyError, CertError, DeployError,
-                 ServerUnreachable)
+                 ServerUnreachable, ReportError)
     try:
         if args.command in ("certs", "server", "client"):
             return run_deployment(args)
+        if args.command == "report":
+            from simulations.report import write_report
+
+            for path in write_report(args.run_dir):
+                print(path)
+            return 0
         run(args)
     except bad_input as error:
         print(f"fedtune: error: {error}", file=sys.stderr)

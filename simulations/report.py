@@ -1,0 +1,158 @@
+"""`fedtune report RUN_DIR`: plots and a Markdown summary of a finished (or running) run.
+
+Reads only `metrics.jsonl`, so it works the same on simulations, deployments and baselines:
+accuracy and loss per round, each client's accuracy with the worst client marked, the spread,
+epsilon per client, bytes per round, and accuracy per label in the last round (who is served worst).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
+
+from server.metrics_log import METRICS_FILE, read_rounds
+
+SUMMARY = "report.md"
+
+
+class ReportError(ValueError):
+    """The directory holds no metrics to report on."""
+
+
+def write_report(run_dir: str | Path) -> list[Path]:
+    """Write the plots and `report.md` into `run_dir`; return the files written."""
+    run_dir = Path(run_dir)
+    rows = read_rounds(run_dir)
+    if not rows:
+        raise ReportError(f"{run_dir} has no {METRICS_FILE} rows to report on")
+    written = [_plot_global(run_dir / "accuracy.png", rows)]
+    if any("client_accuracy" in r for r in rows):
+        written.append(_plot_clients(run_dir / "clients.png", rows))
+    if any("epsilon" in r for r in rows):
+        written.append(_plot_epsilon(run_dir / "epsilon.png", rows))
+    if any("bytes_up" in r for r in rows):
+        written.append(_plot_bytes(run_dir / "bytes.png", rows))
+    if rows[-1].get("label_accuracy"):
+        written.append(_plot_labels(run_dir / "labels.png", rows[-1]))
+    summary = run_dir / SUMMARY
+    summary.write_text(summarise(rows))
+    return [*written, summary]
+
+
+def summarise(rows: list[dict[str, Any]]) -> str:
+    """The Markdown summary: a table per round and who the federation serves worst."""
+    lines = ["# Run report", "", "| round | accuracy | loss | clients | worst client | spread "
+             "| epsilon (max) | bytes up |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['round']} | {r['accuracy']:.4f} | {r['loss']:.4f} | "
+                     f"{r.get('clients', '-')} | {_fmt(r.get('client_accuracy_worst'))} | "
+                     f"{_fmt(r.get('client_accuracy_std'))} | "
+                     f"{_fmt(r.get('epsilon_max', r.get('epsilon_client_level')), 2)} | "
+                     f"{r.get('bytes_up', '-')} |")
+    last = rows[-1]
+    lines += ["", f"Final accuracy {last['accuracy']:.4f} after round {last['round']}."]
+    clients = last.get("client_accuracy") or {}
+    if clients:
+        worst = min(clients, key=clients.get)
+        lines.append(f"Worst client: {worst} at {clients[worst]:.4f} (mean "
+                     f"{last['client_accuracy_mean']:.4f}, std {last['client_accuracy_std']:.4f}).")
+    labels = [(i, a) for i, a in enumerate(last.get("label_accuracy") or []) if not _nan(a)]
+    if labels:
+        worst_labels = sorted(labels, key=lambda item: item[1])[:3]
+        lines.append("Worst labels: " + ", ".join(f"{i} ({a:.3f})" for i, a in worst_labels) + ".")
+    exhausted = sorted({n for r in rows for n in r.get("clients_exhausted", [])})
+    if exhausted:
+        lines.append(f"Clients that spent their privacy budget: {', '.join(exhausted)}.")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_global(path: Path, rows: list[dict[str, Any]]) -> Path:
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    rounds = [r["round"] for r in rows]
+    left.plot(rounds, [r["accuracy"] for r in rows], marker="o", label="global (test split)")
+    if any("client_accuracy_mean" in r for r in rows):
+        left.plot(rounds, [r.get("client_accuracy_mean", math.nan) for r in rows], marker=".",
+                  label="clients (mean)")
+    left.set(xlabel="round", ylabel="accuracy", title="Accuracy")
+    left.legend()
+    right.plot(rounds, [r["loss"] for r in rows], marker="o", label="test loss")
+    if any(r.get("train_loss") is not None for r in rows):
+        right.plot(rounds, [r.get("train_loss") or math.nan for r in rows], marker=".",
+                   label="train loss")
+    right.set(xlabel="round", ylabel="loss", title="Loss")
+    right.legend()
+    return _save(figure, path)
+
+
+def _plot_clients(path: Path, rows: list[dict[str, Any]]) -> Path:
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    names = sorted({n for r in rows for n in r.get("client_accuracy", {})})
+    rounds = [r["round"] for r in rows]
+    final = rows[-1].get("client_accuracy", {})
+    worst = min(final, key=final.get) if final else None
+    for name in names:
+        values = [r.get("client_accuracy", {}).get(name, math.nan) for r in rows]
+        style = {"color": "#c44e52", "linewidth": 2.5, "label": f"{name} (worst)"} \
+            if name == worst else {"color": "#999999", "linewidth": 0.8}
+        axis.plot(rounds, values, **style)
+    axis.set(xlabel="round", ylabel="held-out accuracy", title="Accuracy per client")
+    if worst:
+        axis.legend()
+    return _save(figure, path)
+
+
+def _plot_epsilon(path: Path, rows: list[dict[str, Any]]) -> Path:
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    names = sorted({n for r in rows for n in r.get("epsilon", {})})
+    rounds = [r["round"] for r in rows]
+    for name in names:
+        axis.plot(rounds, [r.get("epsilon", {}).get(name, math.nan) for r in rows],
+                  marker=".", label=name if len(names) <= 10 else None)
+    axis.set(xlabel="round", ylabel="epsilon spent", title="Privacy spent per client")
+    if len(names) <= 10:
+        axis.legend(fontsize="small")
+    return _save(figure, path)
+
+
+def _plot_bytes(path: Path, rows: list[dict[str, Any]]) -> Path:
+    figure, axis = plt.subplots(figsize=(6, 3.2))
+    rounds = [r["round"] for r in rows]
+    axis.bar([x - 0.2 for x in rounds], [r.get("bytes_up", 0) / 1e6 for r in rows], 0.4,
+             label="up")
+    axis.bar([x + 0.2 for x in rounds], [r.get("bytes_down", 0) / 1e6 for r in rows], 0.4,
+             label="down")
+    axis.set(xlabel="round", ylabel="MB", title="Adapter bytes per round")
+    axis.legend()
+    return _save(figure, path)
+
+
+def _plot_labels(path: Path, row: dict[str, Any]) -> Path:
+    values = row["label_accuracy"]
+    figure, axis = plt.subplots(figsize=(max(5, len(values) * 0.12), 3.2))
+    axis.bar(range(len(values)), [0 if _nan(v) else v for v in values], color="#4c72b0")
+    axis.set(xlabel="label", ylabel="accuracy", title=f"Accuracy per label, round {row['round']}")
+    return _save(figure, path)
+
+
+def _save(figure: Any, path: Path) -> Path:
+    for axis in figure.axes:  # rounds and labels are whole numbers
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _nan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
