@@ -17,6 +17,7 @@ from typing import Any
 FLAGS: dict[str, tuple[str, type, str]] = {
     "--data": ("data.path", str, "data directory, CSV file, 'hf:<id>' or 'builtin'"),
     "--model": ("model.name", str, "'embedded', a hub id or a local model directory"),
+    "--task": ("model.task", str, "classification | causal-lm"),
     "--num-clients": ("federation.num_clients", int, "simulated clients"),
     "--rounds": ("federation.rounds", int, "federated rounds"),
     "--fraction-train": ("federation.fraction_train", float, "share of clients trained per round"),
@@ -187,7 +188,10 @@ def run(args: argparse.Namespace) -> None:
 
         rows = simulate(config, resume=bool(args.resume), num_workers=args.workers)
     if rows:
-        print(f"run directory: {config.output.dir}  final accuracy: {rows[-1]['accuracy']:.4f}")
+        last = rows[-1]
+        perplexity = f"  perplexity: {last['perplexity']:.3f}" if "perplexity" in last else ""
+        print(f"run directory: {config.output.dir}  final accuracy: {last['accuracy']:.4f}"
+              f"{perplexity}")
 
 
 def _check_privacy(config: Any, client_rows: list[int]) -> None:

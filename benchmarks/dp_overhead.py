@@ -31,15 +31,12 @@ def measure(mode: str, steps: int, batch_size: int, max_length: int) -> dict[str
 
     from common.config import RunConfig
     from common.task import build_task
-    from common.training import make_loader
-
     data_path = SHARED_BANKING77 if SHARED_BANKING77.is_dir() else "builtin"
     task = build_task(RunConfig.from_mapping({"data.path": str(data_path),
                                               "model.max_length": max_length}))
     rows = task.data.train.subset(np.arange(batch_size * (steps + 1) * 4))
     model, device = task.model, task.device
-    loader = make_loader(rows, task.tokenizer, max_length=max_length, batch_size=batch_size,
-                         shuffle=True)
+    loader = task.loader(rows, batch_size=batch_size, shuffle=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     baseline = _peak_rss_mib()
     if device.type == "cuda":

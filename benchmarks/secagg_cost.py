@@ -79,16 +79,17 @@ def local_training_seconds(quick: bool) -> float:
     from benchmarks.dp_overhead import SHARED_BANKING77
     from common.config import RunConfig
     from common.task import build_task
-    from common.training import adamw, make_loader, train_local
+    from common.training import adamw, train_local
 
     path = str(SHARED_BANKING77) if SHARED_BANKING77.is_dir() else "builtin"
     task = build_task(RunConfig.from_mapping({"data.path": path, "model.max_length": 64}))
     rows, _ = task.client_examples(task.config.partition, 0, 10)
     if quick:
         rows = rows.subset(np.arange(32))
-    loader = make_loader(rows, task.tokenizer, max_length=64, batch_size=32, shuffle=True)
+    loader = task.loader(rows, batch_size=32, shuffle=True)
     started = time.perf_counter()
-    train_local(task.model, loader, adamw(task.model, 1e-3, 0.0), epochs=1, max_steps=0,
+    train_local(task.model, loader, adamw(task.model, 1e-3, 0.0), loss_fn=task.objective.loss,
+                epochs=1, max_steps=0,
                 max_grad_norm=1.0, device=task.device)
     return time.perf_counter() - started
 

@@ -31,7 +31,7 @@ from common.secagg.records import (
     sealed_from_record,
     sealed_to_record,
 )
-from common.training import adamw, evaluate, make_loader, train_local
+from common.training import adamw, train_local
 
 app = ClientApp()
 SECAGG_STATE = "secagg"  # this node's protocol secrets, kept in its own Context between steps
@@ -117,9 +117,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     task = node_task(node, config)
     _, held_out = node_examples(node, task, config)
     load_trainable_state(task.model, from_record(msg.content[keys.ARRAYS]))
-    loader = make_loader(held_out, task.tokenizer, max_length=config.model.max_length,
-                         batch_size=max(config.train.batch_size, 32), shuffle=False)
-    stats = evaluate(task.model, loader, num_labels=task.data.num_labels, device=task.device)
+    stats = task.evaluate(held_out)
     metrics = MetricRecord({keys.NUM_EXAMPLES: stats.examples, keys.EVAL_LOSS: stats.loss,
                             keys.ACCURACY: stats.accuracy})
     return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
@@ -137,8 +135,7 @@ def _local_update(config: RunConfig, server_round: int, node: Node,
     seed = (_round_seed(config.seed, server_round, node.name) if node.simulated
             else secrets.randbits(63))
     torch.manual_seed(seed)  # LoRA dropout
-    loader = make_loader(rows, task.tokenizer, max_length=config.model.max_length,
-                         batch_size=config.train.batch_size, shuffle=True, seed=seed)
+    loader = task.loader(rows, batch_size=config.train.batch_size, shuffle=True, seed=seed)
     optimizer = adamw(task.model, config.train.lr, config.train.weight_decay)
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(rows), keys.UNIT_WEIGHT: 1})
     privacy = config.privacy
@@ -146,13 +143,15 @@ def _local_update(config: RunConfig, server_round: int, node: Node,
         plan, ledger = _ledger(config, node, rows)
         if ledger.epsilon_after(plan.event) > node.budget(config):
             raise LedgerError("privacy budget exhausted since the round began; not training")
-        stats = train_private(task.model, loader, optimizer, plan, device=task.device,
+        stats = train_private(task.model, loader, optimizer, plan, loss_fn=task.objective.loss,
+                              device=task.device,
                               noise_generator=torch.Generator(task.device).manual_seed(seed))
         # The update is released only after the ledger has recorded what it spends.
         metrics[keys.EPSILON] = ledger.record(config.output.dir, node.name, server_round,
                                               plan.event).epsilon
     else:
-        stats = train_local(task.model, loader, optimizer, epochs=config.train.local_epochs,
+        stats = train_local(task.model, loader, optimizer, loss_fn=task.objective.loss,
+                            epochs=config.train.local_epochs,
                             max_steps=config.train.local_steps,
                             max_grad_norm=config.train.max_grad_norm, device=task.device)
     state = trainable_state(task.model)

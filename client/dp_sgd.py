@@ -21,7 +21,7 @@ from common.privacy import (
     dp_sgd_schedule,
     noise_for_target,
 )
-from common.training import TrainStats
+from common.training import LossFn, TrainStats
 
 # Opacus' per-sample gradient engine; chosen by benchmarks/dp_overhead.py (see README).
 GRAD_SAMPLE_MODE = "hooks"
@@ -50,7 +50,7 @@ def plan_round(config: RunConfig, records: int) -> DPRoundPlan:
 
 
 def train_private(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                  plan: DPRoundPlan, *, device: torch.device,
+                  plan: DPRoundPlan, *, loss_fn: LossFn, device: torch.device,
                   noise_generator: torch.Generator) -> TrainStats:
     """Exactly `plan.event.steps` DP-SGD steps; the model is returned unwrapped."""
     model.train()  # Opacus refuses a model in eval mode (the cached model was just evaluated)
@@ -65,13 +65,13 @@ def train_private(model: torch.nn.Module, loader: DataLoader, optimizer: torch.o
             noise_generator=noise_generator)
         try:
             return _steps(private_model, private_optimizer, private_loader, plan.event.steps,
-                          device)
+                          loss_fn, device)
         finally:
             private_model._close()  # drop Opacus' hooks: the cached model serves other clients
 
 
 def _steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-           steps: int, device: torch.device) -> TrainStats:
+           steps: int, loss_fn: LossFn, device: torch.device) -> TrainStats:
     model.train()
     total_loss, examples = 0.0, 0
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
@@ -81,7 +81,7 @@ def _steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Dat
         if len(batch["labels"]) == 0:  # an empty Poisson draw still releases noise
             _noise_only_step(model, optimizer)
             continue
-        loss = model(**batch).loss
+        loss = loss_fn(model, batch)
         loss.backward()
         optimizer.step()
         total_loss += float(loss.detach()) * len(batch["labels"])

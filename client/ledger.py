@@ -46,8 +46,8 @@ class LedgerEntry:
 
 def fingerprint(examples: Examples) -> str:
     """SHA-256 of the rows as a multiset: the same records in any order give the same key."""
-    rows = sorted(hashlib.sha256(json.dumps([text, int(label)]).encode()).digest()
-                  for text, label in zip(examples.texts, examples.labels, strict=True))
+    rows = sorted(hashlib.sha256(json.dumps(list(examples.item(i))).encode()).digest()
+                  for i in range(len(examples)))
     return hashlib.sha256(b"".join(rows)).hexdigest()
 
 

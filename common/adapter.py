@@ -1,4 +1,5 @@
-"""LoRA on a pretrained classifier, and the adapter state (LoRA + head) that travels as records.
+"""LoRA on a pretrained model, and the adapter state (LoRA, plus a classifier's head) that
+travels as records.
 
 Only trainable tensors are exchanged; the frozen base never leaves the machine that loaded it.
 """
@@ -8,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 from transformers import PreTrainedModel
 
-from common.config import LoraSettings
+from common.config import CAUSAL_LM, LoraSettings
 
 # Attention projections to adapt, per `config.model_type` (Hu et al. 2021 adapt W_q and W_v).
 TARGET_MODULES: dict[str, list[str]] = {
@@ -26,6 +27,7 @@ TARGET_MODULES: dict[str, list[str]] = {
     "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
 }
 
 
@@ -43,20 +45,25 @@ def target_modules(settings: LoraSettings, model_type: str) -> list[str]:
     return TARGET_MODULES[model_type]
 
 
-def lora_config(settings: LoraSettings, model_type: str) -> LoraConfig:
+def lora_config(settings: LoraSettings, model_type: str, task: str) -> LoraConfig:
     """The one place `peft.LoraConfig` is built, so PEFT's own checks run on our settings."""
     return LoraConfig(
-        task_type=TaskType.SEQ_CLS,  # keeps the classification head trainable (modules_to_save)
+        # SEQ_CLS keeps the classification head trainable (modules_to_save); a causal LM trains
+        # LoRA only.
+        task_type=TaskType.CAUSAL_LM if task == CAUSAL_LM else TaskType.SEQ_CLS,
         r=settings.r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
         target_modules=target_modules(settings, model_type),
+        fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections transposed (Conv1D)
     )
 
 
-def add_lora(base: PreTrainedModel, settings: LoraSettings) -> PeftModel:
+def add_lora(base: PreTrainedModel, settings: LoraSettings, task: str) -> PeftModel:
     """Freeze `base` and wrap it with LoRA; the caller seeds torch for a reproducible init."""
-    return get_peft_model(base, lora_config(settings, base.config.model_type))
+    if getattr(base, "is_quantized", False):
+        base = prepare_model_for_kbit_training(base)
+    return get_peft_model(base, lora_config(settings, base.config.model_type, task))
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, np.ndarray]:

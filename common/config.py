@@ -21,6 +21,10 @@ BUILTIN_DATA = "builtin"
 PARTITION_SCHEMES = ("iid", "dirichlet", "natural")
 DP_LEVELS = ("sample", "client")
 ACCOUNTANTS = ("rdp", "prv")
+CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"
+TASKS = (CLASSIFICATION, CAUSAL_LM)
+QUANTIZE = ("none", "4bit", "8bit")
+DEFAULT_PROMPT = "### Instruction:\n{instruction}\n{input}\n### Response:\n"
 
 
 class ConfigError(ValueError):
@@ -45,11 +49,21 @@ class ModelConfig:
         " directory",
         EMBEDDED_MODEL,
     )
+    task: str = _help("classification (sequence classifier with a trained head) | causal-lm "
+                      "(next-token prediction, loss on the response tokens)", CLASSIFICATION)
     max_length: int = _help("tokens kept per example (longer texts are truncated)", 128)
+    quantize: str = _help("causal-lm: none | 4bit | 8bit loading of the frozen base, where CUDA "
+                          "and bitsandbytes are present (full precision elsewhere)", "none")
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", "must not be empty", self.name)
+        _require(self.task in TASKS, "model.task", f"must be one of {', '.join(TASKS)}",
+                 self.task)
         _require(self.max_length >= 8, "model.max_length", "must be >= 8", self.max_length)
+        _require(self.quantize in QUANTIZE, "model.quantize",
+                 f"must be one of {', '.join(QUANTIZE)}", self.quantize)
+        _require(self.quantize == "none" or self.task == CAUSAL_LM, "model.quantize",
+                 "applies to model.task 'causal-lm' only", self.quantize)
 
 
 @dataclass(frozen=True)
@@ -66,9 +80,19 @@ class DataConfig:
     test_fraction: float = _help(
         "share of rows held out as the server's test set when the source has no test split", 0.2
     )
+    prompt_template: str = _help(
+        "causal-lm: the prompt built from rows {instruction, input, output}; the model learns "
+        "to continue it with the output", DEFAULT_PROMPT)
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "data.path", "must not be empty", self.path)
+        try:
+            self.prompt_template.format(instruction="", input="")
+            usable = "{instruction}" in self.prompt_template
+        except (KeyError, IndexError, ValueError):
+            usable = False
+        _require(usable, "data.prompt_template", "must contain {instruction} and no fields "
+                 "other than {instruction} and {input}", self.prompt_template)
         _require(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)",
                  self.test_fraction)
 
@@ -268,6 +292,10 @@ class RunConfig:
             _require(self.train.max_grad_norm > 0, "train.max_grad_norm",
                      "must be > 0 under DP-SGD (it bounds each example's gradient)",
                      self.train.max_grad_norm)
+        if self.model.task == CAUSAL_LM:
+            _require(self.partition.scheme != "dirichlet", "partition.scheme",
+                     "cannot be 'dirichlet' for model.task 'causal-lm' (text has no labels to "
+                     "skew); use iid or natural", self.partition.scheme)
         if self.secagg.enabled:
             _require(self.federation.num_clients >= 3, "federation.num_clients",
                      "must be >= 3 with secure aggregation (with two, each learns the other's "

@@ -1,4 +1,8 @@
-"""Labelled text examples from a data directory, a CSV file, a hub data set or the built-in set."""
+"""Text examples from a data directory, a CSV file, a hub data set or the built-in set.
+
+Classification rows are (text, label); causal-LM rows are (prompt, response), where a plain
+`{"text"}` row is all response and an `{"instruction", "input", "output"}` row is prompted.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from common.config import BUILTIN_DATA, DataConfig
+from common.config import BUILTIN_DATA, CAUSAL_LM, CLASSIFICATION, DataConfig
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "default_data"
 TRAIN_NAMES = ("train.jsonl", "train.jsonl.gz")
@@ -25,14 +29,30 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Examples:
-    """Texts with integer labels; `fields` keeps the other columns (for natural partitions)."""
+    """Texts with integer labels, or prompts (`texts`) with `responses` for a causal LM (labels
+    all 0); `fields` keeps the other columns (for natural partitions)."""
 
     texts: list[str]
     labels: np.ndarray  # (N,) int64
     fields: dict[str, list[Any]] = field(default_factory=dict)
+    responses: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def item(self, index: int) -> tuple[str, int | str]:
+        """(text, label) or (prompt, response)."""
+        if self.responses is not None:
+            return self.texts[index], self.responses[index]
+        return self.texts[index], int(self.labels[index])
+
+    @classmethod
+    def concat(cls, parts: list[Examples]) -> Examples:
+        """The rows of `parts` in order (their extra fields are dropped)."""
+        lm = bool(parts) and parts[0].responses is not None
+        return cls(texts=[t for p in parts for t in p.texts],
+                   labels=np.concatenate([p.labels for p in parts]),
+                   responses=[r for p in parts for r in p.responses or []] if lm else None)
 
     def subset(self, indices: np.ndarray | list[int]) -> Examples:
         idx = [int(i) for i in indices]
@@ -40,6 +60,7 @@ class Examples:
             texts=[self.texts[i] for i in idx],
             labels=self.labels[idx],
             fields={name: [column[i] for i in idx] for name, column in self.fields.items()},
+            responses=None if self.responses is None else [self.responses[i] for i in idx],
         )
 
 
@@ -49,45 +70,52 @@ class LabelledData:
 
     train: Examples
     test: Examples
-    label_names: list[str]
+    label_names: list[str]  # empty for a causal LM
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
 
 
-def load_data(config: DataConfig, seed: int) -> LabelledData:
-    """Read the source named by `config.path`; carve a seeded test split when it has none."""
+def load_data(config: DataConfig, seed: int, task: str = CLASSIFICATION) -> LabelledData:
+    """Read the source named by `config.path` as rows of `task`; carve a seeded test split when
+    it has none."""
     path = config.path
+    convert = _to_lm_examples if task == CAUSAL_LM else _to_examples
     if path == BUILTIN_DATA:
-        return _load_directory(BUILTIN_DIR, config, seed)
+        if task == CAUSAL_LM:
+            raise DataError("the built-in data set is for classification; give --data a "
+                            "directory of {\"text\"} or {\"instruction\", \"input\", \"output\"} "
+                            "rows for model.task 'causal-lm'")
+        return _load_directory(BUILTIN_DIR, config, seed, convert)
     if path.startswith("hf:"):
-        return _load_hub(path[3:], config, seed)
+        return _load_hub(path[3:], config, seed, convert)
     source = Path(path)
     if source.is_dir():
-        return _load_directory(source, config, seed)
+        return _load_directory(source, config, seed, convert)
     if source.is_file() and source.suffix.lower() == ".csv":
         rows = _read_csv(source)
-        return _finish(_to_examples(rows, config, str(source)), None, None, config, seed)
+        return _finish(convert(rows, config, str(source)), None, None, config, seed)
     if source.exists():
         raise DataError(f"data path {source} is neither a data directory nor a .csv file")
     raise DataError(f"data path {source} does not exist")
 
 
-def _load_directory(directory: Path, config: DataConfig, seed: int) -> LabelledData:
+def _load_directory(directory: Path, config: DataConfig, seed: int,
+                    convert: Any) -> LabelledData:
     train_file = _first_existing(directory, TRAIN_NAMES)
     if train_file is None:
         raise DataError(f"data directory {directory} has no {' or '.join(TRAIN_NAMES)}")
-    train = _to_examples(_read_jsonl(train_file), config, str(train_file))
+    train = convert(_read_jsonl(train_file), config, str(train_file))
     test_file = _first_existing(directory, TEST_NAMES)
     test = None
     if test_file is not None:
-        test = _to_examples(_read_jsonl(test_file), config, str(test_file))
+        test = convert(_read_jsonl(test_file), config, str(test_file))
     names = _read_label_names(directory / "labels.json")
     return _finish(train, test, names, config, seed)
 
 
-def _load_hub(dataset_id: str, config: DataConfig, seed: int) -> LabelledData:
+def _load_hub(dataset_id: str, config: DataConfig, seed: int, convert: Any) -> LabelledData:
     try:
         import datasets
     except ImportError as error:  # pragma: no cover - datasets is a dependency
@@ -98,11 +126,11 @@ def _load_hub(dataset_id: str, config: DataConfig, seed: int) -> LabelledData:
         raise DataError(f"could not load hub data set {dataset_id!r}: {error}") from None
     if "train" not in loaded:
         raise DataError(f"hub data set {dataset_id!r} has no 'train' split")
-    train = _to_examples(loaded["train"], config, f"{dataset_id}[train]")
+    train = convert(loaded["train"], config, f"{dataset_id}[train]")
     test_split = next((s for s in ("test", "validation") if s in loaded), None)
     test = None
     if test_split:
-        test = _to_examples(loaded[test_split], config, f"{dataset_id}[{test_split}]")
+        test = convert(loaded[test_split], config, f"{dataset_id}[{test_split}]")
     names = None
     feature = loaded["train"].features.get(config.label_field)
     if getattr(feature, "names", None):
@@ -116,14 +144,15 @@ def _finish(train: Examples, test: Examples | None, names: list[str] | None,
         order = np.random.default_rng(seed).permutation(len(train))
         cut = max(1, round(len(train) * config.test_fraction))
         train, test = train.subset(np.sort(order[cut:])), train.subset(np.sort(order[:cut]))
-    highest = int(max(train.labels.max(), test.labels.max()))
-    if names is None:
-        names = [str(i) for i in range(highest + 1)]
-    if highest >= len(names):
-        raise DataError(f"label {highest} is out of range: labels.json names {len(names)} labels")
+    if train.responses is None:
+        highest = int(max(train.labels.max(), test.labels.max()))
+        names = names or [str(i) for i in range(highest + 1)]
+        if highest >= len(names):
+            raise DataError(f"label {highest} is out of range: labels.json names {len(names)} "
+                            f"labels")
     if len(train) < 2:
         raise DataError(f"the training split has {len(train)} rows; at least 2 are needed")
-    return LabelledData(train=train, test=test, label_names=names)
+    return LabelledData(train=train, test=test, label_names=names or [])
 
 
 def _to_examples(rows: Any, config: DataConfig, where: str) -> Examples:
@@ -144,6 +173,39 @@ def _to_examples(rows: Any, config: DataConfig, where: str) -> Examples:
         raise DataError(f"{where} has no rows")
     extra = {key: column for key, column in extra.items() if len(column) == len(texts)}
     return Examples(texts=texts, labels=np.asarray(labels, dtype=np.int64), fields=extra)
+
+
+def _to_lm_examples(rows: Any, config: DataConfig, where: str) -> Examples:
+    """(prompt, response) rows: instruction rows through the template, text rows unprompted."""
+    prompts: list[str] = []
+    responses: list[str] = []
+    extra: dict[str, list[Any]] = {}
+    for number, row in enumerate(rows, start=1):
+        prompt, response = _prompt_and_response(row, config, f"{where} row {number}")
+        prompts.append(prompt)
+        responses.append(response)
+        for key, value in row.items():
+            if key not in (config.text_field, "instruction", "input", "output"):
+                extra.setdefault(key, []).append(value)
+    if not prompts:
+        raise DataError(f"{where} has no rows")
+    extra = {key: column for key, column in extra.items() if len(column) == len(prompts)}
+    return Examples(texts=prompts, labels=np.zeros(len(prompts), dtype=np.int64), fields=extra,
+                    responses=responses)
+
+
+def _prompt_and_response(row: Any, config: DataConfig, where: str) -> tuple[str, str]:
+    if "instruction" in row:
+        instruction, extra, output = row.get("instruction"), row.get("input") or "", row.get(
+            "output")
+        if not all(isinstance(v, str) for v in (instruction, extra, output)):
+            raise DataError(f"{where}: 'instruction', 'input' and 'output' must be text")
+        return config.prompt_template.format(instruction=instruction, input=extra), output
+    text = row.get(config.text_field)
+    if not isinstance(text, str):
+        raise DataError(f"{where}: needs a text field {config.text_field!r}, or 'instruction' "
+                        f"and 'output'")
+    return "", text
 
 
 def _parse_label(value: Any, name: str, where: str, number: int) -> int:

@@ -1,9 +1,14 @@
-"""Load the frozen pretrained classifier and its tokenizer: embedded MiniLM, hub id or path."""
+"""Load the frozen pretrained model of a task and its tokenizer: embedded MiniLM, hub id or path."""
 
 from __future__ import annotations
 
+import importlib.util
+from logging import WARNING
+
 import torch
+from flwr.common.logger import log
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
@@ -11,7 +16,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from common.config import EMBEDDED_MODEL
+from common.config import EMBEDDED_MODEL, ModelConfig
 
 # transformers reports the freshly initialised classification head on every load; that is expected.
 hf_logging.set_verbosity_error()
@@ -40,6 +45,27 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise ModelLoadError(_explain(name, error)) from None
+
+
+def load_causal_lm(config: ModelConfig) -> PreTrainedModel:
+    """A causal LM; with `quantize` set and CUDA and bitsandbytes present, its frozen weights
+    load in 4 or 8 bits (QLoRA style), otherwise in full precision."""
+    extra = {}
+    if config.quantize != "none":
+        if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes"):
+            from transformers import BitsAndBytesConfig
+
+            extra["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=config.quantize == "4bit", load_in_8bit=config.quantize == "8bit",
+                bnb_4bit_compute_dtype=torch.bfloat16)
+        else:
+            log(WARNING, "model.quantize=%s needs CUDA and bitsandbytes; loading the base in "
+                "full precision", config.quantize)
+    path = resolve_model_path(config.name)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **extra)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(_explain(config.name, error)) from None
 
 
 def load_classifier(name: str, num_labels: int) -> PreTrainedModel:

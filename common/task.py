@@ -13,13 +13,16 @@ from functools import lru_cache
 import numpy as np
 import torch
 from peft import PeftModel
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from common.adapter import add_lora, trainable_state
-from common.config import PartitionConfig, RunConfig
+from common.config import CAUSAL_LM, PartitionConfig, RunConfig
 from common.data import Examples, LabelledData, load_data
-from common.model import load_classifier, load_tokenizer, pick_device
+from common.model import load_causal_lm, load_classifier, load_tokenizer, pick_device
+from common.objective import Objective, objective_for
 from common.partition import local_split, partition
+from common.training import EvalStats, make_loader
 
 
 @dataclass
@@ -29,6 +32,7 @@ class Task:
     tokenizer: PreTrainedTokenizerBase
     model: PeftModel
     device: torch.device
+    objective: Objective
     initial_adapter: dict[str, np.ndarray]  # the seeded initialisation, kept before any training
     _shares: dict[tuple[PartitionConfig, int], list[np.ndarray]] = field(
         default_factory=dict, repr=False)
@@ -47,16 +51,35 @@ class Task:
                                           scheme.local_test_fraction, seed)
         return self.data.train.subset(train_idx), self.data.train.subset(held_idx)
 
+    def loader(self, rows: Examples, *, batch_size: int, shuffle: bool,
+               seed: int = 0) -> DataLoader:
+        """Batches of `rows` tokenised for this task's objective."""
+        collate = self.objective.collator(self.tokenizer, self.config.model.max_length)
+        return make_loader(rows, collate, batch_size=batch_size, shuffle=shuffle, seed=seed)
+
+    def evaluate(self, rows: Examples) -> EvalStats:
+        """Score the model's current adapter on `rows`."""
+        loader = self.loader(rows, batch_size=max(self.config.train.batch_size, 32),
+                             shuffle=False)
+        return self.objective.evaluate(self.model, loader, self.device)
+
 
 def build_task(config: RunConfig) -> Task:
-    """Load data and model; the LoRA and head initialisation follow `config.seed`."""
-    data = load_data(config.data, config.seed)
+    """Load data and model; the LoRA (and head) initialisation follows `config.seed`."""
+    task = config.model.task
+    data = load_data(config.data, config.seed, task)
     tokenizer = load_tokenizer(config.model.name)
     torch.manual_seed(config.seed)
-    base = load_classifier(config.model.name, data.num_labels)
     device = pick_device()
-    model = add_lora(base, config.lora).to(device)
+    if task == CAUSAL_LM:
+        base = load_causal_lm(config.model)
+    else:
+        base = load_classifier(config.model.name, data.num_labels)
+    model = add_lora(base, config.lora, task)
+    if not getattr(base, "is_quantized", False):  # a quantised base is placed as it loads
+        model = model.to(device)
     return Task(config=config, data=data, tokenizer=tokenizer, model=model, device=device,
+                objective=objective_for(task, data.num_labels),
                 initial_adapter=trainable_state(model))
 
 

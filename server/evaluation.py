@@ -1,4 +1,5 @@
-"""What the server learns of the global adapter: test accuracy and the clients' view of it."""
+"""What the server learns of the global adapter: test accuracy (perplexity and sample generations
+for a causal LM) and the clients' view of it."""
 
 from __future__ import annotations
 
@@ -10,18 +11,39 @@ from flwr.app import Message
 
 from common import record_keys as keys
 from common.adapter import load_trainable_state
+from common.causal_lm import generate, sample_prompt
 from common.task import Task
-from common.training import EvalStats, evaluate, make_loader
+from common.training import EvalStats
 from server.roster import Roster
 
 
 def evaluate_centrally(task: Task, arrays: dict[str, np.ndarray]) -> EvalStats:
     """Accuracy and loss of the global adapter on the held-out test split."""
     load_trainable_state(task.model, arrays)
-    config = task.config
-    loader = make_loader(task.data.test, task.tokenizer, max_length=config.model.max_length,
-                         batch_size=max(config.train.batch_size, 32), shuffle=False)
-    return evaluate(task.model, loader, num_labels=task.data.num_labels, device=task.device)
+    return task.evaluate(task.data.test)
+
+
+def task_columns(central: EvalStats) -> dict[str, Any]:
+    """The metrics row's task-specific columns: a classifier's per-label accuracy, a causal
+    LM's perplexity."""
+    if central.perplexity is not None:
+        return {"perplexity": central.perplexity}
+    return {"label_accuracy": central.per_label_accuracy}
+
+
+def sample_generations(task: Task, count: int = 3,
+                       max_new_tokens: int = 32) -> list[dict[str, str]]:
+    """Greedy generations of the model's current adapter for the first `count` test prompts."""
+    collator = task.objective.collator(task.tokenizer, task.config.model.max_length)
+    test = task.data.test
+    samples = []
+    for index in range(min(count, len(test))):
+        prompt, reference = test.item(index)
+        prompt = sample_prompt(prompt, str(reference))
+        samples.append({"prompt": prompt, "reference": str(reference),
+                        "generated": generate(task.model, collator, prompt,
+                                              max_new_tokens=max_new_tokens, device=task.device)})
+    return samples
 
 
 def summarise_client_evaluation(replies: Iterable[Message], roster: Roster) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from rich.console import Console
 from common import record_keys as keys
 from common.adapter import from_record, load_trainable_state, to_record
 from common.atomic_file import write_atomic
-from common.config import RunConfig
+from common.config import CAUSAL_LM, RunConfig
 from common.task import cached_task
 from server.checkpoint import (
     Checkpoint,
@@ -30,8 +30,19 @@ from server.checkpoint import (
     save_checkpoint,
 )
 from server.client_dp import ServerSideNoise
-from server.evaluation import evaluate_centrally, summarise_client_evaluation
-from server.metrics_log import METRICS_FILE, append_round, keep_rounds_up_to, read_rounds
+from server.evaluation import (
+    evaluate_centrally,
+    sample_generations,
+    summarise_client_evaluation,
+    task_columns,
+)
+from server.metrics_log import (
+    METRICS_FILE,
+    SAMPLES_FILE,
+    append_round,
+    keep_rounds_up_to,
+    read_rounds,
+)
 from server.roster import Roster
 from server.secagg_exchange import secure_train_exchange
 from server.strategies.fedavg import SeededFedAvg
@@ -98,7 +109,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False) -> li
             "round": server_round,
             "accuracy": central.accuracy,
             "loss": central.loss,
-            "label_accuracy": central.per_label_accuracy,
+            **task_columns(central),
             "clients": outcome.clients,
             "clients_failed": outcome.failures,
             "train_loss": _metric(outcome.metrics, keys.TRAIN_LOSS),
@@ -109,6 +120,9 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False) -> li
             "seconds": time.perf_counter() - started,
         }
         append_round(run_dir, row)
+        if config.model.task == CAUSAL_LM:
+            for sample in sample_generations(task):
+                append_round(run_dir, {"round": server_round, **sample}, SAMPLES_FILE)
         state = {"strategy": strategy.state_dict(), "retired": sorted(roster.retired),
                  "releases": releases}
         save_checkpoint(run_dir, Checkpoint(round=server_round, arrays=arrays, state=state))
@@ -181,6 +195,9 @@ def _print_round(console: Console, row: dict[str, Any], rounds: int) -> None:
     worst_text = f"  worst client {worst:.3f}" if worst is not None else ""
     epsilon = row.get("epsilon_max", row.get("epsilon_client_level"))
     epsilon_text = f"  ε {epsilon:.2f}" if epsilon is not None else ""
+    perplexity = row.get("perplexity")
+    loss_text = f"  loss {row['loss']:.3f}" + (f"  perplexity [bold]{perplexity:.2f}[/]"
+                                               if perplexity is not None else "")
     console.print(f"[bold cyan]round {row['round']}/{rounds}[/]  clients {row['clients']}"
-                  f"  accuracy [bold]{row['accuracy']:.3f}[/]  loss {row['loss']:.3f}"
+                  f"  accuracy [bold]{row['accuracy']:.3f}[/]{loss_text}"
                   f"{worst_text}{epsilon_text}  {row['seconds']:.1f}s")

@@ -1,4 +1,5 @@
-"""metrics.jsonl: one JSON object per completed round, appended, trimmed on resume."""
+"""metrics.jsonl (one JSON object per completed round) and, for a causal LM, samples.jsonl (the
+round's sample generations): appended, trimmed on resume."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ from typing import Any
 from common.atomic_file import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 
 
-def append_round(run_dir: Path, row: dict[str, Any]) -> None:
-    with (Path(run_dir) / METRICS_FILE).open("a", encoding="utf-8") as handle:
+def append_round(run_dir: Path, row: dict[str, Any], file: str = METRICS_FILE) -> None:
+    with (Path(run_dir) / file).open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(row, sort_keys=True) + "\n")
 
 
-def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
+def read_rounds(run_dir: Path, file: str = METRICS_FILE) -> list[dict[str, Any]]:
+    path = Path(run_dir) / file
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
@@ -25,6 +27,9 @@ def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
 
 def keep_rounds_up_to(run_dir: Path, last_round: int) -> None:
     """Drop rows of rounds after the checkpoint being resumed (written before a crash)."""
-    rows = [r for r in read_rounds(run_dir) if r["round"] <= last_round]
-    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    write_atomic(Path(run_dir) / METRICS_FILE, text.encode())
+    for file in (METRICS_FILE, SAMPLES_FILE):
+        if file == SAMPLES_FILE and not (Path(run_dir) / file).exists():
+            continue
+        rows = [r for r in read_rounds(run_dir, file) if r["round"] <= last_round]
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        write_atomic(Path(run_dir) / file, text.encode())

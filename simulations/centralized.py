@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 
@@ -18,8 +17,8 @@ from common.adapter import load_trainable_state, trainable_state
 from common.config import RunConfig
 from common.data import Examples
 from common.task import Task, cached_task
-from common.training import adamw, make_loader, train_local
-from server.evaluation import evaluate_centrally
+from common.training import adamw, train_local
+from server.evaluation import evaluate_centrally, task_columns
 from server.federation import ADAPTER_DIR, prepare_run_dir
 from server.metrics_log import append_round, read_rounds
 
@@ -28,9 +27,7 @@ def pooled_training_rows(task: Task, config: RunConfig) -> Examples:
     """Every row some client trains on (client held-out rows excluded, as in the federation)."""
     clients = config.federation.num_clients
     parts = [task.client_examples(config.partition, c, clients)[0] for c in range(clients)]
-    return Examples(texts=[t for p in parts for t in p.texts],
-                    labels=np.concatenate([p.labels for p in parts]),
-                    fields={})
+    return Examples.concat(parts)
 
 
 def train_centralized(config: RunConfig) -> list[dict[str, Any]]:
@@ -40,18 +37,18 @@ def train_centralized(config: RunConfig) -> list[dict[str, Any]]:
     rows = pooled_training_rows(task, config)
     load_trainable_state(task.model, task.initial_adapter)
     torch.manual_seed(config.seed)
-    loader = make_loader(rows, task.tokenizer, max_length=config.model.max_length,
-                         batch_size=config.train.batch_size, shuffle=True, seed=config.seed)
+    loader = task.loader(rows, batch_size=config.train.batch_size, shuffle=True, seed=config.seed)
     optimizer = adamw(task.model, config.train.lr, config.train.weight_decay)
     console = Console(stderr=True)
     for block in range(1, config.federation.rounds + 1):
         started = time.perf_counter()
-        stats = train_local(task.model, loader, optimizer, epochs=config.train.local_epochs,
+        stats = train_local(task.model, loader, optimizer, loss_fn=task.objective.loss,
+                            epochs=config.train.local_epochs,
                             max_steps=0, max_grad_norm=config.train.max_grad_norm,
                             device=task.device)
         central = evaluate_centrally(task, trainable_state(task.model))
         row = {"round": block, "accuracy": central.accuracy, "loss": central.loss,
-               "label_accuracy": central.per_label_accuracy, "train_loss": stats.loss,
+               **task_columns(central), "train_loss": stats.loss,
                "examples": stats.examples, "seconds": time.perf_counter() - started}
         append_round(run_dir, row)
         console.print(f"[bold cyan]epochs {block * config.train.local_epochs}[/]  accuracy "

@@ -9,17 +9,20 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from client import dp_sgd
 from client.dp_sgd import GRAD_SAMPLE_MODE, DPRoundPlan, plan_round, train_private
 from common.adapter import add_lora, trainable_state
+from common.classifier import Classification, ClassifierCollator
 from common.config import LoraSettings, RunConfig
 from common.data import Examples
 from common.privacy import GaussianEvent, epsilon_spent, noise_for_target
 from common.training import make_loader
+
+LOSS = Classification(num_labels=3).loss
 
 
 @pytest.fixture()
 def model(tiny_model_dir):
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
-    return add_lora(base, LoraSettings(r=4, lora_dropout=0.0))
+    return add_lora(base, LoraSettings(r=4, lora_dropout=0.0), "classification")
 
 
 @pytest.fixture()
@@ -28,7 +31,7 @@ def loader(tiny_model_dir):
     words = ["alpha", "bravo", "charlie"]
     data = Examples(texts=[f"{words[i % 3]} thing number {i} " * (1 + i % 4) for i in range(40)],
                     labels=np.arange(40) % 3)
-    return make_loader(data, tokenizer, max_length=32, batch_size=8, shuffle=True, seed=0)
+    return make_loader(data, ClassifierCollator(tokenizer, 32), batch_size=8, shuffle=True, seed=0)
 
 
 def private(model, loader, noise: float, clip: float):
@@ -88,7 +91,7 @@ def test_train_private_takes_exactly_its_steps_and_returns_a_clean_model(model, 
     before = trainable_state(model)
     plan = DPRoundPlan(GaussianEvent(1.0, 1 / len(loader), 7), delta=1e-3, max_grad_norm=1.0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    stats = train_private(model, loader, optimizer, plan, device=torch.device("cpu"),
+    stats = train_private(model, loader, optimizer, plan, loss_fn=LOSS, device=torch.device("cpu"),
                           noise_generator=torch.Generator().manual_seed(0))
     assert stats.steps == 7 and stats.examples > 0
     after = trainable_state(model)
@@ -109,7 +112,7 @@ def test_empty_poisson_batches_still_take_a_noise_step(model, loader, monkeypatc
                                          generator=torch.Generator().manual_seed(0))
     plan = DPRoundPlan(GaussianEvent(1.0, 1 / 40, 12), delta=1e-3, max_grad_norm=1.0)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    stats = train_private(model, single, optimizer, plan, device=torch.device("cpu"),
+    stats = train_private(model, single, optimizer, plan, loss_fn=LOSS, device=torch.device("cpu"),
                           noise_generator=torch.Generator().manual_seed(0))
     assert stats.steps == 12 and noise_steps  # some steps drew nobody and still stepped
     after = trainable_state(model)

@@ -19,7 +19,7 @@ from common.config import LoraSettings
 def lora_model(tiny_model_dir):
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
-    return add_lora(base, LoraSettings(r=4))
+    return add_lora(base, LoraSettings(r=4), "classification")
 
 
 def test_only_lora_and_head_tensors_are_exchanged(lora_model):

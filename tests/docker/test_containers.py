@@ -33,7 +33,7 @@ def make_wheelhouse() -> None:
     wheels = ROOT / "docker" / "wheels"
     wheels.mkdir(exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(wheels),
-                    "torch==2.13.0", "flwr[simulation]==1.41.0", str(ROOT), "setuptools>=68",
+                    "torch==2.13.0", "flwr[simulation]==1.41.0", str(ROOT), "setuptools>=77",
                     "wheel"], check=True, timeout=900)
     for own in wheels.glob("fedtune-*"):
         own.unlink()

@@ -66,7 +66,7 @@ def test_weighted_fedavg_of_a_real_adapter_matches_plain_fedavg(tiny_model_dir):
     from common.config import LoraSettings
 
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
-    adapter = trainable_state(add_lora(base, LoraSettings(r=4)))
+    adapter = trainable_state(add_lora(base, LoraSettings(r=4), "classification"))
     rng = np.random.default_rng(3)
     states = {name: {k: (v + rng.normal(scale=0.1, size=v.shape)).astype(v.dtype)
                      for k, v in adapter.items()} for name in names(4)}
