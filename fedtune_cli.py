@@ -45,6 +45,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--secagg-neighbours": ("secagg.neighbours", int, "clients each one masks with (even)"),
     "--seed": ("seed", int, "seed for everything random"),
     "--out": ("output.dir", str, "run directory (default runs/<command>-<time>)"),
+    "--tensorboard": ("output.tensorboard", bool, "also write TensorBoard event files"),
 }
 
 

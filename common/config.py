@@ -257,6 +257,8 @@ class OutputConfig:
     """Where a run writes its configuration, metrics, checkpoints and final adapter."""
 
     dir: str = _help("run directory; empty = runs/<command>-<date>-<time>", "")
+    tensorboard: bool = _help("also write TensorBoard event files to <run dir>/tensorboard",
+                              False)
 
 
 SECTIONS: dict[str, type] = {

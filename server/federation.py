@@ -46,6 +46,7 @@ from server.metrics_log import (
 from server.roster import Roster
 from server.secagg_exchange import secure_train_exchange
 from server.strategies.fedavg import SeededFedAvg
+from server.tensorboard_log import TensorBoardLog
 from server.train_outcome import TrainOutcome, refused, retire_exhausted
 
 CONFIG_FILE = "config.json"
@@ -82,6 +83,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False) -> li
     keep_rounds_up_to(run_dir, done)
 
     console = Console(stderr=True)
+    board = TensorBoardLog(run_dir, done + 1) if config.output.tensorboard else None
     settings = ConfigRecord({keys.RUN_CONFIG: json.dumps(config.to_flat())})
     for server_round in range(done + 1, federation.rounds + 1):
         started = time.perf_counter()
@@ -120,6 +122,8 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False) -> li
             "seconds": time.perf_counter() - started,
         }
         append_round(run_dir, row)
+        if board is not None:
+            board.write(row)
         if config.model.task == CAUSAL_LM:
             for sample in sample_generations(task):
                 append_round(run_dir, {"round": server_round, **sample}, SAMPLES_FILE)
@@ -128,6 +132,8 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False) -> li
         save_checkpoint(run_dir, Checkpoint(round=server_round, arrays=arrays, state=state))
         _print_round(console, row, federation.rounds)
 
+    if board is not None:
+        board.close()
     load_trainable_state(task.model, arrays)
     task.model.save_pretrained(str(run_dir / ADAPTER_DIR))
     return read_rounds(run_dir)

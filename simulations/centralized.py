@@ -21,6 +21,7 @@ from common.training import adamw, train_local
 from server.evaluation import evaluate_centrally, task_columns
 from server.federation import ADAPTER_DIR, prepare_run_dir
 from server.metrics_log import append_round, read_rounds
+from server.tensorboard_log import TensorBoardLog
 
 
 def pooled_training_rows(task: Task, config: RunConfig) -> Examples:
@@ -40,6 +41,7 @@ def train_centralized(config: RunConfig) -> list[dict[str, Any]]:
     loader = task.loader(rows, batch_size=config.train.batch_size, shuffle=True, seed=config.seed)
     optimizer = adamw(task.model, config.train.lr, config.train.weight_decay)
     console = Console(stderr=True)
+    board = TensorBoardLog(run_dir, 1) if config.output.tensorboard else None
     for block in range(1, config.federation.rounds + 1):
         started = time.perf_counter()
         stats = train_local(task.model, loader, optimizer, loss_fn=task.objective.loss,
@@ -51,8 +53,12 @@ def train_centralized(config: RunConfig) -> list[dict[str, Any]]:
                **task_columns(central), "train_loss": stats.loss,
                "examples": stats.examples, "seconds": time.perf_counter() - started}
         append_round(run_dir, row)
+        if board is not None:
+            board.write(row)
         console.print(f"[bold cyan]epochs {block * config.train.local_epochs}[/]  accuracy "
                       f"[bold]{row['accuracy']:.3f}[/]  loss {row['loss']:.3f}  "
                       f"{row['seconds']:.1f}s")
+    if board is not None:
+        board.close()
     task.model.save_pretrained(str(run_dir / ADAPTER_DIR))
     return read_rounds(run_dir)

@@ -58,6 +58,10 @@ def summarise(rows: list[dict[str, Any]]) -> str:
                      f"{r.get('bytes_up', '-')} |")
     last = rows[-1]
     lines += ["", f"Final accuracy {last['accuracy']:.4f} after round {last['round']}."]
+    if "perplexity" in last:
+        lines.append(f"Held-out perplexity {rows[0]['perplexity']:.3f} after round "
+                     f"{rows[0]['round']}, {last['perplexity']:.3f} after round {last['round']} "
+                     f"(accuracy is next-token accuracy on response tokens).")
     clients = last.get("client_accuracy") or {}
     if clients:
         worst = min(clients, key=clients.get)
@@ -86,7 +90,8 @@ def _plot_global(path: Path, rows: list[dict[str, Any]]) -> Path:
     if any(r.get("train_loss") is not None for r in rows):
         right.plot(rounds, [r.get("train_loss") or math.nan for r in rows], marker=".",
                    label="train loss")
-    right.set(xlabel="round", ylabel="loss", title="Loss")
+    title = "Loss (perplexity = exp(test loss))" if "perplexity" in rows[-1] else "Loss"
+    right.set(xlabel="round", ylabel="loss", title=title)
     right.legend()
     return _save(figure, path)
 

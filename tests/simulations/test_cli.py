@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from server.checkpoint import latest_checkpoint
 from server.metrics_log import read_rounds
@@ -31,7 +32,7 @@ def test_simulate_writes_metrics_checkpoints_and_a_peft_adapter(tiny_model_dir, 
     out = tmp_path / "run"
     done = fedtune("simulate", "--model", tiny_model_dir, "--data", toy_data_dir,
                    "--num-clients", 3, "--rounds", 2, "--batch-size", 8, "--lr", 0.01,
-                   "--out", out)
+                   "--tensorboard", "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
     history = read_rounds(out)
     assert [r["round"] for r in history] == [1, 2]
@@ -41,6 +42,12 @@ def test_simulate_writes_metrics_checkpoints_and_a_peft_adapter(tiny_model_dir, 
     assert latest_checkpoint(out).round == 2
     assert json.loads((out / "config.json").read_text())["federation"]["rounds"] == 2
     assert (out / "adapter" / "adapter_config.json").exists()
+    board = EventAccumulator(str(out / "tensorboard"), size_guidance={"histograms": 0}).Reload()
+    accuracy = board.Scalars("round/accuracy")
+    assert [e.step for e in accuracy] == [1, 2]
+    assert [e.value for e in accuracy] == pytest.approx([r["accuracy"] for r in history])
+    assert [e.step for e in board.Histograms("clients/accuracy")] == [1, 2]
+    assert "labels/accuracy" in board.Tags()["histograms"]
 
 
 @pytest.mark.slow

@@ -50,3 +50,14 @@ def test_a_plain_baseline_gets_the_plots_it_has_data_for(tmp_path):
 def test_no_metrics_is_a_report_error(tmp_path):
     with pytest.raises(ReportError, match=r"no metrics\.jsonl rows"):
         write_report(tmp_path)
+
+
+def test_a_causal_lm_run_reports_its_perplexity(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"round": r, "accuracy": 0.1 * r, "loss": math.log(30 / r), "perplexity": 30 / r}
+            for r in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [p.name for p in write_report(run)] == ["accuracy.png", "report.md"]
+    assert ("Held-out perplexity 30.000 after round 1, 15.000 after round 2"
+            in (run / "report.md").read_text())
