@@ -35,3 +35,22 @@ def line_chart(path: Path, series: dict[str, tuple[list[float], list[float]]], *
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def grouped_bars(path: Path, groups: dict[str, dict[str, float]], *, ylabel: str,
+                 title: str) -> None:
+    """One group of bars per key of `groups` (e.g. a data set), one bar per setting."""
+    settings = list(dict.fromkeys(s for values in groups.values() for s in values))
+    width = 0.8 / max(len(settings), 1)
+    figure, axis = plt.subplots(figsize=(max(5, 1.6 * len(groups) + 3), 3.4))
+    for i, setting in enumerate(settings):
+        xs = [g + i * width for g in range(len(groups))]
+        axis.bar(xs, [values.get(setting, 0.0) for values in groups.values()], width,
+                 label=setting)
+    axis.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], list(groups))
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

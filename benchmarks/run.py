@@ -9,7 +9,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("benchmarks.dp_overhead", "benchmarks.secagg_cost")
+BENCHMARKS = ("benchmarks.dp_overhead", "benchmarks.secagg_cost", "benchmarks.communication",
+              "benchmarks.throughput", "benchmarks.scale", "benchmarks.utility")
 
 
 def main() -> int:

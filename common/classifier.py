@@ -45,20 +45,21 @@ class Classification:
     def evaluate(self, model: torch.nn.Module, loader: DataLoader,
                  device: torch.device) -> EvalStats:
         model.eval()
-        loss_sum, correct = 0.0, 0
-        seen = np.zeros(self.num_labels, dtype=np.int64)
-        hits = np.zeros(self.num_labels, dtype=np.int64)
+        loss_sum = 0.0
+        confusion = np.zeros((self.num_labels, self.num_labels), dtype=np.int64)  # truth, guess
         for batch in loader:
             batch = {key: value.to(device) for key, value in batch.items()}
             out = model(**batch)
             labels = batch["labels"]
             loss_sum += float(out.loss) * len(labels)
-            right = (out.logits.argmax(dim=-1) == labels).cpu().numpy()
-            correct += int(right.sum())
-            np.add.at(seen, labels.cpu().numpy(), 1)
-            np.add.at(hits, labels.cpu().numpy(), right.astype(np.int64))
-        count = int(seen.sum())
+            np.add.at(confusion, (labels.cpu().numpy(), out.logits.argmax(dim=-1).cpu().numpy()),
+                      1)
+        count = int(confusion.sum())
+        hits, seen, guessed = np.diag(confusion), confusion.sum(axis=1), confusion.sum(axis=0)
         with np.errstate(invalid="ignore", divide="ignore"):
             per_label = np.where(seen > 0, hits / np.maximum(seen, 1), np.nan)
-        return EvalStats(loss=loss_sum / max(count, 1), accuracy=correct / max(count, 1),
-                         examples=count, per_label_accuracy=per_label.tolist())
+        involved = (seen + guessed) > 0
+        f1 = 2 * hits[involved] / (seen[involved] + guessed[involved])
+        return EvalStats(loss=loss_sum / max(count, 1), accuracy=int(hits.sum()) / max(count, 1),
+                         examples=count, per_label_accuracy=per_label.tolist(),
+                         macro_f1=float(f1.mean()) if f1.size else 0.0)

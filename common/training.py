@@ -80,6 +80,7 @@ class EvalStats:
     examples: int
     per_label_accuracy: list[float]  # NaN for labels absent from the split; empty for an LM
     perplexity: float | None = None  # causal LM only: exp of the mean response-token loss
+    macro_f1: float | None = None  # classification only: F1 averaged over the labels seen
 
 
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:

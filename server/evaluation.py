@@ -28,7 +28,7 @@ def task_columns(central: EvalStats) -> dict[str, Any]:
     LM's perplexity."""
     if central.perplexity is not None:
         return {"perplexity": central.perplexity}
-    return {"label_accuracy": central.per_label_accuracy}
+    return {"label_accuracy": central.per_label_accuracy, "macro_f1": central.macro_f1}
 
 
 def sample_generations(task: Task, count: int = 3,

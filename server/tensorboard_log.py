@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 TENSORBOARD_DIR = "tensorboard"
-SCALARS = ("accuracy", "loss", "perplexity", "train_loss", "client_accuracy_mean",
+SCALARS = ("accuracy", "macro_f1", "loss", "perplexity", "train_loss", "client_accuracy_mean",
            "client_accuracy_worst", "client_accuracy_std", "epsilon_max", "epsilon_client_level",
            "clients", "clients_failed", "bytes_up", "bytes_down", "seconds")
 HISTOGRAMS = {"client_accuracy": "clients/accuracy", "epsilon": "clients/epsilon",

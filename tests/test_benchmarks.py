@@ -15,10 +15,21 @@ def test_quick_benchmarks_run_and_record_machine_versions_and_command():
     done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick"],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    for name in ("dp_overhead", "secagg_cost"):
+    for name in ("dp_overhead", "secagg_cost", "communication", "throughput", "scale", "utility"):
         body = json.loads((RESULTS / f"{name}-quick.json").read_text())
         assert body["quick"] is True and body["command"] and body["machine"]["versions"]["torch"]
         assert (RESULTS / f"{name}-quick.png").stat().st_size > 1000
     ratios = json.loads((RESULTS / "dp_overhead-quick.json").read_text())["ratios"]
     assert set(ratios) == {"hooks", "functorch", "ghost"}
     assert all(r["time_ratio"] > 0 for r in ratios.values())
+    case = json.loads((RESULTS / "communication-quick.json").read_text())["cases"][0]
+    assert 0 < case["adapter_over_full"] < 0.05 and case["secagg_over_plain_upload"] > 1
+    throughput = json.loads((RESULTS / "throughput-quick.json").read_text())
+    assert throughput["examples_trained"] > 0 and throughput["ratio"] > 0
+    scale = json.loads((RESULTS / "scale-quick.json").read_text())["runs"]
+    assert [r["clients"] for r in scale] == [10, 30]
+    assert all(r["sampled_per_round"] == 3 and r["peak_rss_gib"] > 0.1 for r in scale)
+    utility = json.loads((RESULTS / "utility-quick.json").read_text())["results"]["builtin"]
+    assert set(utility) == {"centralised", "dirichlet-0.5", "dp-eps8", "secagg"}
+    assert all(0 <= run["accuracy"] <= 1 and 0 <= run["macro_f1"] <= 1 for run in utility.values())
+    assert 0 < utility["dp-eps8"]["epsilon_max"] <= 8

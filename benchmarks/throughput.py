@@ -1,0 +1,73 @@
+"""Throughput: federated simulation against centralised LoRA training on the same data, model,
+seed and passes, both measured in this one run as examples per second over the whole command
+(start-up, training and the per-round evaluation included). Goal: federated / centralised >= 0.9.
+
+    python -m benchmarks.throughput [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.dp_overhead import SHARED_BANKING77
+
+
+def timed_run(command: str, flags: list[str], out: Path) -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "fedtune_cli", command, *flags, "--out", str(out)],
+                   check=True, capture_output=True, text=True)
+    return time.perf_counter() - started
+
+
+def examples_trained(flags: list[str]) -> int:
+    """Rows the clients train on per round, times rounds (every client trains every round)."""
+    from common.config import RunConfig
+    from common.task import cached_task
+    from fedtune_cli import FLAGS
+
+    pairs = dict(zip(flags[::2], flags[1::2], strict=True))
+    values = {FLAGS[flag][0]: FLAGS[flag][1](value) for flag, value in pairs.items()}
+    config = RunConfig.from_mapping(values)
+    task = cached_task(config)
+    clients = config.federation.num_clients
+    rows = sum(len(task.client_examples(config.partition, c, clients)[0]) for c in range(clients))
+    return rows * config.federation.rounds * config.train.local_epochs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="built-in set, 3 clients, 1 round")
+    args = parser.parse_args()
+    if args.quick:
+        flags = ["--data", "builtin", "--num-clients", "3", "--rounds", "1", "--max-length", "32",
+                 "--batch-size", "16"]
+    else:
+        data = str(SHARED_BANKING77) if SHARED_BANKING77.is_dir() else "builtin"
+        flags = ["--data", data, "--num-clients", "10", "--rounds", "2", "--max-length", "64",
+                 "--batch-size", "32", "--lr", "0.003"]
+    examples = examples_trained(flags)
+    with tempfile.TemporaryDirectory() as scratch:
+        federated = timed_run("simulate", flags, Path(scratch) / "federated")
+        centralised = timed_run("centralized", flags, Path(scratch) / "centralised")
+    figures = {"flags": flags, "examples_trained": examples,
+               "federated_seconds": federated, "centralised_seconds": centralised,
+               "federated_examples_per_s": examples / federated,
+               "centralised_examples_per_s": examples / centralised,
+               "ratio": centralised / federated, "goal_ratio": 0.9}
+    print(figures, flush=True)
+    from benchmarks.plots import bar_chart
+    from benchmarks.record import save
+
+    path = save("throughput", figures, quick=args.quick)
+    bar_chart(path.with_suffix(".png"),
+              {"federated": examples / federated, "centralised": examples / centralised},
+              title="Training examples per second (whole run)")
+
+
+if __name__ == "__main__":
+    main()
