@@ -96,14 +96,18 @@ def _plot_global(path: Path, rows: list[dict[str, Any]]) -> Path:
     return _save(figure, path)
 
 
+def _per_client(rows: list[dict[str, Any]], key: str) -> dict[str, list[float]]:
+    """{client: its value of `key` per round (NaN where it took no part)}, sorted by name."""
+    names = sorted({n for r in rows for n in r.get(key, {})})
+    return {n: [r.get(key, {}).get(n, math.nan) for r in rows] for n in names}
+
+
 def _plot_clients(path: Path, rows: list[dict[str, Any]]) -> Path:
     figure, axis = plt.subplots(figsize=(6, 3.6))
-    names = sorted({n for r in rows for n in r.get("client_accuracy", {})})
     rounds = [r["round"] for r in rows]
     final = rows[-1].get("client_accuracy", {})
     worst = min(final, key=final.get) if final else None
-    for name in names:
-        values = [r.get("client_accuracy", {}).get(name, math.nan) for r in rows]
+    for name, values in _per_client(rows, "client_accuracy").items():
         style = {"color": "#c44e52", "linewidth": 2.5, "label": f"{name} (worst)"} \
             if name == worst else {"color": "#999999", "linewidth": 0.8}
         axis.plot(rounds, values, **style)
@@ -115,11 +119,11 @@ def _plot_clients(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 def _plot_epsilon(path: Path, rows: list[dict[str, Any]]) -> Path:
     figure, axis = plt.subplots(figsize=(6, 3.6))
-    names = sorted({n for r in rows for n in r.get("epsilon", {})})
     rounds = [r["round"] for r in rows]
-    for name in names:
-        axis.plot(rounds, [r.get("epsilon", {}).get(name, math.nan) for r in rows],
-                  marker=".", label=name if len(names) <= 10 else None)
+    series = _per_client(rows, "epsilon")
+    names = list(series)
+    for name, values in series.items():
+        axis.plot(rounds, values, marker=".", label=name if len(names) <= 10 else None)
     axis.set(xlabel="round", ylabel="epsilon spent", title="Privacy spent per client")
     if len(names) <= 10:
         axis.legend(fontsize="small")
