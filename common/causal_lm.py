@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -51,8 +52,13 @@ class LMCollator:
     tokenizer: PreTrainedTokenizerBase
     max_length: int
 
+    @cached_property
+    def special(self) -> SpecialTokens:
+        """Read once per collator, not once per example."""
+        return SpecialTokens.of(self.tokenizer)
+
     def __call__(self, items: list[tuple[str, Any]]) -> Batch:
-        special = SpecialTokens.of(self.tokenizer)
+        special = self.special
         rows = [self.encode(prompt, str(response)) for prompt, response in items]
         width = max((len(ids) for ids, _ in rows), default=1)
         input_ids = torch.full((len(rows), width), special.pad, dtype=torch.long)
@@ -67,7 +73,7 @@ class LMCollator:
     def encode(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
         """(ids, labels) within max_length; a long prompt loses its start, keeping at least
         half of max_length for the response."""
-        special = SpecialTokens.of(self.tokenizer)
+        special = self.special
         head = self.prompt_ids(prompt)
         tail = self.tokenizer(response, add_special_tokens=False)["input_ids"] + [special.eos]
         tail = tail[:max(self.max_length - len(head), self.max_length // 2)]
@@ -76,7 +82,7 @@ class LMCollator:
         return head + tail, [IGNORE] * len(head) + tail
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        special = SpecialTokens.of(self.tokenizer)
+        special = self.special
         start = [] if special.bos is None else [special.bos]
         if not prompt:
             return start
@@ -134,7 +140,7 @@ def generate(model: torch.nn.Module, collator: LMCollator, prompt: str, *,
              max_new_tokens: int, device: torch.device) -> str:
     """Greedy continuation of `prompt`, decoded without special tokens."""
     model.eval()
-    special = SpecialTokens.of(collator.tokenizer)
+    special = collator.special
     ids = collator.prompt_ids(prompt)[-collator.max_length:] or [special.eos]
     input_ids = torch.tensor([ids], device=device)
     out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
