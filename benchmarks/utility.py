@@ -2,11 +2,12 @@
 epsilon 8/3/1 and secure aggregation, on banking77, medical_abstracts and sst2 (validation as
 test): final accuracy, macro-F1 and worst-client accuracy.
 
-    python -m benchmarks.utility [--quick] [--only banking77,sst2]
+    python -m benchmarks.utility [--quick] [--only banking77,sst2] [--settings dp-eps1,secagg]
 
 The data stay in ../shared/data; a run reads a temporary directory that names their splits the
 way fedtune expects (medical_abstracts' derived re-split; a seeded subsample of sst2's train).
-Results are saved after every run, so an interrupted grid keeps what it measured.
+Each cell is saved as soon as it is measured, into the grid already on disk, so an interrupted or
+partial run (`--only`, `--settings`) keeps and completes what earlier runs measured.
 """
 
 from __future__ import annotations
@@ -65,10 +66,19 @@ def run(command: str, flags: list[str], out: Path) -> dict[str, float | None]:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "?"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
-    return {"accuracy": last["accuracy"], "macro_f1": last.get("macro_f1"),
+    return {"fedtune": " ".join([command, *flags]), "accuracy": last["accuracy"],
+            "macro_f1": last.get("macro_f1"),
             "worst_client_accuracy": last.get("client_accuracy_worst"),
             "accuracy_per_round": [r["accuracy"] for r in rows],
             "epsilon_max": last.get("epsilon_max")}
+
+
+def measured() -> dict[str, dict[str, dict]]:
+    """The grid cells already saved by earlier full (not quick) runs."""
+    from benchmarks.record import RESULTS
+
+    path = RESULTS / "utility.json"
+    return json.loads(path.read_text())["results"] if path.exists() else {}
 
 
 def main() -> None:
@@ -76,20 +86,26 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="built-in set, one round, 4 runs")
     parser.add_argument("--only", default="banking77,medical_abstracts,sst2",
                         help="comma-separated data sets")
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help="comma-separated cells of the grid to (re)measure")
     args = parser.parse_args()
     from benchmarks.plots import grouped_bars
     from benchmarks.record import save
 
-    common, settings, names = COMMON, SETTINGS, args.only.split(",")
+    common, names = COMMON, args.only.split(",")
+    unknown = set(args.settings.split(",")) - set(SETTINGS)
+    if unknown:
+        parser.error(f"--settings: unknown {sorted(unknown)}; choose from {list(SETTINGS)}")
+    settings = {label: SETTINGS[label] for label in args.settings.split(",")}
     if args.quick:
         common = ["--num-clients", "3", "--rounds", "1", "--max-length", "32"]
         settings = {k: SETTINGS[k] for k in ("centralised", "dirichlet-0.5", "dp-eps8", "secagg")}
         names = ["builtin"]
-    results: dict[str, dict[str, dict]] = {}
+    results = {} if args.quick else measured()
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
             data = "builtin" if name == "builtin" else prepare(name, Path(scratch))
-            results[name] = {}
+            results.setdefault(name, {})
             for label, (command, extra) in settings.items():
                 out = Path(scratch) / f"{name}-{label}"
                 results[name][label] = run(command, ["--data", data, *common, *extra], out)
