@@ -24,10 +24,21 @@ def machine() -> dict[str, Any]:
             "versions": {name: metadata.version(name) for name in PACKAGES}}
 
 
-def save(name: str, figures: dict[str, Any], *, quick: bool) -> Path:
+def result_path(name: str, *, quick: bool) -> Path:
     """benchmarks/results/<name>[-quick].json; quick runs never overwrite the real figures."""
+    return RESULTS / f"{name}{'-quick' if quick else ''}.json"
+
+
+def load(name: str, *, quick: bool) -> dict[str, Any] | None:
+    """What `save` last wrote for this benchmark, or None."""
+    path = result_path(name, quick=quick)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def save(name: str, figures: dict[str, Any], *, quick: bool) -> Path:
+    """Write the figures with their provenance to `result_path`."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}{'-quick' if quick else ''}.json"
+    path = result_path(name, quick=quick)
     body = {"benchmark": name, "quick": quick, "command": " ".join([sys.executable, *sys.argv]),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
             **figures}

@@ -77,14 +77,6 @@ def run(command: str, flags: list[str], out: Path) -> dict[str, float | None]:
             "epsilon_max": last.get("epsilon_max")}
 
 
-def measured() -> dict[str, dict[str, dict]]:
-    """The grid cells already saved by earlier full (not quick) runs."""
-    from benchmarks.record import RESULTS
-
-    path = RESULTS / "utility.json"
-    return json.loads(path.read_text())["results"] if path.exists() else {}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="built-in set, one round, 4 runs")
@@ -94,18 +86,19 @@ def main() -> None:
                         help="comma-separated cells of the grid to (re)measure")
     args = parser.parse_args()
     from benchmarks.plots import grouped_bars
-    from benchmarks.record import save
+    from benchmarks.record import load, save
 
-    common, names = COMMON, args.only.split(",")
-    unknown = set(args.settings.split(",")) - set(SETTINGS)
+    common, names, chosen = COMMON, args.only.split(","), args.settings.split(",")
+    unknown = set(chosen) - set(SETTINGS)
     if unknown:
         parser.error(f"--settings: unknown {sorted(unknown)}; choose from {list(SETTINGS)}")
-    settings = {label: SETTINGS[label] for label in args.settings.split(",")}
+    settings = {label: SETTINGS[label] for label in chosen}
     if args.quick:
         common = ["--num-clients", "3", "--rounds", "1", "--max-length", "32"]
         settings = {k: SETTINGS[k] for k in ("centralised", "dirichlet-0.5", "dp-eps8", "secagg")}
         names = ["builtin"]
-    results = {} if args.quick else measured()
+    saved = None if args.quick else load("utility", quick=False)
+    results: dict[str, dict[str, dict]] = saved["results"] if saved else {}
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
             data = "builtin" if name == "builtin" else prepare(name, Path(scratch))
