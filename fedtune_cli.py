@@ -99,11 +99,42 @@ def _add_deployment_commands(commands: Any) -> None:
     client.add_argument("--node-key", type=Path, required=True, help="from `certs node`")
     client.add_argument("--data", type=Path, required=True, help="this node's data directory")
     client.add_argument("--ledger", type=Path, required=True, help="privacy ledger directory")
-    client.add_argument("--budget-epsilon", type=float, help="this node's privacy budget")
+    _add_policy_flags(client)
     client.add_argument("--name", help="this node's name (default: the key's file name)")
     client.add_argument("--port", type=int, default=9094, help="this node's local API port")
     client.add_argument("--wait-server", type=float, default=120.0, metavar="SECONDS",
                         help="how long to wait for the server at start-up")
+
+
+def _add_policy_flags(client: argparse.ArgumentParser) -> None:
+    """The node's privacy policy (client/policy.py): its rules, whatever the server asks."""
+    rules = client.add_argument_group("node privacy policy (defaults are strict; a --policy "
+                                      "TOML file with the same kebab-case keys, flags override)")
+    rules.add_argument("--policy", type=Path, metavar="FILE", help="node policy TOML file")
+    rules.add_argument("--budget-epsilon", type=float, help="total epsilon this node's data may "
+                       "spend over every run (required unless --allow-no-dp)")
+    rules.add_argument("--allow-no-dp", dest="require_dp", action="store_const", const=False,
+                       help="waive the rule that every round uses sample-level DP-SGD")
+    rules.add_argument("--allow-no-secagg", dest="require_secagg", action="store_const",
+                       const=False, help="allow updates sent without secure aggregation")
+    rules.add_argument("--max-delta", type=float, help="largest delta accepted (default "
+                       "1/(10 n) for this node's n rows)")
+    rules.add_argument("--min-noise-multiplier", type=float,
+                       help="smallest DP-SGD noise multiplier accepted (default 0.5)")
+    rules.add_argument("--min-cohort", type=int, help="fewest clients summed by secure "
+                       "aggregation (default 3)")
+    rules.add_argument("--min-threshold", type=int,
+                       help="lowest secure-aggregation threshold accepted (default 2)")
+    rules.add_argument("--share-evaluation", action="store_const", const=True,
+                       help="answer the server's evaluation of the held-out rows")
+    rules.add_argument("--test-fraction", type=float,
+                       help="share of this node's rows held out (default 0.2)")
+    rules.add_argument("--split-seed", type=int, help="this node's seed for that split")
+
+
+POLICY_FLAGS = ("budget_epsilon", "require_dp", "require_secagg", "max_delta",
+                "min_noise_multiplier", "min_cohort", "min_threshold", "share_evaluation",
+                "test_fraction", "split_seed")
 
 
 def run_deployment(args: argparse.Namespace) -> int:
@@ -124,10 +155,12 @@ def run_deployment(args: argparse.Namespace) -> int:
 
         return serve(ServerSettings(args.certs, args.state, args.config, args.nodes, args.host,
                                     args.port))
-    from client.deploy import ClientSettings, join
+    from client.deploy import ClientSettings, join, resolve_policy
 
+    policy = resolve_policy(args.policy, {flag.replace("_", "-"): getattr(args, flag)
+                                          for flag in POLICY_FLAGS})
     return join(ClientSettings(args.server, args.root_cert, args.node_key, args.data,
-                               args.ledger, args.name or args.node_key.stem, args.budget_epsilon,
+                               args.ledger, args.name or args.node_key.stem, policy,
                                args.port, args.wait_server))
 
 
@@ -214,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     from client.deploy import ServerUnreachable
+    from client.policy import PolicyError
     from common.adapter import AdapterError
     from common.certs import CertError
     from common.config import ConfigError
@@ -228,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     bad_input = (InputError, ConfigError, DataError, ModelLoadError, PartitionError,
                  AdapterError, CheckpointError, RunDirError, PrivacyError, CertError, DeployError,
-                 ServerUnreachable, ReportError)
+                 ServerUnreachable, ReportError, PolicyError)
     try:
         if args.command in ("certs", "server", "client"):
             return run_deployment(args)

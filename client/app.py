@@ -1,22 +1,35 @@
 """The ClientApp: identify, train the received adapter locally, evaluate it on held-out rows;
-with secure aggregation, the four protocol steps (`client/secagg.py`) around training."""
+with secure aggregation, the four protocol steps (`client/secagg.py`) around training.
+
+Every message is untrusted: before a handler reads data it checks the request against this
+node's policy (`client/policy.py`), which also decides what each reply may carry.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import secrets
-from logging import WARNING
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.logger import log
 
 from client.dp_sgd import DPRoundPlan, plan_round, train_private
-from client.ledger import Ledger, LedgerError, fingerprint
-from client.node import Node, node_examples, node_task
+from client.ledger import Ledger
+from client.node import Node, data_set_identity, node_examples, node_task
+from client.policy import (
+    SHARE_EVALUATION,
+    budget_refusal,
+    cohort_violations,
+    dp_violations,
+    evaluation_metrics,
+    refusal,
+    request_violations,
+    sample_level_dp,
+    train_metrics,
+)
+from client.randomness import round_seeds
 from client.secagg import SecAggClient, SecAggViolation
 from common import record_keys as keys
 from common.adapter import from_record, load_trainable_state, to_record, trainable_state
@@ -37,6 +50,16 @@ app = ClientApp()
 SECAGG_STATE = "secagg"  # this node's protocol secrets, kept in its own Context between steps
 
 
+@dataclass(frozen=True)
+class LocalUpdate:
+    """One round's result on this node, before the policy decides what of it is sent."""
+
+    state: dict[str, np.ndarray]
+    examples: int
+    loss: float
+    epsilon: float | None  # the ledger's total after this round (sample-level DP)
+
+
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
     """Answer with this node's stable name, which the server uses to sample reproducibly."""
@@ -47,26 +70,31 @@ def identify(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received adapter on this node's rows; under DP-SGD, only within its budget."""
+    """Train the received adapter on this node's rows, if its policy allows a plain update."""
     config, server_round = _round_settings(msg)
-    node = Node.from_node_config(context.node_config)
-    if (spent := _budget_refusal(config, node)) is not None:
-        return _refuse(msg, spent)
-    global_state = from_record(msg.content[keys.ARRAYS])
-    state, metrics = _local_update(config, server_round, node, global_state)
-    content = RecordDict({keys.ARRAYS: to_record(state), keys.METRICS: metrics})
-    return Message(content, reply_to=msg)
+    node = Node.from_node_config(context.node_config, config)
+    if (refused := _gate(msg, config, node, secure=False)) is not None:
+        return refused
+    update = _local_update(config, server_round, node, from_record(msg.content[keys.ARRAYS]))
+    metrics = train_metrics(examples=update.examples, loss=update.loss, dp=config.privacy.dp,
+                            secure=False, epsilon=update.epsilon)
+    return Message(RecordDict({keys.ARRAYS: to_record(update.state), keys.METRICS: metrics}),
+                   reply_to=msg)
 
 
 @app.train("secagg_keys")
 def secagg_keys(msg: Message, context: Context) -> Message:
     """Step 1: fresh key pairs and self-mask seed for this round; the public keys go out."""
     config, server_round = _round_settings(msg)
-    node = Node.from_node_config(context.node_config)
-    if (spent := _budget_refusal(config, node)) is not None:
-        return _refuse(msg, spent)
-    session = msg.content[keys.CONFIG][keys.SECAGG_SESSION]
-    client = SecAggClient(node.name, bytes(session), server_round)
+    node = Node.from_node_config(context.node_config, config)
+    if (refused := _gate(msg, config, node, secure=True)) is not None:
+        return refused
+    session = bytes(msg.content[keys.CONFIG][keys.SECAGG_SESSION])
+    if SECAGG_STATE in context.state:
+        previous = SecAggClient.from_bytes(bytes(context.state[SECAGG_STATE]["state"]))
+        if (previous.session, previous.round) == (session, server_round):
+            raise SecAggViolation("a second step 1 in this round: keys are never replaced")
+    client = SecAggClient(node.name, session, server_round)
     _keep(context, client)
     return Message(RecordDict({keys.CONFIG: keys_to_record(*client.public_keys())}),
                    reply_to=msg)
@@ -74,9 +102,15 @@ def secagg_keys(msg: Message, context: Context) -> Message:
 
 @app.train("secagg_shares")
 def secagg_shares(msg: Message, context: Context) -> Message:
-    """Step 2: Shamir shares of this client's secrets, each encrypted for its holder."""
+    """Step 2: Shamir shares of this client's secrets, each encrypted for its holder, if the
+    cohort and threshold meet this node's policy."""
     client = _resume(msg, context)
-    sealed = client.share_secrets(cohort_from_record(msg.content[keys.CONFIG]))
+    config, _ = _round_settings(msg)
+    node = Node.from_node_config(context.node_config, config)
+    cohort = cohort_from_record(msg.content[keys.CONFIG])
+    if broken := cohort_violations(node.policy, len(cohort.names), cohort.threshold):
+        return refusal(msg, broken)
+    sealed = client.share_secrets(cohort)
     _keep(context, client)
     return Message(RecordDict({keys.CONFIG: ConfigRecord(sealed_to_record(sealed, "to"))}),
                    reply_to=msg)
@@ -84,17 +118,24 @@ def secagg_shares(msg: Message, context: Context) -> Message:
 
 @app.train("secagg_masked")
 def secagg_masked(msg: Message, context: Context) -> Message:
-    """Step 3: train, then send the weighted update masked."""
+    """Step 3: train, then send the update masked, with the example count and loss sum inside
+    the masked vector so the server learns only their totals."""
     client = _resume(msg, context)
+    client.expect("shares")  # a replayed or repeated step 3 is refused before any training
     config, server_round = _round_settings(msg)
+    node = Node.from_node_config(context.node_config, config)
+    if (refused := _gate(msg, config, node, secure=True)) is not None:
+        return refused  # step 3 carries its own run config: checked again, never assumed
     received = sealed_from_record(msg.content[keys.CONFIG], "from")
-    node = Node.from_node_config(context.node_config)
-    global_state = from_record(msg.content[keys.ARRAYS])
-    state, metrics = _local_update(config, server_round, node, global_state)
+    client.check_shares(received)  # too few shares: refused before training too
+    update = _local_update(config, server_round, node, from_record(msg.content[keys.ARRAYS]))
     client_level = config.privacy.dp and config.privacy.level == "client"
-    weight = float(metrics[keys.UNIT_WEIGHT if client_level else keys.NUM_EXAMPLES])
-    masked = client.mask(received, to_vector(state, weight))
+    weight = 1.0 if client_level else float(update.examples)
+    loss_sum = 0.0 if config.privacy.dp else update.loss * update.examples
+    masked = client.mask(received, to_vector(update.state, weight, (update.examples, loss_sum)))
     _keep(context, client)
+    metrics = train_metrics(examples=update.examples, loss=update.loss, dp=config.privacy.dp,
+                            secure=True, epsilon=update.epsilon)
     content = RecordDict({keys.ARRAYS: ArrayRecord({keys.MASKED: Array(masked)}),
                           keys.METRICS: metrics})
     return Message(content, reply_to=msg)
@@ -102,88 +143,90 @@ def secagg_masked(msg: Message, context: Context) -> Message:
 
 @app.train("secagg_unmask")
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    """Step 4: the shares the server may have, never both of one client."""
+    """Step 4: the shares the server may have, never both of one client, and none unless enough
+    clients are summed."""
     client = _resume(msg, context)
+    config, _ = _round_settings(msg)
+    node = Node.from_node_config(context.node_config, config)
     settings = msg.content[keys.CONFIG]
-    reveals = client.reveal(list(settings.get("survivors", [])), list(settings.get("dropped", [])))
+    reveals = client.reveal(list(settings.get("survivors", [])), list(settings.get("dropped", [])),
+                            min_survivors=node.policy.min_cohort)
     _keep(context, client)
     return Message(RecordDict({keys.CONFIG: reveals_to_record(reveals)}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
+    """Held-out loss and accuracy of the global adapter, where this node's policy shares them."""
     config, _ = _round_settings(msg)
-    node = Node.from_node_config(context.node_config)
+    node = Node.from_node_config(context.node_config, config)
+    if not node.policy.share_evaluation:
+        return refusal(msg, [f"{SHARE_EVALUATION}: this node does not share evaluations of its "
+                             "held-out rows"])
     task = node_task(node, config)
     _, held_out = node_examples(node, task, config)
     load_trainable_state(task.model, from_record(msg.content[keys.ARRAYS]))
     stats = task.evaluate(held_out)
-    metrics = MetricRecord({keys.NUM_EXAMPLES: stats.examples, keys.EVAL_LOSS: stats.loss,
-                            keys.ACCURACY: stats.accuracy})
+    metrics = evaluation_metrics(stats.examples, stats.loss, stats.accuracy)
     return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
 
 
+def _gate(msg: Message, config: RunConfig, node: Node, *, secure: bool) -> Message | None:
+    """The refusal to send when this node's policy forbids the request or one more round would
+    pass its budget; None when the round may go on."""
+    if broken := request_violations(node.policy, config, secure=secure):
+        return refusal(msg, broken)
+    if not sample_level_dp(config):
+        return None
+    rows, _ = node_examples(node, node_task(node, config), config)
+    plan, ledger = _spending(config, node, rows)
+    if broken := dp_violations(node.policy, noise_multiplier=plan.event.noise_multiplier,
+                               delta=plan.delta, max_delta=ledger.delta):
+        return refusal(msg, broken)
+    if ledger.epsilon_after(plan.event) > node.policy.budget():
+        return budget_refusal(msg, ledger.spent())
+    return None
+
+
 def _local_update(config: RunConfig, server_round: int, node: Node,
-                  global_state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
-                                                                 MetricRecord]:
-    """Local training from the global adapter: plain, DP-SGD (ledger first), or clipped."""
+                  global_state: dict[str, np.ndarray]) -> LocalUpdate:
+    """Local training from the global adapter: plain, DP-SGD (recorded first), or clipped."""
     task = node_task(node, config)
     rows, _ = node_examples(node, task, config)
     load_trainable_state(task.model, global_state)
-    # Simulations repeat from their seed; a deployed node draws batches and noise from secret
-    # randomness, since a server that knew them could subtract the noise.
-    seed = (_round_seed(config.seed, server_round, node.name) if node.simulated
-            else secrets.randbits(63))
-    torch.manual_seed(seed)  # LoRA dropout
-    loader = task.loader(rows, batch_size=config.train.batch_size, shuffle=True, seed=seed)
+    seeds = round_seeds(config.seed if node.simulated else None, server_round, node.name)
+    torch.manual_seed(seeds.dropout)  # LoRA dropout
+    loader = task.loader(rows, batch_size=config.train.batch_size, shuffle=True,
+                         seed=seeds.sampling)
     optimizer = adamw(task.model, config.train.lr, config.train.weight_decay)
-    metrics = MetricRecord({keys.NUM_EXAMPLES: len(rows), keys.UNIT_WEIGHT: 1})
-    privacy = config.privacy
-    if privacy.dp and privacy.level == "sample":
-        plan, ledger = _ledger(config, node, rows)
-        if ledger.epsilon_after(plan.event) > node.budget(config):
-            raise LedgerError("privacy budget exhausted since the round began; not training")
+    epsilon = None
+    if sample_level_dp(config):
+        plan, ledger = _spending(config, node, rows)
+        # Recorded before training, under the ledger's lock: no round trains unaccounted, and
+        # a concurrent run over the same data set that took the budget stops this one here.
+        epsilon = ledger.spend(config.output.dir, node.name, server_round, plan.event,
+                               node.policy.budget()).epsilon
+        noise = torch.Generator(task.device).manual_seed(seeds.noise)
         stats = train_private(task.model, loader, optimizer, plan, loss_fn=task.objective.loss,
-                              device=task.device,
-                              noise_generator=torch.Generator(task.device).manual_seed(seed))
-        # The update is released only after the ledger has recorded what it spends.
-        metrics[keys.EPSILON] = ledger.record(config.output.dir, node.name, server_round,
-                                              plan.event).epsilon
+                              device=task.device, noise_generator=noise)
     else:
         stats = train_local(task.model, loader, optimizer, loss_fn=task.objective.loss,
                             epochs=config.train.local_epochs,
                             max_steps=config.train.local_steps,
                             max_grad_norm=config.train.max_grad_norm, device=task.device)
     state = trainable_state(task.model)
-    if privacy.dp and privacy.level == "client":
-        state = clip_update(global_state, state, privacy.clip_norm)
-    metrics[keys.TRAIN_LOSS] = stats.loss
-    metrics[keys.STEPS] = stats.steps
-    return state, metrics
+    if config.privacy.dp and config.privacy.level == "client":
+        state = clip_update(global_state, state, config.privacy.clip_norm)
+    return LocalUpdate(state=state, examples=len(rows), loss=stats.loss, epsilon=epsilon)
 
 
-def _ledger(config: RunConfig, node: Node, rows: Examples) -> tuple[DPRoundPlan, Ledger]:
-    plan = plan_round(config, len(rows))
-    ledger = Ledger.open(node.ledger_directory(config), fingerprint(rows), len(rows),
-                         plan.delta, config.privacy.accountant)
-    return plan, ledger
-
-
-def _budget_refusal(config: RunConfig, node: Node) -> float | None:
-    """Epsilon spent when one more round would pass this node's budget, else None."""
-    if not (config.privacy.dp and config.privacy.level == "sample"):
-        return None
-    rows, _ = node_examples(node, node_task(node, config), config)
-    plan, ledger = _ledger(config, node, rows)
-    return ledger.spent() if ledger.epsilon_after(plan.event) > node.budget(config) else None
-
-
-def _refuse(msg: Message, spent: float) -> Message:
-    """The 'budget exhausted' answer: what was spent so far, and no update."""
-    log(WARNING, "Privacy budget exhausted (epsilon spent %.3f): refusing round", spent)
-    metrics = MetricRecord({keys.EPSILON: spent})
-    status = ConfigRecord({keys.STATUS: keys.BUDGET_EXHAUSTED})
-    return Message(RecordDict({keys.METRICS: metrics, keys.CONFIG: status}), reply_to=msg)
+def _spending(config: RunConfig, node: Node, rows: Examples) -> tuple[DPRoundPlan, Ledger]:
+    """This round's DP-SGD plan and the ledger of the data set it spends from."""
+    data_fingerprint, records = data_set_identity(node, rows)
+    node_delta = node.policy.delta_for(records)
+    ledger = Ledger.open(node.ledger_directory(config), data_fingerprint, records, node_delta,
+                         node.policy.accountant)
+    return plan_round(config, len(rows), node_delta), ledger
 
 
 def _keep(context: Context, client: SecAggClient) -> None:
@@ -206,9 +249,3 @@ def _round_settings(msg: Message) -> tuple[RunConfig, int]:
     settings = msg.content[keys.CONFIG]
     config = RunConfig.from_mapping(json.loads(str(settings[keys.RUN_CONFIG])))
     return config, int(settings[keys.SERVER_ROUND])
-
-
-def _round_seed(seed: int, server_round: int, name: str) -> int:
-    """A seed per (run, round, client) that does not depend on which worker runs the client."""
-    name_code = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
-    return int(np.random.SeedSequence([seed, server_round, name_code]).generate_state(1)[0])

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.policy import NodePolicy
 from common import certs
 from common.config import DataConfig
 from common.data import load_data
@@ -31,7 +32,7 @@ class ClientSettings:
     data: Path
     ledger: Path
     name: str
-    budget_epsilon: float | None = None
+    policy: NodePolicy  # this node's rules, whatever the server asks
     port: int = 9094  # this node's local API (one per SuperNode on a machine)
     wait_server: float = 120.0  # seconds to wait for the server at start-up
 
@@ -51,15 +52,34 @@ def supernode_command(settings: ClientSettings) -> list[str]:
     settings.ledger.mkdir(parents=True, exist_ok=True)
     if not os.access(settings.ledger, os.W_OK):
         raise certs.CertError(f"ledger directory {settings.ledger} is not writable")
-    node_config = [f'data-path="{settings.data.resolve()}"',
-                   f'ledger-dir="{settings.ledger.resolve()}"', f'name="{settings.name}"']
-    if settings.budget_epsilon is not None:
-        node_config.append(f"budget-epsilon={settings.budget_epsilon}")
+    values = {"data-path": str(settings.data.resolve()),
+              "ledger-dir": str(settings.ledger.resolve()), "name": settings.name,
+              **settings.policy.to_node_config()}
+    node_config = [f"{key}={_toml_value(value)}" for key, value in values.items()]
     tool = shutil.which("flower-supernode", path=str(Path(sys.executable).parent)) or \
         shutil.which("flower-supernode") or "flower-supernode"
     return [tool, "--superlink", settings.server, "--root-certificates",
             str(settings.root_cert), "--auth-supernode-private-key", str(settings.node_key),
             "--port", str(settings.port), "--node-config", " ".join(node_config)]
+
+
+def resolve_policy(policy_file: Path | None, flags: dict[str, object]) -> NodePolicy:
+    """The node's policy: the strict defaults, then its policy file, then the flags given."""
+    values = NodePolicy.read_file(policy_file) if policy_file is not None else {}
+    values.update({key: value for key, value in flags.items() if value is not None})
+    return NodePolicy.from_mapping(values)
+
+
+def _toml_value(value: object) -> str:
+    """A node-config value as Flower parses it (TOML): quoted strings, lowercase booleans."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        if '"' in value or "\\" in value:
+            raise certs.CertError(f"node config value {value!r} may not hold quotes or "
+                                  "backslashes")
+        return f'"{value}"'
+    return repr(value)
 
 
 REFUSED = "Failed to activate SuperNode"  # Flower's message when the SuperLink turns it away
@@ -91,6 +111,7 @@ def join(settings: ClientSettings) -> int:
     start it again with a back-off. Flower's own SuperNode retries a lost connection but gives
     up, without exiting, when activation is refused."""
     command = supernode_command(settings)
+    print(f"fedtune: node policy: {_describe(settings.policy)}", flush=True)
     probe_server(settings)
     delay = 2.0
     while True:
@@ -105,6 +126,10 @@ def join(settings: ClientSettings) -> int:
               f"in {delay:.0f}s", file=sys.stderr, flush=True)
         time.sleep(delay)
         delay = min(delay * 2, 60.0)
+
+
+def _describe(policy: NodePolicy) -> str:
+    return ", ".join(f"{key}={value}" for key, value in policy.to_node_config().items())
 
 
 def _relay_until_refused(node: subprocess.Popen) -> bool:

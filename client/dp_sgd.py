@@ -36,12 +36,15 @@ class DPRoundPlan:
     max_grad_norm: float
 
 
-def plan_round(config: RunConfig, records: int) -> DPRoundPlan:
-    """Noise for the whole planned horizon (every round x this round's steps), not per round."""
+def plan_round(config: RunConfig, records: int, node_delta: float | None = None) -> DPRoundPlan:
+    """Noise for the whole planned horizon (every round x this round's steps), not per round.
+
+    The delta is the server's when it sets one, else the node's own (`node_delta`, by default
+    1/(10 n)); a node's policy refuses a server delta above its own before this plan is used."""
     privacy = config.privacy
     sample_rate, steps = dp_sgd_schedule(records, config.train.batch_size,
                                          config.train.local_epochs, config.train.local_steps)
-    delta = privacy.delta or default_delta(records)
+    delta = privacy.delta or node_delta or default_delta(records)
     noise = privacy.noise_multiplier or noise_for_target(
         privacy.epsilon, delta, sample_rate, steps * config.federation.rounds,
         privacy.accountant)
@@ -52,7 +55,10 @@ def plan_round(config: RunConfig, records: int) -> DPRoundPlan:
 def train_private(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                   plan: DPRoundPlan, *, loss_fn: LossFn, device: torch.device,
                   noise_generator: torch.Generator) -> TrainStats:
-    """Exactly `plan.event.steps` DP-SGD steps; the model is returned unwrapped."""
+    """Exactly `plan.event.steps` DP-SGD steps; the model is returned unwrapped.
+
+    Poisson sampling uses the loader's generator and the noise `noise_generator`: they must be
+    independent streams (`client/randomness.py`)."""
     model.train()  # Opacus refuses a model in eval mode (the cached model was just evaluated)
     engine = PrivacyEngine(accountant="rdp")  # the ledger, not this accountant, is the record
     with warnings.catch_warnings():

@@ -1,16 +1,23 @@
 """The privacy ledger: what a node's data set has spent, on the node's own disk.
 
-One JSON file per data set, named by a fingerprint of its rows, so the same records share one
-budget across runs, federations and node names. Every round the node trained is an entry; epsilon
-is recomputed from the whole history by an Opacus accountant, never carried as a running sum.
-The file is replaced atomically; a file that cannot be read stops training and is never reset.
+One JSON file per data set, named by a fingerprint of its records, so the same records share one
+budget across runs, federations, splits and node names. Every round the node trained is an entry;
+epsilon is recomputed from the whole history by an Opacus accountant, never carried as a running
+sum. A round is recorded *before* it trains, under an exclusive lock with the file read again
+inside it, so concurrent runs over one data set cannot both pass the budget or drop each other's
+entries. The file is replaced atomically; a file that cannot be read stops training and is never
+reset.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +33,18 @@ class LedgerError(RuntimeError):
     """The ledger is unreadable, corrupt or belongs to other data; training must not go on."""
 
 
+class BudgetExhausted(LedgerError):
+    """One more round would take the data set past its budget; nothing was recorded."""
+
+    def __init__(self, spent: float, after: float, budget: float) -> None:
+        super().__init__(f"privacy budget {budget:g} would be passed (epsilon spent {spent:.3f}, "
+                         f"{after:.3f} after this round); not training")
+        self.spent = spent
+
+
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One round of DP-SGD this node released an update for."""
+    """One round of DP-SGD this node trained (and so may have released an update for)."""
 
     run: str
     client: str  # the node's name in that run
@@ -46,13 +62,24 @@ class LedgerEntry:
 
 def fingerprint(examples: Examples) -> str:
     """SHA-256 of the rows as a multiset: the same records in any order give the same key."""
-    rows = sorted(hashlib.sha256(json.dumps(list(examples.item(i))).encode()).digest()
-                  for i in range(len(examples)))
+    return _multiset_digest(json.dumps(list(examples.item(i))).encode()
+                            for i in range(len(examples)))
+
+
+def fingerprint_records(records: Iterable[Any]) -> str:
+    """SHA-256 of raw records (e.g. a data file's rows) as a multiset, independent of how any
+    run interprets them: key order inside a record and row order do not matter."""
+    return _multiset_digest(json.dumps(r, sort_keys=True, ensure_ascii=False).encode()
+                            for r in records)
+
+
+def _multiset_digest(encoded: Iterable[bytes]) -> str:
+    rows = sorted(hashlib.sha256(item).digest() for item in encoded)
     return hashlib.sha256(b"".join(rows)).hexdigest()
 
 
 class Ledger:
-    """The privacy spent by one data set; `open` it, check `epsilon_after`, then `record`."""
+    """The privacy spent by one data set; `open` it, check `epsilon_after`, then `spend`."""
 
     def __init__(self, path: Path, data_fingerprint: str, records: int, delta: float,
                  accountant: str, entries: list[LedgerEntry]) -> None:
@@ -66,23 +93,11 @@ class Ledger:
     @classmethod
     def open(cls, directory: str | Path, data_fingerprint: str, records: int, delta: float,
              accountant: str) -> Ledger:
-        """The ledger of this data set in `directory`, or an empty one (written on `record`)."""
+        """The ledger of this data set in `directory`, or an empty one (written on `spend`)."""
         path = Path(directory) / f"ledger-{data_fingerprint[:32]}.json"
-        if not path.exists():
-            return cls(path, data_fingerprint, records, delta, accountant, [])
-        stored = _read(path)
-        if stored.get("fingerprint") != data_fingerprint:
-            raise LedgerError(f"privacy ledger {path} belongs to other data (fingerprint "
-                              f"{stored.get('fingerprint')!r}); refusing to train")
-        if stored.get("delta") != delta:
-            raise LedgerError(f"privacy ledger {path} accounts at delta {stored.get('delta')!r}, "
-                              f"this run asks {delta!r}; keep one delta per data set")
-        try:
-            entries = [LedgerEntry(**entry) for entry in stored["rounds"]]
-        except (KeyError, TypeError) as error:
-            raise LedgerError(f"privacy ledger {path} is corrupt ({error}); refusing to train "
-                              "(it is kept as it is, never reset)") from None
-        return cls(path, data_fingerprint, records, delta, accountant, entries)
+        ledger = cls(path, data_fingerprint, records, delta, accountant, [])
+        ledger.entries = ledger._read_entries()
+        return ledger
 
     def spent(self) -> float:
         """Epsilon spent by every recorded round."""
@@ -93,21 +108,70 @@ class Ledger:
         history = [e.event for e in self.entries] + [event]
         return epsilon_spent(history, self.delta, self.accountant)
 
+    def spend(self, run: str, client: str, server_round: int, event: GaussianEvent,
+              budget: float) -> LedgerEntry:
+        """Record one round if it keeps the data set within `budget` (else BudgetExhausted).
+
+        Under an exclusive lock on the ledger directory, the file is read again, the budget
+        checked against every entry now in it, and the file replaced atomically (temp file,
+        fsync, rename): another process spending from the same data set waits, then sees this
+        round.
+        """
+        with _locked(self.path.parent):
+            self.entries = self._read_entries()
+            epsilon = self.epsilon_after(event)
+            if epsilon > budget:
+                raise BudgetExhausted(self.spent(), epsilon, budget)
+            entry = LedgerEntry(run=run, client=client, round=server_round,
+                                noise_multiplier=event.noise_multiplier,
+                                sample_rate=event.sample_rate, steps=event.steps,
+                                time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                epsilon=epsilon)
+            body = {"version": LEDGER_VERSION, "fingerprint": self.fingerprint,
+                    "records": self.records, "delta": self.delta,
+                    "accountant": self.accountant, "epsilon": epsilon,
+                    "rounds": [asdict(e) for e in [*self.entries, entry]]}
+            write_atomic(self.path, (json.dumps(body, indent=2) + "\n").encode())
+            self.entries.append(entry)
+            return entry
+
     def record(self, run: str, client: str, server_round: int,
                event: GaussianEvent) -> LedgerEntry:
-        """Append a round and replace the file atomically (temp file, fsync, rename)."""
-        epsilon = self.epsilon_after(event)
-        entry = LedgerEntry(run=run, client=client, round=server_round,
-                            noise_multiplier=event.noise_multiplier,
-                            sample_rate=event.sample_rate, steps=event.steps,
-                            time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                            epsilon=epsilon)
-        body = {"version": LEDGER_VERSION, "fingerprint": self.fingerprint,
-                "records": self.records, "delta": self.delta, "accountant": self.accountant,
-                "epsilon": epsilon, "rounds": [asdict(e) for e in [*self.entries, entry]]}
-        write_atomic(self.path, (json.dumps(body, indent=2) + "\n").encode())
-        self.entries.append(entry)
-        return entry
+        """Record one round whatever it spends (tests and tools; training uses `spend`)."""
+        return self.spend(run, client, server_round, event, budget=float("inf"))
+
+    def _read_entries(self) -> list[LedgerEntry]:
+        if not self.path.exists():
+            return []
+        stored = _read(self.path)
+        path = self.path
+        if stored.get("fingerprint") != self.fingerprint:
+            raise LedgerError(f"privacy ledger {path} belongs to other data (fingerprint "
+                              f"{stored.get('fingerprint')!r}); refusing to train")
+        if stored.get("delta") != self.delta:
+            raise LedgerError(f"privacy ledger {path} accounts at delta {stored.get('delta')!r}, "
+                              f"this run asks {self.delta!r}; keep one delta per data set")
+        if stored.get("accountant", self.accountant) != self.accountant:
+            raise LedgerError(f"privacy ledger {path} is kept with the "
+                              f"{stored.get('accountant')!r} accountant, this node asks "
+                              f"{self.accountant!r}; keep one accountant per data set")
+        try:
+            return [LedgerEntry(**entry) for entry in stored["rounds"]]
+        except (KeyError, TypeError) as error:
+            raise LedgerError(f"privacy ledger {path} is corrupt ({error}); refusing to train "
+                              "(it is kept as it is, never reset)") from None
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive flock on the directory itself (no lock file left beside the ledgers)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -1,71 +1,71 @@
-"""Who this client node is, which rows it trains on and what privacy budget it allows itself.
+"""Who this client node is, which rows it trains on and by which rules (its `NodePolicy`).
 
-In simulation a node is a partition; in deployment it is its own data directory, ledger directory
-and budget (`flower-supernode --node-config 'data-path="..." ledger-dir="..."
-budget-epsilon=3.0 name="..."'`): the node, not the server, decides what its data may spend.
+In simulation a node is a partition and takes the run's own settings. In deployment it is its
+own data directory, ledger directory and policy (`flower-supernode --node-config
+'data-path="..." ledger-dir="..." name="..." budget-epsilon=3.0 ...'`, written by `fedtune
+client`): the node, not the server, decides which rows it holds out and what its data may spend.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from common.config import RunConfig
-from common.data import Examples
+from client.ledger import fingerprint, fingerprint_records
+from client.policy import NodePolicy, PolicyError
+from common.config import DataConfig, RunConfig
+from common.data import Examples, training_records, training_rows
 from common.partition import local_split
 from common.task import Task, cached_task
 
+IDENTITY_KEYS = ("name", "data-path", "ledger-dir", "partition-id", "num-partitions")
+
 
 class NodeConfigError(ValueError):
-    """The node configuration names neither a partition nor a data directory."""
+    """The node configuration names neither a partition nor a data directory, or its policy is
+    not valid."""
 
 
 @dataclass(frozen=True)
 class Node:
     name: str
+    policy: NodePolicy
     partition_id: int | None = None
     num_partitions: int | None = None
     data_path: str | None = None
     ledger_dir: str | None = None
-    budget_epsilon: float | None = None
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any]) -> Node:
-        budget = node_config.get("budget-epsilon")
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                                   or budget <= 0):
-            raise NodeConfigError(f"node config 'budget-epsilon' must be a number > 0, "
-                                  f"got {budget!r}")
-        budget = None if budget is None else float(budget)
+    def from_node_config(cls, node_config: Mapping[str, Any],
+                         config: RunConfig | None = None) -> Node:
+        """A deployed node from its own node config; a simulated one from its partition (its
+        policy then follows the run `config`, when given)."""
         if "data-path" in node_config:
             path = str(node_config["data-path"])
             ledger = node_config.get("ledger-dir")
-            return cls(name=str(node_config.get("name", path)), data_path=path,
-                       ledger_dir=None if ledger is None else str(ledger), budget_epsilon=budget)
+            rules = {k: v for k, v in node_config.items() if k not in IDENTITY_KEYS}
+            try:
+                policy = NodePolicy.from_mapping(rules)
+            except PolicyError as error:
+                raise NodeConfigError(str(error)) from None
+            return cls(name=str(node_config.get("name", path)), policy=policy, data_path=path,
+                       ledger_dir=None if ledger is None else str(ledger))
         if "partition-id" in node_config and "num-partitions" in node_config:
             pid, total = int(node_config["partition-id"]), int(node_config["num-partitions"])
-            return cls(name=str(node_config.get("name", f"client-{pid}")),
-                       partition_id=pid, num_partitions=total, budget_epsilon=budget)
+            name = str(node_config.get("name", f"client-{pid}"))
+            policy = NodePolicy.simulated(config or RunConfig(), name)
+            return cls(name=name, policy=policy, partition_id=pid, num_partitions=total)
         raise NodeConfigError("node config needs 'data-path' (deployment) or 'partition-id' and "
                               "'num-partitions' (simulation)")
-
 
     @property
     def simulated(self) -> bool:
         return self.partition_id is not None
-
-    def budget(self, config: RunConfig) -> float:
-        """This node's epsilon budget: its own setting, else the run's per-client entry (in
-        simulation), else the run's target epsilon."""
-        if self.budget_epsilon is not None:
-            return self.budget_epsilon
-        if self.simulated:
-            return config.privacy.budgets().get(self.name, config.privacy.epsilon)
-        return config.privacy.epsilon
 
     def ledger_directory(self, config: RunConfig) -> Path:
         """Where this node's privacy ledgers live: always on the node's own disk."""
@@ -85,11 +85,37 @@ def node_task(node: Node, config: RunConfig) -> Task:
 
 
 def node_examples(node: Node, task: Task, config: RunConfig) -> tuple[Examples, Examples]:
-    """(train, held-out) rows of this node."""
+    """(train, held-out) rows of this node: a simulated partition's, or every row of a deployed
+    node's training file split by the node's own fraction and seed (never the server's)."""
     if node.partition_id is not None:
         return task.client_examples(config.partition, node.partition_id, node.num_partitions)
-    rows = task.data.train
-    seed = int(np.random.SeedSequence([config.seed, 0]).generate_state(1)[0])
-    train_idx, held_idx = local_split(np.arange(len(rows)),
-                                      config.partition.local_test_fraction, seed)
+    data = config.data
+    rows = _training_rows(DataConfig(path=str(node.data_path), text_field=data.text_field,
+                                     label_field=data.label_field,
+                                     prompt_template=data.prompt_template),
+                          config.model.task)
+    train_idx, held_idx = local_split(np.arange(len(rows)), node.policy.test_fraction,
+                                      node.policy.split_seed)
     return rows.subset(train_idx), rows.subset(held_idx)
+
+
+def data_set_identity(node: Node, train_rows: Examples) -> tuple[str, int]:
+    """(fingerprint, records) of the data set this node's ledger accounts for.
+
+    Deployed: the raw rows of its training file, whatever the server's fields, template, seed or
+    split, so every run over those rows spends from one ledger. Simulated: the partition's rows.
+    """
+    if node.data_path is None:
+        return fingerprint(train_rows), len(train_rows)
+    return _file_identity(node.data_path)
+
+
+@lru_cache(maxsize=4)
+def _training_rows(data: DataConfig, task: str) -> Examples:
+    return training_rows(data, task)
+
+
+@lru_cache(maxsize=4)
+def _file_identity(path: str) -> tuple[str, int]:
+    records = training_records(path)
+    return fingerprint_records(records), len(records)

@@ -65,8 +65,9 @@ class SecAggClient:
         return sealed
 
     # -- step 3 ---------------------------------------------------------------------------
-    def mask(self, received: dict[str, bytes], vector: np.ndarray) -> np.ndarray:
-        """The encoded vector plus the self mask plus a pairwise mask per delivered neighbour."""
+    def check_shares(self, received: dict[str, bytes]) -> None:
+        """Refuse a delivery of shares the masking step could not use safely (checked before
+        any training, and again by `mask`)."""
         self._expect("shares")
         cohort = self._cohort()
         holders = {*cohort.graph()[self.name], self.name}
@@ -78,6 +79,11 @@ class SecAggClient:
         if len(received) < cohort.threshold:
             raise SecAggViolation(f"only {len(received)} clients delivered shares; "
                                   f"{cohort.threshold} are needed")
+
+    def mask(self, received: dict[str, bytes], vector: np.ndarray) -> np.ndarray:
+        """The encoded vector plus the self mask plus a pairwise mask per delivered neighbour."""
+        self.check_shares(received)
+        cohort = self._cohort()
         self.received = dict(received)
         self.partners = sorted(set(received) - {self.name})
         encoded = ring.encode(vector, len(cohort.names))
@@ -90,9 +96,11 @@ class SecAggClient:
         return masked
 
     # -- step 4 ---------------------------------------------------------------------------
-    def reveal(self, survivors: list[str], dropped: list[str]) -> list[Reveal]:
+    def reveal(self, survivors: list[str], dropped: list[str], *,
+               min_survivors: int = 3) -> list[Reveal]:
         """For each client whose shares it holds (itself included): the self-mask share if that
-        client survived, the mask-key share if it dropped; never both, only once per round."""
+        client survived, the mask-key share if it dropped; never both, only once per round, and
+        nothing when fewer than `min_survivors` inputs would be summed (the node's policy)."""
         self._expect("masked")
         overlap = sorted(set(survivors) & set(dropped))
         if overlap:
@@ -100,6 +108,9 @@ class SecAggClient:
         if self.name not in survivors:
             raise SecAggViolation("this client sent its masked input but is listed as dropped")
         cohort = self._cohort()
+        if len(survivors) < min_survivors:
+            raise SecAggViolation(f"min-cohort: only {len(survivors)} survivors; this node "
+                                  f"reveals nothing for a sum of fewer than {min_survivors}")
         if len(survivors) < cohort.threshold:
             raise SecAggViolation(f"only {len(survivors)} survivors; revealing shares below the "
                                   f"threshold {cohort.threshold} would not help")
@@ -146,6 +157,10 @@ class SecAggClient:
         return client
 
     # -- helpers ---------------------------------------------------------------------------
+    def expect(self, step: str) -> None:
+        """Refuse a message for another step than the one this client is at."""
+        self._expect(step)
+
     def _expect(self, step: str) -> None:
         if self.step != step:
             raise SecAggViolation(f"out of order: this client is at step '{self.step}', the "

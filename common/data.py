@@ -101,6 +101,27 @@ def load_data(config: DataConfig, seed: int, task: str = CLASSIFICATION) -> Labe
     raise DataError(f"data path {source} does not exist")
 
 
+def training_records(path: str | Path) -> list[dict[str, Any]]:
+    """Every raw row of a local source's training file (a data directory's train.jsonl[.gz] or
+    a CSV file), as stored: no split, no field interpreted. A node keys its ledger on these."""
+    source = Path(path)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        return _read_csv(source)
+    if not source.is_dir():
+        raise DataError(f"data path {source} is neither a data directory nor a .csv file")
+    train_file = _first_existing(source, TRAIN_NAMES)
+    if train_file is None:
+        raise DataError(f"data directory {source} has no {' or '.join(TRAIN_NAMES)}")
+    return list(_read_jsonl(train_file))
+
+
+def training_rows(config: DataConfig, task: str = CLASSIFICATION) -> Examples:
+    """Every row of the training file of `config.path` as examples of `task`, with no test split
+    carved out: a deployed node splits its rows itself, by its own seed."""
+    convert = _to_lm_examples if task == CAUSAL_LM else _to_examples
+    return convert(training_records(config.path), config, str(config.path))
+
+
 def _load_directory(directory: Path, config: DataConfig, seed: int,
                     convert: Any) -> LabelledData:
     train_file = _first_existing(directory, TRAIN_NAMES)

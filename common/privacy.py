@@ -30,7 +30,12 @@ class GaussianEvent:
 
 def epsilon_spent(events: Sequence[GaussianEvent], delta: float, accountant: str = "rdp") -> float:
     """Epsilon at `delta` of the composition of every event (0 for an empty history)."""
-    history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps > 0]
+    steps: dict[tuple[float, float], int] = {}
+    for e in events:  # rounds at one noise and rate compose as one run of their summed steps
+        if e.steps > 0:
+            key = (e.noise_multiplier, e.sample_rate)
+            steps[key] = steps.get(key, 0) + e.steps
+    history = [(noise, rate, count) for (noise, rate), count in steps.items()]
     if not history:
         return 0.0
     if any(noise <= 0 for noise, _, _ in history):

@@ -6,14 +6,13 @@ METRICS = "metrics"  # MetricRecord: what a client reports
 
 # ConfigRecord entries
 SERVER_ROUND = "server-round"  # set by Flower's strategies
-RUN_CONFIG = "run-config"  # the run's RunConfig as JSON: clients train exactly as the server says
+RUN_CONFIG = "run-config"  # the run's RunConfig as JSON: untrusted on a node, checked by its policy
 
 # MetricRecord entries
 NUM_EXAMPLES = "num-examples"  # the FedAvg weight (Flower's default weighted_by_key)
 TRAIN_LOSS = "train-loss"
 EVAL_LOSS = "eval-loss"
 ACCURACY = "accuracy"
-STEPS = "steps"
 
 # Identity query: a client's stable name, independent of its Flower node id
 CLIENT_NAME = "client-name"
@@ -22,6 +21,8 @@ CLIENT_NAME = "client-name"
 EPSILON = "epsilon"  # MetricRecord: the node's total epsilon after this round (sample level)
 STATUS = "status"  # ConfigRecord entry of a train reply that carries no update
 BUDGET_EXHAUSTED = "budget-exhausted"
+POLICY_REFUSED = "policy-refused"  # the node's own privacy policy forbids what was asked
+REASON = "reason"  # ConfigRecord entry beside a refusal: the rules it broke
 UNIT_WEIGHT = "unit-weight"  # MetricRecord: 1 per client; client-level DP averages uniformly
 
 # Secure aggregation steps: ClientApp actions (message types "train.<action>") and entries

@@ -22,8 +22,8 @@ def make_server_app(config: RunConfig | None = None, *, resume: bool = False) ->
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        if config is not None:
-            run_federation(grid, config, resume=resume)
+        if config is not None:  # in-process simulation (`fedtune simulate`)
+            run_federation(grid, config, resume=resume, simulated=True)
             return
         run_config, resuming = config_from_run_config(dict(context.run_config))
         run_federation(grid, run_config, resume=resuming)

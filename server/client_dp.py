@@ -17,15 +17,18 @@ from common.privacy import epsilon_spent
 class ServerSideNoise:
     """Adds N(0, (z C / m)^2) to the mean of m clipped updates; accounts one release a round."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, *, seeded: bool) -> None:
         self.event, self.delta = client_level_plan(config)
         self.clip_norm = config.privacy.clip_norm
         self.accountant = config.privacy.accountant
-        self.seed = config.seed
+        self.seed = config.seed if seeded else None
 
     def privatise(self, mean_state: State, clients: int, server_round: int) -> State:
-        """The noised average; the noise repeats per (seed, round) so a resumed run matches."""
-        rng = np.random.default_rng([self.seed, 3, server_round])
+        """The noised average. Seeded (simulation only) the noise repeats per (seed, round), so
+        a resumed simulation matches; deployed, it comes from the operating system's entropy:
+        every client knows the run's seed and could otherwise regenerate and remove it."""
+        rng = (np.random.default_rng() if self.seed is None
+               else np.random.default_rng([self.seed, 3, server_round]))
         std = self.event.noise_multiplier * self.clip_norm / clients
         return {k: (v + rng.normal(0.0, std, size=v.shape)).astype(v.dtype)
                 for k, v in mean_state.items()}

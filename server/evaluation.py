@@ -51,8 +51,8 @@ def summarise_client_evaluation(replies: Iterable[Message], roster: Roster) -> d
     per_client: dict[str, float] = {}
     weights: dict[str, int] = {}
     for reply in replies:
-        if reply.has_error():
-            continue
+        if reply.has_error() or keys.METRICS not in reply.content.metric_records:
+            continue  # failed, or a node whose policy does not share its evaluation
         metrics = reply.content[keys.METRICS]
         if int(metrics[keys.NUM_EXAMPLES]) == 0:
             continue

@@ -47,7 +47,7 @@ from server.roster import Roster
 from server.secagg_exchange import secure_train_exchange
 from server.strategies.fedavg import SeededFedAvg
 from server.tensorboard_log import TensorBoardLog
-from server.train_outcome import TrainOutcome, refused, retire_exhausted
+from server.train_outcome import TrainOutcome, refused, retire_refusing
 
 CONFIG_FILE = "config.json"
 ADAPTER_DIR = "adapter"
@@ -57,15 +57,20 @@ class RunDirError(RuntimeError):
     """The run directory cannot be used as asked (it holds another run, or nothing to resume)."""
 
 
-def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False) -> list[dict[str, Any]]:
-    """Run (or continue) the rounds of `config`; return the metrics rows of the whole run."""
+def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
+                   simulated: bool = False) -> list[dict[str, Any]]:
+    """Run (or continue) the rounds of `config`; return the metrics rows of the whole run.
+
+    `simulated`: the server's own randomness (client-level DP noise) follows `config.seed` so a
+    simulation repeats; otherwise it comes from the operating system's entropy, since every
+    client receives the seed."""
     run_dir = Path(config.output.dir)
     prepare_run_dir(run_dir, config, resume=resume)
     task = cached_task(config)
     roster = Roster()
     federation = config.federation
     client_level = config.privacy.dp and config.privacy.level == "client"
-    noise = ServerSideNoise(config) if client_level else None
+    noise = ServerSideNoise(config, seeded=simulated) if client_level else None
     strategy = SeededFedAvg(
         roster, config.seed, fraction_train=federation.fraction_train,
         fraction_evaluate=federation.fraction_evaluate, min_train_nodes=1,
@@ -89,8 +94,8 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False) -> li
         started = time.perf_counter()
         roster.refresh(grid, federation.wait_for, federation.timeout)
         if not roster.active():
-            log(WARNING, "Every client has spent its privacy budget; the run stops after "
-                "round %d", server_round - 1)
+            log(WARNING, "No client is left to train (budgets spent or node policies "
+                "refusing); the run stops after round %d", server_round - 1)
             break
         if config.secagg.enabled:
             outcome = secure_train_exchange(grid, strategy, server_round, to_record(arrays),
@@ -149,7 +154,7 @@ def train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int, arrays
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     ok = [r for r in replies if not r.has_error()]
     updates = [r for r in ok if not refused(r)]
-    exhausted = retire_exhausted(strategy.roster, [r for r in ok if refused(r)])
+    exhausted, by_policy = retire_refusing(strategy.roster, [r for r in ok if refused(r)])
     new_arrays, metrics = strategy.aggregate_train(server_round, updates) if updates else (
         None, None)
     names = strategy.roster.name_of
@@ -158,7 +163,7 @@ def train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int, arrays
     return TrainOutcome(arrays=new_arrays, metrics=metrics, clients=len(updates),
                         failures=len(messages) - len(ok), bytes_up=_bytes(updates),
                         bytes_down=_bytes(messages), epsilon=dict(sorted(epsilon.items())),
-                        exhausted=exhausted)
+                        exhausted=exhausted, refused=by_policy)
 
 
 def _privacy_columns(outcome: TrainOutcome, noise: ServerSideNoise | None,
@@ -169,6 +174,8 @@ def _privacy_columns(outcome: TrainOutcome, noise: ServerSideNoise | None,
         columns["epsilon_max"] = max(outcome.epsilon.values())
     if outcome.exhausted:
         columns["clients_exhausted"] = outcome.exhausted
+    if outcome.refused:
+        columns["clients_refused"] = outcome.refused
     if noise is not None:
         columns["epsilon_client_level"] = noise.epsilon(releases)
     return columns

@@ -27,7 +27,7 @@ from common.secagg.records import (
 )
 from server.secagg import SecAggAbort, SecAggServer
 from server.strategies.fedavg import SeededFedAvg
-from server.train_outcome import TrainOutcome, refused, retire_exhausted
+from server.train_outcome import TrainOutcome, refusal_status, refused, retire_refusing
 
 
 def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
@@ -43,13 +43,15 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
 
     replies = link.exchange(sampled, "secagg_keys", lambda _: RecordDict(
         {keys.CONFIG: ConfigRecord(base)}))
-    exhausted = retire_exhausted(strategy.roster, [r for r in replies.values() if refused(r)])
+    exhausted, by_policy = retire_refusing(strategy.roster,
+                                           [r for r in replies.values() if refused(r)])
     epsilon = {name: float(r.content[keys.METRICS][keys.EPSILON]) for name, r in replies.items()
-               if refused(r)}
+               if refusal_status(r) == keys.BUDGET_EXHAUSTED}
     public = {name: _parse(keys_from_record, r.content[keys.CONFIG], name)
               for name, r in replies.items() if not refused(r)}
     public = {name: value for name, value in public.items() if value is not None}
     metrics: dict[str, MetricRecord] = {}
+    sums: dict[str, float] = {}
     try:
         cohort = protocol.make_cohort(public)
         replies = link.exchange(cohort.names, "secagg_shares", lambda _: RecordDict(
@@ -74,7 +76,8 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
         reveals = {name: _parse(reveals_from_record, r.content[keys.CONFIG], name) or []
                    for name, r in replies.items()}
         total = ring.decode(protocol.unmask(masked, reveals))
-        new_arrays = to_record(average_from_sum(total, from_record(arrays)))
+        average, sums = average_from_sum(total, from_record(arrays))
+        new_arrays = to_record(average)
     except SecAggAbort as error:
         log(WARNING, "Round %d abandoned, the global adapter stays as it was: %s",
             server_round, error)
@@ -82,10 +85,12 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
     log(INFO, "secure aggregation: %d of %d sampled clients summed", len(metrics), len(sampled))
     epsilon.update({name: float(m[keys.EPSILON]) for name, m in metrics.items()
                     if keys.EPSILON in m})
-    return TrainOutcome(arrays=new_arrays, metrics=_mean_loss(metrics), clients=len(metrics),
-                        failures=len(sampled) - len(metrics) - len(exhausted),
+    by_policy.update(link.refused)
+    return TrainOutcome(arrays=new_arrays, metrics=_mean_loss(sums), clients=len(metrics),
+                        failures=len(sampled) - len(metrics) - len(exhausted) - len(by_policy),
                         bytes_up=link.bytes_up, bytes_down=link.bytes_down,
-                        epsilon=dict(sorted(epsilon.items())), exhausted=exhausted)
+                        epsilon=dict(sorted(epsilon.items())), exhausted=exhausted,
+                        refused=dict(sorted(by_policy.items())))
 
 
 class _Link:
@@ -94,6 +99,7 @@ class _Link:
     def __init__(self, grid: Grid, strategy: SeededFedAvg, timeout: float) -> None:
         self.grid, self.timeout, self.roster = grid, timeout, strategy.roster
         self.bytes_up = self.bytes_down = 0
+        self.refused: dict[str, str] = {}  # a node's policy refused a later step: name -> rules
 
     def exchange(self, names: list[str], action: str,
                  content_for: Callable[[str], RecordDict]) -> dict[str, Message]:
@@ -108,6 +114,11 @@ class _Link:
                 log(WARNING, "%s failed at %s: %s", name, action, reply.error.reason)
                 continue
             self.bytes_up += _size(reply)
+            if action != "secagg_keys" and refusal_status(reply) == keys.POLICY_REFUSED:
+                self.refused[name] = str(reply.content[keys.CONFIG].get(keys.REASON, ""))
+                log(WARNING, "%s refused %s by its node policy: %s", name, action,
+                    self.refused[name])
+                continue
             replies[name] = reply
         return replies
 
@@ -131,12 +142,12 @@ def _parse(parse, record: ConfigRecord, name: str, *args):
         return None
 
 
-def _mean_loss(metrics: dict[str, MetricRecord]) -> MetricRecord | None:
-    if not metrics:
+def _mean_loss(sums: dict[str, float]) -> MetricRecord | None:
+    """The clients' mean training loss from the unmasked totals (none under DP: DP clients put
+    no loss in their vector)."""
+    if not sums.get("examples") or not sums.get("loss-sum"):
         return None
-    weights = np.array([float(m[keys.NUM_EXAMPLES]) for m in metrics.values()])
-    losses = np.array([float(m[keys.TRAIN_LOSS]) for m in metrics.values()])
-    return MetricRecord({keys.TRAIN_LOSS: float(np.average(losses, weights=weights))})
+    return MetricRecord({keys.TRAIN_LOSS: sums["loss-sum"] / sums["examples"]})
 
 
 def _size(message: Message) -> int:

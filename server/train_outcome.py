@@ -1,8 +1,9 @@
-"""What one training exchange (plain or secure) hands the round loop."""
+"""What one training exchange (plain or secure) hands the round loop, and how the server reads
+a node's refusal to train."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import WARNING
 
 from flwr.app import ArrayRecord, Message, MetricRecord
@@ -22,18 +23,37 @@ class TrainOutcome:
     bytes_down: int
     epsilon: dict[str, float]  # sample-level DP: each reporting client's total epsilon
     exhausted: list[str]  # clients that refused the round: their budget is spent
+    refused: dict[str, str] = field(default_factory=dict)  # name -> rules its policy named
+
+
+def refusal_status(reply: Message) -> str | None:
+    """BUDGET_EXHAUSTED or POLICY_REFUSED for a reply that carries no update, else None."""
+    if reply.has_error() or not reply.has_content():
+        return None
+    config = reply.content.config_records.get(keys.CONFIG)
+    status = None if config is None else config.get(keys.STATUS)
+    return status if status in (keys.BUDGET_EXHAUSTED, keys.POLICY_REFUSED) else None
 
 
 def refused(reply: Message) -> bool:
-    """A train reply that says 'budget exhausted' instead of carrying an update."""
-    config = reply.content.config_records.get(keys.CONFIG)
-    return config is not None and config.get(keys.STATUS) == keys.BUDGET_EXHAUSTED
+    """A train reply that refuses the round instead of carrying an update."""
+    return refusal_status(reply) is not None
 
 
-def retire_exhausted(roster: Roster, replies: list[Message]) -> list[str]:
-    """Never sample again the clients whose budget is spent; their names, sorted."""
-    names = sorted(roster.name_of(r.metadata.src_node_id) for r in replies)
-    for name in names:
+def retire_refusing(roster: Roster, replies: list[Message]) -> tuple[list[str], dict[str, str]]:
+    """Never sample again the clients that refused: (budget spent, {policy refusal: reason}).
+
+    A node's policy does not change within a run, so a node that refused it once would refuse
+    every round."""
+    exhausted, by_policy = [], {}
+    for reply in replies:
+        name = roster.name_of(reply.metadata.src_node_id)
         roster.retire(name)
-        log(WARNING, "%s has spent its privacy budget; it is not sampled again", name)
-    return names
+        if refusal_status(reply) == keys.BUDGET_EXHAUSTED:
+            exhausted.append(name)
+            log(WARNING, "%s has spent its privacy budget; it is not sampled again", name)
+        else:
+            by_policy[name] = str(reply.content[keys.CONFIG].get(keys.REASON, ""))
+            log(WARNING, "%s refused by its node policy (%s); it is not sampled again", name,
+                by_policy[name])
+    return sorted(exhausted), dict(sorted(by_policy.items()))

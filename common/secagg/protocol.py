@@ -56,19 +56,25 @@ def pairwise_seed(own_s_key: bytes, peer_s_public: bytes, session: bytes) -> byt
                               channel.MASK_PURPOSE, session)
 
 
-def to_vector(state: dict[str, np.ndarray], weight: float) -> np.ndarray:
-    """weight x every tensor (sorted by name, flattened), then the weight itself."""
+TOTALS = ("examples", "loss-sum")  # a client's scalars that the server may learn only summed
+
+
+def to_vector(state: dict[str, np.ndarray], weight: float,
+              totals: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """weight x every tensor (sorted by name, flattened), the weight itself, then the client's
+    `TOTALS` (example count, loss sum): inside the masked vector, the server sees only sums."""
     parts = [weight * np.asarray(state[k], dtype=np.float64).ravel() for k in sorted(state)]
-    return np.concatenate([*parts, [float(weight)]])
+    return np.concatenate([*parts, [float(weight)], np.asarray(totals, dtype=np.float64)])
 
 
 def vector_length(like: dict[str, np.ndarray]) -> int:
-    return sum(int(np.asarray(v).size) for v in like.values()) + 1
+    return sum(int(np.asarray(v).size) for v in like.values()) + 1 + len(TOTALS)
 
 
-def average_from_sum(total: np.ndarray, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Split a summed vector back into tensors shaped as `like`, divided by the summed weight."""
-    weight = total[-1]
+def average_from_sum(total: np.ndarray,
+                     like: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """(tensors shaped as `like`, divided by the summed weight; the summed `TOTALS`)."""
+    weight = total[-1 - len(TOTALS)]
     if not weight > 0:
         raise ValueError(f"summed weight must be > 0, got {weight}")
     state, offset = {}, 0
@@ -77,4 +83,5 @@ def average_from_sum(total: np.ndarray, like: dict[str, np.ndarray]) -> dict[str
         chunk = total[offset:offset + template.size] / weight
         state[key] = chunk.reshape(template.shape).astype(template.dtype)
         offset += template.size
-    return state
+    sums = {name: float(value) for name, value in zip(TOTALS, total[-len(TOTALS):], strict=True)}
+    return state, sums

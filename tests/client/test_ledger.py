@@ -1,10 +1,12 @@
 import json
+import multiprocessing
 import os
+import time
 
 import numpy as np
 import pytest
 
-from client.ledger import Ledger, LedgerError, fingerprint
+from client.ledger import BudgetExhausted, Ledger, LedgerError, fingerprint
 from common.data import Examples
 from common.privacy import GaussianEvent
 from tests.common.test_privacy import independent_epsilon
@@ -91,3 +93,53 @@ def test_fingerprint_ignores_row_order_but_not_content():
     assert fingerprint(rows(49)) != fingerprint(data)
     relabelled = Examples(texts=data.texts, labels=(data.labels + 1) % 3)
     assert fingerprint(relabelled) != fingerprint(data)
+
+
+def test_a_ledger_kept_with_another_accountant_is_refused(tmp_path):
+    open_ledger(tmp_path).record("run-a", "client-0", 1, ROUND)
+    with pytest.raises(LedgerError, match="'rdp' accountant, this node asks 'prv'"):
+        Ledger.open(tmp_path, fingerprint(rows()), 50, 1e-3, "prv")
+
+
+def test_spend_refuses_a_round_past_the_budget_and_records_nothing(tmp_path):
+    ledger = open_ledger(tmp_path)
+    first = ledger.spend("run-a", "client-0", 1, ROUND, budget=100.0)
+    budget = (first.epsilon + ledger.epsilon_after(ROUND)) / 2  # one round fits, two do not
+    with pytest.raises(BudgetExhausted) as refused:
+        open_ledger(tmp_path).spend("run-b", "client-0", 1, ROUND, budget=budget)
+    assert refused.value.spent == pytest.approx(first.epsilon)
+    assert len(open_ledger(tmp_path).entries) == 1
+
+
+def test_spend_reads_the_file_again_so_a_stale_view_cannot_pass_the_budget(tmp_path):
+    early, late = open_ledger(tmp_path), open_ledger(tmp_path)  # two runs open the same ledger
+    early.spend("run-a", "client-0", 1, ROUND, budget=100.0)
+    budget = (early.spent() + early.epsilon_after(ROUND)) / 2  # room for one round, not two
+    with pytest.raises(BudgetExhausted):
+        late.spend("run-b", "client-0", 1, ROUND, budget=budget)  # late saw an empty ledger
+    assert [e.run for e in open_ledger(tmp_path).entries] == ["run-a"]
+
+
+def _spend_many(directory: str, run: str, count: int, start: float) -> None:
+    while time.time() < start:  # every process begins at once
+        time.sleep(0.001)
+    ledger = open_ledger(directory)
+    for server_round in range(1, count + 1):
+        ledger.spend(run, "client-0", server_round, ROUND, budget=1e9)
+
+
+def test_processes_spending_from_one_ledger_at_once_lose_nothing(tmp_path):
+    count, start = 15, time.time() + 1.0
+    context = multiprocessing.get_context("spawn")  # separate interpreters, as real nodes
+    workers = [context.Process(target=_spend_many, args=(str(tmp_path), f"run-{i}", count, start))
+               for i in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    entries = open_ledger(tmp_path).entries
+    assert sorted((e.run, e.round) for e in entries) == sorted(
+        (f"run-{i}", r) for i in range(3) for r in range(1, count + 1))
+    assert entries[-1].epsilon == pytest.approx(
+        independent_epsilon(1.2, 0.1, 10 * 3 * count, 1e-3), rel=1e-9)

@@ -21,6 +21,12 @@ from tests.conftest import write_jsonl
 pytestmark = pytest.mark.slow
 
 
+# Node policies as `fedtune client` flags: one that lets a non-private run through, and the
+# strict defaults with a budget.
+PERMISSIVE = ("--allow-no-dp", "--allow-no-secagg", "--share-evaluation")
+STRICT = ("--budget-epsilon", "8", "--share-evaluation")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -31,8 +37,10 @@ class Federation:
     """Files and processes of one loopback federation in a temporary directory."""
 
     def __init__(self, root: Path, model_dir: Path, *, clients: int = 2, rounds: int = 2,
-                 min_clients: int = 0, timeout: float = 120.0, extra: str = "") -> None:
+                 min_clients: int = 0, timeout: float = 120.0, extra: str = "",
+                 policy: tuple[str, ...] = PERMISSIVE) -> None:
         self.root, self.port, self.procs = root, free_port(), []
+        self.policy = policy  # every node's policy flags, unless a client is given its own
         certs.init(root / "certs", ["localhost"])
         words = ["alpha", "bravo", "charlie"]
         rows = [{"text": f"{words[i % 3]} item {i}", "label": i % 3} for i in range(200)]
@@ -70,13 +78,14 @@ class Federation:
                           self.state, "--config", self.config, "--port", self.port, *keys,
                           "--host", "127.0.0.1", home="flwr-server")
 
-    def client(self, name: str, *, root_cert: Path | None = None) -> subprocess.Popen:
+    def client(self, name: str, *, root_cert: Path | None = None,
+               policy: tuple[str, ...] | None = None) -> subprocess.Popen:
         return self.start(f"client-{name}.log", "client", "--server", f"127.0.0.1:{self.port}",
                           "--root-cert", root_cert or self.root / "certs" / "ca.pem",
                           "--node-key", self.root / "keys" / f"hospital-{name}.key",
                           "--data", self.root / f"data-{name}", "--ledger",
                           self.root / f"ledger-{name}", "--port", free_port(),
-                          home=f"flwr-{name}")
+                          *(self.policy if policy is None else policy), home=f"flwr-{name}")
 
     def log(self, name: str) -> str:
         return (self.root / name).read_text(errors="replace")
@@ -106,7 +115,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 def test_nodes_over_tls_with_authentication_complete_a_private_secure_run(tmp_path,
                                                                            tiny_model_dir):
-    federation = Federation(tmp_path, tiny_model_dir, clients=3,
+    federation = Federation(tmp_path, tiny_model_dir, clients=3, policy=STRICT,
                             extra="[privacy]\ndp = true\nepsilon = 8.0\n[secagg]\nenabled = true\n")
     try:
         _run_with_intruders(federation, tmp_path)
@@ -135,7 +144,7 @@ def _run_with_intruders(federation: Federation, tmp_path: Path) -> None:
     federation.start("client-rogue.log", "client", "--server", f"127.0.0.1:{federation.port}",
                      "--root-cert", tmp_path / "certs" / "ca.pem", "--node-key",
                      tmp_path / "keys" / "rogue.key", "--data", tmp_path / "data-a",
-                     "--ledger", tmp_path / "ledger-rogue", "--port", free_port(),
+                     "--ledger", tmp_path / "ledger-rogue", "--port", free_port(), *STRICT,
                      home="flwr-rogue")
     for name in "abd":
         federation.client(name)
@@ -188,12 +197,16 @@ def test_a_client_killed_mid_round_does_not_stop_the_run(tmp_path, tiny_model_di
     (["--data", "nowhere"], "does not exist"),
     (["--server", "no-port"], "HOST:PORT"),
     (["--server", "127.0.0.1:1", "--wait-server", "2"], "unreachable"),
+    (["--budget-epsilon", None], "give --budget-epsilon (or waive DP explicitly"),
+    (["--max-delta", "1.5"], "max-delta"),
+    (["--policy", "missing.toml"], "does not exist"),
 ])
 def test_bad_client_input_is_one_line_and_exit_2(federation, args, message):
     base = {"--server": f"127.0.0.1:{federation.port}", "--root-cert": "certs/ca.pem",
-            "--node-key": "keys/hospital-a.key", "--data": "data-a", "--ledger": "ledger-a"}
+            "--node-key": "keys/hospital-a.key", "--data": "data-a", "--ledger": "ledger-a",
+            "--budget-epsilon": "8"}
     base.update(dict(zip(args[::2], args[1::2], strict=True)))
-    flags = [str(x) for k, v in base.items() for x in (k, v)]
+    flags = [str(x) for k, v in base.items() if v is not None for x in (k, v)]
     done = subprocess.run([sys.executable, "-m", "fedtune_cli", "client", *flags],
                           cwd=federation.root, capture_output=True, text=True,
                           env=federation.env("flwr-x"), timeout=120)

@@ -71,11 +71,17 @@ def test_weighted_fedavg_of_a_real_adapter_matches_plain_fedavg(tiny_model_dir):
     states = {name: {k: (v + rng.normal(scale=0.1, size=v.shape)).astype(v.dtype)
                      for k, v in adapter.items()} for name in names(4)}
     weights = {name: float(w) for name, w in zip(names(4), [10, 25, 7, 58], strict=True)}
-    total = Round(4).run({n: to_vector(states[n], weights[n]) for n in names(4)})
-    secure = average_from_sum(total, adapter)
+    losses = {name: 0.5 + i for i, name in enumerate(names(4))}
+    total = Round(4).run({n: to_vector(states[n], weights[n], (weights[n], losses[n] * weights[n]))
+                          for n in names(4)})
+    secure, sums = average_from_sum(total, adapter)
     for key in adapter:
         plain = sum(weights[n] * states[n][key] for n in names(4)) / sum(weights.values())
         np.testing.assert_allclose(secure[key], plain, atol=1e-5)
+    # the server learns the clients' example count and loss only as totals
+    assert sums["examples"] == pytest.approx(sum(weights.values()), abs=1e-5)
+    assert sums["loss-sum"] == pytest.approx(sum(losses[n] * weights[n] for n in names(4)),
+                                             abs=1e-5)
 
 
 @pytest.mark.parametrize("dropouts", [1, 2, 3])

@@ -1,0 +1,229 @@
+"""What may leave this node: the data owner's privacy policy, and every reply built under it.
+
+The server's run configuration, cohort, threshold and seeds are untrusted input. Before a round
+touches data, `violations` checks what the server asks against the node's own `NodePolicy`; a
+request that breaks a rule is answered by `refusal`, naming each rule, and nothing derived from
+the data leaves. The metrics a node may send are built here too (`train_metrics`,
+`evaluation_metrics`), so one module answers "what does this node disclose, and when".
+
+A deployed node's policy comes from its operator (`fedtune client` flags or a policy file, passed
+to the SuperNode as node config). In simulation the researcher is both server and data owner, so
+each virtual node takes the permissive policy that matches the run (`NodePolicy.simulated`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from logging import WARNING
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+
+from common import record_keys as keys
+from common.config import ACCOUNTANTS, RunConfig
+from common.privacy import default_delta
+
+# Rule names, as refusals and README name them (the node config key that sets each rule).
+REQUIRE_DP = "require-dp"
+MAX_DELTA = "max-delta"
+MIN_NOISE = "min-noise-multiplier"
+REQUIRE_SECAGG = "require-secagg"
+MIN_COHORT = "min-cohort"
+MIN_THRESHOLD = "min-threshold"
+SHARE_EVALUATION = "share-evaluation"
+BUDGET = "budget-epsilon"
+
+
+class PolicyError(ValueError):
+    """The node's own policy is incomplete or out of range; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class NodePolicy:
+    """The data owner's rules; defaults are the strict ones a deployed node starts from."""
+
+    require_dp: bool = True  # refuse any round without sample-level DP-SGD
+    budget_epsilon: float | None = None  # total epsilon of this data set; required with DP
+    max_delta: float = 0.0  # largest delta accepted; 0 = 1/(10 n) for this node's n records
+    min_noise_multiplier: float = 0.5  # refuse DP-SGD with less noise per unit of clipping
+    accountant: str = "rdp"  # the accountant this node's ledger is kept with
+    require_secagg: bool = True  # refuse to send an update the server could read alone
+    min_cohort: int = 3  # refuse secure aggregation with fewer clients summed
+    min_threshold: int = 2  # refuse secure aggregation whose threshold is lower
+    share_evaluation: bool = False  # answer the server's evaluation of its held-out rows
+    test_fraction: float = 0.2  # share of this node's rows held out from training
+    split_seed: int = 0  # this node's seed for that split (never the server's)
+
+    def __post_init__(self) -> None:
+        _check(self.budget_epsilon is None or self.budget_epsilon > 0, BUDGET, "must be > 0",
+               self.budget_epsilon)
+        _check(not self.require_dp or self.budget_epsilon is not None, BUDGET,
+               "is required: give --budget-epsilon (or waive DP explicitly with --allow-no-dp)",
+               self.budget_epsilon)
+        _check(0 <= self.max_delta < 1, MAX_DELTA, "must be in [0, 1); 0 = 1/(10 n)",
+               self.max_delta)
+        _check(self.min_noise_multiplier >= 0, MIN_NOISE, "must be >= 0",
+               self.min_noise_multiplier)
+        _check(self.accountant in ACCOUNTANTS, "accountant",
+               f"must be one of {', '.join(ACCOUNTANTS)}", self.accountant)
+        _check(self.min_cohort >= 3, MIN_COHORT,
+               "must be >= 3 (with two, each learns the other's update from the sum)",
+               self.min_cohort)
+        _check(self.min_threshold >= 2, MIN_THRESHOLD, "must be >= 2", self.min_threshold)
+        _check(0 <= self.test_fraction < 1, "test-fraction", "must be in [0, 1)",
+               self.test_fraction)
+
+    @classmethod
+    def simulated(cls, config: RunConfig, client_name: str) -> NodePolicy:
+        """A virtual node's policy: whatever the researcher's run asks, within its budget."""
+        privacy = config.privacy
+        return cls(require_dp=False, require_secagg=False,
+                   budget_epsilon=privacy.budgets().get(client_name, privacy.epsilon),
+                   max_delta=privacy.delta, min_noise_multiplier=0.0,
+                   accountant=privacy.accountant, share_evaluation=True,
+                   test_fraction=config.partition.local_test_fraction)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> NodePolicy:
+        """From node-config or policy-file keys (kebab-case, as the rules are named)."""
+        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise PolicyError(f"unknown node policy keys: {', '.join(unknown)}")
+        kwargs = {fields[k].name: _typed(k, v, fields[k].type) for k, v in values.items()}
+        return cls(**kwargs)
+
+    @staticmethod
+    def read_file(path: str | Path) -> dict[str, Any]:
+        """The settings of a TOML policy file (kebab-case keys), for flags to override."""
+        try:
+            with Path(path).open("rb") as handle:
+                return tomllib.load(handle)
+        except FileNotFoundError:
+            raise PolicyError(f"node policy file {path} does not exist") from None
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise PolicyError(f"node policy file {path} is not readable TOML: {error}") from None
+
+    def to_node_config(self) -> dict[str, Any]:
+        """kebab-case keys for `flower-supernode --node-config` (a missing budget is omitted)."""
+        values = {f.name.replace("_", "-"): getattr(self, f.name)
+                  for f in dataclasses.fields(self)}
+        return {k: v for k, v in values.items() if v is not None}
+
+    def budget(self) -> float:
+        """This node's epsilon budget; unlimited only where its operator waived DP."""
+        return math.inf if self.budget_epsilon is None else self.budget_epsilon
+
+    def delta_for(self, records: int) -> float:
+        """The delta this node accounts at for a data set of `records` rows."""
+        return self.max_delta or default_delta(records)
+
+
+def request_violations(policy: NodePolicy, config: RunConfig, *, secure: bool) -> list[str]:
+    """Rules the server's request breaks before any data is read (empty: allowed so far).
+
+    `secure` is whether this message is a step of secure aggregation, whatever the run
+    configuration claims."""
+    broken = []
+    privacy = config.privacy
+    if policy.require_dp and not sample_level_dp(config):
+        asked = "privacy.dp = false" if not privacy.dp else f"privacy.level = {privacy.level!r}"
+        broken.append(f"{REQUIRE_DP}: this node trains only with sample-level DP-SGD, the "
+                      f"server asked {asked}")
+    if policy.require_secagg and not secure:
+        broken.append(f"{REQUIRE_SECAGG}: this node sends updates only through secure "
+                      "aggregation, the server asked for a plain update")
+    return broken
+
+
+def dp_violations(policy: NodePolicy, *, noise_multiplier: float, delta: float,
+                  max_delta: float) -> list[str]:
+    """Rules this round's DP-SGD plan breaks (`max_delta`: the node's own for its data set)."""
+    broken = []
+    if delta > max_delta:
+        broken.append(f"{MAX_DELTA}: delta {delta:g} is above this node's largest, "
+                      f"{max_delta:g}")
+    if noise_multiplier < policy.min_noise_multiplier:
+        broken.append(f"{MIN_NOISE}: noise multiplier {noise_multiplier:.3g} is below this "
+                      f"node's floor, {policy.min_noise_multiplier:g}")
+    return broken
+
+
+def sample_level_dp(config: RunConfig) -> bool:
+    return config.privacy.dp and config.privacy.level == "sample"
+
+
+def cohort_violations(policy: NodePolicy, cohort: int, threshold: int) -> list[str]:
+    """Rules a secure-aggregation round of `cohort` clients and `threshold` breaks."""
+    broken = []
+    if cohort < policy.min_cohort:
+        broken.append(f"{MIN_COHORT}: {cohort} clients in the round, this node needs at least "
+                      f"{policy.min_cohort}")
+    if threshold < policy.min_threshold:
+        broken.append(f"{MIN_THRESHOLD}: threshold {threshold}, this node needs at least "
+                      f"{policy.min_threshold}")
+    return broken
+
+
+def refusal(msg: Message, rules: list[str]) -> Message:
+    """The reply to a request the policy forbids: the rules, logged here too, and no data."""
+    reason = "; ".join(rules)
+    log(WARNING, "Refused by this node's privacy policy: %s", reason)
+    return Message(RecordDict({keys.CONFIG: ConfigRecord({keys.STATUS: keys.POLICY_REFUSED,
+                                                          keys.REASON: reason})}),
+                   reply_to=msg)
+
+
+def budget_refusal(msg: Message, spent: float) -> Message:
+    """The 'budget exhausted' answer: what was spent so far, and no update."""
+    log(WARNING, "Privacy budget exhausted (epsilon spent %.3f): refusing round", spent)
+    return Message(RecordDict({keys.METRICS: MetricRecord({keys.EPSILON: spent}),
+                               keys.CONFIG: ConfigRecord({keys.STATUS: keys.BUDGET_EXHAUSTED})}),
+                   reply_to=msg)
+
+
+def train_metrics(*, examples: int, loss: float, dp: bool, secure: bool,
+                  epsilon: float | None) -> MetricRecord:
+    """The metrics a train reply carries in the clear.
+
+    Plain FedAvg needs the example count (its weight). Under secure aggregation the count and
+    the loss travel inside the masked vector, so the server learns only their sums. Under DP no
+    loss leaves at all: it is computed from the data without noise. The ledger's epsilon is sent
+    so the server can show each node's spending."""
+    metrics = MetricRecord({keys.UNIT_WEIGHT: 1})
+    if not secure:
+        metrics[keys.NUM_EXAMPLES] = examples
+        if not dp:
+            metrics[keys.TRAIN_LOSS] = loss
+    if epsilon is not None:
+        metrics[keys.EPSILON] = epsilon
+    return metrics
+
+
+def evaluation_metrics(examples: int, loss: float, accuracy: float) -> MetricRecord:
+    """Held-out loss and accuracy of the global adapter; sent only where the policy shares them."""
+    return MetricRecord({keys.NUM_EXAMPLES: examples, keys.EVAL_LOSS: loss,
+                         keys.ACCURACY: accuracy})
+
+
+def _check(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise PolicyError(f"node policy `{name}` {rule}, got {value!r}")
+
+
+def _typed(name: str, value: Any, kind: Any) -> Any:
+    """Accept the value if it has the field's type (an int where a float is asked too)."""
+    wanted = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,),
+              "float | None": (int, float)}[str(kind)]
+    if isinstance(value, bool) and bool not in wanted:
+        raise PolicyError(f"node policy `{name}` must be a number, got {value!r}")
+    if not isinstance(value, wanted):
+        raise PolicyError(f"node policy `{name}` must be of type {wanted[0].__name__}, "
+                          f"got {value!r}")
+    return float(value) if float in wanted else value
