@@ -130,11 +130,15 @@ def _add_policy_flags(client: argparse.ArgumentParser) -> None:
     rules.add_argument("--test-fraction", type=float,
                        help="share of this node's rows held out (default 0.2)")
     rules.add_argument("--split-seed", type=int, help="this node's seed for that split")
+    rules.add_argument("--text-field", help="field holding the text (default 'text')")
+    rules.add_argument("--label-field", help="field holding the label (default 'label')")
+    rules.add_argument("--report-epsilon", action="store_const", const=True,
+                       help="send the ledger's epsilon under secure aggregation too")
 
 
 POLICY_FLAGS = ("budget_epsilon", "require_dp", "require_secagg", "max_delta",
                 "min_noise_multiplier", "min_cohort", "min_threshold", "share_evaluation",
-                "test_fraction", "split_seed")
+                "test_fraction", "split_seed", "text_field", "label_field", "report_epsilon")
 
 
 def run_deployment(args: argparse.Namespace) -> int:

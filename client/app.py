@@ -7,13 +7,17 @@ node's policy (`client/policy.py`), which also decides what each reply may carry
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from logging import ERROR
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from client.dp_sgd import DPRoundPlan, plan_round, train_private
 from client.ledger import Ledger
@@ -22,6 +26,7 @@ from client.policy import (
     SHARE_EVALUATION,
     budget_refusal,
     cohort_violations,
+    disclosed_epsilon,
     dp_violations,
     evaluation_metrics,
     refusal,
@@ -50,6 +55,35 @@ app = ClientApp()
 SECAGG_STATE = "secagg"  # this node's protocol secrets, kept in its own Context between steps
 
 
+class NodeFailure(RuntimeError):
+    """What the server is told when a deployed node fails: no detail, since an exception's text
+    can hold the node's data (a row's field, a label, a count)."""
+
+
+Handler = Callable[[Message, Context], Message]
+
+
+def contained(handler: Handler) -> Handler:
+    """On a deployed node, log a handler's error on the node and send the server only that it
+    failed; protocol refusals (SecAggViolation) name no data and pass as they are. Simulated
+    nodes keep the full error: the researcher is both sides."""
+
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except SecAggViolation:
+            raise
+        except Exception as error:
+            if "data-path" not in context.node_config:
+                raise
+            log(ERROR, "%s failed on this node: %r", handler.__name__, error)
+            raise NodeFailure(f"{handler.__name__} failed on this node; the node's log has "
+                              "the details") from None
+
+    return guarded
+
+
 @dataclass(frozen=True)
 class LocalUpdate:
     """One round's result on this node, before the policy decides what of it is sent."""
@@ -69,6 +103,7 @@ def identify(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@contained
 def train(msg: Message, context: Context) -> Message:
     """Train the received adapter on this node's rows, if its policy allows a plain update."""
     config, server_round = _round_settings(msg)
@@ -83,6 +118,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.train("secagg_keys")
+@contained
 def secagg_keys(msg: Message, context: Context) -> Message:
     """Step 1: fresh key pairs and self-mask seed for this round; the public keys go out."""
     config, server_round = _round_settings(msg)
@@ -101,6 +137,7 @@ def secagg_keys(msg: Message, context: Context) -> Message:
 
 
 @app.train("secagg_shares")
+@contained
 def secagg_shares(msg: Message, context: Context) -> Message:
     """Step 2: Shamir shares of this client's secrets, each encrypted for its holder, if the
     cohort and threshold meet this node's policy."""
@@ -117,6 +154,7 @@ def secagg_shares(msg: Message, context: Context) -> Message:
 
 
 @app.train("secagg_masked")
+@contained
 def secagg_masked(msg: Message, context: Context) -> Message:
     """Step 3: train, then send the update masked, with the example count and loss sum inside
     the masked vector so the server learns only their totals."""
@@ -134,14 +172,16 @@ def secagg_masked(msg: Message, context: Context) -> Message:
     loss_sum = 0.0 if config.privacy.dp else update.loss * update.examples
     masked = client.mask(received, to_vector(update.state, weight, (update.examples, loss_sum)))
     _keep(context, client)
+    epsilon = disclosed_epsilon(node.policy, update.epsilon, secure=True)
     metrics = train_metrics(examples=update.examples, loss=update.loss, dp=config.privacy.dp,
-                            secure=True, epsilon=update.epsilon)
+                            secure=True, epsilon=epsilon)
     content = RecordDict({keys.ARRAYS: ArrayRecord({keys.MASKED: Array(masked)}),
                           keys.METRICS: metrics})
     return Message(content, reply_to=msg)
 
 
 @app.train("secagg_unmask")
+@contained
 def secagg_unmask(msg: Message, context: Context) -> Message:
     """Step 4: the shares the server may have, never both of one client, and none unless enough
     clients are summed."""
@@ -156,6 +196,7 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@contained
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Held-out loss and accuracy of the global adapter, where this node's policy shares them."""
     config, _ = _round_settings(msg)
@@ -174,17 +215,19 @@ def evaluate_global(msg: Message, context: Context) -> Message:
 def _gate(msg: Message, config: RunConfig, node: Node, *, secure: bool) -> Message | None:
     """The refusal to send when this node's policy forbids the request or one more round would
     pass its budget; None when the round may go on."""
-    if broken := request_violations(node.policy, config, secure=secure):
+    if broken := request_violations(node.policy, config, secure=secure,
+                                    declared_labels=node.declares_labels):
         return refusal(msg, broken)
     if not sample_level_dp(config):
         return None
     rows, _ = node_examples(node, node_task(node, config), config)
     plan, ledger = _spending(config, node, rows)
     if broken := dp_violations(node.policy, noise_multiplier=plan.event.noise_multiplier,
-                               delta=plan.delta, max_delta=ledger.delta):
+                               delta=plan.delta, max_delta=ledger.delta,
+                               server_delta=config.privacy.delta):
         return refusal(msg, broken)
     if ledger.epsilon_after(plan.event) > node.policy.budget():
-        return budget_refusal(msg, ledger.spent())
+        return budget_refusal(msg, disclosed_epsilon(node.policy, ledger.spent(), secure=secure))
     return None
 
 

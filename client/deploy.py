@@ -21,7 +21,7 @@ from pathlib import Path
 from client.policy import NodePolicy
 from common import certs
 from common.config import DataConfig
-from common.data import load_data
+from common.data import load_data, training_records
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def supernode_command(settings: ClientSettings) -> list[str]:
         raise certs.CertError(f"--server must be HOST:PORT, got {settings.server!r}")
     certs.check_certificate(settings.root_cert)
     certs.check_private_key(settings.node_key)
-    load_data(DataConfig(path=str(settings.data)), seed=0)  # DataError names the problem
+    check_data(settings.data, settings.policy)
     settings.ledger.mkdir(parents=True, exist_ok=True)
     if not os.access(settings.ledger, os.W_OK):
         raise certs.CertError(f"ledger directory {settings.ledger} is not writable")
@@ -61,6 +61,15 @@ def supernode_command(settings: ClientSettings) -> list[str]:
     return [tool, "--superlink", settings.server, "--root-certificates",
             str(settings.root_cert), "--auth-supernode-private-key", str(settings.node_key),
             "--port", str(settings.port), "--node-config", " ".join(node_config)]
+
+
+def check_data(path: Path, policy: NodePolicy) -> None:
+    """Read the node's data once at start-up, so that a problem is a local error now (DataError
+    names it), never a data-dependent failure a server could provoke later."""
+    training_records(path)
+    if (path / "labels.json").is_file():  # a classification node: every label in its label set
+        load_data(DataConfig(path=str(path), text_field=policy.text_field,
+                             label_field=policy.label_field), seed=0)
 
 
 def resolve_policy(policy_file: Path | None, flags: dict[str, object]) -> NodePolicy:

@@ -23,6 +23,7 @@ from common.data import Examples, training_records, training_rows
 from common.partition import local_split
 from common.task import Task, cached_task
 
+LABELS_FILE = "labels.json"
 IDENTITY_KEYS = ("name", "data-path", "ledger-dir", "partition-id", "num-partitions")
 
 
@@ -67,6 +68,18 @@ class Node:
     def simulated(self) -> bool:
         return self.partition_id is not None
 
+    @property
+    def declares_labels(self) -> bool:
+        """A deployed node's data directory names its label set (labels.json)."""
+        return self.simulated or (Path(str(self.data_path)) / LABELS_FILE).is_file()
+
+    def data_config(self, config: RunConfig) -> DataConfig:
+        """How this node reads its rows: its own path and field names, the run's template."""
+        policy = self.policy
+        return DataConfig(path=str(self.data_path), text_field=policy.text_field,
+                          label_field=policy.label_field,
+                          prompt_template=config.data.prompt_template)
+
     def ledger_directory(self, config: RunConfig) -> Path:
         """Where this node's privacy ledgers live: always on the node's own disk."""
         if self.ledger_dir is not None:
@@ -80,7 +93,9 @@ class Node:
 def node_task(node: Node, config: RunConfig) -> Task:
     """The task for this node: the run's model with this node's own data in deployment."""
     if node.data_path is not None:
-        config = config.with_overrides({"data.path": node.data_path})
+        data = node.data_config(config)
+        config = config.with_overrides({"data.path": data.path, "data.text_field": data.text_field,
+                                        "data.label_field": data.label_field})
     return cached_task(config)
 
 
@@ -89,11 +104,7 @@ def node_examples(node: Node, task: Task, config: RunConfig) -> tuple[Examples, 
     node's training file split by the node's own fraction and seed (never the server's)."""
     if node.partition_id is not None:
         return task.client_examples(config.partition, node.partition_id, node.num_partitions)
-    data = config.data
-    rows = _training_rows(DataConfig(path=str(node.data_path), text_field=data.text_field,
-                                     label_field=data.label_field,
-                                     prompt_template=data.prompt_template),
-                          config.model.task)
+    rows = _training_rows(node.data_config(config), config.model.task)
     train_idx, held_idx = local_split(np.arange(len(rows)), node.policy.test_fraction,
                                       node.policy.split_seed)
     return rows.subset(train_idx), rows.subset(held_idx)

@@ -26,7 +26,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
 from common import record_keys as keys
-from common.config import ACCOUNTANTS, RunConfig
+from common.config import ACCOUNTANTS, CLASSIFICATION, RunConfig
 from common.privacy import default_delta
 
 # Rule names, as refusals and README name them (the node config key that sets each rule).
@@ -37,6 +37,7 @@ REQUIRE_SECAGG = "require-secagg"
 MIN_COHORT = "min-cohort"
 MIN_THRESHOLD = "min-threshold"
 SHARE_EVALUATION = "share-evaluation"
+LABELS_JSON = "labels-json"
 BUDGET = "budget-epsilon"
 
 
@@ -57,7 +58,10 @@ class NodePolicy:
     min_cohort: int = 3  # refuse secure aggregation with fewer clients summed
     min_threshold: int = 2  # refuse secure aggregation whose threshold is lower
     share_evaluation: bool = False  # answer the server's evaluation of its held-out rows
+    report_epsilon: bool = False  # send the ledger's epsilon under secure aggregation too
     test_fraction: float = 0.2  # share of this node's rows held out from training
+    text_field: str = "text"  # how this node's rows are read: never the server's field names,
+    label_field: str = "label"  # which could make a data-dependent error a probe
     split_seed: int = 0  # this node's seed for that split (never the server's)
 
     def __post_init__(self) -> None:
@@ -86,7 +90,7 @@ class NodePolicy:
         return cls(require_dp=False, require_secagg=False,
                    budget_epsilon=privacy.budgets().get(client_name, privacy.epsilon),
                    max_delta=privacy.delta, min_noise_multiplier=0.0,
-                   accountant=privacy.accountant, share_evaluation=True,
+                   accountant=privacy.accountant, share_evaluation=True, report_epsilon=True,
                    test_fraction=config.partition.local_test_fraction)
 
     @classmethod
@@ -125,12 +129,17 @@ class NodePolicy:
         return self.max_delta or default_delta(records)
 
 
-def request_violations(policy: NodePolicy, config: RunConfig, *, secure: bool) -> list[str]:
+def request_violations(policy: NodePolicy, config: RunConfig, *, secure: bool,
+                       declared_labels: bool = True) -> list[str]:
     """Rules the server's request breaks before any data is read (empty: allowed so far).
 
     `secure` is whether this message is a step of secure aggregation, whatever the run
-    configuration claims."""
+    configuration claims; `declared_labels` whether the node names its label set (labels.json),
+    so that a classifier head's width never follows the data's largest label."""
     broken = []
+    if config.model.task == CLASSIFICATION and not declared_labels:
+        broken.append(f"{LABELS_JSON}: this node trains a classifier only over the label set its "
+                      "labels.json declares")
     privacy = config.privacy
     if policy.require_dp and not sample_level_dp(config):
         asked = "privacy.dp = false" if not privacy.dp else f"privacy.level = {privacy.level!r}"
@@ -143,15 +152,18 @@ def request_violations(policy: NodePolicy, config: RunConfig, *, secure: bool) -
 
 
 def dp_violations(policy: NodePolicy, *, noise_multiplier: float, delta: float,
-                  max_delta: float) -> list[str]:
-    """Rules this round's DP-SGD plan breaks (`max_delta`: the node's own for its data set)."""
+                  max_delta: float, server_delta: float) -> list[str]:
+    """Rules this round's DP-SGD plan breaks (`max_delta`: the node's own for its data set).
+
+    The refusal names only the rule and what the server set, never a value derived from the
+    node's data (its delta and the computed noise both follow its row count)."""
     broken = []
     if delta > max_delta:
-        broken.append(f"{MAX_DELTA}: delta {delta:g} is above this node's largest, "
-                      f"{max_delta:g}")
+        broken.append(f"{MAX_DELTA}: the server's delta {server_delta:g} is above this node's "
+                      "largest")
     if noise_multiplier < policy.min_noise_multiplier:
-        broken.append(f"{MIN_NOISE}: noise multiplier {noise_multiplier:.3g} is below this "
-                      f"node's floor, {policy.min_noise_multiplier:g}")
+        broken.append(f"{MIN_NOISE}: this round's noise multiplier is below this node's floor, "
+                      f"{policy.min_noise_multiplier:g}")
     return broken
 
 
@@ -180,22 +192,25 @@ def refusal(msg: Message, rules: list[str]) -> Message:
                    reply_to=msg)
 
 
-def budget_refusal(msg: Message, spent: float) -> Message:
-    """The 'budget exhausted' answer: what was spent so far, and no update."""
-    log(WARNING, "Privacy budget exhausted (epsilon spent %.3f): refusing round", spent)
-    return Message(RecordDict({keys.METRICS: MetricRecord({keys.EPSILON: spent}),
-                               keys.CONFIG: ConfigRecord({keys.STATUS: keys.BUDGET_EXHAUSTED})}),
-                   reply_to=msg)
+def budget_refusal(msg: Message, spent: float | None) -> Message:
+    """The 'budget exhausted' answer, and no update; what was spent where it may be said
+    (`disclosed_epsilon`)."""
+    log(WARNING, "Privacy budget exhausted: refusing round")
+    content = RecordDict({keys.CONFIG: ConfigRecord({keys.STATUS: keys.BUDGET_EXHAUSTED})})
+    if spent is not None:
+        content[keys.METRICS] = MetricRecord({keys.EPSILON: spent})
+    return Message(content, reply_to=msg)
 
 
 def train_metrics(*, examples: int, loss: float, dp: bool, secure: bool,
                   epsilon: float | None) -> MetricRecord:
     """The metrics a train reply carries in the clear.
 
-    Plain FedAvg needs the example count (its weight). Under secure aggregation the count and
-    the loss travel inside the masked vector, so the server learns only their sums. Under DP no
-    loss leaves at all: it is computed from the data without noise. The ledger's epsilon is sent
-    so the server can show each node's spending."""
+    Plain FedAvg needs the example count (its weight); the ledger's epsilon goes with it so the
+    server can show each node's spending. Under secure aggregation the count and the loss travel
+    inside the masked vector, so the server learns only their sums (and `epsilon` is None unless
+    the policy reports it: it follows the data set's size). Under DP no loss leaves at all: it is
+    computed from the data without noise."""
     metrics = MetricRecord({keys.UNIT_WEIGHT: 1})
     if not secure:
         metrics[keys.NUM_EXAMPLES] = examples
@@ -204,6 +219,13 @@ def train_metrics(*, examples: int, loss: float, dp: bool, secure: bool,
     if epsilon is not None:
         metrics[keys.EPSILON] = epsilon
     return metrics
+
+
+def disclosed_epsilon(policy: NodePolicy, epsilon: float | None, *,
+                      secure: bool) -> float | None:
+    """The ledger's epsilon as a reply may carry it: always beside a plain update (which sends
+    the example count anyway), under secure aggregation only where the policy reports it."""
+    return epsilon if not secure or policy.report_epsilon else None
 
 
 def evaluation_metrics(examples: int, loss: float, accuracy: float) -> MetricRecord:

@@ -50,9 +50,9 @@ class SecAggClient:
         if (cohort.c_public[position], cohort.s_public[position]) != self.public_keys():
             raise SecAggViolation("the server changed this client's public keys")
         holders = sorted([*cohort.graph()[self.name], self.name])  # a share for itself too
-        if not 2 <= cohort.threshold <= len(holders):
+        if not (2 <= cohort.threshold <= len(holders) and 2 * cohort.threshold > len(holders)):
             raise SecAggViolation(f"threshold {cohort.threshold} is unsafe or unreachable with "
-                                  f"{len(holders)} share holders")
+                                  f"{len(holders)} share holders (it must be a majority)")
         b_shares = shamir.split(self.self_seed, len(holders), cohort.threshold)
         s_shares = shamir.split(self.s_key, len(holders), cohort.threshold)
         sealed = {}
@@ -102,12 +102,17 @@ class SecAggClient:
         client survived, the mask-key share if it dropped; never both, only once per round, and
         nothing when fewer than `min_survivors` inputs would be summed (the node's policy)."""
         self._expect("masked")
+        cohort = self._cohort()
+        if len(set(survivors)) != len(survivors) or len(set(dropped)) != len(dropped):
+            raise SecAggViolation("the survivor or dropped list names a client twice")
+        strangers = sorted((set(survivors) | set(dropped)) - set(cohort.names))
+        if strangers:
+            raise SecAggViolation(f"clients outside this round's cohort listed: {strangers}")
         overlap = sorted(set(survivors) & set(dropped))
         if overlap:
             raise SecAggViolation(f"asked for both shares of {overlap}: refusing")
         if self.name not in survivors:
             raise SecAggViolation("this client sent its masked input but is listed as dropped")
-        cohort = self._cohort()
         if len(survivors) < min_survivors:
             raise SecAggViolation(f"min-cohort: only {len(survivors)} survivors; this node "
                                   f"reveals nothing for a sum of fewer than {min_survivors}")

@@ -153,8 +153,8 @@ class TrainConfig:
         _require(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
         _require(0 < self.lr < 1, "train.lr", "must be in (0, 1)", self.lr)
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
-        _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0",
-                 self.max_grad_norm)
+        _require(0 <= self.max_grad_norm < float("inf"), "train.max_grad_norm",
+                 "must be finite and >= 0", self.max_grad_norm)
 
 
 @dataclass(frozen=True)
@@ -167,6 +167,8 @@ class FederationConfig:
     fraction_evaluate: float = _help("share of available clients sampled to evaluate", 1.0)
     min_clients: int = _help("wait for this many clients before a round; 0 = num_clients", 0)
     timeout: float = _help("seconds to wait for replies in one exchange", 3600.0)
+    max_update_norm: float = _help("an update whose L2 change from the global adapter is larger "
+                                   "is refused as malformed", 1000.0)
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, "federation.rounds", "must be >= 1", self.rounds)
@@ -179,6 +181,8 @@ class FederationConfig:
         _require(0 <= self.min_clients <= self.num_clients, "federation.min_clients",
                  f"must be in [0, federation.num_clients={self.num_clients}]", self.min_clients)
         _require(self.timeout > 0, "federation.timeout", "must be > 0", self.timeout)
+        _require(self.max_update_norm > 0, "federation.max_update_norm", "must be > 0",
+                 self.max_update_norm)
 
     @property
     def wait_for(self) -> int:

@@ -13,7 +13,7 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from rich.console import Console
@@ -43,11 +43,12 @@ from server.metrics_log import (
     keep_rounds_up_to,
     read_rounds,
 )
+from server.replies import ReplyRejected, check_update
 from server.roster import Roster
 from server.secagg_exchange import secure_train_exchange
 from server.strategies.fedavg import SeededFedAvg
 from server.tensorboard_log import TensorBoardLog
-from server.train_outcome import TrainOutcome, refused, retire_refusing
+from server.train_outcome import TrainOutcome, refused, reported_epsilon, retire_refusing
 
 CONFIG_FILE = "config.json"
 ADAPTER_DIR = "adapter"
@@ -101,8 +102,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
             outcome = secure_train_exchange(grid, strategy, server_round, to_record(arrays),
                                             settings, federation.timeout, config.secagg)
         else:
-            outcome = train_exchange(grid, strategy, server_round, to_record(arrays), settings,
-                                     federation.timeout)
+            outcome = train_exchange(grid, strategy, server_round, arrays, settings, config)
         if outcome.arrays is not None:
             arrays = from_record(outcome.arrays)
             if noise is not None:
@@ -144,26 +144,37 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
     return read_rounds(run_dir)
 
 
-def train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int, arrays: ArrayRecord,
-                   settings: ConfigRecord, timeout: float) -> TrainOutcome:
+def train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
+                   global_state: dict[str, Any], settings: ConfigRecord,
+                   config: RunConfig) -> TrainOutcome:
     """One plain training exchange: the global adapter out, each client's update back.
 
-    A client past its privacy budget answers without an update; it is retired from sampling.
+    A client that refuses (budget spent, or its node's policy) is retired from sampling; a
+    malformed update is dropped with its reason (`clients_rejected`) and the round goes on.
     """
-    messages = list(strategy.configure_train(server_round, arrays, settings, grid))
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    messages = list(strategy.configure_train(server_round, to_record(global_state), settings,
+                                             grid))
+    replies = list(grid.send_and_receive(messages, timeout=config.federation.timeout))
     ok = [r for r in replies if not r.has_error()]
-    updates = [r for r in ok if not refused(r)]
     exhausted, by_policy = retire_refusing(strategy.roster, [r for r in ok if refused(r)])
+    names = strategy.roster.name_of
+    updates, rejected = [], {}
+    for reply in (r for r in ok if not refused(r)):
+        try:
+            check_update(reply, global_state, config)
+            updates.append(reply)
+        except ReplyRejected as error:
+            rejected[names(reply.metadata.src_node_id)] = str(error)
+            log(WARNING, "Update of %s rejected: %s", names(reply.metadata.src_node_id), error)
     new_arrays, metrics = strategy.aggregate_train(server_round, updates) if updates else (
         None, None)
-    names = strategy.roster.name_of
-    epsilon = {names(r.metadata.src_node_id): float(r.content[keys.METRICS][keys.EPSILON])
-               for r in ok if keys.EPSILON in r.content[keys.METRICS]}
+    epsilon = {names(r.metadata.src_node_id): eps for r in ok
+               if (eps := reported_epsilon(r)) is not None}
     return TrainOutcome(arrays=new_arrays, metrics=metrics, clients=len(updates),
                         failures=len(messages) - len(ok), bytes_up=_bytes(updates),
                         bytes_down=_bytes(messages), epsilon=dict(sorted(epsilon.items())),
-                        exhausted=exhausted, refused=by_policy)
+                        exhausted=exhausted, refused=by_policy,
+                        rejected=dict(sorted(rejected.items())))
 
 
 def _privacy_columns(outcome: TrainOutcome, noise: ServerSideNoise | None,
@@ -176,6 +187,8 @@ def _privacy_columns(outcome: TrainOutcome, noise: ServerSideNoise | None,
         columns["clients_exhausted"] = outcome.exhausted
     if outcome.refused:
         columns["clients_refused"] = outcome.refused
+    if outcome.rejected:
+        columns["clients_rejected"] = outcome.rejected
     if noise is not None:
         columns["epsilon_client_level"] = noise.epsilon(releases)
     return columns

@@ -10,8 +10,10 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from logging import WARNING
 
 import numpy as np
+from flwr.common.logger import log
 
 from common.secagg import channel, prg, shamir
 from common.secagg.graph import default_neighbours
@@ -38,21 +40,37 @@ class SecAggServer:
     cohort: Cohort | None = None
     holders: dict[str, list[str]] = field(default_factory=dict)  # whose shares each one holds
     partners: dict[str, list[str]] = field(default_factory=dict)  # pairwise masks in its input
+    rejected: dict[str, str] = field(default_factory=dict)  # name -> why its keys were refused
 
     def make_cohort(self, keys: Mapping[str, tuple[bytes, bytes]]) -> Cohort:
         """Step 1 -> 2: everyone's public keys, the graph and the threshold."""
+        keys = {name: pair for name, pair in keys.items() if not self.key_problem(name, pair)}
         names = sorted(keys)
         k = min(self.neighbours_setting or default_neighbours(len(names)), len(names) - 1)
         t = self.threshold_setting or default_threshold(k + 1)
         if len(names) < 3 or t > k + 1:
             raise SecAggAbort(f"{len(names)} clients with {k} neighbours each cannot meet "
                               f"threshold {t}")
-        for name in names:
-            if any(len(key) != 32 for key in keys[name]):
-                raise SecAggAbort(f"{name} sent a malformed public key")
         self.cohort = Cohort(names, [keys[n][0] for n in names], [keys[n][1] for n in names],
                              k, t, secrets.randbelow(2**63))
         return self.cohort
+
+    def key_problem(self, name: str, pair: tuple[bytes, bytes]) -> str | None:
+        """Why a client's step-1 keys are refused (it is left out of the cohort), else None.
+
+        A low-order point such as all zeros would make every peer's key agreement fail."""
+        problems = []
+        for kind, key in zip(("share-encryption", "mask"), pair, strict=True):
+            try:
+                channel.check_public_key(key)
+            except channel.ChannelError as error:
+                problems.append(f"{kind} key: {error}")
+        if pair[0] == pair[1] and not problems:
+            problems.append("its two public keys are the same")
+        if problems:
+            self.rejected[name] = "; ".join(problems)
+            log(WARNING, "Public keys of %s refused: %s", name, self.rejected[name])
+        return self.rejected.get(name)
 
     def route(self, sealed: Mapping[str, Mapping[str, bytes]]) -> dict[str, dict[str, bytes]]:
         """Step 2 -> 3: the ciphertexts addressed to each client that answered step 2.

@@ -27,7 +27,13 @@ from common.secagg.records import (
 )
 from server.secagg import SecAggAbort, SecAggServer
 from server.strategies.fedavg import SeededFedAvg
-from server.train_outcome import TrainOutcome, refusal_status, refused, retire_refusing
+from server.train_outcome import (
+    TrainOutcome,
+    refusal_status,
+    refused,
+    reported_epsilon,
+    retire_refusing,
+)
 
 
 def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
@@ -45,8 +51,8 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
         {keys.CONFIG: ConfigRecord(base)}))
     exhausted, by_policy = retire_refusing(strategy.roster,
                                            [r for r in replies.values() if refused(r)])
-    epsilon = {name: float(r.content[keys.METRICS][keys.EPSILON]) for name, r in replies.items()
-               if refusal_status(r) == keys.BUDGET_EXHAUSTED}
+    epsilon = {name: eps for name, r in replies.items()
+               if refused(r) and (eps := reported_epsilon(r)) is not None}
     public = {name: _parse(keys_from_record, r.content[keys.CONFIG], name)
               for name, r in replies.items() if not refused(r)}
     public = {name: value for name, value in public.items() if value is not None}
@@ -86,11 +92,14 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
     epsilon.update({name: float(m[keys.EPSILON]) for name, m in metrics.items()
                     if keys.EPSILON in m})
     by_policy.update(link.refused)
+    rejected = dict(protocol.rejected)
     return TrainOutcome(arrays=new_arrays, metrics=_mean_loss(sums), clients=len(metrics),
-                        failures=len(sampled) - len(metrics) - len(exhausted) - len(by_policy),
+                        failures=len(sampled) - len(metrics) - len(exhausted) - len(by_policy)
+                        - len(rejected),
                         bytes_up=link.bytes_up, bytes_down=link.bytes_down,
                         epsilon=dict(sorted(epsilon.items())), exhausted=exhausted,
-                        refused=dict(sorted(by_policy.items())))
+                        refused=dict(sorted(by_policy.items())),
+                        rejected=dict(sorted(rejected.items())))
 
 
 class _Link:
@@ -128,7 +137,8 @@ def _masked_vector(protocol: SecAggServer, name: str, reply: Message,
     try:
         vector = reply.content[keys.ARRAYS][keys.MASKED].numpy()
         protocol.check_masked(name, vector, length)
-    except (KeyError, ValueError) as error:
+    except Exception as error:  # whatever the client sent, the round goes on without it
+        protocol.rejected[name] = f"masked input: {error}"
         log(WARNING, "Masked input of %s refused: %s", name, error)
         return None
     return vector

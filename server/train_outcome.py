@@ -24,6 +24,7 @@ class TrainOutcome:
     epsilon: dict[str, float]  # sample-level DP: each reporting client's total epsilon
     exhausted: list[str]  # clients that refused the round: their budget is spent
     refused: dict[str, str] = field(default_factory=dict)  # name -> rules its policy named
+    rejected: dict[str, str] = field(default_factory=dict)  # name -> why its reply was dropped
 
 
 def refusal_status(reply: Message) -> str | None:
@@ -33,6 +34,13 @@ def refusal_status(reply: Message) -> str | None:
     config = reply.content.config_records.get(keys.CONFIG)
     status = None if config is None else config.get(keys.STATUS)
     return status if status in (keys.BUDGET_EXHAUSTED, keys.POLICY_REFUSED) else None
+
+
+def reported_epsilon(reply: Message) -> float | None:
+    """The ledger total a reply reports (DP-SGD updates and budget refusals), else None."""
+    metrics = reply.content.metric_records.get(keys.METRICS)
+    return None if metrics is None or keys.EPSILON not in metrics else float(
+        metrics[keys.EPSILON])
 
 
 def refused(reply: Message) -> bool:

@@ -41,13 +41,21 @@ def public_bytes(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
 
 
+def check_public_key(data: bytes) -> None:
+    """ChannelError for bytes that are no usable X25519 public key: wrong length, or a
+    low-order point (e.g. all zeros) with which every agreement yields the all-zero secret."""
+    try:
+        new_private_key().exchange(X25519PublicKey.from_public_bytes(data))
+    except ValueError as error:
+        raise ChannelError(f"unusable public key: {error}") from None
+
+
 def shared_key(own: X25519PrivateKey, peer_public: bytes, purpose: bytes, context: bytes) -> bytes:
     """32 bytes both sides derive alike; different `purpose` or `context` give unrelated keys."""
     try:
-        peer = X25519PublicKey.from_public_bytes(peer_public)
+        secret = own.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError as error:
-        raise ChannelError(f"malformed public key: {error}") from None
-    secret = own.exchange(peer)
+        raise ChannelError(f"unusable public key: {error}") from None
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
                 info=purpose + b"|" + context).derive(secret)
 

@@ -161,3 +161,27 @@ def test_the_policy_reaches_the_supernode_unchanged_through_flowers_node_config(
     line = " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
     parsed = parse_config_args([line])
     assert Node.from_node_config(parsed).policy == policy
+
+
+def test_a_deployed_nodes_failure_reaches_the_server_without_its_details(
+        tiny_model_dir, toy_data_dir, tmp_path):
+    # a server probing the node's disk through an error message learns nothing but "failed"
+    config = run_config(tiny_model_dir, toy_data_dir, **{"model.name": str(tmp_path / "secret")})
+    context = node_context(toy_data_dir, tmp_path / "ledger", **{"budget-epsilon": 8.0,
+                                                                  "require-secagg": False})
+    message = request(run_config(tiny_model_dir, toy_data_dir))  # the adapter of a real model
+    message.content[keys.CONFIG][keys.RUN_CONFIG] = json.dumps(config.to_flat())
+    with pytest.raises(client_app.NodeFailure) as failure:
+        client_app.train(message, context)
+    assert "secret" not in str(failure.value) and "train failed" in str(failure.value)
+
+
+def test_a_classifier_is_trained_only_over_a_declared_label_set(tiny_model_dir, toy_data_dir,
+                                                                 tmp_path):
+    undeclared = tmp_path / "undeclared"
+    undeclared.mkdir()
+    (undeclared / "train.jsonl").write_text((toy_data_dir / "train.jsonl").read_text())
+    config = run_config(tiny_model_dir, toy_data_dir)
+    context = node_context(undeclared, tmp_path / "ledger", **{"budget-epsilon": 8.0,
+                                                                "require-secagg": False})
+    assert "labels-json" in refusal_reason(client_app.train(request(config), context))

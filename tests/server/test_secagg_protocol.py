@@ -208,3 +208,36 @@ def test_client_state_survives_serialisation_between_messages():
         client.share_secrets(cohort)
         round_.clients[name] = SecAggClient.from_bytes(client.to_bytes())
     assert all(c.step == "shares" and c.cohort == cohort for c in round_.clients.values())
+
+
+def test_a_server_cannot_steer_the_reveal_with_repeated_or_foreign_names():
+    round_ = Round(3)
+    cohort = round_.server.make_cohort({n: c.public_keys() for n, c in round_.clients.items()})
+    inbox = round_.server.route({n: c.share_secrets(cohort) for n, c in round_.clients.items()})
+    client = round_.clients["client-00"]
+    client.mask(inbox["client-00"], np.zeros(8))
+    # three "survivors" that are one client, so that the others' mask keys may be asked for
+    with pytest.raises(SecAggViolation, match="twice"):
+        client.reveal(["client-00"] * 3, ["client-01", "client-02"])
+    with pytest.raises(SecAggViolation, match="outside this round's cohort"):
+        client.reveal(["client-00", "sybil-1", "sybil-2"], ["client-01", "client-02"])
+    with pytest.raises(SecAggViolation, match="min-cohort"):
+        client.reveal(["client-00", "client-01"], ["client-02"])
+
+
+def test_a_threshold_that_is_not_a_majority_of_the_holders_is_refused():
+    round_ = Round(5, threshold=2)  # 5 holders each: 2 of them could rebuild a secret
+    cohort = round_.server.make_cohort({n: c.public_keys() for n, c in round_.clients.items()})
+    with pytest.raises(SecAggViolation, match="majority"):
+        round_.clients["client-00"].share_secrets(cohort)
+
+
+@pytest.mark.parametrize("bad", [bytes(32), b"\x01" + bytes(31), b"short"])
+def test_degenerate_public_keys_are_left_out_of_the_cohort_not_the_round(bad):
+    round_ = Round(4)
+    keys = {n: c.public_keys() for n, c in round_.clients.items()}
+    keys["client-03"] = (bad, keys["client-03"][1])
+    cohort = round_.server.make_cohort(keys)
+    assert "client-03" not in cohort.names and "client-03" in round_.server.rejected
+    for name in cohort.names:  # the others share and mask as usual
+        round_.clients[name].share_secrets(cohort)

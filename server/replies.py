@@ -1,0 +1,103 @@
+"""Every train reply is untrusted at the server: checked before it is aggregated, and dropped
+with its reason when malformed, so one bad client never stops the run or skews the average.
+
+A plain update must carry exactly the global adapter's tensors (names, shapes, float dtypes),
+finite values, an L2 change from the global adapter within `federation.max_update_norm`, and an
+integer example count in [1, MAX_EXAMPLES] (a claim of 10^12 examples would otherwise own the
+average). Under client-level DP the change must also be within the clipping norm.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from flwr.app import Message
+
+from common import record_keys as keys
+from common.config import RunConfig
+
+MAX_EXAMPLES = 100_000_000  # more rows than any one client holds
+CLIP_SLACK = 1.0 + 1e-4  # float32 rounding of a clipped update
+
+
+class ReplyRejected(ValueError):
+    """Why one client's reply cannot be aggregated."""
+
+
+def check_update(reply: Message, global_state: dict[str, np.ndarray],
+                 config: RunConfig) -> None:
+    """Raise ReplyRejected naming the first problem of a plain train reply."""
+    content = reply.content
+    if list(content.array_records) != [keys.ARRAYS] or \
+            list(content.metric_records) != [keys.METRICS]:
+        raise ReplyRejected(f"the reply must hold one '{keys.ARRAYS}' and one '{keys.METRICS}' "
+                            f"record, got {sorted(content.array_records)} and "
+                            f"{sorted(content.metric_records)}")
+    _check_metrics(content[keys.METRICS], config)
+    record = content[keys.ARRAYS]
+    missing = sorted(set(global_state) - set(record))
+    extra = sorted(set(record) - set(global_state))
+    if missing or extra:
+        raise ReplyRejected(f"adapter tensors differ from the global adapter's: missing "
+                            f"{missing[:3]}, unexpected {extra[:3]}")
+    squares = 0.0
+    for name, expected in global_state.items():
+        value = _array(record, name)
+        if value.shape != expected.shape or value.dtype != expected.dtype:
+            raise ReplyRejected(f"tensor {name} is {value.dtype}{list(value.shape)}, expected "
+                                f"{expected.dtype}{list(expected.shape)}")
+        if not np.isfinite(value).all():
+            raise ReplyRejected(f"tensor {name} holds NaN or infinite values")
+        squares += float(np.sum((value.astype(np.float64) - expected) ** 2))
+    _check_norm(math.sqrt(squares), config)
+    _check_examples(content[keys.METRICS].get(keys.NUM_EXAMPLES))
+
+
+def expected_metrics(config: RunConfig) -> set[str]:
+    """The metric keys a node sends with a plain update under this configuration."""
+    privacy = config.privacy
+    names = {keys.NUM_EXAMPLES, keys.UNIT_WEIGHT}
+    if privacy.dp and privacy.level == "sample":
+        names.add(keys.EPSILON)
+    if not privacy.dp:
+        names.add(keys.TRAIN_LOSS)
+    return names
+
+
+def _check_metrics(metrics: Any, config: RunConfig) -> None:
+    expected = expected_metrics(config)
+    if set(metrics) != expected:
+        raise ReplyRejected(f"metrics {sorted(metrics)} differ from the expected "
+                            f"{sorted(expected)}")
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise ReplyRejected(f"metric {name} must be a finite number, got {value!r}")
+    if metrics[keys.UNIT_WEIGHT] != 1:
+        raise ReplyRejected(f"unit-weight must be 1, got {metrics[keys.UNIT_WEIGHT]!r}")
+
+
+def _array(record: Any, name: str) -> np.ndarray:
+    try:
+        return np.asarray(record[name].numpy())
+    except Exception as error:  # a tensor that does not deserialise is the client's fault
+        raise ReplyRejected(f"tensor {name} cannot be read: {error}") from None
+
+
+def _check_norm(norm: float, config: RunConfig) -> None:
+    bound = config.federation.max_update_norm
+    if norm > bound:
+        raise ReplyRejected(f"update norm {norm:.3g} exceeds federation.max_update_norm {bound:g}")
+    privacy = config.privacy
+    if privacy.dp and privacy.level == "client" and norm > privacy.clip_norm * CLIP_SLACK:
+        raise ReplyRejected(f"update norm {norm:.3g} exceeds the client-level clip norm "
+                            f"{privacy.clip_norm:g}")
+
+
+def _check_examples(count: Any) -> None:
+    if isinstance(count, bool) or not isinstance(count, (int, float)) or count != int(count):
+        raise ReplyRejected(f"num-examples must be an integer, got {count!r}")
+    if not 1 <= count <= MAX_EXAMPLES:
+        raise ReplyRejected(f"num-examples {count!r} is outside [1, {MAX_EXAMPLES}]")
