@@ -1,0 +1,72 @@
+"""Every plain update is untrusted at the server: each kind of malformed reply is named and
+rejected, a well-formed one passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+from common import record_keys as keys
+from common.config import RunConfig
+from server.replies import ReplyRejected, check_update
+
+GLOBAL = {"lora_A": np.zeros((4, 8), dtype=np.float32), "head": np.zeros(3, dtype=np.float32)}
+CONFIG = RunConfig()
+
+
+def reply(arrays=None, metrics=None, *, extra_record=False, shift=0.01) -> Message:
+    """A train reply (built inside a test: messages need the task identity the fixture sets)."""
+    arrays = {k: v + shift for k, v in GLOBAL.items()} if arrays is None else arrays
+    metrics = {keys.NUM_EXAMPLES: 40, keys.UNIT_WEIGHT: 1, keys.TRAIN_LOSS: 0.7} \
+        if metrics is None else metrics
+    content = RecordDict({keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          keys.METRICS: MetricRecord(metrics)})
+    if extra_record:
+        content["more"] = MetricRecord({"x": 1.0})
+    return Message(content, dst_node_id=0, message_type="train")
+
+
+def with_array(name, value):
+    return {**{k: v + 0.01 for k, v in GLOBAL.items()}, name: value}
+
+
+def test_a_well_formed_update_passes():
+    check_update(reply(), GLOBAL, CONFIG)
+
+
+MALFORMED = [
+    (dict(arrays={"lora_A": GLOBAL["lora_A"]}), "missing \\['head'\\]"),
+    (dict(arrays=with_array("extra", np.zeros(2, np.float32))), "unexpected \\['extra'\\]"),
+    (dict(arrays=with_array("head", np.zeros((1, 3), np.float32))), "expected float32\\[3\\]"),
+    (dict(arrays=with_array("head", np.zeros(3, np.float64))), "expected float32"),
+    (dict(arrays=with_array("head", np.array([0, np.nan, 0], np.float32))), "NaN"),
+    (dict(arrays=with_array("head", np.full(3, 1e6, np.float32))), "max_update_norm"),
+    (dict(metrics={keys.NUM_EXAMPLES: 10**12, keys.UNIT_WEIGHT: 1, keys.TRAIN_LOSS: 0.7}),
+     "outside"),
+    (dict(metrics={keys.NUM_EXAMPLES: 2.5, keys.UNIT_WEIGHT: 1, keys.TRAIN_LOSS: 0.7}),
+     "integer"),
+    (dict(metrics={keys.NUM_EXAMPLES: 40, keys.UNIT_WEIGHT: 1}), "differ from the expected"),
+    (dict(metrics={keys.NUM_EXAMPLES: 40, keys.UNIT_WEIGHT: 1, keys.TRAIN_LOSS: float("inf")}),
+     "finite"),
+    (dict(metrics={keys.NUM_EXAMPLES: 40, keys.UNIT_WEIGHT: 9, keys.TRAIN_LOSS: 0.7}),
+     "unit-weight"),
+    (dict(extra_record=True), "one 'arrays' and one 'metrics'"),
+]
+
+
+@pytest.mark.parametrize(("bad", "reason"), MALFORMED, ids=[
+    "missing", "unexpected", "shape", "dtype", "nan", "norm", "count", "fractional-count",
+    "missing-metric", "inf-metric", "weight", "extra-record"])
+def test_each_malformed_update_is_rejected_with_its_reason(bad, reason):
+    with pytest.raises(ReplyRejected, match=reason):
+        check_update(reply(**bad), GLOBAL, CONFIG)
+
+
+def test_under_client_level_dp_an_update_beyond_the_clip_norm_is_rejected():
+    config = RunConfig.from_mapping({"privacy.dp": True, "privacy.level": "client",
+                                     "privacy.clip_norm": 0.1})
+    metrics = {keys.NUM_EXAMPLES: 40, keys.UNIT_WEIGHT: 1}
+    check_update(reply(metrics=metrics, shift=0.01), GLOBAL, config)  # norm 0.059: clipped
+    with pytest.raises(ReplyRejected, match="clip norm"):
+        check_update(reply(metrics=metrics, shift=0.1), GLOBAL, config)  # norm 0.59
