@@ -39,7 +39,7 @@ from client.secagg import SecAggClient, SecAggViolation
 from common import record_keys as keys
 from common.adapter import from_record, load_trainable_state, to_record, trainable_state
 from common.client_dp import clip_update
-from common.config import RunConfig
+from common.config import CLASSIFICATION, RunConfig
 from common.data import Examples
 from common.secagg.protocol import to_vector
 from common.secagg.records import (
@@ -213,18 +213,19 @@ def evaluate_global(msg: Message, context: Context) -> Message:
 
 
 def _gate(msg: Message, config: RunConfig, node: Node, *, secure: bool) -> Message | None:
-    """The refusal to send when this node's policy forbids the request or one more round would
-    pass its budget; None when the round may go on."""
-    if broken := request_violations(node.policy, config, secure=secure,
-                                    declared_labels=node.declares_labels):
-        return refusal(msg, broken)
-    if not sample_level_dp(config):
-        return None
+    """The refusal to send when this node's policy forbids the request (naming every rule it
+    breaks) or one more round would pass its budget; None when the round may go on."""
+    broken = request_violations(node.policy, config, secure=secure,
+                                declared_labels=node.declares_labels)
+    unreadable = config.model.task == CLASSIFICATION and not node.declares_labels
+    if not sample_level_dp(config) or unreadable:  # no plan to check, or no rows to read
+        return refusal(msg, broken) if broken else None
     rows, _ = node_examples(node, node_task(node, config), config)
     plan, ledger = _spending(config, node, rows)
-    if broken := dp_violations(node.policy, noise_multiplier=plan.event.noise_multiplier,
-                               delta=plan.delta, max_delta=ledger.delta,
-                               server_delta=config.privacy.delta):
+    broken += dp_violations(node.policy, noise_multiplier=plan.event.noise_multiplier,
+                            delta=plan.delta, max_delta=ledger.delta,
+                            server_delta=config.privacy.delta)
+    if broken:
         return refusal(msg, broken)
     if ledger.epsilon_after(plan.event) > node.policy.budget():
         return budget_refusal(msg, disclosed_epsilon(node.policy, ledger.spent(), secure=secure))
