@@ -81,9 +81,9 @@ def serve(settings: ServerSettings) -> int:
             synced = sync_nodes(client, settings.nodes)
         finally:
             client.close()
-        print(f"fedtune: Fleet API on {settings.host}:{settings.port} (TLS, registered nodes "
-              f"only); Control and Runtime APIs on 127.0.0.1:{link_port}; node keys: "
-              f"{len(synced.registered)} registered, {len(synced.kept)} kept, "
+        print(f"fedtune: SuperLink ready; Fleet API on {settings.host}:{settings.port} (TLS, "
+              f"registered nodes only); Control and Runtime APIs on 127.0.0.1:{link_port}; "
+              f"node keys: {len(synced.registered)} registered, {len(synced.kept)} kept, "
               f"{len(synced.unregistered)} unregistered; app sha256:{app_digest()}", flush=True)
         return _run(settings, env, link_port, ca)
     finally:
