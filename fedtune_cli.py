@@ -92,6 +92,7 @@ def _add_deployment_commands(commands: Any) -> None:
                         metavar="KEY.pub", help="register this node public key (repeat)")
     server.add_argument("--host", default="0.0.0.0", help="address to listen on")
     server.add_argument("--port", type=int, default=9200, help="port nodes connect to")
+    _add_lockdown_flags(server, client=False)
 
     client = commands.add_parser("client", help="join a federation as a SuperNode")
     client.add_argument("--server", required=True, metavar="HOST:PORT")
@@ -104,6 +105,21 @@ def _add_deployment_commands(commands: Any) -> None:
     client.add_argument("--port", type=int, default=9094, help="this node's local API port")
     client.add_argument("--wait-server", type=float, default=120.0, metavar="SECONDS",
                         help="how long to wait for the server at start-up")
+    _add_lockdown_flags(client, client=True)
+
+
+def _add_lockdown_flags(parser: argparse.ArgumentParser, *, client: bool) -> None:
+    """Who may reach the server and what a node runs (README, "Deployment")."""
+    if client:
+        parser.add_argument("--app-digest", action="append", default=[], metavar="SHA256",
+                            help="run only the Flower app with this FAB digest (repeat; "
+                            "default: the app of the fedtune installed here)")
+        return
+    parser.add_argument("--local-port", type=int, default=0,
+                        help="the SuperLink's own port on 127.0.0.1 (Control and Runtime "
+                        "APIs; default: any free port)")
+    parser.add_argument("--accept-config-change", action="store_true",
+                        help="continue a run whose TOML configuration changed since it began")
 
 
 def _add_policy_flags(client: argparse.ArgumentParser) -> None:
@@ -158,14 +174,16 @@ def run_deployment(args: argparse.Namespace) -> int:
         from server.deploy import ServerSettings, serve
 
         return serve(ServerSettings(args.certs, args.state, args.config, args.nodes, args.host,
-                                    args.port))
+                                    args.port, local_port=args.local_port,
+                                    accept_config_change=args.accept_config_change))
     from client.deploy import ClientSettings, join, resolve_policy
 
     policy = resolve_policy(args.policy, {flag.replace("_", "-"): getattr(args, flag)
                                           for flag in POLICY_FLAGS})
     return join(ClientSettings(args.server, args.root_cert, args.node_key, args.data,
                                args.ledger, args.name or args.node_key.stem, policy,
-                               args.port, args.wait_server))
+                               args.port, args.wait_server,
+                               app_digests=tuple(args.app_digest)))
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -253,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from client.deploy import ServerUnreachable
     from client.policy import PolicyError
     from common.adapter import AdapterError
+    from common.app_bundle import AppBundleError
     from common.certs import CertError
     from common.config import ConfigError
     from common.data import DataError
@@ -260,13 +279,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from common.partition import PartitionError
     from common.privacy import PrivacyError
     from server.checkpoint import CheckpointError
-    from server.deploy import DeployError
+    from server.deploy import START_ERRORS, DeployError
     from server.federation import RunDirError
     from simulations.report import ReportError
 
     bad_input = (InputError, ConfigError, DataError, ModelLoadError, PartitionError,
                  AdapterError, CheckpointError, RunDirError, PrivacyError, CertError, DeployError,
-                 ServerUnreachable, ReportError, PolicyError)
+                 ServerUnreachable, ReportError, PolicyError, *START_ERRORS,
+                 AppBundleError)
     try:
         if args.command in ("certs", "server", "client"):
             return run_deployment(args)

@@ -20,8 +20,10 @@ from pathlib import Path
 
 from client.policy import NodePolicy
 from common import certs
+from common.app_bundle import app_digest, check_digest
 from common.config import DataConfig
 from common.data import load_data, training_records
+from common.tool_path import tool_env
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class ClientSettings:
     policy: NodePolicy  # this node's rules, whatever the server asks
     port: int = 9094  # this node's local API (one per SuperNode on a machine)
     wait_server: float = 120.0  # seconds to wait for the server at start-up
+    app_digests: tuple[str, ...] = ()  # FAB digests this node runs; empty: its own fedtune's
 
 
 class ServerUnreachable(RuntimeError):
@@ -91,6 +94,16 @@ def _toml_value(value: object) -> str:
     return repr(value)
 
 
+def pinned_command(settings: ClientSettings, supernode: list[str]) -> list[str]:
+    """The SuperNode command run through `client/app_pin.py`, which refuses any app but the
+    approved ones. Without --app-digest the node approves the app of the fedtune installed on
+    it: the code its operator installed is the code it runs."""
+    digests = [check_digest(d) for d in settings.app_digests] or [app_digest()]
+    approve = [a for d in digests for a in ("--approve", d)]
+    # -P: the working directory must not shadow the installed packages
+    return [sys.executable, "-P", "-m", "client.app_pin", *approve, "--", *supernode[1:]]
+
+
 REFUSED = "Failed to activate SuperNode"  # Flower's message when the SuperLink turns it away
 
 
@@ -119,13 +132,14 @@ def join(settings: ClientSettings) -> int:
     """Run the SuperNode; while the SuperLink refuses it (not registered yet, or restarting),
     start it again with a back-off. Flower's own SuperNode retries a lost connection but gives
     up, without exiting, when activation is refused."""
-    command = supernode_command(settings)
+    command = pinned_command(settings, supernode_command(settings))
     print(f"fedtune: node policy: {_describe(settings.policy)}", flush=True)
     probe_server(settings)
     delay = 2.0
     while True:
         # same process group as this wrapper: stopping the wrapper's group stops the node
-        node = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        node = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=tool_env())
         signal.signal(signal.SIGTERM, lambda *_, node=node: _stop(node))
         refused = _relay_until_refused(node)
         if not refused:

@@ -1,6 +1,7 @@
 """The images and compose file with a real Docker engine: build, bring up a server and two
-nodes with TLS and authentication, complete a run. Fails when no engine can start, unless
-FEDTUNE_SKIP_CONTAINER_TEST=1 says to skip it."""
+nodes with TLS and authentication, complete a run, and check that each container mounts only
+what it needs. Fails when no engine can start, unless FEDTUNE_SKIP_CONTAINER_TEST=1 says to
+skip it."""
 
 from __future__ import annotations
 
@@ -37,6 +38,36 @@ def make_wheelhouse() -> None:
                     "wheel"], check=True, timeout=900)
     for own in wheels.glob("fedtune-*"):
         own.unlink()
+
+
+# What each container may see (issue 15): the server the CA certificate, its own certificate
+# and key and the nodes' public keys; a node the CA certificate and its own key; the CA key none.
+EXPECTED_MOUNTS = {
+    "server": {"/certs/ca.pem", "/certs/server.pem", "/certs/server.key", "/keys/hospital-a.pub",
+               "/keys/hospital-b.pub", "/config", "/data", "/state"},
+    "client-a": {"/certs/ca.pem", "/keys/hospital-a.key", "/data", "/ledger"},
+    "client-b": {"/certs/ca.pem", "/keys/hospital-b.key", "/data", "/ledger"},
+}
+WRITABLE = {"/state", "/ledger"}
+
+
+def container_mounts(env: dict[str, str], service: str) -> dict[str, dict]:
+    """Destination -> `docker inspect`'s record of each mount of the service's container."""
+    done = subprocess.run(["docker", "inspect", "--format", "{{json .Mounts}}",
+                           f"fedtune-test-{service}-1"], env=env, capture_output=True,
+                          text=True, check=True, timeout=60)
+    return {m["Destination"]: m for m in json.loads(done.stdout)}
+
+
+def check_mounts(env: dict[str, str]) -> None:
+    for service, expected in EXPECTED_MOUNTS.items():
+        mounts = container_mounts(env, service)
+        assert set(mounts) == expected, f"{service} mounts {sorted(mounts)}"
+        for destination, mount in mounts.items():
+            assert mount["Type"] == "bind", (service, mount)
+            assert mount["RW"] == (destination in WRITABLE), (service, mount)
+            assert not Path(mount["Source"], "ca.key").exists(), (service, mount)
+            assert Path(mount["Source"]).name != "ca.key", (service, mount)
 
 
 def make_deployment(root: Path) -> dict[str, str]:
@@ -85,6 +116,7 @@ def test_compose_brings_up_a_federation_that_completes_a_run(tmp_path):
                                "--exit-code-from", "server"], env=env, capture_output=True,
                               text=True, timeout=1800)
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        check_mounts(env)
         rows = read_rounds(tmp_path / "deploy" / "state" / "run")
         assert [r["round"] for r in rows] == [1, 2]
         assert sorted(rows[-1]["client_accuracy"]) == ["hospital-a", "hospital-b"]

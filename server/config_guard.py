@@ -1,0 +1,66 @@
+"""A restarted `fedtune server` resumes its run with the run's saved configuration; a TOML that
+now says something else (a DP or secure-aggregation setting, say) must not be dropped in silence.
+
+Only `federation.rounds` may change on a restart (it extends the run). Any other difference stops
+the server before Flower starts, naming the keys, unless the operator accepts the change: then the
+TOML becomes the run's configuration and the replaced one is kept beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from common.atomic_file import write_atomic
+from common.config import RunConfig
+from server.federation import CONFIG_FILE
+
+MAY_CHANGE = {"federation.rounds", "output.dir"}  # output.dir is set by fedtune server itself
+
+
+class ConfigChangeError(ValueError):
+    """The configuration differs from the one the run was started with."""
+
+
+def changed_keys(saved: RunConfig, new: RunConfig) -> list[str]:
+    """Dotted keys whose values differ, sorted, except those a restart may change."""
+    before, after = saved.to_flat(), new.to_flat()
+    return sorted(k for k in before.keys() | after.keys()
+                  if k not in MAY_CHANGE and before.get(k) != after.get(k))
+
+
+def check_restart(run_dir: Path, new: RunConfig, *, accept: bool) -> list[str]:
+    """Refuse a changed configuration for an existing run, or (accepted) make it the run's.
+
+    Returns the changed keys (empty for a new run or an unchanged one).
+    """
+    saved_file = run_dir / CONFIG_FILE
+    if not saved_file.is_file():
+        return []
+    saved = RunConfig.from_mapping(_read(saved_file))
+    changed = changed_keys(saved, new)
+    if not changed:
+        return []
+    if not accept:
+        shown = ", ".join(f"{k} ({_flat(saved, k)!r} -> {_flat(new, k)!r})" for k in changed)
+        raise ConfigChangeError(
+            f"{saved_file} was started with another configuration: {shown}; restore the TOML "
+            "or pass --accept-config-change to continue the run with the new values")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    saved_file.rename(run_dir / f"config.replaced-{stamp}.json")
+    merged = new.with_overrides({"output.dir": saved.output.dir})
+    write_atomic(saved_file, merged.to_json().encode())
+    return changed
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigChangeError(f"{path} is unreadable: {error}") from None
+
+
+def _flat(config: RunConfig, key: str) -> Any:
+    return config.to_flat().get(key)

@@ -1,0 +1,38 @@
+"""common/app_bundle.py: the digest nodes pin is the digest of what `flwr run` submits."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import pytest
+
+from common.app_bundle import APP_DIR, AppBundleError, app_digest, check_digest
+
+
+@pytest.mark.slow  # Flower's builder walks the whole directory, virtual environment included
+def test_the_digest_is_that_of_flowers_own_bundle_of_the_app_directory():
+    from flwr.cli.build import build_fab_from_disk
+
+    assert app_digest() == hashlib.sha256(build_fab_from_disk(APP_DIR)).hexdigest()
+
+
+def test_any_change_to_the_apps_code_changes_the_digest(tmp_path):
+    copy = tmp_path / "app"
+    for part in ("common", "client", "server"):
+        shutil.copytree(APP_DIR / part, copy / part,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(APP_DIR / "pyproject.toml", copy)
+    same = app_digest(copy)
+
+    with (copy / "client" / "app.py").open("a") as handle:
+        handle.write("# one more line\n")
+
+    assert same == app_digest(APP_DIR) and app_digest(copy) != same
+
+
+def test_digests_are_checked_and_normalised():
+    digest = "ab" * 32
+    assert check_digest(f"sha256:{digest.upper()}") == digest
+    with pytest.raises(AppBundleError, match="64 hex digits"):
+        check_digest("abc")

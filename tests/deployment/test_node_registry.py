@@ -1,0 +1,88 @@
+"""server/node_registry.py against a real SuperLink: `--node` is the registry."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+
+from common import certs
+from common.tool_path import tool_env
+from server.node_registry import RegistryError, control_client, key_bytes, listed_keys, sync_nodes
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def superlink(tmp_path):
+    made = certs.init(tmp_path / "certs", ["localhost"])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = tool_env({**os.environ, "FLWR_HOME": str(tmp_path / "home")})
+    proc = subprocess.Popen(
+        ["flower-superlink", "--ssl-ca-certfile", str(made.ca_cert), "--ssl-certfile",
+         str(made.server_cert), "--ssl-keyfile", str(made.server_key), "--enable-supernode-auth",
+         "--host", "127.0.0.1", "--port", str(port), "--isolation", "process"],
+        stdout=(tmp_path / "superlink.log").open("wb"), stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "no SuperLink"
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.5)
+    client = control_client(f"127.0.0.1:{port}", made.ca_cert)
+    yield client
+    client.close()
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def keys(tmp_path, *names):
+    return [certs.node_key(tmp_path / "keys", n)[1] for n in names]
+
+
+def registered(client) -> set[bytes]:
+    return {k for k, (_, status) in listed_keys(client).items() if status != "unregistered"}
+
+
+def test_keys_no_longer_named_are_unregistered_and_named_ones_kept(superlink, tmp_path):
+    a, b, c = keys(tmp_path, "a", "b", "c")
+    first = sync_nodes(superlink, [a, b, c])
+
+    second = sync_nodes(superlink, [a, b])
+
+    assert sorted(first.registered) == sorted(map(str, [a, b, c]))
+    assert sorted(second.kept) == sorted(map(str, [a, b])) and len(second.unregistered) == 1
+    assert registered(superlink) == {key_bytes(a), key_bytes(b)}
+
+
+def test_a_revoked_key_cannot_come_back_and_says_so(superlink, tmp_path):
+    a, b = keys(tmp_path, "a", "b")
+    sync_nodes(superlink, [a, b])
+    sync_nodes(superlink, [a])
+
+    with pytest.raises(RegistryError, match=r"b\.pub was unregistered earlier.*new key"):
+        sync_nodes(superlink, [a, b])
+
+    assert registered(superlink) == {key_bytes(a)}
+
+
+def test_a_registration_the_superlink_refuses_is_an_error(superlink, tmp_path):
+    [a] = keys(tmp_path, "a")
+    sync_nodes(superlink, [a])
+
+    class Refusing:  # Flower's client, except that registering fails (as a 412 would)
+        def __getattr__(self, name):
+            return getattr(superlink, name)
+
+        def RegisterNode(self, request):
+            raise RuntimeError("Client error '412 Precondition Failed'")
+
+    [b] = keys(tmp_path, "b")
+    with pytest.raises(RegistryError, match=r"registering .*b\.pub failed: .*412"):
+        sync_nodes(Refusing(), [a, b])

@@ -1,0 +1,65 @@
+"""server/config_guard.py: a restart keeps the run's configuration unless told otherwise."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.config import RunConfig
+from server.config_guard import ConfigChangeError, changed_keys, check_restart
+from server.federation import CONFIG_FILE
+
+
+def started_run(tmp_path, **overrides) -> tuple[RunConfig, object]:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved = RunConfig().with_overrides({"output.dir": str(run_dir), **overrides})
+    (run_dir / CONFIG_FILE).write_text(saved.to_json())
+    return saved, run_dir
+
+
+def test_only_rounds_and_the_run_directory_may_change():
+    saved = RunConfig()
+    new = saved.with_overrides({"federation.rounds": 9, "output.dir": "elsewhere"})
+
+    assert changed_keys(saved, new) == []
+
+
+def test_every_other_difference_is_named_in_order():
+    saved = RunConfig()
+    new = saved.with_overrides({"privacy.dp": True, "secagg.enabled": True, "train.lr": 0.5})
+
+    assert changed_keys(saved, new) == ["privacy.dp", "secagg.enabled", "train.lr"]
+
+
+def test_a_changed_restart_is_refused_with_the_keys_and_values(tmp_path):
+    saved, run_dir = started_run(tmp_path)
+    new = saved.with_overrides({"privacy.dp": True, "federation.rounds": 7})
+
+    with pytest.raises(ConfigChangeError) as refused:
+        check_restart(run_dir, new, accept=False)
+
+    assert "privacy.dp (False -> True)" in str(refused.value)
+    assert "federation.rounds" not in str(refused.value)
+    assert json.loads((run_dir / CONFIG_FILE).read_text())["privacy"]["dp"] is False
+
+
+def test_an_accepted_change_becomes_the_runs_configuration_and_the_old_one_is_kept(tmp_path):
+    saved, run_dir = started_run(tmp_path)
+    new = saved.with_overrides({"secagg.enabled": True, "output.dir": "ignored"})
+
+    changed = check_restart(run_dir, new, accept=True)
+
+    assert changed == ["secagg.enabled"]
+    now = json.loads((run_dir / CONFIG_FILE).read_text())
+    assert now["secagg"]["enabled"] is True and now["output"]["dir"] == str(run_dir)
+    [kept] = run_dir.glob("config.replaced-*.json")
+    assert json.loads(kept.read_text())["secagg"]["enabled"] is False
+
+
+def test_a_new_run_and_an_unchanged_restart_pass(tmp_path):
+    assert check_restart(tmp_path / "nothing", RunConfig(), accept=False) == []
+    saved, run_dir = started_run(tmp_path)
+    assert check_restart(run_dir, saved.with_overrides({"federation.rounds": 5}),
+                         accept=False) == []
