@@ -23,7 +23,7 @@ from common import certs
 from common.app_bundle import app_digest, check_digest
 from common.config import DataConfig
 from common.data import load_data, training_records
-from common.tool_path import tool_env
+from common.tool_path import stop_child, tool_env
 
 
 @dataclass(frozen=True)
@@ -140,11 +140,11 @@ def join(settings: ClientSettings) -> int:
         # same process group as this wrapper: stopping the wrapper's group stops the node
         node = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=tool_env())
-        signal.signal(signal.SIGTERM, lambda *_, node=node: _stop(node))
+        signal.signal(signal.SIGTERM, lambda *_, node=node: stop_child(node))
         refused = _relay_until_refused(node)
         if not refused:
             return node.wait()
-        _stop(node)
+        stop_child(node)
         print(f"fedtune: {settings.server} refused this node (not registered yet?); retrying "
               f"in {delay:.0f}s", file=sys.stderr, flush=True)
         time.sleep(delay)
@@ -164,13 +164,3 @@ def _relay_until_refused(node: subprocess.Popen) -> bool:
         if REFUSED.encode() in raw:
             return True
     return False
-
-
-def _stop(node: subprocess.Popen) -> None:
-    if node.poll() is None:
-        node.terminate()
-        try:
-            node.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            node.kill()
-            node.wait()

@@ -23,7 +23,7 @@ from pathlib import Path
 from common import certs
 from common.app_bundle import APP_DIR, app_digest
 from common.config import RunConfig
-from common.tool_path import tool_env
+from common.tool_path import stop_child, tool_env
 from server.app import CONFIG_FILE_KEY
 from server.config_guard import ConfigChangeError, check_restart
 from server.fleet_proxy import ProxyError, ProxySettings, nginx_binary, start_proxy
@@ -89,7 +89,7 @@ def serve(settings: ServerSettings) -> int:
     finally:
         for process in (proxy, superlink):
             if process is not None:
-                _stop(process)
+                stop_child(process, grace=20)
 
 
 def _check_inputs(settings: ServerSettings) -> tuple[Path, Path, Path]:
@@ -151,15 +151,6 @@ def _wait_for_port(host: str, port: int, process: subprocess.Popen, name: str, l
         except OSError:
             time.sleep(0.5)
     raise DeployError(f"{name} did not listen on {host}:{port} within {timeout:.0f}s")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def _write_cli_config(path: Path, port: int, ca: Path) -> None:

@@ -8,7 +8,6 @@ import json
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.config import parse_config_args
-from flwr.supercore.task_identity import TaskIdentity
 
 from client import app as client_app
 from client.deploy import _toml_value
@@ -27,14 +26,7 @@ from common.adapter import to_record
 from common.config import RunConfig
 from common.task import cached_task
 
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Flower stamps messages with the running task's identity; tests run outside a task."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("message_identity")  # messages built by hand
 
 
 def run_config(tiny_model_dir, toy_data_dir, **overrides) -> RunConfig:
