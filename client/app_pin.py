@@ -43,9 +43,17 @@ def approves(content: bytes, approved: frozenset[str]) -> bool:
     return False
 
 
+PINNED_FLOWER = "1.41."  # the SuperNode internals install_pin replaces are this version's
+
+
 def install_pin(approved: frozenset[str]) -> None:
     """Route the SuperNode's FAB verification to `approves` for every run."""
+    import flwr
     from flwr.supernode import start_client_internal as node
+
+    if not flwr.__version__.startswith(PINNED_FLOWER):
+        raise PinError(f"fedtune's app pin is written for Flower {PINNED_FLOWER}*, this is "
+                       f"{flwr.__version__}: it could stop checking without a word")
 
     pull = getattr(node, "_pull_and_store_message", None)
     if pull is None or not hasattr(node, "_verify_fab") or not {"get_fab", "trusted_entities"} \

@@ -49,7 +49,9 @@ def check_restart(run_dir: Path, new: RunConfig, *, accept: bool) -> list[str]:
             f"{saved_file} was started with another configuration: {shown}; restore the TOML "
             "or pass --accept-config-change to continue the run with the new values")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    saved_file.rename(run_dir / f"config.replaced-{stamp}.json")
+    # the old configuration is copied aside first, then replaced atomically: a crash in between
+    # leaves one of the two in config.json, never none
+    write_atomic(run_dir / f"config.replaced-{stamp}.json", saved_file.read_bytes())
     merged = new.with_overrides({"output.dir": saved.output.dir})
     write_atomic(saved_file, merged.to_json().encode())
     return changed

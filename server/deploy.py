@@ -71,16 +71,16 @@ def serve(settings: ServerSettings) -> int:
     proxy: subprocess.Popen | None = None
     try:
         _wait_for_port("127.0.0.1", link_port, superlink, "flower-superlink", "superlink.log")
+        _write_cli_config(state / "flwr-home" / "config.toml", link_port, ca)
+        client = control_client(f"127.0.0.1:{link_port}", ca)
+        try:  # before the public port opens: a revoked key never gets a window
+            synced = sync_nodes(client, settings.nodes)
+        finally:
+            client.close()
         proxy = start_proxy(ProxySettings(settings.host, settings.port, link_port, ca, cert, key,
                                           state), state / "fleet-proxy.log")
         _wait_for_port(_probe_host(settings.host), settings.port, proxy, "nginx (Fleet proxy)",
                        "fleet-proxy.log")
-        _write_cli_config(state / "flwr-home" / "config.toml", link_port, ca)
-        client = control_client(f"127.0.0.1:{link_port}", ca)
-        try:
-            synced = sync_nodes(client, settings.nodes)
-        finally:
-            client.close()
         print(f"fedtune: SuperLink ready; Fleet API on {settings.host}:{settings.port} (TLS, "
               f"registered nodes only); Control and Runtime APIs on 127.0.0.1:{link_port}; "
               f"node keys: {len(synced.registered)} registered, {len(synced.kept)} kept, "

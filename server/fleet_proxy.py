@@ -56,6 +56,10 @@ def nginx_binary() -> str:
     return found
 
 
+MAX_BODY = "512m"  # one Fleet request: far above a LoRA adapter's objects
+MAX_CONNECTIONS_PER_PEER = 64
+
+
 def nginx_config(settings: ProxySettings, paths: list[str]) -> str:
     """nginx.conf for the proxy: TLS on the public port, the listed POST routes, else 404."""
     work = (settings.state_dir / PROXY_DIR).resolve()
@@ -78,7 +82,11 @@ def nginx_config(settings: ProxySettings, paths: list[str]) -> str:
         f"    fastcgi_temp_path {work}/fastcgi;\n    uwsgi_temp_path {work}/uwsgi;\n"
         f"    scgi_temp_path {work}/scgi;\n"
         "    server_tokens off;\n"
-        "    client_max_body_size 0;  # model updates: Flower bounds its own messages\n"
+        # Flower's HTTP Fleet API reads a whole body before it checks the node's signature:
+        # bound what an unauthenticated peer can make it hold, and how many connections
+        f"    client_max_body_size {MAX_BODY};\n"
+        "    limit_conn_zone $binary_remote_addr zone=per_peer:1m;\n"
+        f"    limit_conn per_peer {MAX_CONNECTIONS_PER_PEER};\n"
         "    proxy_http_version 1.1;\n    proxy_request_buffering off;\n"
         "    proxy_buffering off;\n    proxy_read_timeout 600s;\n    proxy_send_timeout 600s;\n"
         # the loopback SuperLink must prove it holds the federation's server certificate
