@@ -107,6 +107,8 @@ def training_records(path: str | Path) -> list[dict[str, Any]]:
     source = Path(path)
     if source.is_file() and source.suffix.lower() == ".csv":
         return _read_csv(source)
+    if not source.exists():
+        raise DataError(f"data path {source} does not exist")
     if not source.is_dir():
         raise DataError(f"data path {source} is neither a data directory nor a .csv file")
     train_file = _first_existing(source, TRAIN_NAMES)
