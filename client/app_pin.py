@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import inspect
+import re
 import sys
 from collections.abc import Callable, Sequence
 from logging import ERROR, INFO
@@ -46,9 +47,18 @@ def approves(content: bytes, approved: frozenset[str]) -> bool:
 PINNED_FLOWER = "1.41."  # the SuperNode internals install_pin replaces are this version's
 
 
+def safe_run_names(fab_id: str, fab_version: str) -> bool:
+    """A run's app id ("publisher/name") and version, as the SuperLink reports them, are plain
+    names: Flower installs and imports the app from a folder built from them."""
+    return bool(re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", fab_id or "")
+                and re.fullmatch(r"[A-Za-z0-9_.+-]+", fab_version or "")
+                and ".." not in fab_id + fab_version)
+
+
 def install_pin(approved: frozenset[str]) -> None:
     """Route the SuperNode's FAB verification to `approves` for every run."""
     import flwr
+    from flwr.common.logger import log
     from flwr.supernode import start_client_internal as node
 
     if not flwr.__version__.startswith(PINNED_FLOWER):
@@ -57,20 +67,34 @@ def install_pin(approved: frozenset[str]) -> None:
 
     pull = getattr(node, "_pull_and_store_message", None)
     if pull is None or not hasattr(node, "_verify_fab") or not {"get_fab", "trusted_entities"} \
-            <= set(inspect.signature(pull).parameters):
+            <= set(inspect.signature(pull).parameters) or "get_run" not in \
+            inspect.signature(pull).parameters:
         raise PinError("this Flower version has no SuperNode FAB-verification step for "
                        "fedtune's app pin; use the Flower version pyproject.toml names")
 
     def pull_pinned(**kwargs: Any) -> Any:
         get_fab: Callable[[str, int], Any] = kwargs["get_fab"]
+        get_run: Callable[[int], Any] = kwargs["get_run"]
+        unsafe: set[int] = set()  # runs whose names would steer where the app is loaded from
+
+        def get_run_for_pin(run_id: int) -> Any:
+            run = get_run(run_id)
+            if not safe_run_names(run.fab_id, run.fab_version):
+                log(ERROR, "fedtune: refused run %d: its app id %r or version %r is not a plain "
+                    "name (the node loads the app from a folder named after them)", run_id,
+                    run.fab_id, run.fab_version)
+                unsafe.add(run_id)
+            return run
 
         def get_fab_for_pin(fab_hash: str, run_id: int) -> Any:
             fab = get_fab(fab_hash, run_id)
             # Whatever the SuperLink says about the bundle is no evidence here: the pin decides.
             fab.verifications = {"valid_license": PIN_ENTITY}
+            if run_id in unsafe:
+                fab.content = b""  # approved by no digest: refused like any other app
             return fab
 
-        return pull(**{**kwargs, "get_fab": get_fab_for_pin,
+        return pull(**{**kwargs, "get_fab": get_fab_for_pin, "get_run": get_run_for_pin,
                        "trusted_entities": {PIN_ENTITY: "the approved app digests"}})
 
     node._pull_and_store_message = pull_pinned

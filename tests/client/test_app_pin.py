@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from types import SimpleNamespace
 
 from flwr.supercore.fab import Fab
 
-from client.app_pin import PIN_ENTITY, approves, install_pin
+from client.app_pin import PIN_ENTITY, approves, install_pin, safe_run_names
+
+RUNS = {1: SimpleNamespace(fab_id="fedtune/fedtune", fab_version="0.1.0"),
+        2: SimpleNamespace(fab_id="fedtune/fedtune", fab_version="0.1.0.abcd/../../../tmp/x")}
 
 
 def test_only_the_pinned_bundle_is_approved_by_its_own_bytes():
@@ -24,16 +28,35 @@ def test_the_supernode_verification_step_is_routed_to_the_pin(monkeypatch):
     good, bad = b"approved", b"other"
     seen = {}
 
-    def fake_pull(*, get_fab, trusted_entities, **rest):  # records what the pin hands Flower's
-        seen.update(get_fab=get_fab, trusted_entities=trusted_entities)
+    def fake_pull(*, get_fab, get_run, trusted_entities, **rest):  # what the pin hands Flower's
+        seen.update(get_fab=get_fab, get_run=get_run, trusted_entities=trusted_entities)
 
     monkeypatch.setattr(node, "_pull_and_store_message", fake_pull)
     install_pin(frozenset({hashlib.sha256(good).hexdigest()}))
     node._pull_and_store_message(get_fab=lambda h, r: Fab(h, bad, {"claimed": "by server"}),
-                                 trusted_entities=None)
+                                 get_run=lambda r: RUNS[r], trusted_entities=None)
 
     fab = seen["get_fab"]("hash-the-server-claims", 1)
     assert seen["trusted_entities"] == {PIN_ENTITY: "the approved app digests"}
     assert fab.verifications == {"valid_license": PIN_ENTITY}  # the server's claims dropped
     assert node._verify_fab(Fab("x", good, {}), {}) is True
     assert node._verify_fab(fab, {}) is False
+
+
+def test_a_run_whose_names_would_steer_the_app_folder_is_refused(monkeypatch):
+    from flwr.supernode import start_client_internal as node
+
+    monkeypatch.setattr(node, "_verify_fab", node._verify_fab)
+    good = b"approved"
+    seen = {}
+    monkeypatch.setattr(node, "_pull_and_store_message",
+                        lambda *, get_fab, get_run, trusted_entities, **rest: seen.update(
+                            get_fab=get_fab, get_run=get_run))
+    install_pin(frozenset({hashlib.sha256(good).hexdigest()}))
+    node._pull_and_store_message(get_fab=lambda h, r: Fab(h, good, {}),
+                                 get_run=lambda r: RUNS[r], trusted_entities=None)
+    for run_id, approved in ((1, True), (2, False)):
+        seen["get_run"](run_id)
+        assert node._verify_fab(seen["get_fab"]("h", run_id), {}) is approved
+    assert not safe_run_names("../x", "1.0") and not safe_run_names("a/b", "1.0/..")
+    assert safe_run_names("fedtune/fedtune", "0.1.0")
