@@ -31,7 +31,6 @@ from client.policy import (
     evaluation_metrics,
     refusal,
     request_violations,
-    sample_level_dp,
     train_metrics,
 )
 from client.randomness import round_seeds
@@ -167,8 +166,7 @@ def secagg_masked(msg: Message, context: Context) -> Message:
     received = sealed_from_record(msg.content[keys.CONFIG], "from")
     client.check_shares(received)  # too few shares: refused before training too
     update = _local_update(config, server_round, node, from_record(msg.content[keys.ARRAYS]))
-    client_level = config.privacy.dp and config.privacy.level == "client"
-    weight = 1.0 if client_level else float(update.examples)
+    weight = 1.0 if config.privacy.client_level else float(update.examples)
     loss_sum = 0.0 if config.privacy.dp else update.loss * update.examples
     masked = client.mask(received, to_vector(update.state, weight, (update.examples, loss_sum)))
     _keep(context, client)
@@ -218,7 +216,7 @@ def _gate(msg: Message, config: RunConfig, node: Node, *, secure: bool) -> Messa
     broken = request_violations(node.policy, config, secure=secure,
                                 declared_labels=node.declares_labels)
     unreadable = config.model.task == CLASSIFICATION and not node.declares_labels
-    if not sample_level_dp(config) or unreadable:  # no plan to check, or no rows to read
+    if not config.privacy.sample_level or unreadable:  # no plan to check, or no rows to read
         return refusal(msg, broken) if broken else None
     rows, _ = node_examples(node, node_task(node, config), config)
     plan, ledger = _spending(config, node, rows)
@@ -244,7 +242,7 @@ def _local_update(config: RunConfig, server_round: int, node: Node,
                          seed=seeds.sampling)
     optimizer = adamw(task.model, config.train.lr, config.train.weight_decay)
     epsilon = None
-    if sample_level_dp(config):
+    if config.privacy.sample_level:
         plan, ledger = _spending(config, node, rows)
         # Recorded before training, under the ledger's lock: no round trains unaccounted, and
         # a concurrent run over the same data set that took the budget stops this one here.
@@ -259,7 +257,7 @@ def _local_update(config: RunConfig, server_round: int, node: Node,
                             max_steps=config.train.local_steps,
                             max_grad_norm=config.train.max_grad_norm, device=task.device)
     state = trainable_state(task.model)
-    if config.privacy.dp and config.privacy.level == "client":
+    if config.privacy.client_level:
         state = clip_update(global_state, state, config.privacy.clip_norm)
     return LocalUpdate(state=state, examples=len(rows), loss=stats.loss, epsilon=epsilon)
 

@@ -22,7 +22,7 @@ from client.policy import NodePolicy
 from common import certs
 from common.app_bundle import app_digest, check_digest
 from common.config import DataConfig
-from common.data import load_data, training_records
+from common.data import LABELS_FILE, load_data, training_records
 from common.tool_path import stop_child, tool_env
 
 
@@ -70,7 +70,7 @@ def check_data(path: Path, policy: NodePolicy) -> None:
     """Read the node's data once at start-up, so that a problem is a local error now (DataError
     names it), never a data-dependent failure a server could provoke later."""
     training_records(path)
-    if (path / "labels.json").is_file():  # a classification node: every label in its label set
+    if (path / LABELS_FILE).is_file():  # a classification node: every label in its label set
         load_data(DataConfig(path=str(path), text_field=policy.text_field,
                              label_field=policy.label_field), seed=0)
 

@@ -19,11 +19,10 @@ import numpy as np
 from client.ledger import fingerprint, fingerprint_records
 from client.policy import NodePolicy, PolicyError
 from common.config import DataConfig, RunConfig
-from common.data import Examples, training_records, training_rows
+from common.data import LABELS_FILE, Examples, training_records, training_rows
 from common.partition import local_split
 from common.task import Task, cached_task
 
-LABELS_FILE = "labels.json"
 IDENTITY_KEYS = ("name", "data-path", "ledger-dir", "partition-id", "num-partitions")
 
 

@@ -141,7 +141,7 @@ def request_violations(policy: NodePolicy, config: RunConfig, *, secure: bool,
         broken.append(f"{LABELS_JSON}: this node trains a classifier only over the label set its "
                       "labels.json declares")
     privacy = config.privacy
-    if policy.require_dp and not sample_level_dp(config):
+    if policy.require_dp and not config.privacy.sample_level:
         asked = "privacy.dp = false" if not privacy.dp else f"privacy.level = {privacy.level!r}"
         broken.append(f"{REQUIRE_DP}: this node trains only with sample-level DP-SGD, the "
                       f"server asked {asked}")
@@ -165,10 +165,6 @@ def dp_violations(policy: NodePolicy, *, noise_multiplier: float, delta: float,
         broken.append(f"{MIN_NOISE}: this round's noise multiplier is below this node's floor, "
                       f"{policy.min_noise_multiplier:g}")
     return broken
-
-
-def sample_level_dp(config: RunConfig) -> bool:
-    return config.privacy.dp and config.privacy.level == "sample"
 
 
 def cohort_violations(policy: NodePolicy, cohort: int, threshold: int) -> list[str]:

@@ -223,6 +223,16 @@ class PrivacyConfig:
         _require(self.clip_norm > 0, "privacy.clip_norm", "must be > 0", self.clip_norm)
         self.budgets()  # validates the entries
 
+    @property
+    def sample_level(self) -> bool:
+        """DP-SGD on each client (per-example clipping and noise)."""
+        return self.dp and self.level == "sample"
+
+    @property
+    def client_level(self) -> bool:
+        """DP-FedAvg: each client's whole update clipped, noise on the sum."""
+        return self.dp and self.level == "client"
+
     def budgets(self) -> dict[str, float]:
         """`client_budgets` as {client name: epsilon}."""
         parsed: dict[str, float] = {}
@@ -294,7 +304,7 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
-        if self.privacy.dp and self.privacy.level == "sample":
+        if self.privacy.sample_level:
             _require(self.train.max_grad_norm > 0, "train.max_grad_norm",
                      "must be > 0 under DP-SGD (it bounds each example's gradient)",
                      self.train.max_grad_norm)

@@ -20,6 +20,7 @@ from common.config import BUILTIN_DATA, CAUSAL_LM, CLASSIFICATION, DataConfig
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "default_data"
 TRAIN_NAMES = ("train.jsonl", "train.jsonl.gz")
+LABELS_FILE = "labels.json"  # a data directory's label names: {"0": name, ...}
 TEST_NAMES = ("test.jsonl", "test.jsonl.gz", "validation.jsonl", "validation.jsonl.gz")
 
 
@@ -134,7 +135,7 @@ def _load_directory(directory: Path, config: DataConfig, seed: int,
     test = None
     if test_file is not None:
         test = convert(_read_jsonl(test_file), config, str(test_file))
-    names = _read_label_names(directory / "labels.json")
+    names = _read_label_names(directory / LABELS_FILE)
     return _finish(train, test, names, config, seed)
 
 

@@ -70,7 +70,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
     task = cached_task(config)
     roster = Roster()
     federation = config.federation
-    client_level = config.privacy.dp and config.privacy.level == "client"
+    client_level = config.privacy.client_level
     noise = ServerSideNoise(config, seeded=simulated) if client_level else None
     strategy = SeededFedAvg(
         roster, config.seed, fraction_train=federation.fraction_train,

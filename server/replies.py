@@ -59,7 +59,7 @@ def expected_metrics(config: RunConfig) -> set[str]:
     """The metric keys a node sends with a plain update under this configuration."""
     privacy = config.privacy
     names = {keys.NUM_EXAMPLES, keys.UNIT_WEIGHT}
-    if privacy.dp and privacy.level == "sample":
+    if privacy.sample_level:
         names.add(keys.EPSILON)
     if not privacy.dp:
         names.add(keys.TRAIN_LOSS)
@@ -91,7 +91,7 @@ def _check_norm(norm: float, config: RunConfig) -> None:
     if norm > bound:
         raise ReplyRejected(f"update norm {norm:.3g} exceeds federation.max_update_norm {bound:g}")
     privacy = config.privacy
-    if privacy.dp and privacy.level == "client" and norm > privacy.clip_norm * CLIP_SLACK:
+    if privacy.client_level and norm > privacy.clip_norm * CLIP_SLACK:
         raise ReplyRejected(f"update norm {norm:.3g} exceeds the client-level clip norm "
                             f"{privacy.clip_norm:g}")
 
