@@ -137,6 +137,9 @@ def _add_policy_flags(client: argparse.ArgumentParser) -> None:
                        "1/(10 n) for this node's n rows)")
     rules.add_argument("--min-noise-multiplier", type=float,
                        help="smallest DP-SGD noise multiplier accepted (default 0.5)")
+    rules.add_argument("--peers", metavar="DIR", help="the consortium's <name>.pub node keys: "
+                       "sign secure aggregation with this node's key and refuse any cohort "
+                       "with a key not pinned there")
     rules.add_argument("--min-cohort", type=int, help="fewest clients summed by secure "
                        "aggregation (default 3)")
     rules.add_argument("--min-threshold", type=int,
@@ -152,7 +155,7 @@ def _add_policy_flags(client: argparse.ArgumentParser) -> None:
                        help="send the ledger's epsilon under secure aggregation too")
 
 
-POLICY_FLAGS = ("budget_epsilon", "require_dp", "require_secagg", "max_delta",
+POLICY_FLAGS = ("budget_epsilon", "peers", "require_dp", "require_secagg", "max_delta",
                 "min_noise_multiplier", "min_cohort", "min_threshold", "share_evaluation",
                 "test_fraction", "split_seed", "text_field", "label_field", "report_epsilon")
 

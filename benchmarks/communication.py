@@ -1,5 +1,5 @@
 """Communication per client per round: the adapter fedtune sends, against the full model a
-full-model FedAvg would send, plain (float32) and under secure aggregation (uint64 ring).
+full-model FedAvg would send, plain (float32) and under secure aggregation (uint32 ring).
 
     python -m benchmarks.communication [--quick]
 
@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+
 from benchmarks.dp_overhead import SHARED_BANKING77
 
 
 def measure(data_path: str, rank: int) -> dict[str, float]:
     from common.adapter import to_record
     from common.config import RunConfig
-    from common.secagg import ring
-    from common.secagg.protocol import to_vector
+    from common.secagg.plan import summation_for
     from common.task import build_task
 
     task = build_task(RunConfig.from_mapping({"data.path": data_path, "lora.r": rank}))
@@ -26,7 +27,9 @@ def measure(data_path: str, rank: int) -> dict[str, float]:
     adapter_bytes = to_record(adapter).count_bytes()
     full = {name: p.detach().cpu().numpy() for name, p in task.model.named_parameters()}
     full_bytes = to_record(full).count_bytes()
-    masked_bytes = ring.encode(to_vector(adapter, 1.0), clients=10).nbytes
+    summation = summation_for(task.config, 10)
+    vector = summation.to_vector({k: v * 0 for k, v in adapter.items()}, 100, 1.0)
+    masked_bytes = summation.encoding.encode(vector, np.random.default_rng(0)).nbytes
     return {"labels": task.data.num_labels, "lora_r": rank,
             "adapter_values": int(sum(v.size for v in adapter.values())),
             "full_model_values": int(sum(v.size for v in full.values())),

@@ -1,14 +1,22 @@
-"""Secure aggregation's cost: crypto seconds per client and at the server, bytes per client,
-for 5/10/20/50 clients and two vector sizes (the embedded MiniLM's adapter, and 1M values);
-against the plain round (float32 upload; one client's local training on a tenth of banking77).
+"""Secure aggregation's cost: crypto seconds per client and at the server, bytes per client
+(against the plain float32 upload), for 5 to 1,000 clients and two vector sizes (the embedded
+MiniLM's adapter, and 1M values); and accuracy with and without `--secagg` on banking77.
 
-    python -m benchmarks.secagg_cost [--quick]
+    python -m benchmarks.secagg_cost [--quick] [--skip-accuracy]
+
+The protocol rounds run in process (every client's steps timed on its own); the accuracy pair
+runs `fedtune simulate` twice with one seed, so the two differ only by the masked encoding.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -16,54 +24,68 @@ from client.secagg import SecAggClient
 from common.secagg import ring
 from server.secagg import SecAggServer
 
+SIGNATURE_BYTES = 64  # Ed25519
+ACCURACY_FLAGS = ["--num-clients", "10", "--rounds", "3", "--max-length", "64",
+                  "--batch-size", "32", "--lr", "0.003", "--seed", "0"]
 
-def one_round(clients: int, length: int) -> dict[str, float]:
-    """Run the four steps in process, timing each role and counting what each client sends."""
-    rng = np.random.default_rng(0)
-    server = SecAggServer(server_round=1)
-    names = [f"client-{i:03d}" for i in range(clients)]
-    parties = {n: SecAggClient(n, server.session, 1) for n in names}
-    client_s = dict.fromkeys(names, 0.0)
-    sent = dict.fromkeys(names, 0)
 
-    def timed(name, call, *args):
+class Clock:
+    """Seconds and bytes sent, per client and at the server."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.client = dict.fromkeys(names, 0.0)
+        self.sent = dict.fromkeys(names, 0)
+        self.server = 0.0
+
+    def run(self, name: str | None, call, *args):
         started = time.perf_counter()
         result = call(*args)
-        client_s[name] += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        if name is None:
+            self.server += elapsed
+        else:
+            self.client[name] += elapsed
         return result
 
-    keys = {n: timed(n, parties[n].public_keys) for n in names}
+
+def one_round(clients: int, length: int) -> dict[str, float]:
+    """Every step of one round, the consistency round included; checks the sum is exact."""
+    rng = np.random.default_rng(0)
+    server = SecAggServer(server_round=1)
+    names = [f"client-{i:04d}" for i in range(clients)]
+    parties = {n: SecAggClient(n, server.session, 1) for n in names}
+    clock = Clock(names)
+    keys = {n: clock.run(n, parties[n].signed_keys) for n in names}
     for n in names:
-        sent[n] += 64
-    started = time.perf_counter()
-    cohort = server.make_cohort(keys)
-    server_s = time.perf_counter() - started
-    sealed = {n: timed(n, parties[n].share_secrets, cohort) for n in names}
+        clock.sent[n] += sum(len(k) for k in keys[n])
+    cohort = clock.run(None, server.make_cohort, keys)
+    sealed = {n: clock.run(n, parties[n].share_secrets, cohort) for n in names}
     for n in names:
-        sent[n] += sum(len(c) for c in sealed[n].values())
-    started = time.perf_counter()
-    inbox = server.route(sealed)
-    server_s += time.perf_counter() - started
-    vectors = {n: rng.normal(scale=0.05, size=length) for n in names}
-    masked = {n: timed(n, parties[n].mask, inbox[n], vectors[n]) for n in names}
+        clock.sent[n] += sum(len(c) for c in sealed[n].values())
+    inbox = clock.run(None, server.route, sealed)
+    encoding = ring.Encoding(clients, 1.0)
+    vectors = {n: np.clip(rng.normal(scale=0.05, size=length), -1, 1) for n in names}
+    masked = {n: clock.run(n, parties[n].mask, inbox[n], vectors[n], encoding, rng)
+              for n in names}
     for n in names:
-        sent[n] += masked[n].nbytes
-    survivors, dropped = server.reveal_lists(masked)
-    reveals = {n: timed(n, parties[n].reveal, survivors, dropped) for n in names}
+        clock.sent[n] += masked[n].nbytes
+    survivors = clock.run(None, server.survivors, masked)
+    signatures = {n: clock.run(n, parties[n].sign_survivors, survivors) for n in names}
+    signed = clock.run(None, server.consistent, survivors, signatures)
+    reveals = {n: clock.run(n, parties[n].reveal, survivors, signed) for n in names}
     for n in names:
-        sent[n] += sum(len(r.share) + 16 for r in reveals[n])
-    started = time.perf_counter()
-    total = server.unmask(masked, reveals)
-    server_s += time.perf_counter() - started
-    error = np.abs(ring.decode(total) - np.sum(list(vectors.values()), axis=0)).max()
-    assert error <= ring.error_bound(clients), error
+        clock.sent[n] += SIGNATURE_BYTES + sum(len(r.share) + 16 for r in reveals[n])
+    total = clock.run(None, server.unmask, masked, reveals)
+    error = np.abs(encoding.decode(total) - np.sum(list(vectors.values()), axis=0)).max()
+    assert error <= encoding.error_bound(), error
+    sent = float(np.mean(list(clock.sent.values())))
     return {"clients": clients, "length": length, "neighbours": cohort.neighbours,
             "threshold": cohort.threshold,
-            "client_crypto_seconds": float(np.mean(list(client_s.values()))),
-            "server_crypto_seconds": server_s,
-            "bytes_up_per_client": float(np.mean(list(sent.values()))),
-            "plain_bytes_up_per_client": 4.0 * length,
-            "bytes_ratio": float(np.mean(list(sent.values()))) / (4.0 * length)}
+            "client_crypto_seconds": float(np.mean(list(clock.client.values()))),
+            "client_crypto_seconds_max": float(max(clock.client.values())),
+            "server_crypto_seconds": clock.server,
+            "bytes_up_per_client": sent, "plain_bytes_up_per_client": 4.0 * length,
+            "bytes_ratio": sent / (4.0 * length), "max_abs_error": float(error)}
 
 
 def adapter_length() -> int:
@@ -71,60 +93,62 @@ def adapter_length() -> int:
     from common.task import build_task
 
     task = build_task(RunConfig())
-    return sum(v.size for v in task.initial_adapter.values()) + 1
+    return sum(v.size for v in task.initial_adapter.values()) + 3
 
 
-def local_training_seconds(quick: bool) -> float:
-    """One client's local epoch on a tenth of banking77 (MiniLM, batch 32, 64 tokens)."""
-    from benchmarks.dp_overhead import SHARED_BANKING77
-    from common.config import RunConfig
-    from common.task import build_task
-    from common.training import adamw, train_local
-
-    path = str(SHARED_BANKING77) if SHARED_BANKING77.is_dir() else "builtin"
-    task = build_task(RunConfig.from_mapping({"data.path": path, "model.max_length": 64}))
-    rows, _ = task.client_examples(task.config.partition, 0, 10)
-    if quick:
-        rows = rows.subset(np.arange(32))
-    loader = task.loader(rows, batch_size=32, shuffle=True)
-    started = time.perf_counter()
-    train_local(task.model, loader, adamw(task.model, 1e-3, 0.0), loss_fn=task.objective.loss,
-                epochs=1, max_steps=0,
-                max_grad_norm=1.0, device=task.device)
-    return time.perf_counter() - started
+def accuracy_pair(data: str, quick: bool) -> dict[str, object]:
+    """Final accuracy of one seeded simulation without and with secure aggregation."""
+    flags = ["--num-clients", "3", "--rounds", "1"] if quick else ACCURACY_FLAGS
+    result: dict[str, object] = {"data": data, "flags": flags}
+    with tempfile.TemporaryDirectory() as scratch:
+        for label, extra in (("plain", []), ("secagg", ["--secagg"])):
+            out = Path(scratch) / label
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "fedtune_cli", "simulate", "--data", data,
+                            *flags, *extra, "--out", str(out)], check=True)
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            result[label] = {"accuracy": rows[-1]["accuracy"],
+                             "seconds": time.perf_counter() - started,
+                             "bytes_up_last_round": rows[-1]["bytes_up"]}
+    result["accuracy_difference"] = abs(result["secagg"]["accuracy"]  # type: ignore[index]
+                                        - result["plain"]["accuracy"])  # type: ignore[index]
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="5 clients, small vectors")
+    parser.add_argument("--quick", action="store_true", help="5 clients, small vectors, "
+                        "the built-in data")
+    parser.add_argument("--skip-accuracy", action="store_true",
+                        help="only the protocol's cost (keeps the accuracy pair on disk)")
     args = parser.parse_args()
-    lengths = {"minilm_adapter": adapter_length(), "one_million": 1_000_000}
-    sizes = (5, 10, 20, 50)
+    lengths = {"minilm_adapter": (adapter_length(), (5, 10, 20, 50, 100, 1000)),
+               "one_million": (1_000_000, (5, 10, 50, 100))}
     if args.quick:
-        lengths, sizes = {"small": 1000}, (5,)
+        lengths = {"small": (1000, (5,))}
     rows = []
-    for label, length in lengths.items():
+    for label, (length, sizes) in lengths.items():
         for clients in sizes:
             row = {"vector": label, **one_round(clients, length)}
             rows.append(row)
-            print(row, flush=True)
-    training = local_training_seconds(args.quick)
-    at_ten = next((r for r in rows if r["clients"] == 10 and r["vector"] == "minilm_adapter"),
-                  rows[0])
-    crypto_share = at_ten["client_crypto_seconds"] / (at_ten["client_crypto_seconds"] + training)
+            print(json.dumps(row), flush=True)
+    from benchmarks.dp_overhead import SHARED_BANKING77
     from benchmarks.plots import line_chart
-    from benchmarks.record import save
+    from benchmarks.record import load, save
 
-    path = save("secagg_cost", {"rounds": rows, "local_training_seconds": training,
-                                "crypto_share_of_client_round_at_10": crypto_share,
-                                "goal_crypto_share": 0.10, "goal_bytes_ratio": 1.1},
+    previous = load("secagg_cost", quick=args.quick) or {}
+    data = "builtin" if args.quick or not SHARED_BANKING77.is_dir() else str(SHARED_BANKING77)
+    accuracy = previous.get("accuracy") if args.skip_accuracy else accuracy_pair(data,
+                                                                                 args.quick)
+    path = save("secagg_cost", {"rounds": rows, "accuracy": accuracy,
+                                "goal_bytes_ratio": 1.05, "goal_accuracy_difference": 0.005},
                 quick=args.quick)
     series = {label: ([r["clients"] for r in rows if r["vector"] == label],
                       [r["client_crypto_seconds"] for r in rows if r["vector"] == label])
               for label in lengths}
     line_chart(path.with_suffix(".png"), series, xlabel="clients",
                ylabel="client crypto seconds per round", title="Secure aggregation cost")
-    print(f"local training {training:.2f}s; crypto share at 10 clients {crypto_share:.3f}")
+    print(json.dumps({"accuracy": accuracy}))
 
 
 if __name__ == "__main__":

@@ -40,14 +40,17 @@ from common.adapter import from_record, load_trainable_state, to_record, trainab
 from common.client_dp import clip_update
 from common.config import CLASSIFICATION, RunConfig
 from common.data import Examples
-from common.secagg.protocol import to_vector
+from common.secagg.plan import summation_for
+from common.secagg.protocol import Summation
 from common.secagg.records import (
     cohort_from_record,
     keys_to_record,
     reveals_to_record,
     sealed_from_record,
     sealed_to_record,
+    signatures_from_record,
 )
+from common.secagg.signing import Signer, read_peers
 from common.training import adamw, train_local
 
 app = ClientApp()
@@ -129,9 +132,10 @@ def secagg_keys(msg: Message, context: Context) -> Message:
         previous = SecAggClient.from_bytes(bytes(context.state[SECAGG_STATE]["state"]))
         if (previous.session, previous.round) == (session, server_round):
             raise SecAggViolation("a second step 1 in this round: keys are never replaced")
-    client = SecAggClient(node.name, session, server_round)
+    signer = Signer.from_file(node.node_key) if node.policy.peers else None
+    client = SecAggClient(node.name, session, server_round, signer)
     _keep(context, client)
-    return Message(RecordDict({keys.CONFIG: keys_to_record(*client.public_keys())}),
+    return Message(RecordDict({keys.CONFIG: keys_to_record(client.signed_keys())}),
                    reply_to=msg)
 
 
@@ -146,7 +150,8 @@ def secagg_shares(msg: Message, context: Context) -> Message:
     cohort = cohort_from_record(msg.content[keys.CONFIG])
     if broken := cohort_violations(node.policy, len(cohort.names), cohort.threshold):
         return refusal(msg, broken)
-    sealed = client.share_secrets(cohort)
+    pinned = read_peers(node.policy.peers) if node.policy.peers else None
+    sealed = client.share_secrets(cohort, pinned)
     _keep(context, client)
     return Message(RecordDict({keys.CONFIG: ConfigRecord(sealed_to_record(sealed, "to"))}),
                    reply_to=msg)
@@ -155,8 +160,9 @@ def secagg_shares(msg: Message, context: Context) -> Message:
 @app.train("secagg_masked")
 @contained
 def secagg_masked(msg: Message, context: Context) -> Message:
-    """Step 3: train, then send the update masked, with the example count and loss sum inside
-    the masked vector so the server learns only their totals."""
+    """Step 3: train, then send the change masked, with the example count and loss inside the
+    masked vector so the server learns only their totals; under client-level DP the change
+    carries this client's share of the noise, so no sum the server sees is un-noised."""
     client = _resume(msg, context)
     client.expect("shares")  # a replayed or repeated step 3 is refused before any training
     config, server_round = _round_settings(msg)
@@ -165,10 +171,14 @@ def secagg_masked(msg: Message, context: Context) -> Message:
         return refused  # step 3 carries its own run config: checked again, never assumed
     received = sealed_from_record(msg.content[keys.CONFIG], "from")
     client.check_shares(received)  # too few shares: refused before training too
-    update = _local_update(config, server_round, node, from_record(msg.content[keys.ARRAYS]))
-    weight = 1.0 if config.privacy.client_level else float(update.examples)
-    loss_sum = 0.0 if config.privacy.dp else update.loss * update.examples
-    masked = client.mask(received, to_vector(update.state, weight, (update.examples, loss_sum)))
+    global_state = from_record(msg.content[keys.ARRAYS])
+    update = _local_update(config, server_round, node, global_state)
+    summation = summation_for(config, client.cohort_size())
+    seeds = round_seeds(config.seed if node.simulated else None, server_round, node.name)
+    change = _noised_change(update.state, global_state, summation, seeds.noise)
+    vector = summation.to_vector(change, update.examples, 0.0 if config.privacy.dp else update.loss)
+    masked = client.mask(received, vector, summation.encoding,
+                         np.random.default_rng(seeds.rounding))
     _keep(context, client)
     epsilon = disclosed_epsilon(node.policy, update.epsilon, secure=True)
     metrics = train_metrics(examples=update.examples, loss=update.loss, dp=config.privacy.dp,
@@ -178,19 +188,42 @@ def secagg_masked(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+@app.train("secagg_consistency")
+@contained
+def secagg_consistency(msg: Message, context: Context) -> Message:
+    """Consistency round: sign the announced survivor set, once; no share leaves unless a
+    majority of the cohort signed the same set."""
+    client = _resume(msg, context)
+    config, _ = _round_settings(msg)
+    node = Node.from_node_config(context.node_config, config)
+    survivors = list(msg.content[keys.CONFIG].get("survivors", []))
+    signature = client.sign_survivors(survivors, min_survivors=_fewest(node, config, client))
+    _keep(context, client)
+    return Message(RecordDict({keys.CONFIG: ConfigRecord({"signature": signature})}),
+                   reply_to=msg)
+
+
 @app.train("secagg_unmask")
 @contained
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    """Step 4: the shares the server may have, never both of one client, and none unless enough
-    clients are summed."""
+    """Step 4: the shares the server may have, never both of one client, and none unless the
+    survivor set is the one this client signed, enough others signed it, and enough clients
+    are summed."""
     client = _resume(msg, context)
     config, _ = _round_settings(msg)
     node = Node.from_node_config(context.node_config, config)
     settings = msg.content[keys.CONFIG]
-    reveals = client.reveal(list(settings.get("survivors", [])), list(settings.get("dropped", [])),
-                            min_survivors=node.policy.min_cohort)
+    reveals = client.reveal(list(settings.get("survivors", [])),
+                            signatures_from_record(settings),
+                            min_survivors=_fewest(node, config, client))
     _keep(context, client)
     return Message(RecordDict({keys.CONFIG: reveals_to_record(reveals)}), reply_to=msg)
+
+
+def _fewest(node: Node, config: RunConfig, client: SecAggClient) -> int:
+    """The fewest survivors this client reveals for: its policy's min-cohort, and under
+    client-level DP the survivors its noise share was sized for."""
+    return max(node.policy.min_cohort, summation_for(config, client.cohort_size()).survivors)
 
 
 @app.evaluate()
@@ -269,6 +302,18 @@ def _spending(config: RunConfig, node: Node, rows: Examples) -> tuple[DPRoundPla
     ledger = Ledger.open(node.ledger_directory(config), data_fingerprint, records, node_delta,
                          node.policy.accountant)
     return plan_round(config, len(rows), node_delta), ledger
+
+
+def _noised_change(state: dict[str, np.ndarray], global_state: dict[str, np.ndarray],
+                   summation: Summation, seed: int) -> dict[str, np.ndarray]:
+    """This client's change of the adapter, plus its share of the Gaussian noise when the
+    summation carries one (client-level DP under secure aggregation)."""
+    change = {k: state[k].astype(np.float64) - global_state[k] for k in global_state}
+    if summation.noise_std > 0:
+        rng = np.random.default_rng(seed)
+        change = {k: v + rng.normal(0.0, summation.noise_std, size=v.shape)
+                  for k, v in change.items()}
+    return change
 
 
 def _keep(context: Context, client: SecAggClient) -> None:

@@ -23,6 +23,7 @@ from common import certs
 from common.app_bundle import app_digest, check_digest
 from common.config import DataConfig
 from common.data import LABELS_FILE, load_data, training_records
+from common.secagg.signing import Signer, SigningError, read_peers
 from common.tool_path import stop_child, tool_env
 
 
@@ -52,11 +53,13 @@ def supernode_command(settings: ClientSettings) -> list[str]:
     certs.check_certificate(settings.root_cert)
     certs.check_private_key(settings.node_key)
     check_data(settings.data, settings.policy)
+    check_peers(settings)
     settings.ledger.mkdir(parents=True, exist_ok=True)
     if not os.access(settings.ledger, os.W_OK):
         raise certs.CertError(f"ledger directory {settings.ledger} is not writable")
     values = {"data-path": str(settings.data.resolve()),
               "ledger-dir": str(settings.ledger.resolve()), "name": settings.name,
+              "node-key": str(settings.node_key.resolve()),
               **settings.policy.to_node_config()}
     node_config = [f"{key}={_toml_value(value)}" for key, value in values.items()]
     tool = shutil.which("flower-supernode", path=str(Path(sys.executable).parent)) or \
@@ -64,6 +67,21 @@ def supernode_command(settings: ClientSettings) -> list[str]:
     return [tool, "--superlink", settings.server, "--root-certificates",
             str(settings.root_cert), "--auth-supernode-private-key", str(settings.node_key),
             "--port", str(settings.port), "--node-config", " ".join(node_config)]
+
+
+def check_peers(settings: ClientSettings) -> None:
+    """With pinned peers, this node's own key must be among them under its name (else every
+    cohort would be refused)."""
+    if not settings.policy.peers:
+        return
+    try:
+        pinned = read_peers(settings.policy.peers)
+        own = Signer.from_file(settings.node_key).public()
+    except SigningError as error:
+        raise certs.CertError(f"peers: {error}") from None
+    if pinned.get(settings.name) != own:
+        raise certs.CertError(f"peers: {settings.policy.peers} has no {settings.name}.pub "
+                              f"matching this node's key {settings.node_key}")
 
 
 def check_data(path: Path, policy: NodePolicy) -> None:

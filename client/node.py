@@ -23,7 +23,8 @@ from common.data import LABELS_FILE, Examples, training_records, training_rows
 from common.partition import local_split
 from common.task import Task, cached_task
 
-IDENTITY_KEYS = ("name", "data-path", "ledger-dir", "partition-id", "num-partitions")
+IDENTITY_KEYS = ("name", "data-path", "ledger-dir", "node-key", "partition-id",
+                 "num-partitions")
 
 
 class NodeConfigError(ValueError):
@@ -39,6 +40,7 @@ class Node:
     num_partitions: int | None = None
     data_path: str | None = None
     ledger_dir: str | None = None
+    node_key: str = ""  # a deployed node's own key file (it signs secure aggregation with it)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any],
@@ -54,7 +56,8 @@ class Node:
             except PolicyError as error:
                 raise NodeConfigError(str(error)) from None
             return cls(name=str(node_config.get("name", path)), policy=policy, data_path=path,
-                       ledger_dir=None if ledger is None else str(ledger))
+                       ledger_dir=None if ledger is None else str(ledger),
+                       node_key=str(node_config.get("node-key", "")))
         if "partition-id" in node_config and "num-partitions" in node_config:
             pid, total = int(node_config["partition-id"]), int(node_config["num-partitions"])
             name = str(node_config.get("name", f"client-{pid}"))

@@ -63,6 +63,8 @@ class NodePolicy:
     text_field: str = "text"  # how this node's rows are read: never the server's field names,
     label_field: str = "label"  # which could make a data-dependent error a probe
     split_seed: int = 0  # this node's seed for that split (never the server's)
+    peers: str = ""  # directory of the consortium's <name>.pub node keys: sign with this
+    # node's key and accept only cohorts whose every member's key is pinned there
 
     def __post_init__(self) -> None:
         _check(self.budget_epsilon is None or self.budget_epsilon > 0, BUDGET, "must be > 0",

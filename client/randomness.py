@@ -1,11 +1,12 @@
 """Independent random streams for one round of local training on one node.
 
-Poisson sampling (which rows each DP-SGD step draws), the DP-SGD noise and LoRA dropout each get
-a stream of their own. Two generators seeded with one value are one Mersenne-Twister stream
-twice: the noise would then be a function of which rows were drawn, which amplification by
-subsampling assumes cannot happen. In simulation the streams are child seeds spawned from
-(run seed, round, client), so runs repeat; a deployed node draws them from the operating system's
-entropy, so no one, the server included, can regenerate its batches or its noise.
+Poisson sampling (which rows each DP-SGD step draws), the DP-SGD noise (or a client-level noise
+share), LoRA dropout and secure aggregation's rounding each get a stream of their own. Two
+generators seeded with one value are one Mersenne-Twister stream twice: the noise would then be a
+function of which rows were drawn, which amplification by subsampling assumes cannot happen. In
+simulation the streams are child seeds spawned from (run seed, round, client), so runs repeat; a
+deployed node draws them from the operating system's entropy, so no one, the server included, can
+regenerate its batches or its noise.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-STREAMS = 3  # sampling, noise, dropout
+STREAMS = 4  # sampling, noise, dropout, rounding
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class RoundSeeds:
     sampling: int  # which rows each step draws (the data loader's generator)
     noise: int  # DP-SGD's Gaussian noise (Opacus' noise generator)
     dropout: int  # LoRA dropout (torch's global generator)
+    rounding: int  # secure aggregation's stochastic rounding
 
 
 def round_seeds(run_seed: int | None, server_round: int, client: str) -> RoundSeeds:

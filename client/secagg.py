@@ -15,6 +15,7 @@ import numpy as np
 
 from common.secagg import channel, prg, ring, shamir
 from common.secagg.protocol import Cohort, Reveal, mask_sign, pairwise_seed, share_context
+from common.secagg.signing import Signer, keys_statement, survivors_statement, verifies
 
 
 class SecAggViolation(ValueError):
@@ -24,31 +25,47 @@ class SecAggViolation(ValueError):
 class SecAggClient:
     """One client's state in one round, kept on the node between steps (`to_bytes`)."""
 
-    def __init__(self, name: str, session: bytes, server_round: int) -> None:
+    def __init__(self, name: str, session: bytes, server_round: int,
+                 signer: Signer | None = None) -> None:
         self.name, self.session, self.round = name, session, server_round
         self.step = "keys"
         self.c_key = channel.private_bytes(channel.new_private_key())
         self.s_key = channel.private_bytes(channel.new_private_key())
         self.self_seed = secrets.token_bytes(32)
+        self.signer = signer or Signer.fresh()
         self.cohort: Cohort | None = None
         self.received: dict[str, bytes] = {}
         self.partners: list[str] = []
+        self.survivors: list[str] = []  # the survivor set this client signed
 
     # -- step 1 ---------------------------------------------------------------------------
     def public_keys(self) -> tuple[bytes, bytes]:
         return (channel.public_bytes(channel.private_from_bytes(self.c_key)),
                 channel.public_bytes(channel.private_from_bytes(self.s_key)))
 
+    def signed_keys(self) -> tuple[bytes, bytes, bytes, bytes]:
+        """(share key, mask key, signing key, the signature binding them to round and name)."""
+        c, s = self.public_keys()
+        return c, s, self.signer.public(), self.signer.sign(
+            keys_statement(self.session, self.round, self.name, c, s))
+
     # -- step 2 ---------------------------------------------------------------------------
-    def share_secrets(self, cohort: Cohort) -> dict[str, bytes]:
+    def share_secrets(self, cohort: Cohort,
+                      pinned: dict[str, bytes] | None = None) -> dict[str, bytes]:
         """Shamir-share the self-mask seed and mask key among the neighbours, each share
-        encrypted for its recipient; returns {recipient: ciphertext}."""
+        encrypted for its recipient; returns {recipient: ciphertext}.
+
+        Every member's keys must carry a valid signature; with `pinned` (the node's peers'
+        long-term keys), by the key pinned for that name, so a server cannot slip in keys of
+        its own."""
         self._expect("keys")
         if self.name not in cohort.names:
             raise SecAggViolation(f"{self.name} is not in the cohort the server sent")
         position = cohort.names.index(self.name)
-        if (cohort.c_public[position], cohort.s_public[position]) != self.public_keys():
+        own = (cohort.c_public[position], cohort.s_public[position], cohort.sig_public[position])
+        if own != self.signed_keys()[:3]:
             raise SecAggViolation("the server changed this client's public keys")
+        self._check_signed_keys(cohort, pinned)
         holders = sorted([*cohort.graph()[self.name], self.name])  # a share for itself too
         if not (2 <= cohort.threshold <= len(holders) and 2 * cohort.threshold > len(holders)):
             raise SecAggViolation(f"threshold {cohort.threshold} is unsafe or unreachable with "
@@ -57,8 +74,7 @@ class SecAggClient:
         s_shares = shamir.split(self.s_key, len(holders), cohort.threshold)
         sealed = {}
         for holder, (x, b_share), (_, s_share) in zip(holders, b_shares, s_shares, strict=True):
-            plaintext = json.dumps({"from": self.name, "to": holder, "x": x, "b": b_share.hex(),
-                                    "s": s_share.hex()}).encode()
+            plaintext = x.to_bytes(4, "big") + b_share + s_share  # who to whom: in the AEAD data
             key = self._share_key(cohort, holder)
             sealed[holder] = channel.seal(key, plaintext, self._context(self.name, holder))
         self.cohort, self.step = cohort, "shares"
@@ -80,13 +96,19 @@ class SecAggClient:
             raise SecAggViolation(f"only {len(received)} clients delivered shares; "
                                   f"{cohort.threshold} are needed")
 
-    def mask(self, received: dict[str, bytes], vector: np.ndarray) -> np.ndarray:
-        """The encoded vector plus the self mask plus a pairwise mask per delivered neighbour."""
+    def mask(self, received: dict[str, bytes], vector: np.ndarray, encoding: ring.Encoding,
+             rng: np.random.Generator) -> np.ndarray:
+        """The encoded vector plus the self mask plus a pairwise mask per delivered neighbour.
+
+        `encoding` is the client's own (`summation_for`), for the cohort it was sent."""
         self.check_shares(received)
         cohort = self._cohort()
+        if encoding.clients != len(cohort.names):
+            raise SecAggViolation(f"encoding for {encoding.clients} clients, but the cohort has "
+                                  f"{len(cohort.names)}")
         self.received = dict(received)
         self.partners = sorted(set(received) - {self.name})
-        encoded = ring.encode(vector, len(cohort.names))
+        encoded = encoding.encode(vector, rng)
         masked = encoded + prg.expand(self.self_seed, len(encoded))
         for peer in self.partners:
             seed = pairwise_seed(self.s_key, cohort.public(peer, "s"), self.session)
@@ -95,22 +117,49 @@ class SecAggClient:
         self.step = "masked"
         return masked
 
+    # -- consistency ----------------------------------------------------------------------
+    def sign_survivors(self, survivors: list[str], *, min_survivors: int = 3) -> bytes:
+        """Sign the survivor set the server announces, once per round; a reveal later needs a
+        majority of the cohort to have signed this same set."""
+        self._expect("masked")
+        self._check_survivors(survivors, min_survivors)
+        self.survivors, self.step = sorted(survivors), "signed"
+        return self.signer.sign(survivors_statement(self.session, self.round, self.survivors))
+
     # -- step 4 ---------------------------------------------------------------------------
-    def reveal(self, survivors: list[str], dropped: list[str], *,
+    def reveal(self, survivors: list[str], signatures: dict[str, bytes], *,
                min_survivors: int = 3) -> list[Reveal]:
         """For each client whose shares it holds (itself included): the self-mask share if that
-        client survived, the mask-key share if it dropped; never both, only once per round, and
-        nothing when fewer than `min_survivors` inputs would be summed (the node's policy)."""
-        self._expect("masked")
+        client is in the survivor set, the mask-key share if not (it dropped); so never both,
+        and only once per round. Only for the survivor set this client signed, once a majority
+        of the cohort signed it too, and never for fewer than `min_survivors` inputs (the
+        node's policy). The dropped clients follow from the set: the server cannot name them."""
+        self._expect("signed")
         cohort = self._cohort()
-        if len(set(survivors)) != len(survivors) or len(set(dropped)) != len(dropped):
-            raise SecAggViolation("the survivor or dropped list names a client twice")
-        strangers = sorted((set(survivors) | set(dropped)) - set(cohort.names))
+        self._check_survivors(survivors, min_survivors)
+        if sorted(survivors) != self.survivors:
+            raise SecAggViolation("the survivor set differs from the one this client signed")
+        statement = survivors_statement(self.session, self.round, self.survivors)
+        valid = [name for name, signature in signatures.items() if name in self.survivors
+                 and verifies(cohort.public(name, "sig"), signature, statement)]
+        if len(valid) < cohort.signatures_needed():
+            raise SecAggViolation(f"only {len(valid)} survivors signed this survivor set; "
+                                  f"{cohort.signatures_needed()} are needed before revealing")
+        self.step = "revealed"
+        reveals = []
+        for peer in sorted(self.received):
+            share = self._open(cohort, peer)
+            kind = "b" if peer in self.survivors else "s"
+            reveals.append(Reveal(owner=peer, kind=kind, x=share["x"], share=share[kind]))
+        return reveals
+
+    def _check_survivors(self, survivors: list[str], min_survivors: int) -> None:
+        cohort = self._cohort()
+        if len(set(survivors)) != len(survivors):
+            raise SecAggViolation("the survivor list names a client twice")
+        strangers = sorted(set(survivors) - set(cohort.names))
         if strangers:
             raise SecAggViolation(f"clients outside this round's cohort listed: {strangers}")
-        overlap = sorted(set(survivors) & set(dropped))
-        if overlap:
-            raise SecAggViolation(f"asked for both shares of {overlap}: refusing")
         if self.name not in survivors:
             raise SecAggViolation("this client sent its masked input but is listed as dropped")
         if len(survivors) < min_survivors:
@@ -119,16 +168,20 @@ class SecAggClient:
         if len(survivors) < cohort.threshold:
             raise SecAggViolation(f"only {len(survivors)} survivors; revealing shares below the "
                                   f"threshold {cohort.threshold} would not help")
-        self.step = "revealed"
-        reveals = []
-        for peer in sorted(self.received):
-            if peer not in survivors and peer not in dropped:
-                continue
-            share = self._open(cohort, peer)
-            kind = "b" if peer in survivors else "s"
-            reveals.append(Reveal(owner=peer, kind=kind, x=share["x"],
-                                  share=bytes.fromhex(share[kind])))
-        return reveals
+
+    def _check_signed_keys(self, cohort: Cohort, pinned: dict[str, bytes] | None) -> None:
+        """Pinned signing keys for every member (they sign the survivor set later); a valid
+        key signature for each neighbour, the keys this client will use."""
+        if pinned is not None:
+            for name in cohort.names:
+                if pinned.get(name) != cohort.public(name, "sig"):
+                    raise SecAggViolation(f"peers: {name}'s signing key is not the one this "
+                                          "node pins for it")
+        for name in [*cohort.graph()[self.name], self.name]:
+            c, s, sig = (cohort.public(name, kind) for kind in ("c", "s", "sig"))
+            signature = cohort.key_signatures[cohort.names.index(name)]
+            if not verifies(sig, signature, keys_statement(self.session, self.round, name, c, s)):
+                raise SecAggViolation(f"the round keys of {name} carry no valid signature")
 
     # -- persistence between messages ------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -137,11 +190,14 @@ class SecAggClient:
             "name": self.name, "session": self.session.hex(), "round": self.round,
             "step": self.step, "c": self.c_key.hex(), "s": self.s_key.hex(),
             "b": self.self_seed.hex(), "partners": self.partners,
+            "signer": self.signer.to_state(), "survivors": self.survivors,
             "received": {k: v.hex() for k, v in self.received.items()},
             "cohort": None if cohort is None else {
                 "names": cohort.names, "c": [k.hex() for k in cohort.c_public],
                 "s": [k.hex() for k in cohort.s_public], "k": cohort.neighbours,
-                "t": cohort.threshold, "seed": cohort.graph_seed},
+                "t": cohort.threshold, "seed": cohort.graph_seed,
+                "sig": [k.hex() for k in cohort.sig_public],
+                "signatures": [k.hex() for k in cohort.key_signatures]},
         }).encode()
 
     @classmethod
@@ -154,14 +210,20 @@ class SecAggClient:
         client.c_key, client.s_key = bytes.fromhex(stored["c"]), bytes.fromhex(stored["s"])
         client.self_seed = bytes.fromhex(stored["b"])
         client.partners = stored["partners"]
+        client.signer = Signer.from_state(stored["signer"])
+        client.survivors = stored["survivors"]
         client.received = {k: bytes.fromhex(v) for k, v in stored["received"].items()}
         c = stored["cohort"]
         client.cohort = None if c is None else Cohort(
             c["names"], [bytes.fromhex(k) for k in c["c"]], [bytes.fromhex(k) for k in c["s"]],
-            c["k"], c["t"], c["seed"])
+            c["k"], c["t"], c["seed"], [bytes.fromhex(k) for k in c["sig"]],
+            [bytes.fromhex(k) for k in c["signatures"]])
         return client
 
     # -- helpers ---------------------------------------------------------------------------
+    def cohort_size(self) -> int:
+        return len(self._cohort().names)
+
     def expect(self, step: str) -> None:
         """Refuse a message for another step than the one this client is at."""
         self._expect(step)
@@ -184,10 +246,13 @@ class SecAggClient:
                                   self.session)
 
     def _open(self, cohort: Cohort, peer: str) -> dict:
+        """The pair of shares `peer` sealed for this client (authenticated as from `peer` to
+        this client in this round by the ciphertext's associated data)."""
         plaintext = channel.open_sealed(self._share_key(cohort, peer), self.received[peer],
                                         self._context(peer, self.name))
-        share = json.loads(plaintext)
-        if share.get("from") != peer or share.get("to") != self.name:
-            raise SecAggViolation(f"share from {peer} names the wrong sender or recipient")
-        return share
+        if len(plaintext) != 4 + 2 * shamir.SHARE_BYTES:
+            raise SecAggViolation(f"the shares from {peer} have the wrong length")
+        b_end = 4 + shamir.SHARE_BYTES
+        return {"x": int.from_bytes(plaintext[:4], "big"), "b": plaintext[4:b_end],
+                "s": plaintext[b_end:]}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 import tomllib
 from collections.abc import Mapping
@@ -257,6 +258,14 @@ class SecAggConfig:
                            "neighbours and itself", 0)
     neighbours: int = _help("clients each one masks with; 0 = everyone up to 32 clients, "
                             "about 3 log2 n beyond (even, SecAgg+)", 0)
+    bound: float = _help("largest change of one adapter value in a round that is summed "
+                         "exactly (larger ones are clipped to it); sets the 32-bit encoding's "
+                         "precision", 1.0)
+    max_examples: int = _help("examples that give a client full weight in the average (more "
+                              "count as this many)", 100_000)
+    dropout_tolerance: float = _help("client-level DP: share of a round's cohort that may drop "
+                                     "out with the clients' noise shares still adding up to the "
+                                     "full noise (no sum is revealed for fewer survivors)", 0.2)
 
     def __post_init__(self) -> None:
         _require(self.threshold == 0 or self.threshold >= 2, "secagg.threshold",
@@ -264,6 +273,12 @@ class SecAggConfig:
         _require(self.neighbours == 0 or (self.neighbours >= 2 and self.neighbours % 2 == 0),
                  "secagg.neighbours", "must be 0 (default) or an even number >= 2",
                  self.neighbours)
+        _require(math.isfinite(self.bound) and self.bound > 0, "secagg.bound",
+                 "must be a finite number > 0", self.bound)
+        _require(1 <= self.max_examples <= 10**9, "secagg.max_examples", "must be in [1, 1e9]",
+                 self.max_examples)
+        _require(0 <= self.dropout_tolerance < 1, "secagg.dropout_tolerance",
+                 "must be in [0, 1)", self.dropout_tolerance)
 
 
 @dataclass(frozen=True)

@@ -100,13 +100,14 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
             break
         if config.secagg.enabled:
             outcome = secure_train_exchange(grid, strategy, server_round, to_record(arrays),
-                                            settings, federation.timeout, config.secagg)
+                                            settings, config)
         else:
             outcome = train_exchange(grid, strategy, server_round, arrays, settings, config)
         if outcome.arrays is not None:
             arrays = from_record(outcome.arrays)
             if noise is not None:
-                arrays = noise.privatise(arrays, outcome.clients, server_round)
+                if not config.secagg.enabled:  # under secure aggregation the clients noised it
+                    arrays = noise.privatise(arrays, outcome.clients, server_round)
                 releases += 1
         eval_messages = list(strategy.configure_evaluate(server_round, to_record(arrays),
                                                          settings, grid))

@@ -15,9 +15,10 @@ from logging import WARNING
 import numpy as np
 from flwr.common.logger import log
 
-from common.secagg import channel, prg, shamir
+from common.secagg import channel, prg, ring, shamir
 from common.secagg.graph import default_neighbours
 from common.secagg.protocol import Cohort, Reveal, mask_sign, pairwise_seed
+from common.secagg.signing import keys_statement, survivors_statement, verifies
 
 
 class SecAggAbort(RuntimeError):
@@ -42,8 +43,8 @@ class SecAggServer:
     partners: dict[str, list[str]] = field(default_factory=dict)  # pairwise masks in its input
     rejected: dict[str, str] = field(default_factory=dict)  # name -> why its keys were refused
 
-    def make_cohort(self, keys: Mapping[str, tuple[bytes, bytes]]) -> Cohort:
-        """Step 1 -> 2: everyone's public keys, the graph and the threshold."""
+    def make_cohort(self, keys: Mapping[str, tuple[bytes, bytes, bytes, bytes]]) -> Cohort:
+        """Step 1 -> 2: everyone's signed public keys, the graph and the threshold."""
         keys = {name: pair for name, pair in keys.items() if not self.key_problem(name, pair)}
         names = sorted(keys)
         k = min(self.neighbours_setting or default_neighbours(len(names)), len(names) - 1)
@@ -52,14 +53,17 @@ class SecAggServer:
             raise SecAggAbort(f"{len(names)} clients with {k} neighbours each cannot meet "
                               f"threshold {t}")
         self.cohort = Cohort(names, [keys[n][0] for n in names], [keys[n][1] for n in names],
-                             k, t, secrets.randbelow(2**63))
+                             k, t, secrets.randbelow(2**63), [keys[n][2] for n in names],
+                             [keys[n][3] for n in names])
         return self.cohort
 
-    def key_problem(self, name: str, pair: tuple[bytes, bytes]) -> str | None:
+    def key_problem(self, name: str, signed: tuple[bytes, bytes, bytes, bytes]) -> str | None:
         """Why a client's step-1 keys are refused (it is left out of the cohort), else None.
 
-        A low-order point such as all zeros would make every peer's key agreement fail."""
+        A low-order point such as all zeros would make every peer's key agreement fail; keys
+        without a valid signature would make every honest peer refuse the cohort."""
         problems = []
+        pair = signed[:2]
         for kind, key in zip(("share-encryption", "mask"), pair, strict=True):
             try:
                 channel.check_public_key(key)
@@ -67,6 +71,9 @@ class SecAggServer:
                 problems.append(f"{kind} key: {error}")
         if pair[0] == pair[1] and not problems:
             problems.append("its two public keys are the same")
+        if not verifies(signed[2], signed[3], keys_statement(self.session, self.server_round,
+                                                             name, *pair)):
+            problems.append("its keys carry no valid signature")
         if problems:
             self.rejected[name] = "; ".join(problems)
             log(WARNING, "Public keys of %s refused: %s", name, self.rejected[name])
@@ -92,8 +99,9 @@ class SecAggServer:
         """Refuse a masked input that cannot be summed (raises ValueError with the reason)."""
         if name not in self.partners:
             raise ValueError(f"{name} is not in this round's step 3")
-        if masked.dtype != np.uint64:
-            raise ValueError(f"{name} sent a {masked.dtype} vector, not a ring (uint64) vector")
+        if masked.dtype != ring.DTYPE:
+            raise ValueError(f"{name} sent a {masked.dtype} vector, not a ring "
+                             f"({np.dtype(ring.DTYPE).name}) vector")
         if masked.shape != (length,):
             raise ValueError(f"{name} sent a vector of shape {masked.shape}, expected ({length},)")
 
@@ -121,13 +129,29 @@ class SecAggServer:
                     total = total - pad if mask_sign(name, gone) > 0 else total + pad
         return total
 
-    def reveal_lists(self, masked: Mapping[str, np.ndarray]) -> tuple[list[str], list[str]]:
-        """Step 3 -> 4: (survivors, dropped) to send the survivors, or SecAggAbort."""
+    def survivors(self, masked: Mapping[str, np.ndarray], at_least: int = 0) -> list[str]:
+        """Step 3 -> consistency: the survivor set to announce, or SecAggAbort when fewer than
+        the threshold (or `at_least`, the noise's survivors) sent a masked input."""
         survivors = sorted(masked)
-        if len(survivors) < self._cohort().threshold:
-            raise SecAggAbort(f"only {len(survivors)} masked inputs arrived; the threshold is "
-                              f"{self._cohort().threshold}")
-        return survivors, sorted(set(self.partners) - set(masked))
+        needed = max(self._cohort().threshold, at_least)
+        if len(survivors) < needed:
+            raise SecAggAbort(f"only {len(survivors)} masked inputs arrived; {needed} are needed")
+        return survivors
+
+    def consistent(self, survivors: list[str], signatures: Mapping[str, bytes]) -> dict[str, bytes]:
+        """Consistency -> step 4: the survivors' valid signatures over the survivor set, or
+        SecAggAbort when fewer than the cohort's majority signed (no client would reveal)."""
+        cohort = self._cohort()
+        statement = survivors_statement(self.session, self.server_round, survivors)
+        valid = {name: signature for name, signature in signatures.items()
+                 if name in survivors and verifies(cohort.public(name, "sig"), signature,
+                                                   statement)}
+        for name in sorted(set(signatures) - set(valid)):
+            self.rejected[name] = "its consistency signature does not verify"
+        if len(valid) < cohort.signatures_needed():
+            raise SecAggAbort(f"only {len(valid)} survivors signed the survivor set; "
+                              f"{cohort.signatures_needed()} are needed")
+        return valid
 
     def _collect(self, reveals: Mapping[str, list[Reveal]], survivors: set[str],
                  dropped: set[str]) -> tuple[dict[str, list], dict[str, list]]:

@@ -14,9 +14,9 @@ from flwr.serverapp import Grid
 
 from common import record_keys as keys
 from common.adapter import from_record, to_record
-from common.config import SecAggConfig
-from common.secagg import ring
-from common.secagg.protocol import average_from_sum, vector_length
+from common.config import RunConfig
+from common.secagg.plan import summation_for
+from common.secagg.protocol import vector_length
 from common.secagg.records import (
     RecordError,
     cohort_to_record,
@@ -24,6 +24,8 @@ from common.secagg.records import (
     reveals_from_record,
     sealed_from_record,
     sealed_to_record,
+    signature_from_record,
+    signatures_to_record,
 )
 from server.secagg import SecAggAbort, SecAggServer
 from server.strategies.fedavg import SeededFedAvg
@@ -37,11 +39,16 @@ from server.train_outcome import (
 
 
 def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
-                          arrays: ArrayRecord, settings: ConfigRecord, timeout: float,
-                          secagg: SecAggConfig) -> TrainOutcome:
-    """One round of training through the protocol; an abandoned round returns no arrays."""
+                          arrays: ArrayRecord, settings: ConfigRecord,
+                          config: RunConfig) -> TrainOutcome:
+    """One round of training through the protocol; an abandoned round returns no arrays.
+
+    Clients send their masked changes of the adapter (`Summation`); the new global adapter is
+    the old one plus the average change, as in plain FedAvg. Under client-level DP the
+    clients' noise shares are already in the sum."""
     sampled = [strategy.roster.name_of(m.metadata.dst_node_id)
                for m in strategy.configure_train(server_round, arrays, settings, grid)]
+    secagg, timeout = config.secagg, config.federation.timeout
     protocol = SecAggServer(server_round, secagg.threshold, secagg.neighbours)
     base = {**dict(settings), keys.SERVER_ROUND: server_round,
             keys.SECAGG_SESSION: protocol.session}
@@ -75,15 +82,26 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
             vector = _masked_vector(protocol, name, reply, length)
             if vector is not None:
                 masked[name], metrics[name] = vector, reply.content[keys.METRICS]
-        survivors, dropped = protocol.reveal_lists(masked)
+        summation = summation_for(config, len(cohort.names))
+        survivors = protocol.survivors(masked, summation.survivors)
+
+        replies = link.exchange(survivors, "secagg_consistency", lambda _: RecordDict(
+            {keys.CONFIG: ConfigRecord({**base, "survivors": survivors})}))
+        signatures = {name: _parse(signature_from_record, r.content[keys.CONFIG], name)
+                      for name, r in replies.items()}
+        signed = protocol.consistent(survivors, {name: signature for name, signature
+                                                 in signatures.items() if signature is not None})
 
         replies = link.exchange(survivors, "secagg_unmask", lambda _: RecordDict(
-            {keys.CONFIG: ConfigRecord({**base, "survivors": survivors, "dropped": dropped})}))
+            {keys.CONFIG: ConfigRecord({**base, "survivors": survivors,
+                                        **signatures_to_record(signed)})}))
         reveals = {name: _parse(reveals_from_record, r.content[keys.CONFIG], name) or []
                    for name, r in replies.items()}
-        total = ring.decode(protocol.unmask(masked, reveals))
-        average, sums = average_from_sum(total, from_record(arrays))
-        new_arrays = to_record(average)
+        total = summation.encoding.decode(protocol.unmask(masked, reveals))
+        global_state = from_record(arrays)
+        change, sums = summation.average(total, global_state)
+        new_arrays = to_record({k: (v + change[k]).astype(v.dtype)
+                                for k, v in global_state.items()})
     except SecAggAbort as error:
         log(WARNING, "Round %d abandoned, the global adapter stays as it was: %s",
             server_round, error)

@@ -14,24 +14,51 @@ class RecordError(ValueError):
 def cohort_to_record(cohort: Cohort) -> dict:
     return {"names": cohort.names, "c-public": cohort.c_public, "s-public": cohort.s_public,
             "neighbours": cohort.neighbours, "threshold": cohort.threshold,
-            "graph-seed": cohort.graph_seed}
+            "graph-seed": cohort.graph_seed, "sig-public": cohort.sig_public,
+            "key-signatures": cohort.key_signatures}
 
 
 def cohort_from_record(record: ConfigRecord) -> Cohort:
     try:
-        return Cohort(list(record["names"]), list(record["c-public"]),
-                      list(record["s-public"]), int(record["neighbours"]),
-                      int(record["threshold"]), int(record["graph-seed"]))
+        cohort = Cohort(list(record["names"]), list(record["c-public"]),
+                        list(record["s-public"]), int(record["neighbours"]),
+                        int(record["threshold"]), int(record["graph-seed"]),
+                        list(record["sig-public"]), list(record["key-signatures"]))
     except KeyError as error:
         raise RecordError(f"cohort record lacks {error}") from None
+    columns = (cohort.c_public, cohort.s_public, cohort.sig_public, cohort.key_signatures)
+    if any(len(c) != len(cohort.names) for c in columns):
+        raise RecordError("cohort record columns differ in length")
+    return cohort
 
 
-def keys_to_record(c_public: bytes, s_public: bytes) -> ConfigRecord:
-    return ConfigRecord({"c-public": c_public, "s-public": s_public})
+KEY_FIELDS = ("c-public", "s-public", "sig-public", "key-signature")
 
 
-def keys_from_record(record: ConfigRecord) -> tuple[bytes, bytes]:
-    return _bytes(record, "c-public"), _bytes(record, "s-public")
+def keys_to_record(signed_keys: tuple[bytes, bytes, bytes, bytes]) -> ConfigRecord:
+    """Step 1's reply: the two round keys, the signing key and its signature over them."""
+    return ConfigRecord(dict(zip(KEY_FIELDS, signed_keys, strict=True)))
+
+
+def keys_from_record(record: ConfigRecord) -> tuple[bytes, bytes, bytes, bytes]:
+    c, s, sig, signature = (_bytes(record, key) for key in KEY_FIELDS)
+    return c, s, sig, signature
+
+
+def signature_from_record(record: ConfigRecord) -> bytes:
+    """A survivor's consistency signature."""
+    return _bytes(record, "signature")
+
+
+def signatures_to_record(signatures: dict[str, bytes]) -> dict:
+    return {"signers": list(signatures), "signatures": list(signatures.values())}
+
+
+def signatures_from_record(record: ConfigRecord) -> dict[str, bytes]:
+    names, signatures = record.get("signers", []), record.get("signatures", [])
+    if len(names) != len(signatures) or not all(isinstance(s, bytes) for s in signatures):
+        raise RecordError("consistency signatures do not match their signers")
+    return dict(zip(names, signatures, strict=True))
 
 
 def sealed_to_record(sealed: dict[str, bytes], prefix: str) -> dict:
@@ -55,6 +82,8 @@ def reveals_from_record(record: ConfigRecord) -> list[Reveal]:
     columns = [list(record.get(key, [])) for key in ("owners", "kinds", "xs", "shares")]
     if len({len(c) for c in columns}) != 1:
         raise RecordError("reveal record columns differ in length")
+    if not all(isinstance(s, bytes) for s in columns[3]):
+        raise RecordError("reveal shares must be bytes")  # bytes(10**10) would be 10 GB
     return [Reveal(str(o), str(k), int(x), bytes(s)) for o, k, x, s in zip(*columns, strict=True)]
 
 

@@ -30,21 +30,48 @@ def test_shares_of_two_secrets_look_alike():
     assert abs(np.mean(a) - np.mean(b)) < 0.15 * 2**20
 
 
-def test_ring_round_trip_within_the_quantisation_bound():
+def test_ring_sum_within_the_quantisation_bound_and_unbiased():
     rng = np.random.default_rng(1)
-    vectors = [rng.normal(scale=3.0, size=1000) for _ in range(10)]
-    total = sum((ring.encode(v, 10) for v in vectors), start=np.zeros(1000, np.uint64))
-    error = np.abs(ring.decode(total) - np.sum(vectors, axis=0)).max()
-    assert error <= ring.error_bound(10)
+    encoding = ring.Encoding(10, 12.0)
+    vectors = [np.clip(rng.normal(scale=3.0, size=1000), -12, 12) for _ in range(10)]
+    total = sum((encoding.encode(v, rng) for v in vectors), start=ring.zeros(1000))
+    error = encoding.decode(total) - np.sum(vectors, axis=0)
+    assert np.abs(error).max() <= encoding.error_bound()
+    # stochastic rounding: a value between two ring steps averages to itself
+    step = 1.0 / encoding.scale
+    repeated = encoding.decode(encoding.encode(np.full(20_000, 0.3 * step), rng))
+    assert abs(repeated.mean() - 0.3 * step) < 0.02 * step
 
 
-def test_ring_refuses_values_that_could_overflow_and_nan():
+def test_the_full_cohort_at_the_bound_cannot_overflow():
+    rng = np.random.default_rng(2)
+    for clients, bound in [(3, 1.0), (1000, 4.5), (20_000, 1.0)]:
+        encoding = ring.Encoding(clients, bound)
+        for sign in (1.0, -1.0):
+            one = encoding.encode(np.full(4, sign * bound), rng)
+            total = ring.zeros(4)
+            for _ in range(clients):
+                total = total + one
+            np.testing.assert_allclose(encoding.decode(total), sign * bound * clients,
+                                       atol=encoding.error_bound())
+
+
+def test_masked_upload_is_the_size_of_float32():
+    encoding = ring.Encoding(50, 1.0)
+    assert encoding.encode(np.zeros(1000), np.random.default_rng(0)).nbytes == 4 * 1000
+
+
+def test_ring_refuses_values_beyond_the_bound_nan_and_foreign_vectors():
+    encoding = ring.Encoding(10, 2.0)
+    rng = np.random.default_rng(0)
     with pytest.raises(ring.RingError, match="exceeds"):
-        ring.encode(np.array([ring.bound(10) * 1.01]), 10)
+        encoding.encode(np.array([2.01]), rng)
     with pytest.raises(ring.RingError, match="NaN"):
-        ring.encode(np.array([np.nan]), 10)
-    with pytest.raises(ring.RingError, match="uint64"):
-        ring.decode(np.zeros(3, np.int64))
+        encoding.encode(np.array([np.nan]), rng)
+    with pytest.raises(ring.RingError, match="uint32"):
+        encoding.decode(np.zeros(3, np.int64))
+    with pytest.raises(ring.RingError, match="no precision"):
+        ring.Encoding(10**9, 10.0)
 
 
 def test_masks_are_deterministic_per_seed_and_unrelated_across_seeds():

@@ -1,0 +1,44 @@
+"""Pinned peers: a node signs secure aggregation with its node key and knows its peers' keys."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from client.deploy import check_peers
+from common import certs
+from common.secagg.signing import Signer, keys_statement, read_peers, verifies
+
+
+def test_a_node_key_signs_and_its_pub_file_verifies(tmp_path):
+    private, _ = certs.node_key(tmp_path, "hospital-a")
+    signer = Signer.from_file(private)
+    statement = keys_statement(b"session", 3, "hospital-a", b"c" * 32, b"s" * 32)
+    pinned = read_peers(tmp_path)["hospital-a"]
+    assert pinned == signer.public()
+    assert verifies(pinned, signer.sign(statement), statement)
+    assert not verifies(pinned, signer.sign(statement), statement + b"x")
+    assert Signer.from_state(signer.to_state()).public() == pinned  # kept between messages
+
+
+def test_start_up_refuses_peers_without_this_nodes_own_key(tmp_path):
+    from client.deploy import ClientSettings
+    from client.policy import NodePolicy
+
+    keys, peers = tmp_path / "keys", tmp_path / "peers"
+    private, _ = certs.node_key(keys, "hospital-a")
+    _, other = certs.node_key(keys, "hospital-b")
+    peers.mkdir()
+    shutil.copy(other, peers / "hospital-b.pub")
+    settings = ClientSettings(server="127.0.0.1:9092", root_cert=tmp_path / "ca.pem",
+                              node_key=private, data=tmp_path, ledger=tmp_path / "ledger",
+                              name="hospital-a", policy=NodePolicy(require_dp=False,
+                                                                   peers=str(peers)))
+    with pytest.raises(certs.CertError, match=r"no hospital-a\.pub"):
+        check_peers(settings)
+    shutil.copy(keys / "hospital-a.pub", peers / "hospital-a.pub")
+    check_peers(settings)
+    (peers / "hospital-a.pub").write_text("not a key\n")
+    with pytest.raises(certs.CertError, match="not an OpenSSH public key"):
+        check_peers(settings)

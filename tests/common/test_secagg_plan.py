@@ -1,0 +1,56 @@
+"""A round's summation: what clients encode, and the noise shares under client-level DP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.config import RunConfig
+from common.secagg.plan import NOISE_TAIL, summation_for, survivors_needed
+from server.secagg import SecAggAbort, SecAggServer
+
+CLIENT_LEVEL = {"privacy.dp": True, "privacy.level": "client", "privacy.clip_norm": 0.5,
+                "privacy.noise_multiplier": 1.2, "federation.num_clients": 20}
+
+
+def test_plain_summation_weights_by_examples_within_the_bound():
+    summation = summation_for(RunConfig(), 10)
+    assert summation.weighted and summation.noise_std == 0 and summation.bound == 1.0
+    change = {"a": np.array([0.5, -3.0]), "b": np.array([[2.0]])}
+    vector = summation.to_vector(change, examples=50_000, loss=0.7)
+    w = 50_000 / summation.max_examples
+    np.testing.assert_allclose(vector, [w * 0.5, -w * 1.0, w * 1.0, w, w, w * 0.7 / 20])
+    assert np.abs(vector).max() <= summation.encoding.bound
+
+
+def test_the_noise_shares_of_the_fewest_survivors_add_up_to_the_full_noise():
+    config = RunConfig.from_mapping(CLIENT_LEVEL)
+    summation = summation_for(config, 10)
+    r = survivors_needed(config, 10)
+    assert r == summation.survivors == 8 and not summation.weighted
+    assert summation.noise_std == pytest.approx(1.2 * 0.5 / np.sqrt(r))
+    assert summation.bound == pytest.approx(0.5 + NOISE_TAIL * summation.noise_std)
+    rng = np.random.default_rng(0)
+    sums = rng.normal(0.0, summation.noise_std, size=(r, 200_000)).sum(axis=0)
+    assert sums.std() == pytest.approx(1.2 * 0.5, rel=0.01)  # z C, as the accountant assumes
+
+
+def test_the_server_reveals_nothing_for_fewer_survivors_than_the_noise_needs():
+    from client.secagg import SecAggClient
+
+    server = SecAggServer(server_round=1)
+    clients = {f"c{i}": SecAggClient(f"c{i}", server.session, 1) for i in range(5)}
+    server.make_cohort({n: c.signed_keys() for n, c in clients.items()})
+    masked = {n: np.zeros(3, np.uint32) for n in list(clients)[:3]}  # 3 of 5 masked
+    assert server.survivors(masked) == sorted(masked)  # the threshold alone allows 3
+    with pytest.raises(SecAggAbort, match="4 are needed"):
+        server.survivors(masked, at_least=4)
+
+
+def test_dropout_tolerance_is_validated():
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"secagg\.dropout_tolerance"):
+        RunConfig.from_mapping({"secagg.dropout_tolerance": 1.0})
+    with pytest.raises(ConfigError, match=r"secagg\.bound"):
+        RunConfig.from_mapping({"secagg.bound": 0})
