@@ -98,6 +98,7 @@ CORRUPT = {  # kind -> (the step it corrupts, how)
     "missing-metric": ("train", lambda c: with_metrics(c, **{"train-loss": None})),
     "metric-type": ("train", lambda c: with_metrics(c, **{"train-loss": [0.5, 0.5]})),
     "epsilon-list": ("train", lambda c: with_metrics(c, epsilon=[1.0, 2.0])),
+    "epsilon-extra": ("train", lambda c: with_metrics(c, epsilon=0.5)),
     "extra-tensor": ("train", lambda c: with_arrays(c, {**arrays(c),
                                                         "extra": np.zeros(3, np.float32)})),
     "missing-tensor": ("train", lambda c: with_arrays(c, {k: v for k, v in arrays(c).items()
@@ -159,7 +160,7 @@ PLAIN = {
     2: {"client-1": "wrong-shape", "client-2": "broadcast-shape", "client-3": "wrong-dtype",
         "client-4": "nan", "client-5": "inf"},
     3: {"client-1": "absurd-norm", "client-2": "examples-huge", "client-3": "examples-negative",
-        "client-4": "examples-fractional"},
+        "client-4": "examples-fractional", "client-5": "epsilon-extra"},
 }
 
 # Secure aggregation: as many kinds per round as leave a cohort that meets its threshold
@@ -177,6 +178,7 @@ REASON = {  # kind -> what its reason must say
     "missing-metric": r"metrics \[.*\] differ from the expected",
     "metric-type": r"train-loss must be a finite number",
     "epsilon-list": r"metrics \[.*'epsilon'.*\] differ from the expected",
+    "epsilon-extra": r"metrics \[.*'epsilon'.*\] differ from the expected",
     "extra-tensor": r"unexpected \['extra'\]",
     "missing-tensor": r"missing \['[^']+'\]",
     "wrong-shape": r"tensor \S+ is \w+\[\d+\], expected \w+\[\d+, \d+\]",
@@ -240,6 +242,7 @@ def test_malformed_replies_are_rejected_and_the_rounds_go_on(secure, plan, tiny_
         summed = {name for name in bad if PLAN_SUMS.get(bad[name])}
         assert row["clients"] == CLIENTS - len(bad) + len(summed), row
         assert row["clients_failed"] == 0, row
+        assert "epsilon" not in row  # no DP: an epsilon could only come from a rejected reply
     for value in latest_checkpoint(out).arrays.values():
         assert np.isfinite(value).all()
 
