@@ -3,17 +3,21 @@ for a causal LM) and the clients' view of it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from logging import WARNING
 from typing import Any
 
 import numpy as np
 from flwr.app import Message
+from flwr.common.logger import log
 
 from common import record_keys as keys
 from common.adapter import load_trainable_state
 from common.causal_lm import generate, sample_prompt
 from common.task import Task
 from common.training import EvalStats
+from server.replies import MAX_EXAMPLES
 from server.roster import Roster
 
 
@@ -53,12 +57,13 @@ def summarise_client_evaluation(replies: Iterable[Message], roster: Roster) -> d
     for reply in replies:
         if reply.has_error() or keys.METRICS not in reply.content.metric_records:
             continue  # failed, or a node whose policy does not share its evaluation
-        metrics = reply.content[keys.METRICS]
-        if int(metrics[keys.NUM_EXAMPLES]) == 0:
-            continue
         name = roster.name_of(reply.metadata.src_node_id)
-        per_client[name] = float(metrics[keys.ACCURACY])
-        weights[name] = int(metrics[keys.NUM_EXAMPLES])
+        result = _client_result(reply.content[keys.METRICS])
+        if result is None:
+            log(WARNING, "Evaluation of %s left out: malformed metrics %s", name,
+                dict(reply.content[keys.METRICS]))
+        elif result[1] > 0:
+            per_client[name], weights[name] = result
     if not per_client:
         return {}
     accuracy = np.array([per_client[n] for n in sorted(per_client)])
@@ -69,3 +74,21 @@ def summarise_client_evaluation(replies: Iterable[Message], roster: Roster) -> d
         "client_accuracy_worst": float(accuracy.min()),
         "client_accuracy_std": float(accuracy.std()),
     }
+
+
+def _client_result(metrics: Any) -> tuple[float, int] | None:
+    """(accuracy, examples) of a client's evaluation, None when malformed: an untrusted reply
+    is left out of the summary, never allowed to stop the round."""
+    accuracy, examples = metrics.get(keys.ACCURACY), metrics.get(keys.NUM_EXAMPLES)
+    if not _finite(examples) or examples != int(examples) or not 0 <= examples <= MAX_EXAMPLES:
+        return None
+    if examples == 0:
+        return 0.0, 0  # nothing held out: its accuracy is not read
+    if not _finite(accuracy) or not 0 <= accuracy <= 1:
+        return None
+    return float(accuracy), int(examples)
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) \
+        and math.isfinite(value)

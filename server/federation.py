@@ -157,7 +157,8 @@ def train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
                                              grid))
     replies = list(grid.send_and_receive(messages, timeout=config.federation.timeout))
     ok = [r for r in replies if not r.has_error()]
-    exhausted, by_policy = retire_refusing(strategy.roster, [r for r in ok if refused(r)])
+    refusing = [r for r in ok if refused(r)]
+    exhausted, by_policy = retire_refusing(strategy.roster, refusing)
     names = strategy.roster.name_of
     updates, rejected = [], {}
     for reply in (r for r in ok if not refused(r)):
@@ -169,8 +170,8 @@ def train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
             log(WARNING, "Update of %s rejected: %s", names(reply.metadata.src_node_id), error)
     new_arrays, metrics = strategy.aggregate_train(server_round, updates) if updates else (
         None, None)
-    epsilon = {names(r.metadata.src_node_id): eps for r in ok
-               if (eps := reported_epsilon(r)) is not None}
+    epsilon = {names(r.metadata.src_node_id): eps for r in [*refusing, *updates]
+               if (eps := reported_epsilon(r)) is not None}  # a rejected reply's is untrusted
     return TrainOutcome(arrays=new_arrays, metrics=metrics, clients=len(updates),
                         failures=len(messages) - len(ok), bytes_up=_bytes(updates),
                         bytes_down=_bytes(messages), epsilon=dict(sorted(epsilon.items())),

@@ -66,11 +66,27 @@ def expected_metrics(config: RunConfig) -> set[str]:
     return names
 
 
+def check_masked_metrics(reply: Message) -> None:
+    """Raise ReplyRejected unless a masked (secure aggregation) reply's clear metrics are a unit
+    weight of 1 and at most the node's epsilon: the count and loss travel inside the vector."""
+    metrics = reply.content.metric_records.get(keys.METRICS)
+    if metrics is None:
+        raise ReplyRejected(f"no '{keys.METRICS}' record")
+    if not {keys.UNIT_WEIGHT} <= set(metrics) <= {keys.UNIT_WEIGHT, keys.EPSILON}:
+        raise ReplyRejected(f"metrics {sorted(metrics)} are not '{keys.UNIT_WEIGHT}' and at "
+                            f"most '{keys.EPSILON}'")
+    _check_values(metrics)
+
+
 def _check_metrics(metrics: Any, config: RunConfig) -> None:
     expected = expected_metrics(config)
     if set(metrics) != expected:
         raise ReplyRejected(f"metrics {sorted(metrics)} differ from the expected "
                             f"{sorted(expected)}")
+    _check_values(metrics)
+
+
+def _check_values(metrics: Any) -> None:
     for name, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not math.isfinite(value):

@@ -64,7 +64,11 @@ class Roster:
             if reply.has_error():
                 log(WARNING, "Node %d did not identify itself: %s", node_id, reply.error.reason)
                 continue
-            name = str(reply.content[keys.CONFIG][keys.CLIENT_NAME])
+            config = reply.content.config_records.get(keys.CONFIG)
+            name = None if config is None else config.get(keys.CLIENT_NAME)
+            if not isinstance(name, str) or not name:
+                log(WARNING, "Node %d did not identify itself: no name in its reply", node_id)
+                continue
             if name in self._node_of:
                 self._forget({self._node_of[name]})  # the same client reconnected
             self._node_of[name], self._name_of[node_id] = node_id, name

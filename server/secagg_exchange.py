@@ -27,6 +27,7 @@ from common.secagg.records import (
     signature_from_record,
     signatures_to_record,
 )
+from server.replies import check_masked_metrics
 from server.secagg import SecAggAbort, SecAggServer
 from server.strategies.fedavg import SeededFedAvg
 from server.train_outcome import (
@@ -60,7 +61,7 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
                                            [r for r in replies.values() if refused(r)])
     epsilon = {name: eps for name, r in replies.items()
                if refused(r) and (eps := reported_epsilon(r)) is not None}
-    public = {name: _parse(keys_from_record, r.content[keys.CONFIG], name)
+    public = {name: _parse(protocol, "public keys", keys_from_record, r, name)
               for name, r in replies.items() if not refused(r)}
     public = {name: value for name, value in public.items() if value is not None}
     metrics: dict[str, MetricRecord] = {}
@@ -69,7 +70,7 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
         cohort = protocol.make_cohort(public)
         replies = link.exchange(cohort.names, "secagg_shares", lambda _: RecordDict(
             {keys.CONFIG: ConfigRecord({**base, **cohort_to_record(cohort)})}))
-        sealed = {name: _parse(sealed_from_record, r.content[keys.CONFIG], name, "to")
+        sealed = {name: _parse(protocol, "encrypted shares", sealed_from_record, r, name, "to")
                   for name, r in replies.items()}
         inbox = protocol.route({n: s for n, s in sealed.items() if s is not None})
 
@@ -87,15 +88,15 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
 
         replies = link.exchange(survivors, "secagg_consistency", lambda _: RecordDict(
             {keys.CONFIG: ConfigRecord({**base, "survivors": survivors})}))
-        signatures = {name: _parse(signature_from_record, r.content[keys.CONFIG], name)
-                      for name, r in replies.items()}
+        signatures = {name: _parse(protocol, "consistency signature", signature_from_record,
+                                   r, name) for name, r in replies.items()}
         signed = protocol.consistent(survivors, {name: signature for name, signature
                                                  in signatures.items() if signature is not None})
 
         replies = link.exchange(survivors, "secagg_unmask", lambda _: RecordDict(
             {keys.CONFIG: ConfigRecord({**base, "survivors": survivors,
                                         **signatures_to_record(signed)})}))
-        reveals = {name: _parse(reveals_from_record, r.content[keys.CONFIG], name) or []
+        reveals = {name: _parse(protocol, "unmask shares", reveals_from_record, r, name) or []
                    for name, r in replies.items()}
         total = summation.encoding.decode(protocol.unmask(masked, reveals))
         global_state = from_record(arrays)
@@ -110,10 +111,10 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
     epsilon.update({name: float(m[keys.EPSILON]) for name, m in metrics.items()
                     if keys.EPSILON in m})
     by_policy.update(link.refused)
-    rejected = dict(protocol.rejected)
+    rejected = dict(protocol.rejected)  # a bad step-4 reply's input may still be in the sum
     return TrainOutcome(arrays=new_arrays, metrics=_mean_loss(sums), clients=len(metrics),
                         failures=len(sampled) - len(metrics) - len(exhausted) - len(by_policy)
-                        - len(rejected),
+                        - len(set(rejected) - set(metrics)),
                         bytes_up=link.bytes_up, bytes_down=link.bytes_down,
                         epsilon=dict(sorted(epsilon.items())), exhausted=exhausted,
                         refused=dict(sorted(by_policy.items())),
@@ -153,8 +154,12 @@ class _Link:
 def _masked_vector(protocol: SecAggServer, name: str, reply: Message,
                    length: int) -> np.ndarray | None:
     try:
-        vector = reply.content[keys.ARRAYS][keys.MASKED].numpy()
+        arrays = reply.content.array_records.get(keys.ARRAYS)
+        if arrays is None or keys.MASKED not in arrays:
+            raise ValueError(f"no '{keys.MASKED}' vector")
+        vector = arrays[keys.MASKED].numpy()
         protocol.check_masked(name, vector, length)
+        check_masked_metrics(reply)  # the caller takes the metrics record as it is
     except Exception as error:  # whatever the client sent, the round goes on without it
         protocol.rejected[name] = f"masked input: {error}"
         log(WARNING, "Masked input of %s refused: %s", name, error)
@@ -162,11 +167,16 @@ def _masked_vector(protocol: SecAggServer, name: str, reply: Message,
     return vector
 
 
-def _parse(parse, record: ConfigRecord, name: str, *args):
+def _parse(protocol: SecAggServer, what: str, parse, reply: Message, name: str, *args):
+    """The protocol record `parse` reads from a reply's config, or None with the client
+    rejected for it (`clients_rejected`)."""
     try:
-        return parse(record, *args)
-    except RecordError as error:
-        log(WARNING, "Message from %s refused: %s", name, error)
+        if keys.CONFIG not in reply.content.config_records:
+            raise RecordError(f"no '{keys.CONFIG}' record")
+        return parse(reply.content[keys.CONFIG], *args)
+    except Exception as error:  # whatever the client sent, the round goes on without it
+        protocol.rejected[name] = f"{what}: {error}"
+        log(WARNING, "%s of %s refused: %s", what.capitalize(), name, error)
         return None
 
 

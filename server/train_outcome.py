@@ -3,6 +3,7 @@ a node's refusal to train."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from logging import WARNING
 
@@ -37,10 +38,14 @@ def refusal_status(reply: Message) -> str | None:
 
 
 def reported_epsilon(reply: Message) -> float | None:
-    """The ledger total a reply reports (DP-SGD updates and budget refusals), else None."""
+    """The ledger total a reply reports (DP-SGD updates and budget refusals), else None; also
+    None for a value that is no finite number (a malformed reply must not stop the round)."""
     metrics = reply.content.metric_records.get(keys.METRICS)
-    return None if metrics is None or keys.EPSILON not in metrics else float(
-        metrics[keys.EPSILON])
+    value = None if metrics is None else metrics.get(keys.EPSILON)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def refused(reply: Message) -> bool:

@@ -9,7 +9,8 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from common import record_keys as keys
 from common.config import RunConfig
-from server.replies import ReplyRejected, check_update
+from server.replies import ReplyRejected, check_masked_metrics, check_update
+from server.train_outcome import reported_epsilon
 
 GLOBAL = {"lora_A": np.zeros((4, 8), dtype=np.float32), "head": np.zeros(3, dtype=np.float32)}
 CONFIG = RunConfig()
@@ -70,3 +71,35 @@ def test_under_client_level_dp_an_update_beyond_the_clip_norm_is_rejected():
     check_update(reply(metrics=metrics, shift=0.01), GLOBAL, config)  # norm 0.059: clipped
     with pytest.raises(ReplyRejected, match="clip norm"):
         check_update(reply(metrics=metrics, shift=0.1), GLOBAL, config)  # norm 0.59
+
+
+def masked_reply(metrics) -> Message:
+    content = RecordDict({} if metrics is None else {keys.METRICS: MetricRecord(metrics)})
+    return Message(content, dst_node_id=0, message_type="train.secagg_masked")
+
+
+@pytest.mark.parametrize("metrics", [{keys.UNIT_WEIGHT: 1}, {keys.UNIT_WEIGHT: 1,
+                                                             keys.EPSILON: 2.5}])
+def test_a_masked_reply_may_carry_its_unit_weight_and_epsilon(metrics):
+    check_masked_metrics(masked_reply(metrics))
+
+
+@pytest.mark.parametrize(("metrics", "reason"), [
+    (None, "no 'metrics' record"),
+    ({}, "are not 'unit-weight'"),
+    ({keys.UNIT_WEIGHT: 1, keys.NUM_EXAMPLES: 40}, "are not 'unit-weight'"),
+    ({keys.UNIT_WEIGHT: 1, keys.EPSILON: [1.0, 2.0]}, "epsilon must be a finite number"),
+    ({keys.UNIT_WEIGHT: 1, keys.EPSILON: float("nan")}, "epsilon must be a finite number"),
+    ({keys.UNIT_WEIGHT: 7}, "unit-weight must be 1"),
+], ids=["no-record", "empty", "clear-count", "list", "nan", "weight"])
+def test_malformed_metrics_of_a_masked_reply_are_rejected(metrics, reason):
+    with pytest.raises(ReplyRejected, match=reason):
+        check_masked_metrics(masked_reply(metrics))
+
+
+@pytest.mark.parametrize(("value", "read"), [(2.5, 2.5), (3, 3.0), ([1.0, 2.0], None),
+                                             (float("nan"), None), (float("inf"), None)])
+def test_a_reported_epsilon_that_is_no_finite_number_is_ignored(value, read):
+    """Read from every reply, even a rejected one or a refusal: it must never raise."""
+    assert reported_epsilon(masked_reply({keys.UNIT_WEIGHT: 1, keys.EPSILON: value})) == read
+    assert reported_epsilon(masked_reply(None)) is None

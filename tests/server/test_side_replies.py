@@ -1,0 +1,67 @@
+"""The replies around training are untrusted too: a malformed evaluation is left out of the
+clients' summary and a node that sends no name is not enrolled, neither stops the round."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from common import record_keys as keys
+from server.evaluation import summarise_client_evaluation
+from server.roster import Roster
+
+
+def evaluation(node_id: int, metrics: dict) -> Message:
+    query = Message(RecordDict(), dst_node_id=node_id, message_type=MessageType.EVALUATE)
+    return Message(RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=query)
+
+
+GOOD = {keys.NUM_EXAMPLES: 10, keys.EVAL_LOSS: 0.5, keys.ACCURACY: 0.8}
+
+
+@pytest.mark.parametrize("bad", [
+    {keys.EVAL_LOSS: 0.5, keys.ACCURACY: 0.8},
+    {keys.NUM_EXAMPLES: 10, keys.EVAL_LOSS: 0.5},
+    {**GOOD, keys.ACCURACY: float("nan")},
+    {**GOOD, keys.ACCURACY: 7.0},
+    {**GOOD, keys.ACCURACY: [0.8, 0.9]},
+    {**GOOD, keys.NUM_EXAMPLES: 10**12},
+    {**GOOD, keys.NUM_EXAMPLES: -3},
+    {**GOOD, keys.NUM_EXAMPLES: 2.5},
+], ids=["no-count", "no-accuracy", "nan", "above-one", "list", "huge", "negative",
+        "fractional"])
+def test_a_malformed_evaluation_is_left_out_of_the_summary(bad):
+    summary = summarise_client_evaluation([evaluation(1, GOOD), evaluation(2, bad)], Roster())
+    assert summary["client_accuracy"] == {"node-1": 0.8}
+    assert summary["client_accuracy_mean"] == pytest.approx(0.8)
+
+
+def test_a_client_with_nothing_held_out_is_left_out_silently():
+    empty = {keys.NUM_EXAMPLES: 0, keys.EVAL_LOSS: 0.0, keys.ACCURACY: float("nan")}
+    summary = summarise_client_evaluation([evaluation(1, GOOD), evaluation(2, empty)], Roster())
+    assert summary["client_accuracy"] == {"node-1": 0.8}
+
+
+class NamingGrid:
+    """Answers the identity query of each node with the records given for it."""
+
+    def __init__(self, records: dict[int, RecordDict]) -> None:
+        self.records = records
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.records)
+
+    def send_and_receive(self, messages, timeout):
+        return [Message(self.records[m.metadata.dst_node_id], reply_to=m) for m in messages]
+
+
+def test_a_node_that_sends_no_usable_name_is_not_enrolled():
+    grid = NamingGrid({
+        1: RecordDict({keys.CONFIG: ConfigRecord({keys.CLIENT_NAME: "client-0"})}),
+        2: RecordDict(),
+        3: RecordDict({keys.CONFIG: ConfigRecord({keys.CLIENT_NAME: 5})}),
+        4: RecordDict({keys.CONFIG: ConfigRecord({keys.CLIENT_NAME: ""})}),
+    })
+    roster = Roster()
+    roster.refresh(grid, wait_for=1, timeout=1)
+    assert roster.active() == [("client-0", 1)]
