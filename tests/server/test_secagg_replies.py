@@ -49,9 +49,10 @@ def test_a_record_that_does_not_parse_rejects_its_sender(parse, args, bad, reaso
 
 def test_a_record_that_parses_rejects_nobody():
     protocol = SecAggServer(1)
-    good = reply(config=ConfigRecord({"c-public": KEY, "s-public": KEY[::-1]}))
-    assert _parse(protocol, "public keys", keys_from_record, good, "client-3") == (KEY,
-                                                                                  KEY[::-1])
+    signed = (KEY, KEY[::-1], b"ssh-ed25519 AAAA", b"signature")
+    good = reply(config=ConfigRecord(dict(zip(
+        ("c-public", "s-public", "sig-public", "key-signature"), signed, strict=True))))
+    assert _parse(protocol, "public keys", keys_from_record, good, "client-3") == signed
     assert protocol.rejected == {}
 
 
@@ -63,7 +64,7 @@ def masked_protocol() -> SecAggServer:
     return protocol
 
 
-VECTOR = ArrayRecord({keys.MASKED: Array(np.arange(4, dtype=np.uint64))})
+VECTOR = ArrayRecord({keys.MASKED: Array(np.arange(4, dtype=np.uint32))})
 
 
 def test_a_well_formed_masked_reply_is_taken():
