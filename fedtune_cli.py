@@ -140,6 +140,8 @@ def _add_policy_flags(client: argparse.ArgumentParser) -> None:
     rules.add_argument("--peers", metavar="DIR", help="the consortium's <name>.pub node keys: "
                        "sign secure aggregation with this node's key and refuse any cohort "
                        "with a key not pinned there")
+    rules.add_argument("--max-dropout", type=float, help="largest share of neighbours whose "
+                       "secure-aggregation shares may be missing (default 0.2)")
     rules.add_argument("--min-cohort", type=int, help="fewest clients summed by secure "
                        "aggregation (default 3)")
     rules.add_argument("--min-threshold", type=int,
@@ -155,9 +157,10 @@ def _add_policy_flags(client: argparse.ArgumentParser) -> None:
                        help="send the ledger's epsilon under secure aggregation too")
 
 
-POLICY_FLAGS = ("budget_epsilon", "peers", "require_dp", "require_secagg", "max_delta",
-                "min_noise_multiplier", "min_cohort", "min_threshold", "share_evaluation",
-                "test_fraction", "split_seed", "text_field", "label_field", "report_epsilon")
+POLICY_FLAGS = ("budget_epsilon", "peers", "max_dropout", "require_dp", "require_secagg",
+                "max_delta", "min_noise_multiplier", "min_cohort", "min_threshold",
+                "share_evaluation", "test_fraction", "split_seed", "text_field", "label_field",
+                "report_epsilon")
 
 
 def run_deployment(args: argparse.Namespace) -> int:

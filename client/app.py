@@ -8,6 +8,7 @@ node's policy (`client/policy.py`), which also decides what each reply may carry
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from common.secagg.records import (
     cohort_from_record,
     keys_to_record,
     reveals_to_record,
+    routing_from_record,
     sealed_from_record,
     sealed_to_record,
     signatures_from_record,
@@ -134,6 +136,7 @@ def secagg_keys(msg: Message, context: Context) -> Message:
             raise SecAggViolation("a second step 1 in this round: keys are never replaced")
     signer = Signer.from_file(node.node_key) if node.policy.peers else None
     client = SecAggClient(node.name, session, server_round, signer)
+    client.config_digest = _config_digest(msg)  # the round's configuration, pinned
     _keep(context, client)
     return Message(RecordDict({keys.CONFIG: keys_to_record(client.signed_keys())}),
                    reply_to=msg)
@@ -170,7 +173,8 @@ def secagg_masked(msg: Message, context: Context) -> Message:
     if (refused := _gate(msg, config, node, secure=True)) is not None:
         return refused  # step 3 carries its own run config: checked again, never assumed
     received = sealed_from_record(msg.content[keys.CONFIG], "from")
-    client.check_shares(received)  # too few shares: refused before training too
+    # too few or bad shares: refused before training too
+    client.check_shares(received, min_delivered=1 - node.policy.max_dropout)
     global_state = from_record(msg.content[keys.ARRAYS])
     update = _local_update(config, server_round, node, global_state)
     summation = summation_for(config, client.cohort_size())
@@ -196,8 +200,10 @@ def secagg_consistency(msg: Message, context: Context) -> Message:
     client = _resume(msg, context)
     config, _ = _round_settings(msg)
     node = Node.from_node_config(context.node_config, config)
-    survivors = list(msg.content[keys.CONFIG].get("survivors", []))
-    signature = client.sign_survivors(survivors, min_survivors=_fewest(node, config, client))
+    settings = msg.content[keys.CONFIG]
+    signature = client.sign_survivors(list(settings.get("survivors", [])),
+                                      routing_from_record(settings),
+                                      min_survivors=_fewest(node, config, client))
     _keep(context, client)
     return Message(RecordDict({keys.CONFIG: ConfigRecord({"signature": signature})}),
                    reply_to=msg)
@@ -213,7 +219,7 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
     config, _ = _round_settings(msg)
     node = Node.from_node_config(context.node_config, config)
     settings = msg.content[keys.CONFIG]
-    reveals = client.reveal(list(settings.get("survivors", [])),
+    reveals = client.reveal(list(settings.get("survivors", [])), routing_from_record(settings),
                             signatures_from_record(settings),
                             min_survivors=_fewest(node, config, client))
     _keep(context, client)
@@ -329,7 +335,14 @@ def _resume(msg: Message, context: Context) -> SecAggClient:
     if (bytes(settings[keys.SECAGG_SESSION]) != client.session
             or int(settings[keys.SERVER_ROUND]) != client.round):
         raise SecAggViolation("message belongs to another round (stale or replayed)")
+    if _config_digest(msg) != client.config_digest:
+        raise SecAggViolation("the run configuration changed within the round (the noise and "
+                              "the survivors it needs are fixed at step 1)")
     return client
+
+
+def _config_digest(msg: Message) -> str:
+    return hashlib.sha256(str(msg.content[keys.CONFIG][keys.RUN_CONFIG]).encode()).hexdigest()
 
 
 def _round_settings(msg: Message) -> tuple[RunConfig, int]:

@@ -26,6 +26,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
 from common import record_keys as keys
+from common.client_dp import client_level_plan
 from common.config import ACCOUNTANTS, CLASSIFICATION, RunConfig
 from common.privacy import default_delta
 
@@ -65,6 +66,8 @@ class NodePolicy:
     split_seed: int = 0  # this node's seed for that split (never the server's)
     peers: str = ""  # directory of the consortium's <name>.pub node keys: sign with this
     # node's key and accept only cohorts whose every member's key is pinned there
+    max_dropout: float = 0.2  # largest share of its share holders whose shares may be missing
+    # when it masks (a server withholding more could leave it masked by colluders alone)
 
     def __post_init__(self) -> None:
         _check(self.budget_epsilon is None or self.budget_epsilon > 0, BUDGET, "must be > 0",
@@ -84,6 +87,8 @@ class NodePolicy:
         _check(self.min_threshold >= 2, MIN_THRESHOLD, "must be >= 2", self.min_threshold)
         _check(0 <= self.test_fraction < 1, "test-fraction", "must be in [0, 1)",
                self.test_fraction)
+        _check(0 <= self.max_dropout < 1 / 3, "max-dropout", "must be in [0, 1/3)",
+               self.max_dropout)
 
     @classmethod
     def simulated(cls, config: RunConfig, client_name: str) -> NodePolicy:
@@ -93,7 +98,8 @@ class NodePolicy:
                    budget_epsilon=privacy.budgets().get(client_name, privacy.epsilon),
                    max_delta=privacy.delta, min_noise_multiplier=0.0,
                    accountant=privacy.accountant, share_evaluation=True, report_epsilon=True,
-                   test_fraction=config.partition.local_test_fraction)
+                   test_fraction=config.partition.local_test_fraction,
+                   max_dropout=min(config.secagg.dropout_tolerance, 0.33))
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> NodePolicy:
@@ -147,6 +153,10 @@ def request_violations(policy: NodePolicy, config: RunConfig, *, secure: bool,
         asked = "privacy.dp = false" if not privacy.dp else f"privacy.level = {privacy.level!r}"
         broken.append(f"{REQUIRE_DP}: this node trains only with sample-level DP-SGD, the "
                       f"server asked {asked}")
+    if privacy.client_level and (z := client_level_plan(config)[0].noise_multiplier) < \
+            policy.min_noise_multiplier:
+        broken.append(f"{MIN_NOISE}: the client-level noise multiplier {z:.3g} is below this "
+                      f"node's floor, {policy.min_noise_multiplier:g}")
     if policy.require_secagg and not secure:
         broken.append(f"{REQUIRE_SECAGG}: this node sends updates only through secure "
                       "aggregation, the server asked for a plain update")

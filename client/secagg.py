@@ -9,12 +9,24 @@ of this client except as Shamir shares held by its neighbours.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 
 import numpy as np
 
 from common.secagg import channel, prg, ring, shamir
-from common.secagg.protocol import Cohort, Reveal, mask_sign, pairwise_seed, share_context
+from common.secagg.graph import default_neighbours
+from common.secagg.protocol import (
+    Cohort,
+    Reveal,
+    Routing,
+    mask_sign,
+    pairwise_seed,
+    routing_digest,
+    routing_problem,
+    share_context,
+    two_thirds,
+)
 from common.secagg.signing import Signer, keys_statement, survivors_statement, verifies
 
 
@@ -37,6 +49,8 @@ class SecAggClient:
         self.received: dict[str, bytes] = {}
         self.partners: list[str] = []
         self.survivors: list[str] = []  # the survivor set this client signed
+        self.routing = ""  # the digest of the delivery of shares it signed (hex)
+        self.config_digest = ""  # the run configuration of this round, pinned at step 1
 
     # -- step 1 ---------------------------------------------------------------------------
     def public_keys(self) -> tuple[bytes, bytes]:
@@ -66,10 +80,11 @@ class SecAggClient:
         if own != self.signed_keys()[:3]:
             raise SecAggViolation("the server changed this client's public keys")
         self._check_signed_keys(cohort, pinned)
+        self._check_graph(cohort)
         holders = sorted([*cohort.graph()[self.name], self.name])  # a share for itself too
-        if not (2 <= cohort.threshold <= len(holders) and 2 * cohort.threshold > len(holders)):
+        if not (max(2, two_thirds(len(holders))) <= cohort.threshold <= len(holders)):
             raise SecAggViolation(f"threshold {cohort.threshold} is unsafe or unreachable with "
-                                  f"{len(holders)} share holders (it must be a majority)")
+                                  f"{len(holders)} share holders (it must be over two thirds)")
         b_shares = shamir.split(self.self_seed, len(holders), cohort.threshold)
         s_shares = shamir.split(self.s_key, len(holders), cohort.threshold)
         sealed = {}
@@ -81,9 +96,11 @@ class SecAggClient:
         return sealed
 
     # -- step 3 ---------------------------------------------------------------------------
-    def check_shares(self, received: dict[str, bytes]) -> None:
-        """Refuse a delivery of shares the masking step could not use safely (checked before
-        any training, and again by `mask`)."""
+    def check_shares(self, received: dict[str, bytes], *, min_delivered: float = 0.0) -> None:
+        """Refuse a delivery of shares the masking step could not use safely, checked before
+        any training: only neighbours', its own among them, every one decrypting, at least
+        the threshold and `min_delivered` (a share of its holders: a server that withholds
+        most neighbours' shares could leave this client masked by colluders alone)."""
         self._expect("shares")
         cohort = self._cohort()
         holders = {*cohort.graph()[self.name], self.name}
@@ -92,16 +109,19 @@ class SecAggClient:
             raise SecAggViolation(f"shares from clients that are not neighbours: {unknown}")
         if self.name not in received:
             raise SecAggViolation("the server withheld this client's share of its own secrets")
-        if len(received) < cohort.threshold:
-            raise SecAggViolation(f"only {len(received)} clients delivered shares; "
-                                  f"{cohort.threshold} are needed")
+        needed = max(cohort.threshold, math.ceil(min_delivered * len(holders) - 1e-9))
+        if len(received) < needed:
+            raise SecAggViolation(f"only {len(received)} of {len(holders)} share holders "
+                                  f"delivered shares; {needed} are needed")
+        for peer in sorted(received):
+            self._open(cohort, peer, received)
 
     def mask(self, received: dict[str, bytes], vector: np.ndarray, encoding: ring.Encoding,
              rng: np.random.Generator) -> np.ndarray:
         """The encoded vector plus the self mask plus a pairwise mask per delivered neighbour.
 
         `encoding` is the client's own (`summation_for`), for the cohort it was sent."""
-        self.check_shares(received)
+        self.check_shares(received)  # the caller checked min_delivered with its policy
         cohort = self._cohort()
         if encoding.clients != len(cohort.names):
             raise SecAggViolation(f"encoding for {encoding.clients} clients, but the cohort has "
@@ -118,16 +138,30 @@ class SecAggClient:
         return masked
 
     # -- consistency ----------------------------------------------------------------------
-    def sign_survivors(self, survivors: list[str], *, min_survivors: int = 3) -> bytes:
-        """Sign the survivor set the server announces, once per round; a reveal later needs a
-        majority of the cohort to have signed this same set."""
+    def sign_survivors(self, survivors: list[str], routing: Routing, *,
+                       min_survivors: int = 3) -> bytes:
+        """Sign the announced survivor set and delivery of shares, once per round, after
+        checking them: a reveal later needs over two thirds of the cohort to have signed
+        the same."""
         self._expect("masked")
         self._check_survivors(survivors, min_survivors)
-        self.survivors, self.step = sorted(survivors), "signed"
-        return self.signer.sign(survivors_statement(self.session, self.round, self.survivors))
+        delivered = sorted(sender for sender, recipient in set(routing)
+                           if recipient == self.name)
+        if delivered != sorted(self.received):
+            raise SecAggViolation("the announced delivery of shares to this client is not what "
+                                  "it received")
+        if (problem := routing_problem(routing, survivors)) is not None:
+            raise SecAggViolation(problem)
+        self.survivors, self.routing = sorted(survivors), routing_digest(routing).hex()
+        self.step = "signed"
+        return self.signer.sign(self._statement())
+
+    def _statement(self) -> bytes:
+        return survivors_statement(self.session, self.round, self.survivors,
+                                   bytes.fromhex(self.routing))
 
     # -- step 4 ---------------------------------------------------------------------------
-    def reveal(self, survivors: list[str], signatures: dict[str, bytes], *,
+    def reveal(self, survivors: list[str], routing: Routing, signatures: dict[str, bytes], *,
                min_survivors: int = 3) -> list[Reveal]:
         """For each client whose shares it holds (itself included): the self-mask share if that
         client is in the survivor set, the mask-key share if not (it dropped); so never both,
@@ -137,9 +171,10 @@ class SecAggClient:
         self._expect("signed")
         cohort = self._cohort()
         self._check_survivors(survivors, min_survivors)
-        if sorted(survivors) != self.survivors:
-            raise SecAggViolation("the survivor set differs from the one this client signed")
-        statement = survivors_statement(self.session, self.round, self.survivors)
+        if sorted(survivors) != self.survivors or routing_digest(routing).hex() != self.routing:
+            raise SecAggViolation("the survivor set or delivery differs from the one this client "
+                                  "signed")
+        statement = self._statement()
         valid = [name for name, signature in signatures.items() if name in self.survivors
                  and verifies(cohort.public(name, "sig"), signature, statement)]
         if len(valid) < cohort.signatures_needed():
@@ -169,6 +204,17 @@ class SecAggClient:
             raise SecAggViolation(f"only {len(survivors)} survivors; revealing shares below the "
                                   f"threshold {cohort.threshold} would not help")
 
+    def _check_graph(self, cohort: Cohort) -> None:
+        """The neighbour graph follows from the cohort's keys, never from the server's choice,
+        and is at least as dense as the default (a sparse one isolates clients cheaply)."""
+        if cohort.graph_seed != cohort.expected_seed(self.session):
+            raise SecAggViolation("the neighbour graph's seed is not the one the cohort's keys "
+                                  "give")
+        n = len(cohort.names)
+        if cohort.neighbours < min(n - 1, default_neighbours(n)):
+            raise SecAggViolation(f"{cohort.neighbours} neighbours is fewer than "
+                                  f"{default_neighbours(n)}, the least for {n} clients")
+
     def _check_signed_keys(self, cohort: Cohort, pinned: dict[str, bytes] | None) -> None:
         """Pinned signing keys for every member (they sign the survivor set later); a valid
         key signature for each neighbour, the keys this client will use."""
@@ -191,6 +237,7 @@ class SecAggClient:
             "step": self.step, "c": self.c_key.hex(), "s": self.s_key.hex(),
             "b": self.self_seed.hex(), "partners": self.partners,
             "signer": self.signer.to_state(), "survivors": self.survivors,
+            "routing": self.routing, "config": self.config_digest,
             "received": {k: v.hex() for k, v in self.received.items()},
             "cohort": None if cohort is None else {
                 "names": cohort.names, "c": [k.hex() for k in cohort.c_public],
@@ -211,7 +258,8 @@ class SecAggClient:
         client.self_seed = bytes.fromhex(stored["b"])
         client.partners = stored["partners"]
         client.signer = Signer.from_state(stored["signer"])
-        client.survivors = stored["survivors"]
+        client.survivors, client.routing = stored["survivors"], stored["routing"]
+        client.config_digest = stored["config"]
         client.received = {k: bytes.fromhex(v) for k, v in stored["received"].items()}
         c = stored["cohort"]
         client.cohort = None if c is None else Cohort(
@@ -245,11 +293,16 @@ class SecAggClient:
                                   cohort.public(peer, "c"), channel.SHARE_PURPOSE,
                                   self.session)
 
-    def _open(self, cohort: Cohort, peer: str) -> dict:
+    def _open(self, cohort: Cohort, peer: str,
+              received: dict[str, bytes] | None = None) -> dict:
         """The pair of shares `peer` sealed for this client (authenticated as from `peer` to
         this client in this round by the ciphertext's associated data)."""
-        plaintext = channel.open_sealed(self._share_key(cohort, peer), self.received[peer],
-                                        self._context(peer, self.name))
+        sealed = (self.received if received is None else received)[peer]
+        try:
+            plaintext = channel.open_sealed(self._share_key(cohort, peer), sealed,
+                                            self._context(peer, self.name))
+        except channel.ChannelError as error:
+            raise SecAggViolation(f"the shares from {peer} do not open: {error}") from None
         if len(plaintext) != 4 + 2 * shamir.SHARE_BYTES:
             raise SecAggViolation(f"the shares from {peer} have the wrong length")
         b_end = 4 + shamir.SHARE_BYTES

@@ -17,7 +17,16 @@ from flwr.common.logger import log
 
 from common.secagg import channel, prg, ring, shamir
 from common.secagg.graph import default_neighbours
-from common.secagg.protocol import Cohort, Reveal, mask_sign, pairwise_seed
+from common.secagg.protocol import (
+    Cohort,
+    Reveal,
+    Routing,
+    graph_seed,
+    mask_sign,
+    pairwise_seed,
+    routing_digest,
+    two_thirds,
+)
 from common.secagg.signing import keys_statement, survivors_statement, verifies
 
 
@@ -26,8 +35,9 @@ class SecAggAbort(RuntimeError):
 
 
 def default_threshold(holders: int) -> int:
-    """A majority of the holders of each client's shares (its neighbours and itself), >= 2."""
-    return max(2, holders // 2 + 1)
+    """Over two thirds of the holders of each client's shares (its neighbours and itself),
+    >= 2: the least clients accept, so up to a third of holders may drop out."""
+    return max(2, two_thirds(holders))
 
 
 @dataclass
@@ -47,14 +57,15 @@ class SecAggServer:
         """Step 1 -> 2: everyone's signed public keys, the graph and the threshold."""
         keys = {name: pair for name, pair in keys.items() if not self.key_problem(name, pair)}
         names = sorted(keys)
-        k = min(self.neighbours_setting or default_neighbours(len(names)), len(names) - 1)
+        k = min(max(self.neighbours_setting, default_neighbours(len(names))), len(names) - 1)
         t = self.threshold_setting or default_threshold(k + 1)
         if len(names) < 3 or t > k + 1:
             raise SecAggAbort(f"{len(names)} clients with {k} neighbours each cannot meet "
                               f"threshold {t}")
-        self.cohort = Cohort(names, [keys[n][0] for n in names], [keys[n][1] for n in names],
-                             k, t, secrets.randbelow(2**63), [keys[n][2] for n in names],
-                             [keys[n][3] for n in names])
+        c_public, s_public = [keys[n][0] for n in names], [keys[n][1] for n in names]
+        self.cohort = Cohort(names, c_public, s_public, k, t,
+                             graph_seed(self.session, names, c_public, s_public),
+                             [keys[n][2] for n in names], [keys[n][3] for n in names])
         return self.cohort
 
     def key_problem(self, name: str, signed: tuple[bytes, bytes, bytes, bytes]) -> str | None:
@@ -138,11 +149,18 @@ class SecAggServer:
             raise SecAggAbort(f"only {len(survivors)} masked inputs arrived; {needed} are needed")
         return survivors
 
-    def consistent(self, survivors: list[str], signatures: Mapping[str, bytes]) -> dict[str, bytes]:
-        """Consistency -> step 4: the survivors' valid signatures over the survivor set, or
-        SecAggAbort when fewer than the cohort's majority signed (no client would reveal)."""
+    def routing(self, survivors: list[str]) -> Routing:
+        """Consistency: who delivered shares to each survivor, for every survivor to check and
+        sign (so all agree on the mask graph whose sum they reveal)."""
+        return [(sender, name) for name in survivors for sender in self.holders.get(name, [])]
+
+    def consistent(self, survivors: list[str], routing: Routing,
+                   signatures: Mapping[str, bytes]) -> dict[str, bytes]:
+        """Consistency -> step 4: the survivors' valid signatures over the survivor set and
+        delivery, or SecAggAbort when too few signed (no honest client would reveal)."""
         cohort = self._cohort()
-        statement = survivors_statement(self.session, self.server_round, survivors)
+        statement = survivors_statement(self.session, self.server_round, survivors,
+                                        routing_digest(routing))
         valid = {name: signature for name, signature in signatures.items()
                  if name in survivors and verifies(cohort.public(name, "sig"), signature,
                                                    statement)}
@@ -163,17 +181,28 @@ class SecAggServer:
             for item in items:
                 if item.owner not in self.holders.get(revealer, []):
                     continue  # only shares the revealer could have received count
+                if len(item.share) != shamir.SHARE_BYTES or not 0 < item.x <= self.max_x:
+                    self.rejected[revealer] = f"a malformed share of {item.owner}"
+                    continue
                 if item.kind == "b" and item.owner in survivors:
                     b_shares.setdefault(item.owner, []).append((item.x, item.share))
                 elif item.kind == "s" and item.owner in dropped:
                     s_shares.setdefault(item.owner, []).append((item.x, item.share))
         return b_shares, s_shares
 
+    @property
+    def max_x(self) -> int:
+        return self._cohort().neighbours + 1
+
     def _rebuild(self, shares: dict[str, list], owner: str, what: str) -> bytes:
         threshold = self._cohort().threshold
         found = shares.get(owner, [])
         if len(found) < threshold:
             raise SecAggAbort(f"{len(found)} shares of {owner}'s {what} arrived; "
+                              f"{threshold} are needed")
+        found = list({x: (x, y) for x, y in found}.values())  # one share per index
+        if len(found) < threshold:
+            raise SecAggAbort(f"{len(found)} distinct shares of {owner}'s {what} arrived; "
                               f"{threshold} are needed")
         try:
             return shamir.combine(found, threshold)

@@ -22,6 +22,7 @@ from common.secagg.records import (
     cohort_to_record,
     keys_from_record,
     reveals_from_record,
+    routing_to_record,
     sealed_from_record,
     sealed_to_record,
     signature_from_record,
@@ -85,22 +86,26 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
                 masked[name], metrics[name] = vector, reply.content[keys.METRICS]
         summation = summation_for(config, len(cohort.names))
         survivors = protocol.survivors(masked, summation.survivors)
+        routing = protocol.routing(survivors)
+        agreed = {**base, "survivors": survivors, **routing_to_record(routing)}
 
         replies = link.exchange(survivors, "secagg_consistency", lambda _: RecordDict(
-            {keys.CONFIG: ConfigRecord({**base, "survivors": survivors})}))
+            {keys.CONFIG: ConfigRecord(agreed)}))
         signatures = {name: _parse(protocol, "consistency signature", signature_from_record,
                                    r, name) for name, r in replies.items()}
-        signed = protocol.consistent(survivors, {name: signature for name, signature
-                                                 in signatures.items() if signature is not None})
+        signed = protocol.consistent(survivors, routing, {
+            name: signature for name, signature in signatures.items() if signature is not None})
 
         replies = link.exchange(survivors, "secagg_unmask", lambda _: RecordDict(
-            {keys.CONFIG: ConfigRecord({**base, "survivors": survivors,
-                                        **signatures_to_record(signed)})}))
+            {keys.CONFIG: ConfigRecord({**agreed, **signatures_to_record(signed)})}))
         reveals = {name: _parse(protocol, "unmask shares", reveals_from_record, r, name) or []
                    for name, r in replies.items()}
         total = summation.encoding.decode(protocol.unmask(masked, reveals))
         global_state = from_record(arrays)
-        change, sums = summation.average(total, global_state)
+        try:
+            change, sums = summation.average(total, global_state, len(survivors))
+        except ValueError as error:
+            raise SecAggAbort(str(error)) from None
         new_arrays = to_record({k: (v + change[k]).astype(v.dtype)
                                 for k, v in global_state.items()})
     except SecAggAbort as error:

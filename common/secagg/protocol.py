@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,9 +34,68 @@ class Cohort:
         return keys[self.names.index(name)]
 
     def signatures_needed(self) -> int:
-        """Consistency signatures a reveal needs: a majority of the cohort (so two survivor
-        sets can never both collect enough, each client signing once) and the threshold."""
-        return max(self.threshold, len(self.names) // 2 + 1)
+        """Consistency signatures a reveal needs: over two thirds of the cohort (two survivor
+        sets could both collect that many only if more than a third signed twice) and t."""
+        return max(self.threshold, two_thirds(len(self.names)))
+
+    def expected_seed(self, session: bytes) -> int:
+        """The graph seed every client recomputes from the cohort's keys: the server cannot
+        pick a graph that puts its colluders around one client."""
+        return graph_seed(session, self.names, self.c_public, self.s_public)
+
+
+def two_thirds(count: int) -> int:
+    """The least integer above 2 count / 3. As a threshold of h holders it keeps a client's two
+    secrets apart unless over h/3 holders collude; as a quorum, likewise for equivocation."""
+    return 2 * count // 3 + 1
+
+
+def fields(*parts: bytes) -> bytes:
+    """An unambiguous concatenation: each part prefixed by its 4-byte length."""
+    return b"".join(len(part).to_bytes(4, "big") + part for part in parts)
+
+
+def graph_seed(session: bytes, names: list[str], c_public: list[bytes],
+               s_public: list[bytes]) -> int:
+    columns = [part for n, c, s in zip(names, c_public, s_public, strict=True)
+               for part in (n.encode(), c, s)]
+    digest = hashlib.sha256(fields(b"fedtune secagg graph v1", session, *columns)).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+Routing = list[tuple[str, str]]  # (sender, recipient) of each delivered pair of shares
+
+
+def routing_digest(routing: Iterable[tuple[str, str]]) -> bytes:
+    """What every survivor signs about who delivered shares to whom (so all agree on it)."""
+    pairs = sorted(set(routing))
+    return hashlib.sha256(fields(b"fedtune secagg routing v1",
+                                 *(fields(a.encode(), b.encode()) for a, b in pairs))).digest()
+
+
+def routing_problem(routing: Routing, survivors: list[str]) -> str | None:
+    """Why the announced delivery of shares among the survivors is unsafe, else None: masks
+    between two survivors must go both ways (or they do not cancel), and the survivors' mask
+    graph must be connected, or the masks of a part of it cancel alone and the server learns
+    that part's sum."""
+    among = set(survivors)
+    pairs = {(a, b) for a, b in routing if a in among and b in among and a != b}
+    one_way = sorted((a, b) for a, b in pairs if (b, a) not in pairs)
+    if one_way:
+        return f"shares delivered one way only between survivors: {one_way[:3]}"
+    linked: dict[str, set[str]] = {name: set() for name in among}
+    for a, b in pairs:
+        linked[a].add(b)
+    seen, stack = set(), [min(among)] if among else []
+    while stack:
+        name = stack.pop()
+        if name not in seen:
+            seen.add(name)
+            stack.extend(linked[name] - seen)
+    if seen != among:
+        return (f"the survivors' masks fall apart into groups ({len(seen)} of {len(among)} "
+                "linked to the first): the server would learn a group's sum")
+    return None
 
 
 @dataclass(frozen=True)
@@ -49,7 +110,7 @@ class Reveal:
 
 def share_context(session: bytes, server_round: int, sender: str, recipient: str) -> bytes:
     """What a share ciphertext is bound to: this round's session, its sender and recipient."""
-    return b"|".join([session, str(server_round).encode(), sender.encode(), recipient.encode()])
+    return fields(session, str(server_round).encode(), sender.encode(), recipient.encode())
 
 
 def mask_sign(own: str, peer: str) -> int:
@@ -95,18 +156,24 @@ class Summation:
         """The client's input: weighted, clipped change (sorted by name), weight, totals."""
         e = min(examples, self.max_examples) / self.max_examples
         w = e if self.weighted else 1.0
+        if not self.weighted:  # client level: counts and losses would be released un-noised
+            e, loss = 0.0, 0.0
         parts = [w * np.clip(np.asarray(delta[k], dtype=np.float64).ravel(), -self.bound,
                              self.bound) for k in sorted(delta)]
         loss_share = min(max(float(loss), 0.0), MAX_LOSS) / MAX_LOSS
         return np.concatenate([*parts, [w, e, e * loss_share]])
 
-    def average(self, total: np.ndarray,
-                like: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    def average(self, total: np.ndarray, like: dict[str, np.ndarray],
+                summed: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """(the weighted average change, shaped as `like`; the summed `TOTALS`) from the
-        decoded sum."""
-        weight = total[-3]
-        if not weight > 0:
-            raise ValueError(f"summed weight must be > 0, got {weight}")
+        decoded sum of `summed` inputs; ValueError when its weight or totals are out of range
+        (a client sent a malformed input inside its masks)."""
+        weight, slack = total[-3], summed * self.encoding.error_bound(1)
+        if not (0 < weight <= summed + slack and -slack <= total[-2] <= summed + slack):
+            raise ValueError(f"the sum's weight {weight:.6g} or example share {total[-2]:.6g} "
+                             f"is impossible for {summed} inputs")
+        if not self.weighted:
+            weight = summed  # known to the server: no client can shrink the divisor
         state, offset = {}, 0
         for key in sorted(like):
             template = np.asarray(like[key])

@@ -45,6 +45,18 @@ def keys_from_record(record: ConfigRecord) -> tuple[bytes, bytes, bytes, bytes]:
     return c, s, sig, signature
 
 
+def routing_to_record(routing: list[tuple[str, str]]) -> dict:
+    return {"route-from": [a for a, _ in routing], "route-to": [b for _, b in routing]}
+
+
+def routing_from_record(record: ConfigRecord) -> list[tuple[str, str]]:
+    senders, recipients = record.get("route-from", []), record.get("route-to", [])
+    if len(senders) != len(recipients) or not all(
+            isinstance(x, str) for x in [*senders, *recipients]):
+        raise RecordError("the delivery of shares is malformed")
+    return list(zip(senders, recipients, strict=True))
+
+
 def signature_from_record(record: ConfigRecord) -> bytes:
     """A survivor's consistency signature."""
     return _bytes(record, "signature")

@@ -14,6 +14,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from common.secagg.protocol import fields
+
 KEYS_PURPOSE = b"fedtune secagg round keys v1"
 SURVIVORS_PURPOSE = b"fedtune secagg survivors v1"
 _OPENSSH = (serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
@@ -85,14 +87,16 @@ def verifies(public: bytes, signature: bytes, data: bytes) -> bool:
 def keys_statement(session: bytes, server_round: int, name: str, c_public: bytes,
                    s_public: bytes) -> bytes:
     """What a client's key signature covers: its two round keys, bound to round and name."""
-    return b"|".join([KEYS_PURPOSE, session, str(server_round).encode(), name.encode(),
-                      c_public, s_public])
+    return fields(KEYS_PURPOSE, session, str(server_round).encode(), name.encode(), c_public,
+                  s_public)
 
 
-def survivors_statement(session: bytes, server_round: int, survivors: list[str]) -> bytes:
-    """What a consistency signature covers: the exact survivor set of this round."""
-    return b"|".join([SURVIVORS_PURPOSE, session, str(server_round).encode(),
-                      "\n".join(sorted(survivors)).encode()])
+def survivors_statement(session: bytes, server_round: int, survivors: list[str],
+                        routing: bytes) -> bytes:
+    """What a consistency signature covers: the exact survivor set of this round and the
+    digest of who delivered shares to whom (`routing_digest`)."""
+    return fields(SURVIVORS_PURPOSE, session, str(server_round).encode(), routing,
+                  *(name.encode() for name in sorted(survivors)))
 
 
 def read_peers(directory: str | Path) -> dict[str, bytes]:

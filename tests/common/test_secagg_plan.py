@@ -39,12 +39,12 @@ def test_the_server_reveals_nothing_for_fewer_survivors_than_the_noise_needs():
     from client.secagg import SecAggClient
 
     server = SecAggServer(server_round=1)
-    clients = {f"c{i}": SecAggClient(f"c{i}", server.session, 1) for i in range(5)}
+    clients = {f"c{i}": SecAggClient(f"c{i}", server.session, 1) for i in range(7)}
     server.make_cohort({n: c.signed_keys() for n, c in clients.items()})
-    masked = {n: np.zeros(3, np.uint32) for n in list(clients)[:3]}  # 3 of 5 masked
-    assert server.survivors(masked) == sorted(masked)  # the threshold alone allows 3
-    with pytest.raises(SecAggAbort, match="4 are needed"):
-        server.survivors(masked, at_least=4)
+    masked = {n: np.zeros(3, np.uint32) for n in list(clients)[:5]}  # 5 of 7 masked
+    assert server.survivors(masked) == sorted(masked)  # the threshold (5 of 7) allows it
+    with pytest.raises(SecAggAbort, match="6 are needed"):
+        server.survivors(masked, at_least=6)
 
 
 def test_dropout_tolerance_is_validated():

@@ -112,10 +112,11 @@ from simulations.engine import simulate
 totals = []
 original = protocol.Summation.average
 
-def recording(self, total, like):  # the server's decoded sum, the most it ever holds
-    totals.append({"changes": total[:-3].tolist(), "summed": float(total[-3]),
-                   "noise_std": self.noise_std, "survivors": self.survivors})
-    return original(self, total, like)
+def recording(self, total, like, summed):  # the server's decoded sum: the most it holds
+    totals.append({"changes": total[:-3].tolist(), "summed": summed,
+                   "weight": float(total[-3]), "noise_std": self.noise_std,
+                   "survivors": self.survivors})
+    return original(self, total, like, summed)
 
 protocol.Summation.average = recording
 simulate(RunConfig.from_mapping(json.loads(sys.argv[1])), num_workers=1)
@@ -140,7 +141,7 @@ def test_client_level_dp_under_secagg_the_server_never_holds_an_unnoised_sum(
     assert len(totals) == 2
     for total in totals:
         summed, changes = total["summed"], np.asarray(total["changes"])
-        assert summed == pytest.approx(clients, abs=1e-3)  # unweighted: one per client
+        assert summed == clients and total["weight"] == pytest.approx(clients, abs=1e-3)
         survivors = total["survivors"]  # 4 of 5: the noise is sized to tolerate one dropout
         assert survivors == 4 and total["noise_std"] == pytest.approx(z * clip / 2)
         # each client's clipped change has norm <= clip, so an un-noised sum has an RMS of at
