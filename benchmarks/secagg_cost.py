@@ -65,14 +65,17 @@ def one_round(clients: int, length: int) -> dict[str, float]:
     inbox = clock.run(None, server.route, sealed)
     encoding = ring.Encoding(clients, 1.0)
     vectors = {n: np.clip(rng.normal(scale=0.05, size=length), -1, 1) for n in names}
+    for n in names:
+        clock.run(n, parties[n].check_shares, inbox[n])
     masked = {n: clock.run(n, parties[n].mask, inbox[n], vectors[n], encoding, rng)
               for n in names}
     for n in names:
         clock.sent[n] += masked[n].nbytes
     survivors = clock.run(None, server.survivors, masked)
-    signatures = {n: clock.run(n, parties[n].sign_survivors, survivors) for n in names}
-    signed = clock.run(None, server.consistent, survivors, signatures)
-    reveals = {n: clock.run(n, parties[n].reveal, survivors, signed) for n in names}
+    routing = clock.run(None, server.routing, survivors)
+    signatures = {n: clock.run(n, parties[n].sign_survivors, survivors, routing) for n in names}
+    signed = clock.run(None, server.consistent, survivors, routing, signatures)
+    reveals = {n: clock.run(n, parties[n].reveal, survivors, routing, signed) for n in names}
     for n in names:
         clock.sent[n] += SIGNATURE_BYTES + sum(len(r.share) + 16 for r in reveals[n])
     total = clock.run(None, server.unmask, masked, reveals)
