@@ -75,7 +75,7 @@ class SecAggClient:
         self._expect("keys")
         if self.name not in cohort.names:
             raise SecAggViolation(f"{self.name} is not in the cohort the server sent")
-        position = cohort.names.index(self.name)
+        position = cohort.position[self.name]
         own = (cohort.c_public[position], cohort.s_public[position], cohort.sig_public[position])
         if own != self.signed_keys()[:3]:
             raise SecAggViolation("the server changed this client's public keys")
@@ -225,7 +225,7 @@ class SecAggClient:
                                           "node pins for it")
         for name in [*cohort.graph()[self.name], self.name]:
             c, s, sig = (cohort.public(name, kind) for kind in ("c", "s", "sig"))
-            signature = cohort.key_signatures[cohort.names.index(name)]
+            signature = cohort.key_signatures[cohort.position[name]]
             if not verifies(sig, signature, keys_statement(self.session, self.round, name, c, s)):
                 raise SecAggViolation(f"the round keys of {name} carry no valid signature")
 

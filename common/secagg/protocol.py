@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -27,11 +28,19 @@ class Cohort:
     key_signatures: list[bytes] = field(default_factory=list)  # each over its round keys
 
     def graph(self) -> dict[str, list[str]]:
+        return self._graph
+
+    @cached_property
+    def _graph(self) -> dict[str, list[str]]:
         return neighbours(self.names, self.neighbours, self.graph_seed)
+
+    @cached_property
+    def position(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
 
     def public(self, name: str, kind: str) -> bytes:
         keys = {"c": self.c_public, "s": self.s_public, "sig": self.sig_public}[kind]
-        return keys[self.names.index(name)]
+        return keys[self.position[name]]
 
     def signatures_needed(self) -> int:
         """Consistency signatures a reveal needs: over two thirds of the cohort (two survivor
