@@ -259,10 +259,11 @@ def run(args: argparse.Namespace) -> None:
         print(f"run directory: {config.output.dir}  final accuracy: {last['accuracy']:.4f}"
               f"{perplexity}")
     if config.audit.enabled:
-        from simulations.audit import audit_run, summary_line
+        from simulations.audit import audit_run
+        from simulations.report import audit_line
 
         body = audit_run(config, centralized=args.command == "centralized")
-        print(summary_line(body), file=sys.stderr if body["defect"] else sys.stdout)
+        print(audit_line(body), file=sys.stderr if body["defect"] else sys.stdout)
 
 
 def _check_privacy(config: Any, client_rows: list[int]) -> None:

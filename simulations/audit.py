@@ -31,8 +31,8 @@ from common.privacy import default_delta
 from common.task import Task, cached_task
 from server.checkpoint import latest_checkpoint
 from server.metrics_log import read_rounds
+from simulations.report import AUDIT_FILE
 
-AUDIT_FILE = "audit.json"
 LOW_FPR = 0.01
 
 
@@ -136,14 +136,3 @@ def _ledger(config: RunConfig, client: int, rows: Examples) -> tuple[float, floa
     ledger = Ledger.open(node.ledger_directory(config), fingerprint, records,
                          node.policy.delta_for(records), config.privacy.accountant)
     return ledger.spent(), ledger.delta
-
-
-def summary_line(body: dict[str, Any]) -> str:
-    """One line for the terminal and report.md."""
-    reported = body["epsilon_reported"]
-    claim = "no DP" if reported is None else f"ledger epsilon {reported:.3f}"
-    verdict = "  DEFECT: the measured bound exceeds the claim" if body["defect"] else ""
-    return (f"audit: epsilon >= {body['epsilon_lower_bound']:.3f} at "
-            f"{body['confidence']:.0%} confidence ({body['guesses_right']}/{body['guesses']} "
-            f"guesses right on {body['canaries']} canaries; TPR at 1% FPR "
-            f"{body['tpr_at_1pct_fpr']:.3f}) vs {claim}{verdict}")
