@@ -22,7 +22,8 @@ from benchmarks.dp_overhead import SHARED_BANKING77
 
 TRAIN_ROWS, TEST_ROWS = 250, 200
 COMMON = ["--num-clients", "2", "--rounds", "4", "--local-epochs", "3", "--max-length", "32",
-          "--batch-size", "16", "--lr", "0.005", "--audit", "--canaries", "200"]
+          "--batch-size", "16", "--lr", "0.005", "--delta", "1e-5", "--audit",
+          "--canaries", "200"]
 SETTINGS: dict[str, list[str]] = {
     "no-dp": [],
     "dp-eps8": ["--dp", "--epsilon", "8"],

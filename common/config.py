@@ -297,7 +297,7 @@ class AuditConfig:
 
     enabled: bool = _help("insert canaries, train, then write <run dir>/audit.json", False)
     canaries: int = _help("canaries m, each included with probability 1/2 by a secret draw",
-                          500)
+                          200)
     clients: int = _help("clients 0..clients-1 hold the canaries, dealt round-robin", 1)
     length: int = _help("words in a classification canary (random words, random label); "
                         "digits in a causal-LM secret", 8)

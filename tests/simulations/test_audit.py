@@ -95,5 +95,5 @@ def test_a_deployment_refuses_an_audit_it_could_not_run():
     from common.config import ConfigError
     from server.app import config_from_run_config
 
-    with pytest.raises(ConfigError, match="audit.enabled"):
+    with pytest.raises(ConfigError, match=r"audit\.enabled"):
         config_from_run_config({"audit.enabled": True, "output.dir": "unused"})
