@@ -97,3 +97,15 @@ def test_a_deployment_refuses_an_audit_it_could_not_run():
 
     with pytest.raises(ConfigError, match=r"audit\.enabled"):
         config_from_run_config({"audit.enabled": True, "output.dir": "unused"})
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--canary-clients", "3", "--num-clients", "2"], "audit.clients"),
+    (["--canaries", "5"], "audit.canaries"),
+])
+def test_bad_audit_settings_exit_2_with_one_line(flags, message, tmp_path, capsys):
+    from fedtune_cli import main
+
+    assert main(["simulate", "--audit", *flags, "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and message in error
