@@ -109,3 +109,19 @@ def test_bad_audit_settings_exit_2_with_one_line(flags, message, tmp_path, capsy
     assert main(["simulate", "--audit", *flags, "--out", str(tmp_path / "run")]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and message in error
+
+
+def test_client_level_dp_is_compared_with_the_run_s_client_level_epsilon(tiny_model_dir,
+                                                                        toy_data_dir, tmp_path):
+    from common.client_dp import client_level_plan
+    from common.task import cached_task
+    from simulations.audit import reported_privacy
+
+    config = tiny(tiny_model_dir, toy_data_dir, tmp_path,
+                  **{"privacy.dp": True, "privacy.level": "client", "audit.enabled": True,
+                     "audit.canaries": 20})
+    rows = [{"round": 1, "epsilon_client_level": 0.7}, {"round": 2, "epsilon_client_level": 1.2}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    epsilon, delta, meaning = reported_privacy(config, cached_task(config), tmp_path)
+    assert epsilon == 1.2 and delta == client_level_plan(config)[1]
+    assert meaning.startswith("client-level DP")
