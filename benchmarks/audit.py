@@ -4,13 +4,16 @@ set (a seeded banking77 subset): the lower bound on epsilon beside the ledger's 
     python -m benchmarks.audit [--quick] [--settings no-dp,dp-eps8]
 
 Every run is `fedtune simulate ... --audit` with the same data, model, seed and canaries; only the
-privacy flags differ. Each cell is saved as soon as it is measured, into the grid already on disk.
+privacy flags differ. `defect-eps1` is the DP run at epsilon 1 with a deliberate defect
+(`benchmarks/defect_hook`: DP-SGD without its noise, the ledger charged as if it had it): the
+audit must flag it. Each cell is saved as soon as it is measured, into the grid already on disk.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -29,7 +32,10 @@ SETTINGS: dict[str, list[str]] = {
     "dp-eps8": ["--dp", "--epsilon", "8"],
     "dp-eps3": ["--dp", "--epsilon", "3"],
     "dp-eps1": ["--dp", "--epsilon", "1"],
+    "defect-eps1": ["--dp", "--epsilon", "1"],
 }
+DEFECT_HOOK = Path(__file__).resolve().parent / "defect_hook"
+DEFECTS = {"defect-eps1": "no-noise"}  # setting -> FEDTUNE_INJECT_DEFECT
 QUICK = ["--num-clients", "2", "--rounds", "1", "--max-length", "32", "--audit",
          "--canaries", "40"]
 
@@ -46,9 +52,14 @@ def prepare(scratch: Path) -> str:
     return str(target)
 
 
-def run(flags: list[str], out: Path) -> dict:
+def run(flags: list[str], out: Path, defect: str | None = None) -> dict:
+    env = dict(os.environ)
+    if defect is not None:
+        env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(DEFECT_HOOK),
+                                                            env.get("PYTHONPATH")])),
+                   FEDTUNE_INJECT_DEFECT=defect)
     done = subprocess.run([sys.executable, "-m", "fedtune_cli", "simulate", *flags, "--out",
-                           str(out)], capture_output=True, text=True)
+                           str(out)], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "?"}
     audit = json.loads((out / "audit.json").read_text())
@@ -56,7 +67,8 @@ def run(flags: list[str], out: Path) -> dict:
     keep = ("epsilon_lower_bound", "epsilon_reported", "delta", "confidence", "canaries",
             "canaries_included", "guesses", "guesses_right", "guesses_tried", "tpr_at_1pct_fpr",
             "defect")
-    return {"fedtune": " ".join(["simulate", *flags]), "accuracy": last["accuracy"],
+    injected = f"FEDTUNE_INJECT_DEFECT={defect} " if defect else ""
+    return {"fedtune": injected + " ".join(["simulate", *flags]), "accuracy": last["accuracy"],
             **{key: audit[key] for key in keep}}
 
 
@@ -110,7 +122,10 @@ def main() -> None:
         data = "builtin" if args.quick else prepare(Path(scratch))
         for label in chosen:
             out = Path(scratch) / label
-            results[label] = run(["--data", data, *common, *SETTINGS[label]], out)
+            results[label] = run(["--data", data, *common, *SETTINGS[label]], out,
+                                 DEFECTS.get(label))
+            if label in DEFECTS:
+                results[label]["injected_defect"] = DEFECTS[label]
             print(label, results[label], flush=True)
             path = save("audit", {"data": "builtin" if args.quick else
                                   f"banking77 seeded subset: {TRAIN_ROWS} train, "
