@@ -46,6 +46,10 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--seed": ("seed", int, "seed for everything random"),
     "--out": ("output.dir", str, "run directory (default runs/<command>-<time>)"),
     "--tensorboard": ("output.tensorboard", bool, "also write TensorBoard event files"),
+    "--audit": ("audit.enabled", bool, "insert secret canaries, then bound epsilon from below "
+                "(RUN_DIR/audit.json, docs/audit.md)"),
+    "--canaries": ("audit.canaries", int, "audit: number of canaries"),
+    "--canary-clients": ("audit.clients", int, "audit: clients holding the canaries"),
 }
 
 
@@ -254,6 +258,12 @@ def run(args: argparse.Namespace) -> None:
         perplexity = f"  perplexity: {last['perplexity']:.3f}" if "perplexity" in last else ""
         print(f"run directory: {config.output.dir}  final accuracy: {last['accuracy']:.4f}"
               f"{perplexity}")
+    if config.audit.enabled:
+        from simulations.audit import audit_run
+        from simulations.report import audit_line
+
+        body = audit_run(config, centralized=args.command == "centralized")
+        print(audit_line(body), file=sys.stderr if body["defect"] else sys.stdout)
 
 
 def _check_privacy(config: Any, client_rows: list[int]) -> None:

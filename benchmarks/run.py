@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 BENCHMARKS = ("benchmarks.dp_overhead", "benchmarks.secagg_cost", "benchmarks.communication",
-              "benchmarks.throughput", "benchmarks.scale", "benchmarks.utility")
+              "benchmarks.throughput", "benchmarks.scale", "benchmarks.utility",
+              "benchmarks.audit")
 
 
 def main() -> int:

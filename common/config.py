@@ -290,6 +290,30 @@ class OutputConfig:
                               False)
 
 
+@dataclass(frozen=True)
+class AuditConfig:
+    """The one-run privacy audit (docs/audit.md): secret canaries in some clients' rows, then a
+    lower bound on epsilon from how well the final adapter tells the included ones apart."""
+
+    enabled: bool = _help("insert canaries, train, then write <run dir>/audit.json", False)
+    canaries: int = _help("canaries m, each included with probability 1/2 by a secret draw",
+                          200)
+    clients: int = _help("clients 0..clients-1 hold the canaries, dealt round-robin", 1)
+    length: int = _help("words in a classification canary (random words, random label); "
+                        "digits in a causal-LM secret", 8)
+    references: int = _help("causal-lm: fresh random secrets each canary's exposure is ranked "
+                            "against", 1000)
+    confidence: float = _help("confidence of the lower bound", 0.95)
+
+    def __post_init__(self) -> None:
+        _require(self.canaries >= 20, "audit.canaries", "must be >= 20", self.canaries)
+        _require(self.clients >= 1, "audit.clients", "must be >= 1", self.clients)
+        _require(self.length >= 1, "audit.length", "must be >= 1", self.length)
+        _require(self.references >= 1, "audit.references", "must be >= 1", self.references)
+        _require(0.5 <= self.confidence < 1, "audit.confidence", "must be in [0.5, 1)",
+                 self.confidence)
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -300,6 +324,7 @@ SECTIONS: dict[str, type] = {
     "privacy": PrivacyConfig,
     "secagg": SecAggConfig,
     "output": OutputConfig,
+    "audit": AuditConfig,
 }
 
 
@@ -317,6 +342,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def __post_init__(self) -> None:
         if self.privacy.sample_level:
@@ -331,6 +357,10 @@ class RunConfig:
             _require(self.federation.num_clients >= 3, "federation.num_clients",
                      "must be >= 3 with secure aggregation (with two, each learns the other's "
                      "update from the sum)", self.federation.num_clients)
+        if self.audit.enabled:
+            _require(self.audit.clients <= self.federation.num_clients, "audit.clients",
+                     f"must be <= federation.num_clients={self.federation.num_clients}",
+                     self.audit.clients)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:

@@ -6,6 +6,7 @@ worker keeps one model copy per process instead of one per client.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from common.adapter import add_lora, trainable_state
+from common.canaries import Canaries, make_canaries, with_canaries
 from common.config import CAUSAL_LM, PartitionConfig, RunConfig
 from common.data import Examples, LabelledData, load_data
 from common.model import load_causal_lm, load_classifier, load_tokenizer, pick_device
@@ -36,6 +38,7 @@ class Task:
     initial_adapter: dict[str, np.ndarray]  # the seeded initialisation, kept before any training
     _shares: dict[tuple[PartitionConfig, int], list[np.ndarray]] = field(
         default_factory=dict, repr=False)
+    _canaries: Canaries | None = field(default=None, repr=False)
 
     def client_examples(self, scheme: PartitionConfig, partition_id: int,
                         num_partitions: int) -> tuple[Examples, Examples]:
@@ -49,7 +52,18 @@ class Task:
         seed = int(np.random.SeedSequence([self.config.seed, partition_id]).generate_state(1)[0])
         train_idx, held_idx = local_split(self._shares[key][partition_id],
                                           scheme.local_test_fraction, seed)
-        return self.data.train.subset(train_idx), self.data.train.subset(held_idx)
+        train = self.data.train.subset(train_idx)
+        if self.config.audit.enabled:
+            train = with_canaries(train, self.canaries(), partition_id)
+        return train, self.data.train.subset(held_idx)
+
+    def canaries(self) -> Canaries:
+        """The audit's canaries (config.audit), made once."""
+        if self._canaries is None:
+            self._canaries = make_canaries(self.config.audit, self.config.seed,
+                                           self.config.model.task, self.data.train,
+                                           self.data.num_labels)
+        return self._canaries
 
     def loader(self, rows: Examples, *, batch_size: int, shuffle: bool,
                seed: int = 0) -> DataLoader:
@@ -96,4 +110,8 @@ def _cached_task(key: str) -> Task:
 def _task_key(config: RunConfig) -> str:
     # Only what shapes data and model; a run that changes lr or rounds reuses the same task.
     keep = ("seed", "model", "data", "lora")
-    return json.dumps({k: v for k, v in config.to_dict().items() if k in keep}, sort_keys=True)
+    shape = {k: v for k, v in config.to_dict().items() if k in keep}
+    if config.audit.enabled:  # the canaries join the clients' training rows
+        shape["audit"] = dataclasses.asdict(config.audit)
+        shape["federation"] = {"num_clients": config.federation.num_clients}
+    return json.dumps(shape, sort_keys=True)

@@ -10,7 +10,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig, with_run_dir
+from common.config import ConfigError, RunConfig, with_run_dir
 from server.federation import CONFIG_FILE, run_federation
 
 CONFIG_FILE_KEY = "config-file"  # run-config key: a TOML file on the server's disk
@@ -46,12 +46,21 @@ def config_from_run_config(values: Mapping[str, Any]) -> tuple[RunConfig, bool]:
             {"output.dir": values.get("output.dir", "")})
     else:
         config = RunConfig.from_mapping(values)
+    refuse_audit(config)
     config = with_run_dir(config, "flwr")
     saved = Path(config.output.dir) / CONFIG_FILE
     if not saved.exists():
         return config, False
     previous = RunConfig.from_mapping(json.loads(saved.read_text()))
     return previous.with_overrides({"federation.rounds": config.federation.rounds}), True
+
+
+def refuse_audit(config: RunConfig) -> None:
+    """The privacy audit is a researcher's tool in one process: a deployed node holds no canaries
+    and no one scores them, so an audited deployment would claim an audit that never ran."""
+    if config.audit.enabled:
+        raise ConfigError("`audit.enabled` is for `fedtune simulate --audit` and `fedtune "
+                          "centralized --audit` only, not a deployment or `flwr run`")
 
 
 app = make_server_app()

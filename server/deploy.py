@@ -24,7 +24,7 @@ from common import certs
 from common.app_bundle import APP_DIR, app_digest
 from common.config import RunConfig
 from common.tool_path import stop_child, tool_env
-from server.app import CONFIG_FILE_KEY
+from server.app import CONFIG_FILE_KEY, refuse_audit
 from server.config_guard import ConfigChangeError, check_restart
 from server.fleet_proxy import ProxyError, ProxySettings, nginx_binary, start_proxy
 from server.node_registry import RegistryError, control_client, key_bytes, sync_nodes
@@ -111,6 +111,7 @@ def _check_inputs(settings: ServerSettings) -> tuple[Path, Path, Path]:
 def _guard_config(settings: ServerSettings) -> None:
     """A restart must not change the run's configuration unless the operator says so."""
     config = RunConfig.from_toml(settings.config_file)  # a bad one fails here, not in Flower
+    refuse_audit(config)
     run_dir = (settings.state_dir / RUN_DIR).resolve()
     changed = check_restart(run_dir, config.with_overrides({"output.dir": str(run_dir)}),
                             accept=settings.accept_config_change)

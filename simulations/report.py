@@ -1,12 +1,14 @@
 """`fedtune report RUN_DIR`: plots and a Markdown summary of a finished (or running) run.
 
-Reads only `metrics.jsonl`, so it works the same on simulations, deployments and baselines:
-accuracy and loss per round, each client's accuracy with the worst client marked, the spread,
-epsilon per client, bytes per round, and accuracy per label in the last round (who is served worst).
+Reads only `metrics.jsonl` (and `audit.json` where the run was audited), so it works the same on
+simulations, deployments and baselines: accuracy and loss per round, each client's accuracy with
+the worst client marked, the spread, epsilon per client, bytes per round, accuracy per label in
+the last round (who is served worst), and the audit's lower bound beside the claimed epsilon.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from server.metrics_log import METRICS_FILE, read_rounds
 
 SUMMARY = "report.md"
+AUDIT_FILE = "audit.json"
 
 
 class ReportError(ValueError):
@@ -42,11 +45,24 @@ def write_report(run_dir: str | Path) -> list[Path]:
     if rows[-1].get("label_accuracy"):
         written.append(_plot_labels(run_dir / "labels.png", rows[-1]))
     summary = run_dir / SUMMARY
-    summary.write_text(summarise(rows))
+    audit = run_dir / AUDIT_FILE
+    summary.write_text(summarise(rows, json.loads(audit.read_text()) if audit.exists() else None))
     return [*written, summary]
 
 
-def summarise(rows: list[dict[str, Any]]) -> str:
+def audit_line(audit: dict[str, Any]) -> str:
+    """The audit's lower bound beside the epsilon the run claims, in one line."""
+    reported = audit["epsilon_reported"]
+    claim = "no DP (nothing claimed)" if reported is None else f"ledger epsilon {reported:.3f}"
+    verdict = (" DEFECT: the measured lower bound exceeds the claimed epsilon."
+               if audit["defect"] else "")
+    return (f"Privacy audit: epsilon >= {audit['epsilon_lower_bound']:.3f} at "
+            f"{audit['confidence']:.0%} confidence beside {claim} ({audit['guesses_right']}/"
+            f"{audit['guesses']} membership guesses right on {audit['canaries']} canaries, TPR "
+            f"{audit['tpr_at_1pct_fpr']:.3f} at 1% FPR).{verdict}")
+
+
+def summarise(rows: list[dict[str, Any]], audit: dict[str, Any] | None = None) -> str:
     """The Markdown summary: a table per round and who the federation serves worst."""
     lines = ["# Run report", "", "| round | accuracy | loss | clients | worst client | spread "
              "| epsilon (max) | bytes up |", "|---|---|---|---|---|---|---|---|"]
@@ -74,6 +90,8 @@ def summarise(rows: list[dict[str, Any]]) -> str:
     exhausted = sorted({n for r in rows for n in r.get("clients_exhausted", [])})
     if exhausted:
         lines.append(f"Clients that spent their privacy budget: {', '.join(exhausted)}.")
+    if audit is not None:
+        lines.append(audit_line(audit))
     return "\n".join(lines) + "\n"
 
 

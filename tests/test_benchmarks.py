@@ -13,9 +13,10 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 @pytest.mark.slow
 def test_quick_benchmarks_run_and_record_machine_versions_and_command():
     done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick"],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
-    for name in ("dp_overhead", "secagg_cost", "communication", "throughput", "scale", "utility"):
+    for name in ("dp_overhead", "secagg_cost", "communication", "throughput", "scale", "utility",
+                 "audit"):
         body = json.loads((RESULTS / f"{name}-quick.json").read_text())
         assert body["quick"] is True and body["command"] and body["machine"]["versions"]["torch"]
         assert (RESULTS / f"{name}-quick.png").stat().st_size > 1000
@@ -33,3 +34,8 @@ def test_quick_benchmarks_run_and_record_machine_versions_and_command():
     assert set(utility) == {"centralised", "dirichlet-0.5", "dp-eps8", "secagg"}
     assert all(0 <= run["accuracy"] <= 1 and 0 <= run["macro_f1"] <= 1 for run in utility.values())
     assert 0 < utility["dp-eps8"]["epsilon_max"] <= 8
+    audit = json.loads((RESULTS / "audit-quick.json").read_text())["results"]
+    assert set(audit) == {"no-dp", "dp-eps8"}
+    assert audit["no-dp"]["epsilon_reported"] is None and audit["no-dp"]["canaries"] == 40
+    assert 0 < audit["dp-eps8"]["epsilon_reported"] <= 8
+    assert audit["dp-eps8"]["epsilon_lower_bound"] <= audit["dp-eps8"]["epsilon_reported"]

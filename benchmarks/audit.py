@@ -1,0 +1,138 @@
+"""The one-run privacy audit (docs/audit.md) at epsilon 1, 3, 8 and without DP on one shared data
+set (a seeded banking77 subset): the lower bound on epsilon beside the ledger's epsilon.
+
+    python -m benchmarks.audit [--quick] [--settings no-dp,dp-eps8]
+
+Every run is `fedtune simulate ... --audit` with the same data, model, seed and canaries; only the
+privacy flags differ. `defect-eps1` is the DP run at epsilon 1 with a deliberate defect
+(`benchmarks/defect_hook`: DP-SGD without its noise, the ledger charged as if it had it): the
+audit must flag it. Each cell is saved as soon as it is measured, into the grid already on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.dp_overhead import SHARED_BANKING77
+
+TRAIN_ROWS, TEST_ROWS = 250, 200
+COMMON = ["--num-clients", "2", "--rounds", "4", "--local-epochs", "3", "--max-length", "32",
+          "--batch-size", "16", "--lr", "0.005", "--delta", "1e-5", "--audit",
+          "--canaries", "200"]
+SETTINGS: dict[str, list[str]] = {
+    "no-dp": [],
+    "dp-eps8": ["--dp", "--epsilon", "8"],
+    "dp-eps3": ["--dp", "--epsilon", "3"],
+    "dp-eps1": ["--dp", "--epsilon", "1"],
+    "defect-eps1": ["--dp", "--epsilon", "1"],
+}
+DEFECT_HOOK = Path(__file__).resolve().parent / "defect_hook"
+DEFECTS = {"defect-eps1": "no-noise"}  # setting -> FEDTUNE_INJECT_DEFECT
+QUICK = ["--num-clients", "2", "--rounds", "1", "--max-length", "32", "--audit",
+         "--canaries", "40"]
+
+
+def prepare(scratch: Path) -> str:
+    """A seeded banking77 subset (train and test rows) in `scratch`; the data stay shared."""
+    target = scratch / "banking77"
+    target.mkdir()
+    shutil.copy(SHARED_BANKING77 / "labels.json", target / "labels.json")
+    for name, rows, seed in (("train.jsonl", TRAIN_ROWS, 0), ("test.jsonl", TEST_ROWS, 1)):
+        lines = (SHARED_BANKING77 / name).read_text(encoding="utf-8").splitlines(keepends=True)
+        random.Random(seed).shuffle(lines)
+        (target / name).write_text("".join(lines[:rows]), encoding="utf-8")
+    return str(target)
+
+
+def run(flags: list[str], out: Path, defect: str | None = None) -> dict:
+    env = dict(os.environ)
+    if defect is not None:
+        env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(DEFECT_HOOK),
+                                                            env.get("PYTHONPATH")])),
+                   FEDTUNE_INJECT_DEFECT=defect)
+    done = subprocess.run([sys.executable, "-m", "fedtune_cli", "simulate", *flags, "--out",
+                           str(out)], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "?"}
+    audit = json.loads((out / "audit.json").read_text())
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    keep = ("epsilon_lower_bound", "epsilon_reported", "delta", "confidence", "canaries",
+            "canaries_included", "guesses", "guesses_right", "guesses_tried", "tpr_at_1pct_fpr",
+            "defect")
+    injected = f"FEDTUNE_INJECT_DEFECT={defect} " if defect else ""
+    return {"fedtune": injected + " ".join(["simulate", *flags]), "accuracy": last["accuracy"],
+            **{key: audit[key] for key in keep}}
+
+
+def plot(path: Path, results: dict[str, dict]) -> None:
+    """Lower bound against reported epsilon, with the line the bound must stay under."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = {k: r for k, r in results.items() if "error" not in r}
+    claimed = [r["epsilon_reported"] for r in done.values() if r["epsilon_reported"]]
+    no_dp_x = 1.4 * max(claimed, default=1.0) + 1
+    figure, axis = plt.subplots(figsize=(5.2, 3.6))
+    top = max([no_dp_x, *claimed])
+    axis.plot([0, top], [0, top], color="#999999", linestyle="--",
+              label="bound = reported (never above)")
+    for label, r in done.items():
+        x = r["epsilon_reported"] if r["epsilon_reported"] is not None else no_dp_x
+        axis.scatter([x], [r["epsilon_lower_bound"]], s=40,
+                     color="#c44e52" if r["defect"] else "#4c72b0")
+        axis.annotate(label, (x, r["epsilon_lower_bound"]), textcoords="offset points",
+                      xytext=(4, 6), fontsize=8)
+    axis.set_xlabel("epsilon reported by the ledger (no DP plotted at the right)")
+    axis.set_ylabel("audit lower bound (95%)")
+    axis.set_title("One-run audit: measured vs claimed epsilon")
+    axis.legend(fontsize=8, loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="built-in set, one round, 2 runs")
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help="comma-separated cells to (re)measure")
+    args = parser.parse_args()
+    from benchmarks.record import load, save
+
+    chosen = args.settings.split(",")
+    unknown = set(chosen) - set(SETTINGS)
+    if unknown:
+        parser.error(f"--settings: unknown {sorted(unknown)}; choose from {list(SETTINGS)}")
+    common = QUICK if args.quick else COMMON
+    if args.quick:
+        chosen = ["no-dp", "dp-eps8"]
+    saved = None if args.quick else load("audit", quick=False)
+    results: dict[str, dict] = saved["results"] if saved else {}
+    with tempfile.TemporaryDirectory() as scratch:
+        data = "builtin" if args.quick else prepare(Path(scratch))
+        for label in chosen:
+            out = Path(scratch) / label
+            results[label] = run(["--data", data, *common, *SETTINGS[label]], out,
+                                 DEFECTS.get(label))
+            if label in DEFECTS:
+                results[label]["injected_defect"] = DEFECTS[label]
+            print(label, results[label], flush=True)
+            path = save("audit", {"data": "builtin" if args.quick else
+                                  f"banking77 seeded subset: {TRAIN_ROWS} train, "
+                                  f"{TEST_ROWS} test rows",
+                                  "common_flags": common, "results": results}, quick=args.quick)
+    plot(path.with_suffix(".png"), results)
+
+
+if __name__ == "__main__":
+    main()

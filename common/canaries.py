@@ -1,0 +1,75 @@
+"""Canaries for the one-run privacy audit: made and drawn from the audit's own seed stream.
+
+Each of m canaries is a row no real data holds (random words with a random label; for a causal
+LM a random secret, Carlini et al.'s "Secret Sharer"), dealt to a client, and included in that
+client's training rows with probability 1/2. The content and the inclusion draw come from child
+seeds of (run seed, AUDIT_STREAM), a stream no other draw of a run uses, and no global generator
+is touched: a run without the audit is unchanged, and the draw is independent of everything else.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.config import CAUSAL_LM, AuditConfig
+from common.data import Examples
+
+AUDIT_STREAM = 0x61756469  # "audi"; partitions and rounds draw from other (seed, ...) tuples
+SECRET_PREFIX = "my secret code is"
+_WORD = re.compile(r"[a-z]{3,}")
+
+
+@dataclass(frozen=True)
+class Canaries:
+    rows: Examples  # all m canaries, included or not
+    included: np.ndarray  # (m,) bool: the secret draw
+    holder: np.ndarray  # (m,) int: the client whose training rows a canary joins
+    references: list[str]  # causal LM: fresh secrets exposure is ranked against; else empty
+
+    def joining(self, client: int) -> Examples:
+        """The included canaries of `client`."""
+        return self.rows.subset(np.flatnonzero(self.included & (self.holder == client)))
+
+
+def audit_streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """(content, inclusion): two independent generators of the audit's own stream."""
+    content, inclusion = np.random.SeedSequence([seed, AUDIT_STREAM]).spawn(2)
+    return np.random.default_rng(content), np.random.default_rng(inclusion)
+
+
+def make_canaries(audit: AuditConfig, seed: int, task: str, train: Examples,
+                  num_labels: int) -> Canaries:
+    """The run's m canaries, their holders and their secret inclusion draw."""
+    content, inclusion = audit_streams(seed)
+    m = audit.canaries
+    included = inclusion.random(m) < 0.5
+    holder = np.arange(m) % audit.clients
+    if task == CAUSAL_LM:
+        secrets = [_secret(content, audit.length) for _ in range(m)]
+        references = [_secret(content, audit.length) for _ in range(audit.references)]
+        rows = Examples(texts=[""] * m, labels=np.zeros(m, dtype=np.int64), responses=secrets)
+        return Canaries(rows, included, holder, references)
+    words = vocabulary(train)
+    texts = [" ".join(content.choice(words, size=audit.length)) for _ in range(m)]
+    labels = content.integers(0, num_labels, size=m).astype(np.int64)
+    return Canaries(Examples(texts=texts, labels=labels), included, holder, [])
+
+
+def with_canaries(rows: Examples, canaries: Canaries, client: int) -> Examples:
+    """`rows` followed by the included canaries `client` holds (the rows as they are if none)."""
+    joining = canaries.joining(client)
+    return Examples.concat([rows, joining]) if len(joining) else rows
+
+
+def vocabulary(train: Examples) -> list[str]:
+    """The lower-case words of the training texts, sorted: canaries read like the data's words
+    in an order no row has."""
+    words = sorted({w for text in train.texts for w in _WORD.findall(text.lower())})
+    return words or ["canary"]
+
+
+def _secret(rng: np.random.Generator, digits: int) -> str:
+    return f"{SECRET_PREFIX} " + " ".join(str(d) for d in rng.integers(0, 10, size=digits))

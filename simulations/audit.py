@@ -1,0 +1,138 @@
+"""The one-run privacy audit of a finished simulation or baseline: score every canary's
+membership from the final global adapter, bound epsilon from below, write `audit.json`.
+
+Scores: classification, the log-probability of the canary's random label; causal LM, minus the
+mean loss of its secret (and the secret's exposure among fresh reference secrets). Reported
+epsilon: sample-level DP, the largest ledger epsilon of the clients holding canaries; client-level
+DP, the run's client-level epsilon (a row's inclusion changes one client's data, so it bounds a
+row's leakage too, loosely); no DP, none (infinite).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.ledger import Ledger
+from client.node import Node, data_set_identity
+from common.adapter import load_trainable_state
+from common.atomic_file import write_atomic
+from common.causal_lm import per_example_loss
+from common.client_dp import client_level_plan
+from common.config import CAUSAL_LM, RunConfig
+from common.data import Examples
+from common.one_run_audit import best_guess, tpr_at_fpr
+from common.privacy import default_delta
+from common.task import Task, cached_task
+from server.checkpoint import latest_checkpoint
+from server.metrics_log import read_rounds
+from simulations.report import AUDIT_FILE
+
+LOW_FPR = 0.01
+
+
+def audit_run(config: RunConfig, *, centralized: bool) -> dict[str, Any]:
+    """Audit the finished run of `config` and write RUN_DIR/audit.json; return what it holds."""
+    run_dir = Path(config.output.dir)
+    task = cached_task(config)
+    if not centralized:  # the simulation's final global adapter is its last checkpoint
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is not None:
+            load_trainable_state(task.model, checkpoint.arrays)
+    canaries = task.canaries()
+    scores = membership_scores(task, canaries.rows)
+    reported, delta, meaning = reported_privacy(config, task, run_dir)
+    audit = config.audit
+    tried = best_guess(scores, canaries.included, delta, audit.confidence)
+    best = max(tried, key=lambda g: g.epsilon)
+    body: dict[str, Any] = {
+        "epsilon_lower_bound": best.epsilon,
+        "epsilon_reported": reported,
+        "delta": delta,
+        "confidence": audit.confidence,
+        "canaries": audit.canaries,
+        "canaries_included": int(canaries.included.sum()),
+        "canary_clients": [f"client-{c}" for c in range(audit.clients)],
+        "guesses": best.guesses, "guesses_right": best.right,
+        "guesses_tried": [{"positives": g.positives, "right": g.right, "epsilon": g.epsilon}
+                          for g in tried],
+        "tpr_at_1pct_fpr": tpr_at_fpr(scores, canaries.included, LOW_FPR),
+        "score": "minus the secret's loss" if config.model.task == CAUSAL_LM
+        else "log-probability of the canary's random label",
+        "meaning": meaning,
+        "defect": reported is not None and best.epsilon > reported,
+    }
+    if config.model.task == CAUSAL_LM:
+        body.update(exposure(task, scores, canaries.included, canaries.references))
+    write_atomic(run_dir / AUDIT_FILE, (json.dumps(body, indent=2) + "\n").encode())
+    return body
+
+
+@torch.no_grad()
+def membership_scores(task: Task, rows: Examples) -> np.ndarray:
+    """(m,) higher = more likely trained on: the label's log-probability, or minus the LM loss."""
+    task.model.eval()
+    loader = task.loader(rows, batch_size=max(task.config.train.batch_size, 32), shuffle=False)
+    scores = []
+    for batch in loader:
+        batch = {key: value.to(task.device) for key, value in batch.items()}
+        if task.config.model.task == CAUSAL_LM:
+            scores.append(-per_example_loss(task.model, batch))
+            continue
+        logits = task.model(input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"]).logits.float()
+        scores.append(torch.log_softmax(logits, dim=-1).gather(
+            1, batch["labels"][:, None])[:, 0])
+    return torch.cat(scores).cpu().numpy().astype(np.float64)
+
+
+def exposure(task: Task, scores: np.ndarray, included: np.ndarray,
+             references: list[str]) -> dict[str, float]:
+    """Carlini et al.'s exposure, -log2 of the share of random secrets at least as likely,
+    estimated with the reference secrets (so at most log2(references + 1))."""
+    refs = Examples(texts=[""] * len(references), labels=np.zeros(len(references), np.int64),
+                    responses=list(references))
+    ref_scores = np.sort(membership_scores(task, refs))
+    at_least = len(ref_scores) - np.searchsorted(ref_scores, scores, side="left")
+    bits = -np.log2((1 + at_least) / (len(ref_scores) + 1))
+    return {"exposure_included_mean": float(bits[included].mean()) if included.any() else 0.0,
+            "exposure_excluded_mean": float(bits[~included].mean()) if (~included).any()
+            else 0.0,
+            "exposure_max": float(bits.max()),
+            "exposure_cap": math.log2(len(ref_scores) + 1)}
+
+
+def reported_privacy(config: RunConfig, task: Task,
+                     run_dir: Path) -> tuple[float | None, float, str]:
+    """(epsilon the run claims for a canary, its delta, what the comparison means)."""
+    privacy, clients = config.privacy, config.federation.num_clients
+    holders = range(config.audit.clients)
+    rows = [task.client_examples(config.partition, c, clients)[0] for c in holders]
+    if privacy.client_level:
+        history = read_rounds(run_dir)
+        epsilon = max((r.get("epsilon_client_level", 0.0) for r in history), default=0.0)
+        return epsilon, client_level_plan(config)[1], (
+            "client-level DP: a canary changes one client's data, so the client-level epsilon "
+            "bounds its leakage too (loosely: it covers a whole client's rows)")
+    if privacy.sample_level:
+        spent = [_ledger(config, c, r) for c, r in zip(holders, rows, strict=True)]
+        return max(e for e, _ in spent), max(d for _, d in spent), (
+            "sample-level DP: the largest ledger epsilon of the clients holding canaries")
+    delta = privacy.delta or max(default_delta(len(r)) for r in rows)
+    return None, delta, ("no DP: nothing is claimed; the bound is the leakage measured at "
+                         "the delta a DP run would use")
+
+
+def _ledger(config: RunConfig, client: int, rows: Examples) -> tuple[float, float]:
+    """(epsilon spent, delta) of a simulated client's ledger."""
+    node = Node.from_node_config({"partition-id": client,
+                                  "num-partitions": config.federation.num_clients}, config)
+    fingerprint, records = data_set_identity(node, rows)
+    ledger = Ledger.open(node.ledger_directory(config), fingerprint, records,
+                         node.policy.delta_for(records), config.privacy.accountant)
+    return ledger.spent(), ledger.delta

@@ -1,0 +1,127 @@
+"""The privacy audit end to end: audit.json after a run, the report line, DP runs compared."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.config import RunConfig
+from simulations.audit import audit_run
+from simulations.centralized import train_centralized
+from simulations.report import summarise, write_report
+from tests.simulations.test_cli import fedtune
+
+FIELDS = {"epsilon_lower_bound", "canaries", "confidence", "epsilon_reported", "delta",
+          "guesses", "guesses_right", "tpr_at_1pct_fpr", "defect", "meaning"}
+
+
+def tiny(model, data, out, **extra) -> RunConfig:
+    return RunConfig.from_mapping({"model.name": str(model), "data.path": str(data),
+                                   "federation.num_clients": 2, "federation.rounds": 1,
+                                   "train.batch_size": 8, "train.lr": 0.01,
+                                   "output.dir": str(out), **extra})
+
+
+def without_time(rows):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_a_centralised_audit_writes_audit_json_and_the_report_shows_it(tiny_model_dir,
+                                                                      toy_data_dir, tmp_path):
+    config = tiny(tiny_model_dir, toy_data_dir, tmp_path / "run",
+                  **{"audit.enabled": True, "audit.canaries": 40})
+    train_centralized(config)
+    body = audit_run(config, centralized=True)
+    assert json.loads((tmp_path / "run" / "audit.json").read_text()) == body
+    assert set(body) >= FIELDS and body["canaries"] == 40 and body["confidence"] == 0.95
+    assert body["epsilon_reported"] is None and body["defect"] is False
+    assert body["epsilon_lower_bound"] >= 0 and 0 < body["delta"] < 0.1
+    write_report(tmp_path / "run")
+    assert "Privacy audit: epsilon >= " in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_settings_of_a_disabled_audit_change_nothing(tiny_model_dir, toy_data_dir, tmp_path):
+    plain = tiny(tiny_model_dir, toy_data_dir, tmp_path / "plain")
+    off = tiny(tiny_model_dir, toy_data_dir, tmp_path / "off",
+               **{"audit.canaries": 999, "audit.clients": 2, "audit.length": 3})
+    assert without_time(train_centralized(plain)) == without_time(train_centralized(off))
+
+
+def test_the_report_puts_the_bound_beside_the_claim_and_names_a_defect():
+    rows = [{"round": 1, "accuracy": 0.5, "loss": 1.0, "epsilon_max": 2.0}]
+    audit = {"epsilon_lower_bound": 2.5, "epsilon_reported": 2.0, "confidence": 0.95,
+             "guesses": 50, "guesses_right": 49, "canaries": 200, "tpr_at_1pct_fpr": 0.4,
+             "defect": True}
+    text = summarise(rows, audit)
+    assert "epsilon >= 2.500 at 95% confidence beside ledger epsilon 2.000" in text
+    assert "DEFECT" in text
+    assert "DEFECT" not in summarise(rows, {**audit, "epsilon_lower_bound": 1.0,
+                                            "defect": False})
+
+
+@pytest.mark.slow
+def test_a_dp_simulation_is_audited_against_the_canary_clients_ledger(tiny_model_dir,
+                                                                     toy_data_dir, tmp_path):
+    out = tmp_path / "run"
+    done = fedtune("simulate", "--model", tiny_model_dir, "--data", toy_data_dir,
+                   "--num-clients", 2, "--rounds", 1, "--batch-size", 8, "--dp", "--epsilon", 2,
+                   "--audit", "--canaries", 40, "--out", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    body = json.loads((out / "audit.json").read_text())
+    ledgers = [json.loads(p.read_text()) for p in (out / "ledgers").glob("ledger-*.json")]
+    holder = [b for b in ledgers if b["rounds"][0]["client"] == "client-0"]
+    assert len(holder) == 1 and body["epsilon_reported"] == pytest.approx(holder[0]["epsilon"])
+    assert body["delta"] == holder[0]["delta"]
+    assert body["epsilon_lower_bound"] <= body["epsilon_reported"] and not body["defect"]
+    assert "audit: epsilon >= " not in done.stderr and "Privacy audit" in done.stdout
+    assert fedtune("report", out).returncode == 0
+    assert "Privacy audit" in (out / "report.md").read_text()
+
+
+def test_a_causal_lm_audit_adds_the_secrets_exposure(tiny_gpt2_dir, instruction_data_dir,
+                                                     tmp_path):
+    config = tiny(tiny_gpt2_dir, instruction_data_dir, tmp_path / "run",
+                  **{"model.task": "causal-lm", "audit.enabled": True, "audit.canaries": 20,
+                     "audit.references": 15})
+    train_centralized(config)
+    body = audit_run(config, centralized=True)
+    assert body["exposure_cap"] == pytest.approx(4.0)  # log2(15 + 1)
+    assert 0 <= body["exposure_included_mean"] <= body["exposure_max"] <= 4.0
+    assert body["score"] == "minus the secret's loss"
+
+
+def test_a_deployment_refuses_an_audit_it_could_not_run():
+    from common.config import ConfigError
+    from server.app import config_from_run_config
+
+    with pytest.raises(ConfigError, match=r"audit\.enabled"):
+        config_from_run_config({"audit.enabled": True, "output.dir": "unused"})
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--canary-clients", "3", "--num-clients", "2"], "audit.clients"),
+    (["--canaries", "5"], "audit.canaries"),
+])
+def test_bad_audit_settings_exit_2_with_one_line(flags, message, tmp_path, capsys):
+    from fedtune_cli import main
+
+    assert main(["simulate", "--audit", *flags, "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and message in error
+
+
+def test_client_level_dp_is_compared_with_the_run_s_client_level_epsilon(tiny_model_dir,
+                                                                        toy_data_dir, tmp_path):
+    from common.client_dp import client_level_plan
+    from common.task import cached_task
+    from simulations.audit import reported_privacy
+
+    config = tiny(tiny_model_dir, toy_data_dir, tmp_path,
+                  **{"privacy.dp": True, "privacy.level": "client", "audit.enabled": True,
+                     "audit.canaries": 20})
+    rows = [{"round": 1, "epsilon_client_level": 0.7}, {"round": 2, "epsilon_client_level": 1.2}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    epsilon, delta, meaning = reported_privacy(config, cached_task(config), tmp_path)
+    assert epsilon == 1.2 and delta == client_level_plan(config)[1]
+    assert meaning.startswith("client-level DP")
