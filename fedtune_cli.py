@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="plots and a Markdown summary of a run")
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     _add_deployment_commands(commands)
+    for command in commands.choices.values():
+        command.add_argument("--verbose", action="store_true", help="also show libraries' "
+                             "warnings and Flower's DEBUG and INFO lines")
     return parser
 
 
@@ -185,7 +188,8 @@ def run_deployment(args: argparse.Namespace) -> int:
 
         return serve(ServerSettings(args.certs, args.state, args.config, args.nodes, args.host,
                                     args.port, local_port=args.local_port,
-                                    accept_config_change=args.accept_config_change))
+                                    accept_config_change=args.accept_config_change,
+                                    verbose=args.verbose))
     from client.deploy import ClientSettings, join, resolve_policy
 
     policy = resolve_policy(args.policy, {flag.replace("_", "-"): getattr(args, flag)
@@ -193,7 +197,7 @@ def run_deployment(args: argparse.Namespace) -> int:
     return join(ClientSettings(args.server, args.root_cert, args.node_key, args.data,
                                args.ledger, args.name or args.node_key.stem, policy,
                                args.port, args.wait_server,
-                               app_digests=tuple(args.app_digest)))
+                               app_digests=tuple(args.app_digest), verbose=args.verbose))
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -252,7 +256,8 @@ def run(args: argparse.Namespace) -> None:
     else:
         from simulations.engine import simulate
 
-        rows = simulate(config, resume=bool(args.resume), num_workers=args.workers)
+        rows = simulate(config, resume=bool(args.resume), num_workers=args.workers,
+                        verbose=args.verbose)
     if rows:
         last = rows[-1]
         perplexity = f"  perplexity: {last['perplexity']:.3f}" if "perplexity" in last else ""
@@ -284,6 +289,9 @@ def _check_privacy(config: Any, client_rows: list[int]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    from common.console import configure
+
+    configure(verbose=args.verbose)
     from client.deploy import ServerUnreachable
     from client.policy import PolicyError
     from common.adapter import AdapterError

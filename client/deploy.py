@@ -22,6 +22,7 @@ from client.policy import NodePolicy
 from common import certs
 from common.app_bundle import app_digest, check_digest
 from common.config import DataConfig
+from common.console import keep_line
 from common.data import LABELS_FILE, load_data, training_records
 from common.secagg.signing import Signer, SigningError, read_peers
 from common.tool_path import stop_child, tool_env
@@ -39,6 +40,7 @@ class ClientSettings:
     port: int = 9094  # this node's local API (one per SuperNode on a machine)
     wait_server: float = 120.0  # seconds to wait for the server at start-up
     app_digests: tuple[str, ...] = ()  # FAB digests this node runs; empty: its own fedtune's
+    verbose: bool = False  # relay the SuperNode's DEBUG lines and warnings too
 
 
 class ServerUnreachable(RuntimeError):
@@ -159,7 +161,7 @@ def join(settings: ClientSettings) -> int:
         node = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=tool_env())
         signal.signal(signal.SIGTERM, lambda *_, node=node: stop_child(node))
-        refused = _relay_until_refused(node)
+        refused = _relay_until_refused(node, settings.verbose)
         if not refused:
             return node.wait()
         stop_child(node)
@@ -173,12 +175,14 @@ def _describe(policy: NodePolicy) -> str:
     return ", ".join(f"{key}={value}" for key, value in policy.to_node_config().items())
 
 
-def _relay_until_refused(node: subprocess.Popen) -> bool:
-    """Copy the SuperNode's output to ours; True as soon as it reports a refused activation."""
+def _relay_until_refused(node: subprocess.Popen, verbose: bool = False) -> bool:
+    """Copy the SuperNode's output to ours (its DEBUG lines and library warnings only when
+    `verbose`); True as soon as it reports a refused activation."""
     assert node.stdout is not None
     for raw in node.stdout:
-        sys.stdout.buffer.write(raw)
-        sys.stdout.flush()
+        if keep_line(raw.decode(errors="replace"), verbose):
+            sys.stdout.buffer.write(raw)
+            sys.stdout.flush()
         if REFUSED.encode() in raw:
             return True
     return False

@@ -20,7 +20,7 @@ from client.ledger import fingerprint, fingerprint_records
 from client.policy import NodePolicy, PolicyError
 from common.config import DataConfig, RunConfig
 from common.data import LABELS_FILE, Examples, training_records, training_rows
-from common.partition import local_split
+from common.partition import client_name, local_split
 from common.task import Task, cached_task
 
 IDENTITY_KEYS = ("name", "data-path", "ledger-dir", "node-key", "partition-id",
@@ -60,7 +60,7 @@ class Node:
                        node_key=str(node_config.get("node-key", "")))
         if "partition-id" in node_config and "num-partitions" in node_config:
             pid, total = int(node_config["partition-id"]), int(node_config["num-partitions"])
-            name = str(node_config.get("name", f"client-{pid}"))
+            name = str(node_config.get("name", client_name(pid)))
             policy = NodePolicy.simulated(config or RunConfig(), name)
             return cls(name=name, policy=policy, partition_id=pid, num_partitions=total)
         raise NodeConfigError("node config needs 'data-path' (deployment) or 'partition-id' and "

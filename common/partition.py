@@ -17,6 +17,11 @@ class PartitionError(ValueError):
     """The requested partition cannot be built from these rows."""
 
 
+def client_name(partition_id: int) -> str:
+    """A simulated client's stable name: the node reports it, the server can also derive it."""
+    return f"client-{partition_id}"
+
+
 def iid(num_rows: int, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Shuffle, then cut into near-equal shares."""
     _check_enough(num_rows, num_clients, 1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +16,18 @@ from server.federation import CONFIG_FILE, run_federation
 CONFIG_FILE_KEY = "config-file"  # run-config key: a TOML file on the server's disk
 
 
-def make_server_app(config: RunConfig | None = None, *, resume: bool = False) -> ServerApp:
-    """A ServerApp running `config`, or, when None, the run config Flower hands it."""
+def make_server_app(config: RunConfig | None = None, *, resume: bool = False,
+                    node_names: Callable[[int], str | None] | None = None) -> ServerApp:
+    """A ServerApp running `config`, or, when None, the run config Flower hands it.
+
+    `node_names`: names simulated nodes without a message (`simulations/node_names.py`)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         if config is not None:  # in-process simulation (`fedtune simulate`)
-            run_federation(grid, config, resume=resume, simulated=True)
+            run_federation(grid, config, resume=resume, simulated=True,
+                           node_names=node_names)
             return
         run_config, resuming = config_from_run_config(dict(context.run_config))
         run_federation(grid, run_config, resume=resuming)

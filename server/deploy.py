@@ -23,6 +23,7 @@ from pathlib import Path
 from common import certs
 from common.app_bundle import APP_DIR, app_digest
 from common.config import RunConfig
+from common.console import filtered
 from common.tool_path import stop_child, tool_env
 from server.app import CONFIG_FILE_KEY, refuse_audit
 from server.config_guard import ConfigChangeError, check_restart
@@ -50,6 +51,7 @@ class ServerSettings:
     port: int = 9200
     local_port: int = 0  # the SuperLink's own port on 127.0.0.1; 0: any free one
     accept_config_change: bool = False
+    verbose: bool = False  # relay the run's DEBUG lines and warnings too
 
 
 def serve(settings: ServerSettings) -> int:
@@ -164,9 +166,14 @@ def _run(settings: ServerSettings, env: dict[str, str], link_port: int, ca: Path
     run_dir = (settings.state_dir / RUN_DIR).resolve()
     overrides = (f"{CONFIG_FILE_KEY}='{settings.config_file.resolve()}' "
                  f"output.dir='{run_dir}'")
-    done = subprocess.run([_tool("flwr"), "run", str(APP_DIR), FEDERATION, "--stream",
-                           "--run-config", overrides], env=env)
-    return done.returncode or _run_outcome(f"127.0.0.1:{link_port}", ca)
+    run = subprocess.Popen([_tool("flwr"), "run", str(APP_DIR), FEDERATION, "--stream",
+                            "--run-config", overrides], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT)
+    assert run.stdout is not None
+    for line in filtered(run.stdout, settings.verbose):  # the run's log, less its noise
+        sys.stdout.buffer.write(line)
+        sys.stdout.flush()
+    return run.wait() or _run_outcome(f"127.0.0.1:{link_port}", ca)
 
 
 def _run_outcome(address: str, ca: Path) -> int:

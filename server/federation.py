@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from logging import WARNING
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,13 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from rich.console import Console
 
 from common import record_keys as keys
 from common.adapter import from_record, load_trainable_state, to_record
 from common.atomic_file import write_atomic
 from common.config import CAUSAL_LM, RunConfig
 from common.task import cached_task
+from server import progress as round_progress
 from server.checkpoint import (
     Checkpoint,
     checkpoint_rounds,
@@ -59,7 +60,9 @@ class RunDirError(RuntimeError):
 
 
 def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
-                   simulated: bool = False) -> list[dict[str, Any]]:
+                   simulated: bool = False,
+                   node_names: Callable[[int], str | None] | None = None
+                   ) -> list[dict[str, Any]]:
     """Run (or continue) the rounds of `config`; return the metrics rows of the whole run.
 
     `simulated`: the server's own randomness (client-level DP noise) follows `config.seed` so a
@@ -68,7 +71,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
     run_dir = Path(config.output.dir)
     prepare_run_dir(run_dir, config, resume=resume)
     task = cached_task(config)
-    roster = Roster()
+    roster = Roster(node_names)
     federation = config.federation
     client_level = config.privacy.client_level
     noise = ServerSideNoise(config, seeded=simulated) if client_level else None
@@ -88,11 +91,13 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
         releases = checkpoint.state.get("releases", 0)
     keep_rounds_up_to(run_dir, done)
 
-    console = Console(stderr=True)
+    display = round_progress.current()
+    grid = display.watch(grid)
     board = TensorBoardLog(run_dir, done + 1) if config.output.tensorboard else None
     settings = ConfigRecord({keys.RUN_CONFIG: json.dumps(config.to_flat())})
     for server_round in range(done + 1, federation.rounds + 1):
         started = time.perf_counter()
+        display.round_started(server_round, federation.rounds)
         roster.refresh(grid, federation.wait_for, federation.timeout)
         if not roster.active():
             log(WARNING, "No client is left to train (budgets spent or node policies "
@@ -112,6 +117,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
         eval_messages = list(strategy.configure_evaluate(server_round, to_record(arrays),
                                                          settings, grid))
         eval_replies = grid.send_and_receive(eval_messages, timeout=federation.timeout)
+        display.exchange("evaluating on the test split")
         central = evaluate_centrally(task, arrays)
         row = {
             "round": server_round,
@@ -136,7 +142,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
         state = {"strategy": strategy.state_dict(), "retired": sorted(roster.retired),
                  "releases": releases}
         save_checkpoint(run_dir, Checkpoint(round=server_round, arrays=arrays, state=state))
-        _print_round(console, row, federation.rounds)
+        display.round_done(row)
 
     if board is not None:
         board.close()
@@ -217,15 +223,3 @@ def _bytes(messages: list[Message]) -> int:
 def _metric(metrics: MetricRecord | None, key: str) -> float | None:
     return float(metrics[key]) if metrics is not None and key in metrics else None
 
-
-def _print_round(console: Console, row: dict[str, Any], rounds: int) -> None:
-    worst = row.get("client_accuracy_worst")
-    worst_text = f"  worst client {worst:.3f}" if worst is not None else ""
-    epsilon = row.get("epsilon_max", row.get("epsilon_client_level"))
-    epsilon_text = f"  ε {epsilon:.2f}" if epsilon is not None else ""
-    perplexity = row.get("perplexity")
-    loss_text = f"  loss {row['loss']:.3f}" + (f"  perplexity [bold]{perplexity:.2f}[/]"
-                                               if perplexity is not None else "")
-    console.print(f"[bold cyan]round {row['round']}/{rounds}[/]  clients {row['clients']}"
-                  f"  accuracy [bold]{row['accuracy']:.3f}[/]{loss_text}"
-                  f"{worst_text}{epsilon_text}  {row['seconds']:.1f}s")

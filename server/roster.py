@@ -1,12 +1,15 @@
 """Stable client names behind Flower's node ids, so sampling and per-client records repeat.
 
 Node ids change when a simulation restarts or a node reconnects; the name a node reports (its
-partition in simulation, its configured name in deployment) does not.
+partition in simulation, its configured name in deployment) does not. A deployed node is asked its
+name once (one `identify` query); a simulated one is named by the engine's record, no message
+(`simulations/node_names.py`), so naming costs nothing per node not sampled.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from logging import INFO, WARNING
 
 from flwr.app import Message, MessageType, RecordDict
@@ -19,7 +22,9 @@ from common import record_keys as keys
 class Roster:
     """Maps connected node ids to names; retired names are never sampled again."""
 
-    def __init__(self) -> None:
+    def __init__(self, known: Callable[[int], str | None] | None = None) -> None:
+        """`known`: names a node id without asking it (simulation), or None when it cannot."""
+        self._known = known
         self._node_of: dict[str, int] = {}
         self._name_of: dict[int, str] = {}
         self.retired: set[str] = set()
@@ -43,7 +48,7 @@ class Roster:
         while True:
             connected = set(grid.get_node_ids())
             self._forget(set(self._name_of) - connected)
-            unknown = sorted(connected - set(self._name_of))
+            unknown = self._name_known(sorted(connected - set(self._name_of)))
             if unknown:
                 self._identify(grid, unknown, timeout)
             if len(self._node_of) >= wait_for:
@@ -55,6 +60,19 @@ class Roster:
                                    f"within {timeout:.0f}s")
             time.sleep(1.0)
             waited += 1.0
+
+    def _name_known(self, node_ids: list[int]) -> list[int]:
+        """Name the nodes `known` can name; return the ones that must be asked."""
+        if self._known is None:
+            return node_ids
+        unknown = []
+        for node_id in node_ids:
+            name = self._known(node_id)
+            if name is None:
+                unknown.append(node_id)
+            else:
+                self._add(node_id, name)
+        return unknown
 
     def _identify(self, grid: Grid, node_ids: list[int], timeout: float) -> None:
         queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
@@ -69,9 +87,12 @@ class Roster:
             if not isinstance(name, str) or not name:
                 log(WARNING, "Node %d did not identify itself: no name in its reply", node_id)
                 continue
-            if name in self._node_of:
-                self._forget({self._node_of[name]})  # the same client reconnected
-            self._node_of[name], self._name_of[node_id] = node_id, name
+            self._add(node_id, name)
+
+    def _add(self, node_id: int, name: str) -> None:
+        if name in self._node_of:
+            self._forget({self._node_of[name]})  # the same client reconnected
+        self._node_of[name], self._name_of[node_id] = node_id, name
 
     def _forget(self, node_ids: set[int]) -> None:
         for node_id in node_ids:

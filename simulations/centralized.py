@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 
 from common.adapter import load_trainable_state, trainable_state
 from common.config import RunConfig
 from common.data import Examples
 from common.task import Task, cached_task
 from common.training import adamw, train_local
+from server import progress
 from server.evaluation import evaluate_centrally, task_columns
 from server.federation import ADAPTER_DIR, prepare_run_dir
 from server.metrics_log import append_round, read_rounds
@@ -40,24 +40,25 @@ def train_centralized(config: RunConfig) -> list[dict[str, Any]]:
     torch.manual_seed(config.seed)
     loader = task.loader(rows, batch_size=config.train.batch_size, shuffle=True, seed=config.seed)
     optimizer = adamw(task.model, config.train.lr, config.train.weight_decay)
-    console = Console(stderr=True)
     board = TensorBoardLog(run_dir, 1) if config.output.tensorboard else None
-    for block in range(1, config.federation.rounds + 1):
-        started = time.perf_counter()
-        stats = train_local(task.model, loader, optimizer, loss_fn=task.objective.loss,
-                            epochs=config.train.local_epochs,
-                            max_steps=0, max_grad_norm=config.train.max_grad_norm,
-                            device=task.device)
-        central = evaluate_centrally(task, trainable_state(task.model))
-        row = {"round": block, "accuracy": central.accuracy, "loss": central.loss,
-               **task_columns(central), "train_loss": stats.loss,
-               "examples": stats.examples, "seconds": time.perf_counter() - started}
-        append_round(run_dir, row)
-        if board is not None:
-            board.write(row)
-        console.print(f"[bold cyan]epochs {block * config.train.local_epochs}[/]  accuracy "
-                      f"[bold]{row['accuracy']:.3f}[/]  loss {row['loss']:.3f}  "
-                      f"{row['seconds']:.1f}s")
+    with progress.use(progress.RoundProgress()) as display:
+        for block in range(1, config.federation.rounds + 1):
+            display.round_started(block, config.federation.rounds)
+            display.exchange(f"training {config.train.local_epochs} epoch(s) on every row")
+            started = time.perf_counter()
+            stats = train_local(task.model, loader, optimizer, loss_fn=task.objective.loss,
+                                epochs=config.train.local_epochs,
+                                max_steps=0, max_grad_norm=config.train.max_grad_norm,
+                                device=task.device)
+            display.exchange("evaluating on the test split")
+            central = evaluate_centrally(task, trainable_state(task.model))
+            row = {"round": block, "accuracy": central.accuracy, "loss": central.loss,
+                   **task_columns(central), "train_loss": stats.loss,
+                   "examples": stats.examples, "seconds": time.perf_counter() - started}
+            append_round(run_dir, row)
+            if board is not None:
+                board.write(row)
+            display.round_done(row)
     if board is not None:
         board.close()
     task.model.save_pretrained(str(run_dir / ADAPTER_DIR))

@@ -1,4 +1,13 @@
-"""Run the ServerApp and ClientApp through Flower's simulation engine (Ray), in one process."""
+"""Run the ServerApp and ClientApp through Flower's simulation engine (Ray), in one process.
+
+Why `flwr.simulation.run_simulation`, which Flower 1.41 calls deprecated ("use `flwr run`"):
+`flwr run` starts the ServerApp in another process from the run config alone, so `fedtune
+simulate` would lose what only one process gives it: the typed `RunConfig` handed to the ServerApp
+as it is, the live progress display, and the node names read from the engine's own registration
+(`simulations/node_names.py`) instead of one message per virtual node. Flower 1.42, where it may
+be removed, is excluded by pyproject's `flwr<1.42`; `tests/simulations/test_engine.py` fails when
+the function or its signature changes. `flwr run .` remains available (docs/simulation.md).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +20,13 @@ from flwr.simulation import run_simulation
 
 from client.app import app as client_app
 from common.config import RunConfig
+from server import progress
 from server.app import make_server_app
 from server.metrics_log import read_rounds
+from simulations.node_names import recorded_node_names
 
 
-def backend_config(num_workers: int) -> dict[str, Any]:
+def backend_config(num_workers: int, *, verbose: bool = False) -> dict[str, Any]:
     """`num_workers` Ray actors, each holding one model and training one client at a time.
 
     Each actor takes CPUs / workers cores (Ray sets its thread count to match); with CUDA they
@@ -26,14 +37,17 @@ def backend_config(num_workers: int) -> dict[str, Any]:
     if torch.cuda.is_available():
         resources["num_gpus"] = 1.0 / num_workers
     return {"client_resources": resources,
-            "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": True}}
+            "init_args": {"num_cpus": cpus, "logging_level": "WARNING" if verbose else "ERROR",
+                          "log_to_driver": True}}
 
 
-def simulate(config: RunConfig, *, resume: bool = False,
-             num_workers: int | None = None) -> list[dict[str, Any]]:
+def simulate(config: RunConfig, *, resume: bool = False, num_workers: int | None = None,
+             verbose: bool = False) -> list[dict[str, Any]]:
     """Simulate `config.federation.num_clients` clients; return the run's metrics rows."""
     workers = num_workers or min(config.federation.num_clients, os.cpu_count() or 1)
-    run_simulation(server_app=make_server_app(config, resume=resume), client_app=client_app,
-                   num_supernodes=config.federation.num_clients,
-                   backend_config=backend_config(workers))
+    with recorded_node_names() as names, progress.use(progress.RoundProgress()):
+        run_simulation(server_app=make_server_app(config, resume=resume, node_names=names),
+                       client_app=client_app, num_supernodes=config.federation.num_clients,
+                       backend_config=backend_config(workers, verbose=verbose),
+                       verbose_logging=verbose)
     return read_rounds(Path(config.output.dir))

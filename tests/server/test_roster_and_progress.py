@@ -1,0 +1,85 @@
+"""Naming nodes without messages where the name is known, and counting replies as they arrive."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from rich.console import Console
+
+from common import record_keys as keys
+from server.progress import RoundProgress
+from server.roster import Roster
+
+
+class FakeGrid:
+    """Nodes that answer with their name, one reply per pull (as replies trickle in)."""
+
+    pull_interval = 0.0
+
+    def __init__(self, names: dict[int, str]) -> None:
+        self.names, self.sent, self._pending = names, [], []
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.names)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"  # as a push does
+            self.sent.append(message)
+            self._pending.append(message)
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        if not self._pending:
+            return []
+        sent = self._pending.pop(0)
+        name = self.names[sent.metadata.dst_node_id]
+        return [Message(RecordDict({keys.CONFIG: ConfigRecord({keys.CLIENT_NAME: name})}),
+                        reply_to=sent)]
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> list[Message]:
+        ids = set(self.push_messages(messages))
+        replies = []
+        while ids:
+            replies += (arrived := self.pull_messages(ids))
+            ids -= {m.metadata.reply_to_message_id for m in arrived}
+        return replies
+
+
+def test_known_names_cost_no_message_and_unknown_nodes_are_still_asked():
+    grid = FakeGrid({11: "client-0", 12: "client-1", 13: "hospital-a"})
+    simulated = {11: "client-0", 12: "client-1"}
+    roster = Roster(simulated.get)
+    roster.refresh(grid, wait_for=3, timeout=5)
+    assert roster.active() == [("client-0", 11), ("client-1", 12), ("hospital-a", 13)]
+    assert [m.metadata.dst_node_id for m in grid.sent] == [13]  # only the unknown node
+
+
+def test_without_known_names_every_new_node_is_asked_once():
+    grid = FakeGrid({11: "a", 12: "b"})
+    roster = Roster()
+    roster.refresh(grid, wait_for=2, timeout=5)
+    roster.refresh(grid, wait_for=2, timeout=5)
+    assert sorted(m.metadata.dst_node_id for m in grid.sent) == [11, 12]
+    assert roster.name_of(12) == "b"
+
+
+def test_the_watched_grid_counts_each_reply_and_returns_them_all():
+    inner = FakeGrid({1: "a", 2: "b", 3: "c"})
+    progress = RoundProgress(Console(file=io.StringIO()))
+    seen = []
+    progress.answered = lambda count=1: seen.append(count)  # type: ignore[method-assign]
+    progress.round_started(1, 2)
+    grid = progress.watch(inner)
+    messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.TRAIN)
+                for n in (1, 2, 3)]
+    replies = list(grid.send_and_receive(messages, timeout=5))
+    assert [r.metadata.reply_to_message_id for r in replies] == [m.metadata.message_id
+                                                                  for m in messages]
+    assert seen == [1, 1, 1]
+    assert progress.watch(grid) is grid
