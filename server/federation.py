@@ -43,6 +43,7 @@ from server.metrics_log import (
     append_round,
     keep_rounds_up_to,
     read_rounds,
+    write_label_names,
 )
 from server.replies import ReplyRejected, check_update
 from server.roster import Roster
@@ -71,6 +72,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
     run_dir = Path(config.output.dir)
     prepare_run_dir(run_dir, config, resume=resume)
     task = cached_task(config)
+    write_label_names(run_dir, task.data.label_names)
     roster = Roster(node_names)
     federation = config.federation
     client_level = config.privacy.client_level

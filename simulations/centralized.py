@@ -20,7 +20,7 @@ from common.training import adamw, train_local
 from server import progress
 from server.evaluation import evaluate_centrally, task_columns
 from server.federation import ADAPTER_DIR, prepare_run_dir
-from server.metrics_log import append_round, read_rounds
+from server.metrics_log import append_round, read_rounds, write_label_names
 from server.tensorboard_log import TensorBoardLog
 
 
@@ -35,6 +35,7 @@ def train_centralized(config: RunConfig) -> list[dict[str, Any]]:
     run_dir = Path(config.output.dir)
     prepare_run_dir(run_dir, config, resume=False)
     task = cached_task(config)
+    write_label_names(run_dir, task.data.label_names)
     rows = pooled_training_rows(task, config)
     load_trainable_state(task.model, task.initial_adapter)
     torch.manual_seed(config.seed)

@@ -2,8 +2,9 @@
 
 Reads only `metrics.jsonl` (and `audit.json` where the run was audited), so it works the same on
 simulations, deployments and baselines: accuracy and loss per round, each client's accuracy with
-the worst client marked, the spread, epsilon per client, bytes per round, accuracy per label in
-the last round (who is served worst), and the audit's lower bound beside the claimed epsilon.
+the worst client marked, the spread, epsilon per client, bytes per round, the worst-served labels
+of the last round, by the names in the run's labels.json (label indices where a run kept none),
+and the audit's lower bound beside the claimed epsilon.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-from server.metrics_log import METRICS_FILE, read_rounds
+from server.metrics_log import METRICS_FILE, label_name, read_label_names, read_rounds
 
 SUMMARY = "report.md"
 AUDIT_FILE = "audit.json"
+WORST_LABELS = 20  # bars in labels.png: the worst-served labels, not all 150 of banking77
 
 
 class ReportError(ValueError):
@@ -42,11 +44,13 @@ def write_report(run_dir: str | Path) -> list[Path]:
         written.append(_plot_epsilon(run_dir / "epsilon.png", rows))
     if any("bytes_up" in r for r in rows):
         written.append(_plot_bytes(run_dir / "bytes.png", rows))
+    names = read_label_names(run_dir)
     if rows[-1].get("label_accuracy"):
-        written.append(_plot_labels(run_dir / "labels.png", rows[-1]))
+        written.append(_plot_labels(run_dir / "labels.png", rows[-1], names))
     summary = run_dir / SUMMARY
     audit = run_dir / AUDIT_FILE
-    summary.write_text(summarise(rows, json.loads(audit.read_text()) if audit.exists() else None))
+    summary.write_text(summarise(rows, json.loads(audit.read_text()) if audit.exists() else None,
+                                 names))
     return [*written, summary]
 
 
@@ -62,7 +66,15 @@ def audit_line(audit: dict[str, Any]) -> str:
             f"{audit['tpr_at_1pct_fpr']:.3f} at 1% FPR).{verdict}")
 
 
-def summarise(rows: list[dict[str, Any]], audit: dict[str, Any] | None = None) -> str:
+def worst_labels(row: dict[str, Any], names: list[str], count: int) -> list[tuple[str, float]]:
+    """(name, accuracy) of the `count` labels with the lowest accuracy in `row`, worst first
+    (labels absent from the test split are left out)."""
+    scored = [(a, i) for i, a in enumerate(row.get("label_accuracy") or []) if not _nan(a)]
+    return [(label_name(names, i), a) for a, i in sorted(scored)[:count]]
+
+
+def summarise(rows: list[dict[str, Any]], audit: dict[str, Any] | None = None,
+              names: list[str] | None = None) -> str:
     """The Markdown summary: a table per round and who the federation serves worst."""
     lines = ["# Run report", "", "| round | accuracy | loss | clients | worst client | spread "
              "| epsilon (max) | bytes up |", "|---|---|---|---|---|---|---|---|"]
@@ -83,15 +95,18 @@ def summarise(rows: list[dict[str, Any]], audit: dict[str, Any] | None = None) -
         worst = min(clients, key=clients.get)
         lines.append(f"Worst client: {worst} at {clients[worst]:.4f} (mean "
                      f"{last['client_accuracy_mean']:.4f}, std {last['client_accuracy_std']:.4f}).")
-    labels = [(i, a) for i, a in enumerate(last.get("label_accuracy") or []) if not _nan(a)]
-    if labels:
-        worst_labels = sorted(labels, key=lambda item: item[1])[:3]
-        lines.append("Worst labels: " + ", ".join(f"{i} ({a:.3f})" for i, a in worst_labels) + ".")
+    worst = worst_labels(last, names or [], WORST_LABELS)
+    if worst:
+        lines.append("Worst labels: " + ", ".join(f"{n} ({a:.3f})" for n, a in worst[:3]) + ".")
     exhausted = sorted({n for r in rows for n in r.get("clients_exhausted", [])})
     if exhausted:
         lines.append(f"Clients that spent their privacy budget: {', '.join(exhausted)}.")
     if audit is not None:
         lines.append(audit_line(audit))
+    if len(worst) > 3:
+        lines += ["", f"## The {len(worst)} worst-served labels, round {last['round']}", "",
+                  "| label | accuracy |", "|---|---|"]
+        lines += [f"| {name} | {accuracy:.3f} |" for name, accuracy in worst]
     return "\n".join(lines) + "\n"
 
 
@@ -160,12 +175,22 @@ def _plot_bytes(path: Path, rows: list[dict[str, Any]]) -> Path:
     return _save(figure, path)
 
 
-def _plot_labels(path: Path, row: dict[str, Any]) -> Path:
-    values = row["label_accuracy"]
-    figure, axis = plt.subplots(figsize=(max(5, len(values) * 0.12), 3.2))
-    axis.bar(range(len(values)), [0 if _nan(v) else v for v in values], color="#4c72b0")
-    axis.set(xlabel="label", ylabel="accuracy", title=f"Accuracy per label, round {row['round']}")
-    return _save(figure, path)
+def _plot_labels(path: Path, row: dict[str, Any], names: list[str]) -> Path:
+    """The worst-served labels by name, worst at the top."""
+    worst = worst_labels(row, names, WORST_LABELS)
+    figure, axis = plt.subplots(figsize=(6.4, 1.0 + 0.28 * max(len(worst), 1)))
+    axis.barh(range(len(worst)), [a for _, a in worst], color="#4c72b0")
+    axis.set_yticks(range(len(worst)), [n for n, _ in worst], fontsize="small")
+    axis.invert_yaxis()
+    axis.set_xlim(0, 1)
+    shown = len(row["label_accuracy"])
+    title = (f"Accuracy per label, round {row['round']}" if len(worst) == shown else
+             f"The {len(worst)} worst-served of {shown} labels, round {row['round']}")
+    axis.set(xlabel="accuracy", title=title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def _save(figure: Any, path: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,11 @@ def test_simulate_writes_metrics_checkpoints_and_a_peft_adapter(tiny_model_dir, 
     assert [e.value for e in accuracy] == pytest.approx([r["accuracy"] for r in history])
     assert [e.step for e in board.Histograms("clients/accuracy")] == [1, 2]
     assert "labels/accuracy" in board.Tags()["histograms"]
+    # the data's own label names (toy labels.json: a, b, c) in TensorBoard and the report
+    assert any(tag.startswith("labels/worst") for tag in board.Tags()["tensors"])
+    assert fedtune("report", out).returncode == 0
+    summary = (out / "report.md").read_text()
+    assert re.search(r"Worst labels: [abc] \(\d\.\d{3}\), [abc] \(", summary), summary
 
 
 @pytest.mark.slow

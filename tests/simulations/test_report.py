@@ -61,3 +61,25 @@ def test_a_causal_lm_run_reports_its_perplexity(tmp_path):
     assert [p.name for p in write_report(run)] == ["accuracy.png", "report.md"]
     assert ("Held-out perplexity 30.000 after round 1, 15.000 after round 2"
             in (run / "report.md").read_text())
+
+
+def test_labels_are_named_from_the_runs_labels_json_and_the_worst_twenty_sorted(tmp_path):
+    from server.metrics_log import write_label_names
+    from simulations.report import worst_labels
+
+    run = tmp_path / "run"
+    run.mkdir()
+    names = [f"intent_{i}" for i in range(30)]
+    accuracy = [(i * 7 % 30) / 30 for i in range(30)]
+    accuracy[4] = math.nan  # a label absent from the test split
+    rows = [{"round": 1, "accuracy": 0.5, "loss": 1.0, "label_accuracy": accuracy}]
+    (run / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    write_label_names(run, names)
+
+    assert "labels.png" in [p.name for p in write_report(run)]
+    summary = (run / "report.md").read_text()
+    worst = worst_labels(rows[0], names, 20)
+    assert len(worst) == 20 and [a for _, a in worst] == sorted(a for _, a in worst)
+    assert worst[0] == ("intent_0", 0.0) and "intent_4" not in dict(worst)
+    assert f"Worst labels: intent_0 (0.000), {worst[1][0]} (0.033)" in summary
+    assert "| intent_0 | 0.000 |" in summary and summary.count("| intent_") == 20
