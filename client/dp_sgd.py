@@ -23,7 +23,7 @@ from common.privacy import (
 )
 from common.training import LossFn, TrainStats
 
-# Opacus' per-sample gradient engine; chosen by benchmarks/dp_overhead.py (see README).
+# Opacus' per-sample gradient engine; chosen by benchmarks/dp_overhead.py (see docs/benchmarks.md).
 GRAD_SAMPLE_MODE = "hooks"
 
 

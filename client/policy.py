@@ -30,7 +30,7 @@ from common.client_dp import client_level_plan
 from common.config import ACCOUNTANTS, CLASSIFICATION, RunConfig
 from common.privacy import default_delta
 
-# Rule names, as refusals and README name them (the node config key that sets each rule).
+# Rule names, as refusals and docs/policy.md name them (the node config key that sets each rule).
 REQUIRE_DP = "require-dp"
 MAX_DELTA = "max-delta"
 MIN_NOISE = "min-noise-multiplier"
