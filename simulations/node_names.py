@@ -14,6 +14,7 @@ any node the record does not name is still asked (`Roster`), so a miss costs tim
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,13 +27,19 @@ from common.partition import client_name
 class NodeNames:
     """node id -> the client name its partition gives it; None for a node not recorded."""
 
-    def __init__(self) -> None:
+    def __init__(self, wait: float = 600.0) -> None:
         self._partition_of: dict[int, int] = {}
+        self._recorded = threading.Event()
+        self._wait = wait
 
     def record(self, partition_of: dict[int, int]) -> None:
         self._partition_of = {**self._partition_of, **partition_of}  # one swap: read by a thread
+        self._recorded.set()
 
     def __call__(self, node_id: int) -> str | None:
+        # The ServerApp's thread starts before the engine registers its nodes and sees them one
+        # by one: it waits for the record rather than ask each node seen early.
+        self._recorded.wait(self._wait)
         partition_id = self._partition_of.get(node_id)
         return None if partition_id is None else client_name(partition_id)
 

@@ -40,3 +40,17 @@ def test_node_names_are_recorded_from_the_engines_own_registration():
 def test_start_vce_registers_nodes_through_the_recorded_function():
     # The record works only while start_vce calls `_register_nodes` by its module name.
     assert "_register_nodes(" in inspect.getsource(vce_api.start_vce)
+
+
+def test_a_node_seen_before_the_record_waits_for_it_instead_of_being_asked():
+    import threading
+
+    from simulations.node_names import NodeNames
+
+    names = NodeNames(wait=30)
+    answer = []
+    asking = threading.Thread(target=lambda: answer.append(names(77)))
+    asking.start()
+    names.record({77: 3})
+    asking.join(10)
+    assert answer == ["client-3"]
