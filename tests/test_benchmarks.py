@@ -24,7 +24,8 @@ def test_quick_benchmarks_run_and_record_machine_versions_and_command():
     assert set(ratios) == {"hooks", "functorch", "ghost"}
     assert all(r["time_ratio"] > 0 for r in ratios.values())
     case = json.loads((RESULTS / "communication-quick.json").read_text())["cases"][0]
-    assert 0 < case["adapter_over_full"] < 0.05 and case["secagg_over_plain_upload"] > 1
+    assert 0 < case["adapter_over_full"] < 0.05
+    assert 0.9 < case["secagg_over_plain_upload"] < 1.05  # 32-bit ring: float32's size
     throughput = json.loads((RESULTS / "throughput-quick.json").read_text())
     assert throughput["examples_trained"] > 0 and throughput["ratio"] > 0
     scale = json.loads((RESULTS / "scale-quick.json").read_text())["runs"]
