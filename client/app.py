@@ -279,7 +279,7 @@ def _local_update(config: RunConfig, server_round: int, node: Node,
     torch.manual_seed(seeds.dropout)  # LoRA dropout
     loader = task.loader(rows, batch_size=config.train.batch_size, shuffle=True,
                          seed=seeds.sampling)
-    optimizer = adamw(task.model, config.train.lr, config.train.weight_decay)
+    optimizer = adamw(task.model, config.train.lr, config.train.weight_decay, config.train.head_lr)
     epsilon = None
     if config.privacy.sample_level:
         plan, ledger = _spending(config, node, rows)
@@ -294,7 +294,8 @@ def _local_update(config: RunConfig, server_round: int, node: Node,
         stats = train_local(task.model, loader, optimizer, loss_fn=task.objective.loss,
                             epochs=config.train.local_epochs,
                             max_steps=config.train.local_steps,
-                            max_grad_norm=config.train.max_grad_norm, device=task.device)
+                            max_grad_norm=config.train.max_grad_norm, device=task.device,
+                            proximal_mu=config.federation.proximal_weight)
     state = trainable_state(task.model)
     if config.privacy.client_level:
         state = clip_update(global_state, state, config.privacy.clip_norm)

@@ -11,6 +11,7 @@ import json
 import math
 import time
 import tomllib
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,10 @@ BUILTIN_DATA = "builtin"
 PARTITION_SCHEMES = ("iid", "dirichlet", "natural")
 DP_LEVELS = ("sample", "client")
 ACCOUNTANTS = ("rdp", "prv")
+# federation.strategy -> the server step size used when federation.server_lr is 0
+STRATEGIES: dict[str, float] = {"fedavg": 1.0, "fedprox": 1.0, "fedavgm": 1.0,
+                                "fedadam": 1e-2, "fedyogi": 1e-2, "fedadagrad": 1e-2}
+SERVER_OPTIMISERS = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
 CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"
 TASKS = (CLASSIFICATION, CAUSAL_LM)
 QUANTIZE = ("none", "4bit", "8bit")
@@ -144,6 +149,7 @@ class TrainConfig:
     local_steps: int = _help("if > 0, optimizer steps per round instead of epochs", 0)
     batch_size: int = _help("examples per optimizer step", 16)
     lr: float = _help("AdamW learning rate", 5e-4)
+    head_lr: float = _help("AdamW learning rate of the fresh classification head; 0 = lr", 0.0)
     weight_decay: float = _help("AdamW weight decay", 0.0)
     max_grad_norm: float = _help("clip the batch gradient (each example's under DP-SGD) to this "
                                  "L2 norm; 0 = no clipping", 1.0)
@@ -153,6 +159,7 @@ class TrainConfig:
         _require(self.local_steps >= 0, "train.local_steps", "must be >= 0", self.local_steps)
         _require(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
         _require(0 < self.lr < 1, "train.lr", "must be in (0, 1)", self.lr)
+        _require(0 <= self.head_lr < 1, "train.head_lr", "must be in [0, 1)", self.head_lr)
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
         _require(0 <= self.max_grad_norm < float("inf"), "train.max_grad_norm",
                  "must be finite and >= 0", self.max_grad_norm)
@@ -170,6 +177,19 @@ class FederationConfig:
     timeout: float = _help("seconds to wait for replies in one exchange", 3600.0)
     max_update_norm: float = _help("an update whose L2 change from the global adapter is larger "
                                    "is refused as malformed", 1000.0)
+    strategy: str = _help("fedavg | fedavgm (server momentum) | fedadam | fedyogi | fedadagrad "
+                          "(adaptive server optimisers, Reddi et al. 2021) | fedprox (proximal "
+                          "term in local training); each needs only the average, so all work "
+                          "with secure aggregation", "fedavg")
+    server_lr: float = _help("server step size eta on the averaged update; 0 = the strategy's "
+                             "default (1 for fedavg/fedavgm/fedprox, 0.01 for the adaptive ones)",
+                             0.0)
+    server_momentum: float = _help("fedavgm: server momentum mu", 0.9)
+    beta_1: float = _help("fedadam, fedyogi: first-moment decay", 0.9)
+    beta_2: float = _help("fedadam, fedyogi: second-moment decay", 0.99)
+    tau: float = _help("fedadam, fedyogi, fedadagrad: adaptivity (added to sqrt(v))", 1e-3)
+    proximal_mu: float = _help("fedprox: weight of (mu/2)||w - w_global||^2 in the local loss",
+                               0.01)
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, "federation.rounds", "must be >= 1", self.rounds)
@@ -184,6 +204,34 @@ class FederationConfig:
         _require(self.timeout > 0, "federation.timeout", "must be > 0", self.timeout)
         _require(self.max_update_norm > 0, "federation.max_update_norm", "must be > 0",
                  self.max_update_norm)
+        _require(self.strategy in STRATEGIES, "federation.strategy",
+                 f"must be one of {', '.join(STRATEGIES)}", self.strategy)
+        _require(0 <= self.server_lr < float("inf"), "federation.server_lr",
+                 "must be finite and >= 0", self.server_lr)
+        _require(0 <= self.server_momentum < 1, "federation.server_momentum", "must be in [0, 1)",
+                 self.server_momentum)
+        _require(0 <= self.beta_1 < 1, "federation.beta_1", "must be in [0, 1)", self.beta_1)
+        _require(0 <= self.beta_2 < 1, "federation.beta_2", "must be in [0, 1)", self.beta_2)
+        _require(self.tau > 0, "federation.tau", "must be > 0", self.tau)
+        _require(0 <= self.proximal_mu < float("inf"), "federation.proximal_mu",
+                 "must be finite and >= 0", self.proximal_mu)
+        if self.strategy == "fedprox":
+            _require(self.proximal_mu > 0, "federation.proximal_mu",
+                     "must be > 0 when federation.strategy is 'fedprox'", self.proximal_mu)
+        if self.server_lr and self.strategy in ("fedavg", "fedprox") and self.server_lr != 1:
+            warnings.warn(f"federation.server_lr={self.server_lr} is ignored by strategy "
+                          f"{self.strategy!r} (no server step); use fedavgm for a server "
+                          "learning rate", stacklevel=2)
+
+    @property
+    def server_step_size(self) -> float:
+        """eta: `server_lr`, or the strategy's default when it is 0."""
+        return self.server_lr or STRATEGIES[self.strategy]
+
+    @property
+    def proximal_weight(self) -> float:
+        """mu of FedProx's local proximal term; 0 for every other strategy."""
+        return self.proximal_mu if self.strategy == "fedprox" else 0.0
 
     @property
     def wait_for(self) -> int:
@@ -349,6 +397,10 @@ class RunConfig:
             _require(self.train.max_grad_norm > 0, "train.max_grad_norm",
                      "must be > 0 under DP-SGD (it bounds each example's gradient)",
                      self.train.max_grad_norm)
+            _require(self.federation.strategy != "fedprox", "federation.strategy",
+                     "cannot be 'fedprox' with privacy.level 'sample' (DP-SGD replaces the "
+                     "gradient by its clipped, noised per-example sum, which drops the proximal "
+                     "term)", self.federation.strategy)
         if self.model.task == CAUSAL_LM:
             _require(self.partition.scheme != "dirichlet", "partition.scheme",
                      "cannot be 'dirichlet' for model.task 'causal-lm' (text has no labels to "

@@ -49,10 +49,14 @@ class TrainStats:
 
 def train_local(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *,
                 loss_fn: LossFn, epochs: int, max_steps: int, max_grad_norm: float,
-                device: torch.device) -> TrainStats:
-    """Run `epochs` passes, or exactly `max_steps` steps when > 0 (cycling the loader)."""
+                device: torch.device, proximal_mu: float = 0.0) -> TrainStats:
+    """Run `epochs` passes, or exactly `max_steps` steps when > 0 (cycling the loader).
+
+    `proximal_mu` > 0 adds FedProx's (mu/2)||w - w_0||^2 (Li et al. 2020, arXiv:1812.06127),
+    w_0 being the trainable values the round started from."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     total_loss, examples, steps = 0.0, 0, 0
     epoch = 0
     while (steps < max_steps) if max_steps > 0 else (epoch < epochs):
@@ -60,7 +64,11 @@ def train_local(model: torch.nn.Module, loader: DataLoader, optimizer: torch.opt
             batch = {key: value.to(device) for key, value in batch.items()}
             loss = loss_fn(model, batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if anchor:
+                proximal = sum(torch.sum((p - a) ** 2) for p, a in zip(params, anchor, strict=True))
+                (loss + 0.5 * proximal_mu * proximal).backward()
+            else:
+                loss.backward()
             if max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
@@ -83,7 +91,17 @@ class EvalStats:
     macro_f1: float | None = None  # classification only: F1 averaged over the labels seen
 
 
-def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+HEAD_MARKER = "modules_to_save"  # PEFT's name for the fully trained copy of the head
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float,
+          head_lr: float = 0.0) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only; the fresh head at `head_lr` when > 0 (it starts
+    from random values, the LoRA update from zero, so they suit different step sizes)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head = [p for n, p in named if HEAD_MARKER in n]
+    if not head_lr or not head:
+        return torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=weight_decay)
+    rest = [p for n, p in named if HEAD_MARKER not in n]
+    return torch.optim.AdamW([{"params": rest}, {"params": head, "lr": head_lr}], lr=lr,
+                             weight_decay=weight_decay)

@@ -6,7 +6,7 @@ import io
 import json
 import pickle
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ class Checkpoint:
     round: int
     arrays: dict[str, np.ndarray]  # the global adapter after `round`
     state: dict[str, Any]  # JSON-safe: strategy RNG, retired clients, ...
+    optimizer: dict[str, np.ndarray] = field(default_factory=dict)  # server optimiser moments
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
@@ -35,6 +36,8 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     torch.save({"round": checkpoint.round,
                 "arrays": {k: torch.from_numpy(np.ascontiguousarray(v))
                            for k, v in checkpoint.arrays.items()},
+                "optimizer": {k: torch.from_numpy(np.ascontiguousarray(v))
+                              for k, v in checkpoint.optimizer.items()},
                 "state": json.dumps(checkpoint.state, sort_keys=True)}, buffer)
     path = Path(run_dir) / CHECKPOINT_DIR / f"round-{checkpoint.round:04d}.pt"
     write_atomic(path, buffer.getvalue())
@@ -62,7 +65,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raw = torch.load(path, map_location="cpu", weights_only=True)
         return Checkpoint(round=int(raw["round"]),
                           arrays={k: v.numpy() for k, v in raw["arrays"].items()},
-                          state=json.loads(raw["state"]))
+                          state=json.loads(raw["state"]),
+                          optimizer={k: v.numpy() for k, v in raw.get("optimizer", {}).items()})
     except (OSError, RuntimeError, KeyError, ValueError, TypeError, EOFError,
             pickle.UnpicklingError) as error:
         raise CheckpointError(f"checkpoint {path} is unreadable: {error}") from None

@@ -49,6 +49,7 @@ from server.replies import ReplyRejected, check_update
 from server.roster import Roster
 from server.secagg_exchange import secure_train_exchange
 from server.strategies.fedavg import SeededFedAvg
+from server.strategies.server_optimizer import server_optimizer
 from server.tensorboard_log import TensorBoardLog
 from server.train_outcome import TrainOutcome, refused, reported_epsilon, retire_refusing
 
@@ -84,11 +85,13 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
         min_available_nodes=federation.wait_for,
         weighted_by_key=keys.UNIT_WEIGHT if client_level else keys.NUM_EXAMPLES,
         arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG)
+    optimizer = server_optimizer(federation)
 
     arrays, done, releases = dict(task.initial_adapter), 0, 0
     if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
         arrays, done = checkpoint.arrays, checkpoint.round
         strategy.load_state_dict(checkpoint.state["strategy"])
+        optimizer.load_state_arrays(checkpoint.optimizer)
         roster.retired.update(checkpoint.state["retired"])
         releases = checkpoint.state.get("releases", 0)
     keep_rounds_up_to(run_dir, done)
@@ -111,11 +114,13 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
         else:
             outcome = train_exchange(grid, strategy, server_round, arrays, settings, config)
         if outcome.arrays is not None:
-            arrays = from_record(outcome.arrays)
+            average = from_record(outcome.arrays)
             if noise is not None:
                 if not config.secagg.enabled:  # under secure aggregation the clients noised it
-                    arrays = noise.privatise(arrays, outcome.clients, server_round)
+                    average = noise.privatise(average, outcome.clients, server_round)
                 releases += 1
+            # the server optimiser sees only the (secure, noised) average: post-processing
+            arrays = optimizer.step(arrays, average, server_round)
         eval_messages = list(strategy.configure_evaluate(server_round, to_record(arrays),
                                                          settings, grid))
         eval_replies = grid.send_and_receive(eval_messages, timeout=federation.timeout)
@@ -143,7 +148,8 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
                 append_round(run_dir, {"round": server_round, **sample}, SAMPLES_FILE)
         state = {"strategy": strategy.state_dict(), "retired": sorted(roster.retired),
                  "releases": releases}
-        save_checkpoint(run_dir, Checkpoint(round=server_round, arrays=arrays, state=state))
+        save_checkpoint(run_dir, Checkpoint(round=server_round, arrays=arrays, state=state,
+                                            optimizer=optimizer.state_arrays()))
         display.round_done(row)
 
     if board is not None:

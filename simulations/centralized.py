@@ -40,7 +40,7 @@ def train_centralized(config: RunConfig) -> list[dict[str, Any]]:
     load_trainable_state(task.model, task.initial_adapter)
     torch.manual_seed(config.seed)
     loader = task.loader(rows, batch_size=config.train.batch_size, shuffle=True, seed=config.seed)
-    optimizer = adamw(task.model, config.train.lr, config.train.weight_decay)
+    optimizer = adamw(task.model, config.train.lr, config.train.weight_decay, config.train.head_lr)
     board = TensorBoardLog(run_dir, 1) if config.output.tensorboard else None
     with progress.use(progress.RoundProgress()) as display:
         for block in range(1, config.federation.rounds + 1):
