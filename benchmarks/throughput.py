@@ -36,7 +36,7 @@ def examples_trained(flags: list[str]) -> int:
     task = cached_task(config)
     clients = config.federation.num_clients
     rows = sum(len(task.client_examples(config.partition, c, clients)[0]) for c in range(clients))
-    return rows * config.federation.rounds * config.train.local_epochs
+    return rows * config.federation.rounds * config.training.local_epochs
 
 
 def main() -> None:

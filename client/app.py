@@ -277,9 +277,9 @@ def _local_update(config: RunConfig, server_round: int, node: Node,
     load_trainable_state(task.model, global_state)
     seeds = round_seeds(config.seed if node.simulated else None, server_round, node.name)
     torch.manual_seed(seeds.dropout)  # LoRA dropout
-    loader = task.loader(rows, batch_size=config.train.batch_size, shuffle=True,
-                         seed=seeds.sampling)
-    optimizer = adamw(task.model, config.train.lr, config.train.weight_decay, config.train.head_lr)
+    train = config.training  # defaults filled for plain or DP-SGD training
+    loader = task.loader(rows, batch_size=train.batch_size, shuffle=True, seed=seeds.sampling)
+    optimizer = adamw(task.model, train.lr, train.weight_decay, train.head_lr)
     epsilon = None
     if config.privacy.sample_level:
         plan, ledger = _spending(config, node, rows)
@@ -292,9 +292,8 @@ def _local_update(config: RunConfig, server_round: int, node: Node,
                               device=task.device, noise_generator=noise)
     else:
         stats = train_local(task.model, loader, optimizer, loss_fn=task.objective.loss,
-                            epochs=config.train.local_epochs,
-                            max_steps=config.train.local_steps,
-                            max_grad_norm=config.train.max_grad_norm, device=task.device,
+                            epochs=train.local_epochs, max_steps=train.local_steps,
+                            max_grad_norm=train.max_grad_norm, device=task.device,
                             proximal_mu=config.federation.proximal_weight)
     state = trainable_state(task.model)
     if config.privacy.client_level:
@@ -308,7 +307,7 @@ def _spending(config: RunConfig, node: Node, rows: Examples) -> tuple[DPRoundPla
     node_delta = node.policy.delta_for(records)
     ledger = Ledger.open(node.ledger_directory(config), data_fingerprint, records, node_delta,
                          node.policy.accountant)
-    return plan_round(config, len(rows), node_delta), ledger
+    return plan_round(config, len(rows), node_delta, ledger.accountant), ledger
 
 
 def _noised_change(state: dict[str, np.ndarray], global_state: dict[str, np.ndarray],

@@ -36,20 +36,24 @@ class DPRoundPlan:
     max_grad_norm: float
 
 
-def plan_round(config: RunConfig, records: int, node_delta: float | None = None) -> DPRoundPlan:
+def plan_round(config: RunConfig, records: int, node_delta: float | None = None,
+               accountant: str = "") -> DPRoundPlan:
     """Noise for the whole planned horizon (every round x this round's steps), not per round.
 
     The delta is the server's when it sets one, else the node's own (`node_delta`, by default
-    1/(10 n)); a node's policy refuses a server delta above its own before this plan is used."""
+    1/(10 n)); a node's policy refuses a server delta above its own before this plan is used.
+    The noise is calibrated with `accountant`, the one the node's ledger is kept with, so the
+    ledger reaches the target only at the end of the planned rounds."""
     privacy = config.privacy
-    sample_rate, steps = dp_sgd_schedule(records, config.train.batch_size,
-                                         config.train.local_epochs, config.train.local_steps)
+    accountant = accountant or privacy.accountant_or_default
+    train = config.training
+    sample_rate, steps = dp_sgd_schedule(records, train.batch_size, train.local_epochs,
+                                         train.local_steps)
     delta = privacy.delta or node_delta or default_delta(records)
     noise = privacy.noise_multiplier or noise_for_target(
-        privacy.epsilon, delta, sample_rate, steps * config.federation.rounds,
-        privacy.accountant)
+        privacy.epsilon, delta, sample_rate, steps * config.federation.rounds, accountant)
     return DPRoundPlan(GaussianEvent(noise, sample_rate, steps), delta,
-                       config.train.max_grad_norm)
+                       train.max_grad_norm)
 
 
 def train_private(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,

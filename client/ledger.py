@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic_file import write_atomic
+from common.config import DEFAULT_ACCOUNTANT
 from common.data import Examples
 from common.privacy import GaussianEvent, epsilon_spent
 
 LEDGER_VERSION = 1
+# The accountant of a ledger written before ledgers named theirs (RDP was the only default then).
+FORMER_DEFAULT_ACCOUNTANT = "rdp"
 
 
 class LedgerError(RuntimeError):
@@ -93,8 +96,15 @@ class Ledger:
     @classmethod
     def open(cls, directory: str | Path, data_fingerprint: str, records: int, delta: float,
              accountant: str) -> Ledger:
-        """The ledger of this data set in `directory`, or an empty one (written on `spend`)."""
+        """The ledger of this data set in `directory`, or an empty one (written on `spend`).
+
+        An empty `accountant` (the default) keeps an existing ledger's own accountant, so a
+        ledger kept with RDP before PRV became the default goes on with RDP, and gives a new
+        ledger PRV; a named one must match the ledger's (checked in `_read_entries`)."""
         path = Path(directory) / f"ledger-{data_fingerprint[:32]}.json"
+        if not accountant:
+            accountant = (_read(path).get("accountant", FORMER_DEFAULT_ACCOUNTANT)
+                          if path.exists() else DEFAULT_ACCOUNTANT)
         ledger = cls(path, data_fingerprint, records, delta, accountant, [])
         ledger.entries = ledger._read_entries()
         return ledger
@@ -151,7 +161,7 @@ class Ledger:
         if stored.get("delta") != self.delta:
             raise LedgerError(f"privacy ledger {path} accounts at delta {stored.get('delta')!r}, "
                               f"this run asks {self.delta!r}; keep one delta per data set")
-        if stored.get("accountant", self.accountant) != self.accountant:
+        if stored.get("accountant", FORMER_DEFAULT_ACCOUNTANT) != self.accountant:
             raise LedgerError(f"privacy ledger {path} is kept with the "
                               f"{stored.get('accountant')!r} accountant, this node asks "
                               f"{self.accountant!r}; keep one accountant per data set")

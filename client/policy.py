@@ -54,7 +54,7 @@ class NodePolicy:
     budget_epsilon: float | None = None  # total epsilon of this data set; required with DP
     max_delta: float = 0.0  # largest delta accepted; 0 = 1/(10 n) for this node's n records
     min_noise_multiplier: float = 0.5  # refuse DP-SGD with less noise per unit of clipping
-    accountant: str = "rdp"  # the accountant this node's ledger is kept with
+    accountant: str = ""  # this node's ledger's accountant; "" = its own, prv for a new one
     require_secagg: bool = True  # refuse to send an update the server could read alone
     min_cohort: int = 3  # refuse secure aggregation with fewer clients summed
     min_threshold: int = 2  # refuse secure aggregation whose threshold is lower
@@ -79,8 +79,8 @@ class NodePolicy:
                self.max_delta)
         _check(self.min_noise_multiplier >= 0, MIN_NOISE, "must be >= 0",
                self.min_noise_multiplier)
-        _check(self.accountant in ACCOUNTANTS, "accountant",
-               f"must be one of {', '.join(ACCOUNTANTS)}", self.accountant)
+        _check(self.accountant in ("", *ACCOUNTANTS), "accountant",
+               f"must be empty or one of {', '.join(ACCOUNTANTS)}", self.accountant)
         _check(self.min_cohort >= 3, MIN_COHORT,
                "must be >= 3 (with two, each learns the other's update from the sum)",
                self.min_cohort)

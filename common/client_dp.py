@@ -34,5 +34,5 @@ def client_level_plan(config: RunConfig) -> tuple[GaussianEvent, float]:
     privacy, clients = config.privacy, config.federation.num_clients
     delta = privacy.delta or default_delta(clients)
     noise = privacy.noise_multiplier or noise_for_target(
-        privacy.epsilon, delta, 1.0, config.federation.rounds, privacy.accountant)
+        privacy.epsilon, delta, 1.0, config.federation.rounds, privacy.accountant_or_default)
     return GaussianEvent(noise, 1.0, 1), delta

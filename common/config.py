@@ -23,6 +23,7 @@ BUILTIN_DATA = "builtin"
 PARTITION_SCHEMES = ("iid", "dirichlet", "natural")
 DP_LEVELS = ("sample", "client")
 ACCOUNTANTS = ("rdp", "prv")
+DEFAULT_ACCOUNTANT = "prv"  # a new ledger's; an existing one keeps its own (client/ledger.py)
 # federation.strategy -> the server step size used when federation.server_lr is 0
 STRATEGIES: dict[str, float] = {"fedavg": 1.0, "fedprox": 1.0, "fedavgm": 1.0,
                                 "fedadam": 1e-2, "fedyogi": 1e-2, "fedadagrad": 1e-2}
@@ -141,28 +142,49 @@ class LoraSettings:
                  self.lora_dropout)
 
 
+# The train.* settings whose 0 means "the default for how this run trains" (docs/utility.md has
+# the measurements behind each): plain local training, or DP-SGD, whose noise is tolerated only
+# with large expected batches (Li et al. 2022) and a larger step.
+PLAIN_TRAINING: dict[str, Any] = {"batch_size": 32, "lr": 2e-3, "head_lr": 1e-2, "local_epochs": 1}
+DP_SGD_TRAINING: dict[str, Any] = {"batch_size": 256, "lr": 5e-3, "head_lr": 1e-2,
+                                   "local_epochs": 2}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Local training on each client (and the centralised baseline)."""
+    """Local training on each client (and the centralised baseline); 0 = the default of the run's
+    kind (PLAIN_TRAINING, or DP_SGD_TRAINING under sample-level DP), see `RunConfig.training`."""
 
-    local_epochs: int = _help("passes over the client's training rows per round", 1)
+    local_epochs: int = _help("passes over the client's training rows per round; 0 = default "
+                              "(1; 2 under DP-SGD)", 0)
     local_steps: int = _help("if > 0, optimizer steps per round instead of epochs", 0)
-    batch_size: int = _help("examples per optimizer step", 16)
-    lr: float = _help("AdamW learning rate", 5e-4)
-    head_lr: float = _help("AdamW learning rate of the fresh classification head; 0 = lr", 0.0)
+    batch_size: int = _help("examples per optimizer step (expected, Poisson, under DP-SGD); "
+                            "0 = default (32; 256 under DP-SGD)", 0)
+    lr: float = _help("AdamW learning rate of the LoRA matrices; 0 = default (2e-3; 5e-3 under "
+                      "DP-SGD)", 0.0)
+    head_lr: float = _help("AdamW learning rate of the fresh classification head; 0 = default "
+                           "(1e-2)", 0.0)
     weight_decay: float = _help("AdamW weight decay", 0.0)
     max_grad_norm: float = _help("clip the batch gradient (each example's under DP-SGD) to this "
                                  "L2 norm; 0 = no clipping", 1.0)
 
     def __post_init__(self) -> None:
-        _require(self.local_epochs >= 1, "train.local_epochs", "must be >= 1", self.local_epochs)
+        _require(self.local_epochs >= 0, "train.local_epochs", "must be >= 0 (0 = default)",
+                 self.local_epochs)
         _require(self.local_steps >= 0, "train.local_steps", "must be >= 0", self.local_steps)
-        _require(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
-        _require(0 < self.lr < 1, "train.lr", "must be in (0, 1)", self.lr)
-        _require(0 <= self.head_lr < 1, "train.head_lr", "must be in [0, 1)", self.head_lr)
+        _require(self.batch_size >= 0, "train.batch_size", "must be >= 0 (0 = default)",
+                 self.batch_size)
+        _require(0 <= self.lr < 1, "train.lr", "must be in [0, 1) (0 = default)", self.lr)
+        _require(0 <= self.head_lr < 1, "train.head_lr", "must be in [0, 1) (0 = default)",
+                 self.head_lr)
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
         _require(0 <= self.max_grad_norm < float("inf"), "train.max_grad_norm",
                  "must be finite and >= 0", self.max_grad_norm)
+
+    def resolved(self, defaults: Mapping[str, Any]) -> TrainConfig:
+        """A copy with every 0 among `defaults`' keys replaced by the default."""
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items()
+                                            if not getattr(self, k)})
 
 
 @dataclass(frozen=True)
@@ -253,7 +275,8 @@ class PrivacyConfig:
     noise_multiplier: float = _help("noise std / clipping norm; 0 = computed from epsilon for "
                                     "the whole planned horizon", 0.0)
     clip_norm: float = _help("client level: L2 bound on each client's whole update", 0.1)
-    accountant: str = _help("rdp | prv (Opacus accountants)", "rdp")
+    accountant: str = _help("rdp | prv (Opacus accountants); empty = prv (tight, Gopi et al. "
+                            "2021) for a new ledger, an existing ledger's own for it", "")
     client_budgets: list[str] = field(
         default_factory=list,
         metadata={"help": "simulation: per-client epsilon budgets as 'client-3=2.5'"})
@@ -263,14 +286,19 @@ class PrivacyConfig:
     def __post_init__(self) -> None:
         _require(self.level in DP_LEVELS, "privacy.level",
                  f"must be one of {', '.join(DP_LEVELS)}", self.level)
-        _require(self.accountant in ACCOUNTANTS, "privacy.accountant",
-                 f"must be one of {', '.join(ACCOUNTANTS)}", self.accountant)
+        _require(self.accountant in ("", *ACCOUNTANTS), "privacy.accountant",
+                 f"must be empty or one of {', '.join(ACCOUNTANTS)}", self.accountant)
         _require(self.epsilon > 0, "privacy.epsilon", "must be > 0", self.epsilon)
         _require(0 <= self.delta < 1, "privacy.delta", "must be in [0, 1)", self.delta)
         _require(self.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0",
                  self.noise_multiplier)
         _require(self.clip_norm > 0, "privacy.clip_norm", "must be > 0", self.clip_norm)
         self.budgets()  # validates the entries
+
+    @property
+    def accountant_or_default(self) -> str:
+        """The accountant where no ledger decides (client-level DP at the server, planning)."""
+        return self.accountant or DEFAULT_ACCOUNTANT
 
     @property
     def sample_level(self) -> bool:
@@ -413,6 +441,12 @@ class RunConfig:
             _require(self.audit.clients <= self.federation.num_clients, "audit.clients",
                      f"must be <= federation.num_clients={self.federation.num_clients}",
                      self.audit.clients)
+
+    @property
+    def training(self) -> TrainConfig:
+        """`train` with its defaults filled for this run: DP-SGD's under sample-level DP."""
+        return self.train.resolved(DP_SGD_TRAINING if self.privacy.sample_level
+                                   else PLAIN_TRAINING)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:

@@ -73,7 +73,7 @@ class Task:
 
     def evaluate(self, rows: Examples) -> EvalStats:
         """Score the model's current adapter on `rows`."""
-        loader = self.loader(rows, batch_size=max(self.config.train.batch_size, 32),
+        loader = self.loader(rows, batch_size=max(self.config.training.batch_size, 32),
                              shuffle=False)
         return self.objective.evaluate(self.model, loader, self.device)
 

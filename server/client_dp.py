@@ -20,7 +20,7 @@ class ServerSideNoise:
     def __init__(self, config: RunConfig, *, seeded: bool) -> None:
         self.event, self.delta = client_level_plan(config)
         self.clip_norm = config.privacy.clip_norm
-        self.accountant = config.privacy.accountant
+        self.accountant = config.privacy.accountant_or_default
         self.seed = config.seed if seeded else None
 
     def privatise(self, mean_state: State, clients: int, server_round: int) -> State:

@@ -39,17 +39,18 @@ def train_centralized(config: RunConfig) -> list[dict[str, Any]]:
     rows = pooled_training_rows(task, config)
     load_trainable_state(task.model, task.initial_adapter)
     torch.manual_seed(config.seed)
-    loader = task.loader(rows, batch_size=config.train.batch_size, shuffle=True, seed=config.seed)
-    optimizer = adamw(task.model, config.train.lr, config.train.weight_decay, config.train.head_lr)
+    train = config.training  # the same defaults as the federation's clients
+    loader = task.loader(rows, batch_size=train.batch_size, shuffle=True, seed=config.seed)
+    optimizer = adamw(task.model, train.lr, train.weight_decay, train.head_lr)
     board = TensorBoardLog(run_dir, 1) if config.output.tensorboard else None
     with progress.use(progress.RoundProgress()) as display:
         for block in range(1, config.federation.rounds + 1):
             display.round_started(block, config.federation.rounds)
-            display.exchange(f"training {config.train.local_epochs} epoch(s) on every row")
+            display.exchange(f"training {train.local_epochs} epoch(s) on every row")
             started = time.perf_counter()
             stats = train_local(task.model, loader, optimizer, loss_fn=task.objective.loss,
-                                epochs=config.train.local_epochs,
-                                max_steps=0, max_grad_norm=config.train.max_grad_norm,
+                                epochs=train.local_epochs,
+                                max_steps=0, max_grad_norm=train.max_grad_norm,
                                 device=task.device)
             display.exchange("evaluating on the test split")
             central = evaluate_centrally(task, trainable_state(task.model))

@@ -122,7 +122,8 @@ def test_empty_poisson_batches_still_take_a_noise_step(model, loader, monkeypatc
 
 def test_plan_spreads_the_target_over_every_planned_round():
     config = RunConfig.from_mapping({"privacy.dp": True, "privacy.epsilon": 3.0,
-                                     "federation.rounds": 4, "train.batch_size": 10})
+                                     "federation.rounds": 4, "train.batch_size": 10,
+                                     "train.local_epochs": 1, "privacy.accountant": "rdp"})
     plan = plan_round(config, records=100)
     assert plan.event.sample_rate == 0.1 and plan.event.steps == 10
     assert plan.delta == pytest.approx(1e-3)

@@ -1,6 +1,6 @@
 import pytest
 
-from common.config import ConfigError, RunConfig
+from common.config import DP_SGD_TRAINING, PLAIN_TRAINING, ConfigError, RunConfig
 
 
 def test_dotted_and_nested_keys_build_the_same_config():
@@ -17,7 +17,9 @@ def test_flat_round_trip_preserves_every_field():
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"train.lr": 0.0}, "`train.lr` must be in (0, 1), got 0.0"),
+    ({"train.lr": 1.0}, "`train.lr` must be in [0, 1) (0 = default), got 1.0"),
+    ({"train.batch_size": -1}, "`train.batch_size` must be >= 0 (0 = default), got -1"),
+    ({"privacy.accountant": "gdp"}, "`privacy.accountant` must be empty or one of rdp, prv"),
     ({"partition.alpha": -1.0}, "`partition.alpha` must be > 0"),
     ({"partition.scheme": "random"}, "`partition.scheme` must be one of"),
     ({"trian.lr": 0.1}, "unknown configuration keys: trian"),
@@ -42,3 +44,20 @@ def test_toml_file_is_read_and_missing_file_is_named(tmp_path):
     path.write_text("seed = [")
     with pytest.raises(ConfigError, match="not readable TOML"):
         RunConfig.from_toml(path)
+
+
+def test_training_defaults_follow_the_kind_of_training_and_explicit_values_win():
+    # Prepare
+    plain = RunConfig()
+    dp_sgd = RunConfig.from_mapping({"privacy.dp": True})
+    client_level = RunConfig.from_mapping({"privacy.dp": True, "privacy.level": "client"})
+    chosen = RunConfig.from_mapping({"privacy.dp": True, "train.batch_size": 8, "train.lr": 0.1})
+    # Execute, Assert
+    assert plain.training == plain.train.resolved(PLAIN_TRAINING)
+    assert dp_sgd.training.batch_size == DP_SGD_TRAINING["batch_size"] != PLAIN_TRAINING[
+        "batch_size"]
+    assert client_level.training == client_level.train.resolved(PLAIN_TRAINING)
+    assert (chosen.training.batch_size, chosen.training.lr) == (8, 0.1)
+    assert chosen.training.local_epochs == DP_SGD_TRAINING["local_epochs"]
+    assert all(getattr(plain.training, key) for key in PLAIN_TRAINING)  # no 0 reaches training
+    assert RunConfig.from_mapping(dp_sgd.to_flat()).training == dp_sgd.training
