@@ -63,7 +63,12 @@ def add_lora(base: PreTrainedModel, settings: LoraSettings, task: str) -> PeftMo
     """Freeze `base` and wrap it with LoRA; the caller seeds torch for a reproducible init."""
     if getattr(base, "is_quantized", False):
         base = prepare_model_for_kbit_training(base)
-    return get_peft_model(base, lora_config(settings, base.config.model_type, task))
+    model = get_peft_model(base, lora_config(settings, base.config.model_type, task))
+    if settings.freeze_a:  # every process draws the same A from the run's seed; never sent
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+    return model
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, np.ndarray]:

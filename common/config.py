@@ -134,6 +134,9 @@ class LoraSettings:
     target_modules: list[str] = field(
         default_factory=list,
         metadata={"help": "module names to adapt; empty = per-architecture default"})
+    freeze_a: bool = _help("FFA-LoRA (Sun et al. 2024, arXiv:2403.12313): keep lora_A at its "
+                           "seeded initialisation and train B only: half the LoRA values to "
+                           "train, noise and send, and FedAvg of B is exact (A is shared)", False)
 
     def __post_init__(self) -> None:
         _require(self.r >= 1, "lora.r", "must be >= 1", self.r)

@@ -71,3 +71,18 @@ def test_saved_adapter_loads_with_peft(lora_model, tiny_model_dir, tmp_path):
     reloaded = {n: p.detach().numpy() for n, p in loaded.named_parameters() if n in original}
     assert set(reloaded) == set(original)
     assert all(np.allclose(reloaded[k], original[k]) for k in original)
+
+
+def test_ffa_lora_trains_and_sends_b_only_and_every_process_draws_the_same_a(tiny_model_dir):
+    # Prepare, Execute: two "processes" building the model from the same seed
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+        models.append(add_lora(base, LoraSettings(r=4, freeze_a=True), "classification"))
+    # Assert
+    state = trainable_state(models[0])
+    assert any("lora_B" in n for n in state) and not any("lora_A" in n for n in state)
+    a_values = [{n: p.detach().clone() for n, p in m.named_parameters() if "lora_A" in n}
+                for m in models]
+    assert a_values[0] and all(torch.equal(a_values[0][n], a_values[1][n]) for n in a_values[0])
