@@ -21,6 +21,17 @@ def test_latest_checkpoint_round_trips_arrays_and_state(tmp_path):
     assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
 
 
+def test_server_optimiser_moments_round_trip_and_an_older_checkpoint_has_none(tmp_path):
+    arrays = {"w": np.ones(3, dtype=np.float32)}
+    moments = {"m/w": np.full(3, 0.5, np.float32), "v/w": np.full(3, 0.25, np.float32)}
+    save_checkpoint(tmp_path, Checkpoint(round=1, arrays=arrays, state={}, optimizer=moments))
+    save_checkpoint(tmp_path / "older", Checkpoint(round=1, arrays=arrays, state={}))
+    loaded = latest_checkpoint(tmp_path)
+    assert sorted(loaded.optimizer) == ["m/w", "v/w"]
+    np.testing.assert_array_equal(loaded.optimizer["v/w"], moments["v/w"])
+    assert latest_checkpoint(tmp_path / "older").optimizer == {}
+
+
 def test_no_checkpoint_means_none_and_a_torn_file_is_named(tmp_path):
     assert latest_checkpoint(tmp_path) is None
     torn = tmp_path / "round-0001.pt"
