@@ -32,7 +32,8 @@ def test_a_client_at_its_budget_refuses_and_the_run_goes_on_without_it(
     config = RunConfig.from_mapping(settings)
     rows = len(cached_task(config).client_examples(config.partition, 0, 3)[0])
     plan = plan_round(config, rows)
-    one, two = (epsilon_spent([plan.event] * k, plan.delta) for k in (1, 2))
+    accountant = config.privacy.accountant_or_default  # a new ledger's (PRV)
+    one, two = (epsilon_spent([plan.event] * k, plan.delta, accountant) for k in (1, 2))
     budget = (one + two) / 2  # enough for round 1, not for round 2
     path = tmp_path / "dp.toml"
     config = config.with_overrides({"privacy.client_budgets": [f"client-0={budget}"]})
