@@ -1,0 +1,118 @@
+"""Choose training defaults fast: FedAvg plus the server step, or the centralised baseline, in one
+process (no Ray), on a seeded subsample of a data set.
+
+    python -m benchmarks.defaults_sweep --mode fed --rows 1500 --set train.lr=0.002 \\
+        --set 'federation.strategy="fedavgm"'
+
+Clients are the same partitions `fedtune simulate` builds (`Task.client_examples`), trained one
+after another with the same local training (`train_local`, or DP-SGD through `train_private`);
+the average is weighted by rows and then stepped by `federation.strategy`'s server optimiser.
+No ledger, secure aggregation or client evaluation: it measures learning, not the system. Prints
+one JSON line: accuracy after every round, the last macro-F1, the mean DP-SGD noise multiplier
+and the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import numpy as np
+import torch
+
+from client.dp_sgd import plan_round, train_private
+from common.adapter import load_trainable_state, trainable_state
+from common.config import RunConfig
+from common.data import Examples
+from common.task import Task, cached_task
+from common.training import adamw, train_local
+from server.strategies.server_optimizer import server_optimizer
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data/banking77")
+    parser.add_argument("--rows", type=int, default=2000, help="training rows kept (seeded)")
+    parser.add_argument("--test-rows", type=int, default=800, help="test rows kept (seeded)")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--mode", choices=("fed", "central"), default="fed")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="a dotted configuration key and its JSON value (repeat)")
+    return parser.parse_args()
+
+
+def subsample(task: Task, rows: int, test_rows: int) -> None:
+    rng = np.random.default_rng(0)
+    train, test = task.data.train, task.data.test
+    task.data = dataclasses.replace(task.data,
+                                    train=train.subset(rng.permutation(len(train))[:rows]),
+                                    test=test.subset(rng.permutation(len(test))[:test_rows]))
+
+
+def main() -> None:
+    args = parse()
+    torch.set_num_threads(1)  # a shared machine: one core per experiment
+    overrides = {"data.path": args.data, "federation.num_clients": args.clients,
+                 "federation.rounds": args.rounds, "model.max_length": 64}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
+    config = RunConfig().with_overrides(overrides)
+    task = cached_task(config)
+    subsample(task, args.rows, args.test_rows)
+    train, started, scores, noise = config.training, time.time(), [], []
+    parts = [task.client_examples(config.partition, c, args.clients)[0]
+             for c in range(args.clients)]
+    if args.mode == "central":
+        load_trainable_state(task.model, task.initial_adapter)
+        torch.manual_seed(0)
+        loader = task.loader(Examples.concat(parts), batch_size=train.batch_size, shuffle=True)
+        optimizer = adamw(task.model, train.lr, train.weight_decay, train.head_lr)
+        for _ in range(args.rounds):
+            train_local(task.model, loader, optimizer, loss_fn=task.objective.loss,
+                        epochs=train.local_epochs, max_steps=0,
+                        max_grad_norm=train.max_grad_norm, device=task.device)
+            stats = task.evaluate(task.data.test)
+            scores.append((stats.accuracy, stats.macro_f1))
+    else:
+        state, step = dict(task.initial_adapter), server_optimizer(config.federation)
+        for server_round in range(1, args.rounds + 1):
+            sums: dict[str, np.ndarray] = {}
+            for client, rows in enumerate(parts):
+                seed = server_round * 100 + client
+                load_trainable_state(task.model, state)
+                torch.manual_seed(seed)
+                loader = task.loader(rows, batch_size=train.batch_size, shuffle=True, seed=seed)
+                optimizer = adamw(task.model, train.lr, train.weight_decay, train.head_lr)
+                if config.privacy.sample_level:
+                    plan = plan_round(config, len(rows))
+                    noise.append(plan.event.noise_multiplier)
+                    train_private(task.model, loader, optimizer, plan,
+                                  loss_fn=task.objective.loss, device=task.device,
+                                  noise_generator=torch.Generator().manual_seed(
+                                      server_round * 1000 + client))
+                else:
+                    train_local(task.model, loader, optimizer, loss_fn=task.objective.loss,
+                                epochs=train.local_epochs, max_steps=train.local_steps,
+                                max_grad_norm=train.max_grad_norm, device=task.device,
+                                proximal_mu=config.federation.proximal_weight)
+                for key, value in trainable_state(task.model).items():
+                    sums[key] = sums.get(key, 0) + value * len(rows)  # float32, as measured
+            total = sum(len(rows) for rows in parts)
+            average = {k: (v / total).astype(np.float32) for k, v in sums.items()}
+            state = step.step(state, average, server_round)
+            load_trainable_state(task.model, state)
+            stats = task.evaluate(task.data.test)
+            scores.append((stats.accuracy, stats.macro_f1))
+    print(json.dumps({"mode": args.mode, "set": args.set, "rows": args.rows,
+                      "rounds": args.rounds, "accuracy": [round(a, 3) for a, _ in scores],
+                      "macro_f1": round(scores[-1][1], 3),
+                      "noise_multiplier": round(float(np.mean(noise)), 3) if noise else None,
+                      "seconds": round(time.time() - started)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
