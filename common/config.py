@@ -202,10 +202,11 @@ class FederationConfig:
     timeout: float = _help("seconds to wait for replies in one exchange", 3600.0)
     max_update_norm: float = _help("an update whose L2 change from the global adapter is larger "
                                    "is refused as malformed", 1000.0)
-    strategy: str = _help("fedavg | fedavgm (server momentum) | fedadam | fedyogi | fedadagrad "
-                          "(adaptive server optimisers, Reddi et al. 2021) | fedprox (proximal "
-                          "term in local training); each needs only the average, so all work "
-                          "with secure aggregation", "fedavg")
+    strategy: str = _help("fedavgm (server momentum; the default: it beat fedavg, see "
+                          "docs/utility.md) | fedavg | fedadam | fedyogi | fedadagrad (adaptive "
+                          "server optimisers, Reddi et al. 2021) | fedprox (proximal term in "
+                          "local training); each needs only the average, so all work with "
+                          "secure aggregation", "fedavgm")
     server_lr: float = _help("server step size eta on the averaged update; 0 = the strategy's "
                              "default (1 for fedavg/fedavgm/fedprox, 0.01 for the adaptive ones)",
                              0.0)

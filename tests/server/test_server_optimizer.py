@@ -68,7 +68,7 @@ def test_each_server_step_matches_flowers_strategy_over_three_rounds(name):
 
 def test_fedavg_takes_the_average_as_it_is():
     average = {"a": np.full(3, 2.0, np.float32)}
-    step = server_optimizer(FederationConfig())
+    step = server_optimizer(FederationConfig(strategy="fedavg"))
     assert step.step({"a": np.zeros(3, np.float32)}, average, 1) is average
 
 
@@ -113,7 +113,12 @@ def test_strategy_settings_are_validated_naming_the_field(values, message):
 
 def test_a_server_lr_fedavg_would_ignore_warns():
     with pytest.warns(UserWarning, match="server_lr=2.0 is ignored by strategy 'fedavg'"):
-        FederationConfig(server_lr=2.0)
+        FederationConfig(strategy="fedavg", server_lr=2.0)
+
+
+def test_the_default_strategy_is_server_momentum_at_step_one():
+    default = server_optimizer(FederationConfig())
+    assert (default.name, default.eta, default.mu) == ("fedavgm", 1.0, 0.9)
 
 
 def test_strategy_names_pick_their_server_step_and_default_step_size():
