@@ -77,7 +77,7 @@ def audit_run(config: RunConfig, *, centralized: bool) -> dict[str, Any]:
 def membership_scores(task: Task, rows: Examples) -> np.ndarray:
     """(m,) higher = more likely trained on: the label's log-probability, or minus the LM loss."""
     task.model.eval()
-    loader = task.loader(rows, batch_size=max(task.config.train.batch_size, 32), shuffle=False)
+    loader = task.loader(rows, batch_size=max(task.config.training.batch_size, 32), shuffle=False)
     scores = []
     for batch in loader:
         batch = {key: value.to(task.device) for key, value in batch.items()}
