@@ -20,6 +20,7 @@ from client.policy import (
     NodePolicy,
     PolicyError,
     cohort_violations,
+    request_violations,
 )
 from common import record_keys as keys
 from common.adapter import to_record
@@ -177,3 +178,14 @@ def test_a_classifier_is_trained_only_over_a_declared_label_set(tiny_model_dir, 
     context = node_context(undeclared, tmp_path / "ledger", **{"budget-epsilon": 8.0,
                                                                 "require-secagg": False})
     assert "labels-json" in refusal_reason(client_app.train(request(config), context))
+
+
+def test_client_level_noise_below_the_node_floor_is_refused():
+    config = RunConfig.from_mapping({"privacy.dp": True, "privacy.level": "client",
+                                     "privacy.epsilon": 8.0, "federation.rounds": 1,
+                                     "federation.num_clients": 2})  # z = 0.35
+    waived = NodePolicy(require_dp=False, require_secagg=False)
+    broken = request_violations(waived, config, secure=False)
+    assert len(broken) == 1 and broken[0].startswith(MIN_NOISE)
+    assert request_violations(NodePolicy(require_dp=False, require_secagg=False,
+                                         min_noise_multiplier=0.3), config, secure=False) == []
