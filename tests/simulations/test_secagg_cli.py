@@ -159,4 +159,4 @@ def test_client_level_dp_under_secagg_the_server_never_holds_an_unnoised_sum(
     accounted = ServerSideNoise(RunConfig.from_mapping(
         {k: v for k, v in settings.items() if k != "output.dir"}), seeded=True)
     assert rows[-1]["epsilon_client_level"] == pytest.approx(
-        epsilon_spent([accounted.event] * 2, accounted.delta, "rdp"))
+        epsilon_spent([accounted.event] * 2, accounted.delta, accounted.accountant))
