@@ -39,6 +39,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--mode", choices=("fed", "central"), default="fed")
+    parser.add_argument("--max-length", type=int, default=0,
+                        help="tokens per example (0 = the configuration's default)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="a dotted configuration key and its JSON value (repeat)")
     return parser.parse_args()
@@ -56,7 +58,9 @@ def main() -> None:
     args = parse()
     torch.set_num_threads(1)  # a shared machine: one core per experiment
     overrides = {"data.path": args.data, "federation.num_clients": args.clients,
-                 "federation.rounds": args.rounds, "model.max_length": 64}
+                 "federation.rounds": args.rounds}
+    if args.max_length:
+        overrides["model.max_length"] = args.max_length
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = json.loads(value)
@@ -64,6 +68,8 @@ def main() -> None:
     task = cached_task(config)
     subsample(task, args.rows, args.test_rows)
     train, started, scores, noise = config.training, time.time(), [], []
+    if args.mode == "central":
+        train = config.pooled_training
     parts = [task.client_examples(config.partition, c, args.clients)[0]
              for c in range(args.clients)]
     if args.mode == "central":
@@ -78,7 +84,7 @@ def main() -> None:
             stats = task.evaluate(task.data.test)
             scores.append((stats.accuracy, stats.macro_f1))
     else:
-        state, step = dict(task.initial_adapter), server_optimizer(config.federation)
+        state, step = dict(task.initial_adapter), server_optimizer(config.aggregation)
         for server_round in range(1, args.rounds + 1):
             sums: dict[str, np.ndarray] = {}
             for client, rows in enumerate(parts):
@@ -107,11 +113,13 @@ def main() -> None:
             load_trainable_state(task.model, state)
             stats = task.evaluate(task.data.test)
             scores.append((stats.accuracy, stats.macro_f1))
+    hits = sum(1 for a in stats.per_label_accuracy if a > 0)  # labels predicted right at least once
     print(json.dumps({"mode": args.mode, "set": args.set, "rows": args.rows,
                       "rounds": args.rounds, "accuracy": [round(a, 3) for a, _ in scores],
-                      "macro_f1": round(scores[-1][1], 3),
+                      "macro_f1": round(scores[-1][1], 3), "labels_hit": hits,
                       "noise_multiplier": round(float(np.mean(noise)), 3) if noise else None,
-                      "seconds": round(time.time() - started)}), flush=True)
+                      "seconds": round(time.time() - started), "device": str(task.device)}),
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ def train_private(model: torch.nn.Module, loader: DataLoader, optimizer: torch.o
     Poisson sampling uses the loader's generator and the noise `noise_generator`: they must be
     independent streams (`client/randomness.py`)."""
     model.train()  # Opacus refuses a model in eval mode (the cached model was just evaluated)
+    noise_generator = on_device(noise_generator, device)
     engine = PrivacyEngine(accountant="rdp")  # the ledger, not this accountant, is the record
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -78,6 +79,15 @@ def train_private(model: torch.nn.Module, loader: DataLoader, optimizer: torch.o
                           loss_fn, device)
         finally:
             private_model._close()  # drop Opacus' hooks: the cached model serves other clients
+
+
+def on_device(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """Opacus draws the noise where the parameters live, and torch needs a generator there: a
+    CUDA model gets one seeded from the CPU stream (which stays the only source of its seed)."""
+    if generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,

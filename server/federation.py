@@ -85,7 +85,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
         min_available_nodes=federation.wait_for,
         weighted_by_key=keys.UNIT_WEIGHT if client_level else keys.NUM_EXAMPLES,
         arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG)
-    optimizer = server_optimizer(federation)
+    optimizer = server_optimizer(config.aggregation)
 
     arrays, done, releases = dict(task.initial_adapter), 0, 0
     if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:

@@ -39,7 +39,7 @@ def train_centralized(config: RunConfig) -> list[dict[str, Any]]:
     rows = pooled_training_rows(task, config)
     load_trainable_state(task.model, task.initial_adapter)
     torch.manual_seed(config.seed)
-    train = config.training  # the same defaults as the federation's clients
+    train = config.pooled_training  # the clients' defaults, at pooled training's batch size
     loader = task.loader(rows, batch_size=train.batch_size, shuffle=True, seed=config.seed)
     optimizer = adamw(task.model, train.lr, train.weight_decay, train.head_lr)
     board = TensorBoardLog(run_dir, 1) if config.output.tensorboard else None

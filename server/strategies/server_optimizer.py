@@ -131,5 +131,8 @@ OPTIMIZERS: dict[str, type[ServerOptimizer]] = {
 
 
 def server_optimizer(federation: FederationConfig) -> ServerOptimizer:
-    """The server step of `federation.strategy` (FedProx's difference is on the clients)."""
+    """The server step of `federation.strategy` (FedProx's difference is on the clients); an
+    empty strategy must first be resolved for the run's kind (`RunConfig.aggregation`)."""
+    if not federation.strategy:
+        raise ValueError("federation.strategy is empty: pass RunConfig.aggregation")
     return OPTIMIZERS[federation.strategy](federation)

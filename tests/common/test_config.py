@@ -1,6 +1,12 @@
 import pytest
 
-from common.config import DP_SGD_TRAINING, PLAIN_TRAINING, ConfigError, RunConfig
+from common.config import (
+    DP_SGD_TRAINING,
+    PLAIN_TRAINING,
+    POOLED_TRAINING,
+    ConfigError,
+    RunConfig,
+)
 
 
 def test_dotted_and_nested_keys_build_the_same_config():
@@ -51,13 +57,18 @@ def test_training_defaults_follow_the_kind_of_training_and_explicit_values_win()
     plain = RunConfig()
     dp_sgd = RunConfig.from_mapping({"privacy.dp": True})
     client_level = RunConfig.from_mapping({"privacy.dp": True, "privacy.level": "client"})
-    chosen = RunConfig.from_mapping({"privacy.dp": True, "train.batch_size": 8, "train.lr": 0.1})
+    chosen = RunConfig.from_mapping({"privacy.dp": True, "train.batch_size": 4, "train.lr": 0.1})
     # Execute, Assert
     assert plain.training == plain.train.resolved(PLAIN_TRAINING)
     assert dp_sgd.training.batch_size == DP_SGD_TRAINING["batch_size"] != PLAIN_TRAINING[
         "batch_size"]
     assert client_level.training == client_level.train.resolved(PLAIN_TRAINING)
-    assert (chosen.training.batch_size, chosen.training.lr) == (8, 0.1)
+    assert (chosen.training.batch_size, chosen.training.lr) == (4, 0.1)
     assert chosen.training.local_epochs == DP_SGD_TRAINING["local_epochs"]
     assert all(getattr(plain.training, key) for key in PLAIN_TRAINING)  # no 0 reaches training
     assert RunConfig.from_mapping(dp_sgd.to_flat()).training == dp_sgd.training
+    # Pooled training keeps its larger batch; what a client would use otherwise
+    assert plain.pooled_training == plain.train.resolved(POOLED_TRAINING)
+    assert plain.pooled_training.batch_size > plain.training.batch_size
+    assert plain.pooled_training.lr == plain.training.lr
+    assert chosen.pooled_training.batch_size == 4

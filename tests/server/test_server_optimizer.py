@@ -95,7 +95,7 @@ def test_moments_survive_a_checkpoint_and_continue_the_same_run():
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"federation.strategy": "krum"}, "`federation.strategy` must be one of fedavg"),
+    ({"federation.strategy": "krum"}, "`federation.strategy` must be empty or one of fedavg"),
     ({"federation.server_lr": -1.0}, "`federation.server_lr` must be finite and >= 0"),
     ({"federation.server_momentum": 1.0}, "`federation.server_momentum` must be in"),
     ({"federation.beta_2": 1.5}, "`federation.beta_2` must be in"),
@@ -113,12 +113,22 @@ def test_strategy_settings_are_validated_naming_the_field(values, message):
 
 def test_a_server_lr_fedavg_would_ignore_warns():
     with pytest.warns(UserWarning, match="server_lr=2.0 is ignored by strategy 'fedavg'"):
-        FederationConfig(strategy="fedavg", server_lr=2.0)
+        RunConfig.from_mapping({"federation.strategy": "fedavg", "federation.server_lr": 2.0})
+    with pytest.warns(UserWarning, match="ignored by strategy 'fedavg'"):  # the plain default
+        RunConfig.from_mapping({"federation.server_lr": 2.0})
 
 
-def test_the_default_strategy_is_server_momentum_at_step_one():
-    default = server_optimizer(FederationConfig())
-    assert (default.name, default.eta, default.mu) == ("fedavgm", 1.0, 0.9)
+def test_the_default_strategy_is_fedavg_and_server_momentum_under_dp_sgd():
+    plain = server_optimizer(RunConfig().aggregation)
+    dp_sgd = server_optimizer(RunConfig.from_mapping({"privacy.dp": True}).aggregation)
+    client_level = RunConfig.from_mapping({"privacy.dp": True, "privacy.level": "client"})
+    assert plain.name == server_optimizer(client_level.aggregation).name == "fedavg"
+    assert (dp_sgd.name, dp_sgd.eta, dp_sgd.mu) == ("fedavgm", 1.0, 0.9)
+    chosen = RunConfig.from_mapping({"privacy.dp": True, "federation.strategy": "fedadam"})
+    assert chosen.aggregation.strategy == "fedadam"  # a strategy you set always wins
+    assert RunConfig().federation.strategy == ""  # saved unresolved, like train's 0s
+    with pytest.raises(ValueError, match=r"RunConfig\.aggregation"):
+        server_optimizer(FederationConfig())
 
 
 def test_strategy_names_pick_their_server_step_and_default_step_size():

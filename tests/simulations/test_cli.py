@@ -103,7 +103,7 @@ def _bad_config(directory: Path) -> Path:
     (lambda d: ["--model", "no-such-org/no-such-model"], "could not be loaded"),
     (lambda d: ["--config", _bad_config(d)], "`train.lr` must be of type float"),
     (lambda d: ["--config", d / "absent.toml"], "does not exist"),
-    (lambda d: ["--strategy", "krum"], "`federation.strategy` must be one of fedavg"),
+    (lambda d: ["--strategy", "krum"], "`federation.strategy` must be empty or one of fedavg"),
 ])
 def test_bad_input_gets_one_line_and_exit_code_2(tmp_path, make_args, message):
     done = fedtune("simulate", *make_args(tmp_path), "--out", tmp_path / "run")
