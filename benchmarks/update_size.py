@@ -1,0 +1,51 @@
+"""How large one client's update is, per value, against secure aggregation's clip `secagg.bound`:
+one round of local training with the defaults on client 0 of a data set.
+
+    python -m benchmarks.update_size [--data ../shared/data/banking77] [--clients 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from common.adapter import load_trainable_state, trainable_state
+from common.config import RunConfig
+from common.task import cached_task
+from common.training import HEAD_MARKER, adamw, train_local
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data/banking77")
+    parser.add_argument("--clients", type=int, default=10)
+    args = parser.parse_args()
+    config = RunConfig().with_overrides({"data.path": args.data,
+                                         "federation.num_clients": args.clients})
+    task, train = cached_task(config), config.training
+    rows = task.client_examples(config.partition, 0, args.clients)[0]
+    load_trainable_state(task.model, task.initial_adapter)
+    start = trainable_state(task.model)
+    torch.manual_seed(config.seed)
+    loader = task.loader(rows, batch_size=train.batch_size, shuffle=True, seed=config.seed)
+    optimizer = adamw(task.model, train.lr, train.weight_decay, train.head_lr)
+    stats = train_local(task.model, loader, optimizer, loss_fn=task.objective.loss,
+                        epochs=train.local_epochs, max_steps=train.local_steps,
+                        max_grad_norm=train.max_grad_norm, device=task.device)
+    end = trainable_state(task.model)
+    change = {key: np.abs(end[key] - start[key]).ravel() for key in end}
+    every = np.concatenate(list(change.values()))
+    head = np.concatenate([v for k, v in change.items() if HEAD_MARKER in k])
+    bound = config.secagg.bound
+    print(json.dumps({"data": args.data, "rows": len(rows), "steps": stats.steps,
+                      "max_change": round(float(every.max()), 4),
+                      "max_head_change": round(float(head.max()), 4),
+                      "p999_change": round(float(np.quantile(every, 0.999)), 4),
+                      "secagg_bound": bound, "share_clipped": float((every > bound).mean())}))
+
+
+if __name__ == "__main__":
+    main()
