@@ -67,9 +67,8 @@ def main() -> None:
     config = RunConfig().with_overrides(overrides)
     task = cached_task(config)
     subsample(task, args.rows, args.test_rows)
-    train, started, scores, noise = config.training, time.time(), [], []
-    if args.mode == "central":
-        train = config.pooled_training
+    train = config.pooled_training if args.mode == "central" else config.training
+    started, scores, noise = time.time(), [], []
     parts = [task.client_examples(config.partition, c, args.clients)[0]
              for c in range(args.clients)]
     if args.mode == "central":
