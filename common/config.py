@@ -260,8 +260,9 @@ class FederationConfig:
 
     @property
     def server_step_size(self) -> float:
-        """eta: `server_lr`, or the (resolved) strategy's default when it is 0."""
-        return self.server_lr or STRATEGIES[self.strategy or PLAIN_STRATEGY]
+        """eta: `server_lr`, or the strategy's default when it is 0 (resolve an empty strategy
+        first: `RunConfig.aggregation`)."""
+        return self.server_lr or STRATEGIES[self.strategy]
 
     @property
     def proximal_weight(self) -> float:
