@@ -51,6 +51,7 @@ class SecAggClient:
         self.survivors: list[str] = []  # the survivor set this client signed
         self.routing = ""  # the digest of the delivery of shares it signed (hex)
         self.config_digest = ""  # the run configuration of this round, pinned at step 1
+        self._checked: dict[str, bytes] | None = None  # the delivery check_shares passed
 
     # -- step 1 ---------------------------------------------------------------------------
     def public_keys(self) -> tuple[bytes, bytes]:
@@ -115,13 +116,16 @@ class SecAggClient:
                                   f"delivered shares; {needed} are needed")
         for peer in sorted(received):
             self._open(cohort, peer, received)
+        self._checked = dict(received)
 
     def mask(self, received: dict[str, bytes], vector: np.ndarray, encoding: ring.Encoding,
              rng: np.random.Generator) -> np.ndarray:
         """The encoded vector plus the self mask plus a pairwise mask per delivered neighbour.
 
         `encoding` is the client's own (`summation_for`), for the cohort it was sent."""
-        self.check_shares(received)  # the caller checked min_delivered with its policy
+        self._expect("shares")  # masks twice with the same pads would leak the difference
+        if received != self._checked:  # each share is decrypted once per delivery
+            self.check_shares(received)  # the caller checked min_delivered with its policy
         cohort = self._cohort()
         if encoding.clients != len(cohort.names):
             raise SecAggViolation(f"encoding for {encoding.clients} clients, but the cohort has "
@@ -260,6 +264,7 @@ class SecAggClient:
         client.signer = Signer.from_state(stored["signer"])
         client.survivors, client.routing = stored["survivors"], stored["routing"]
         client.config_digest = stored["config"]
+        client._checked = None  # a resumed client checks its delivery again
         client.received = {k: bytes.fromhex(v) for k, v in stored["received"].items()}
         c = stored["cohort"]
         client.cohort = None if c is None else Cohort(

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from client import secagg as secagg_client
 from client.secagg import SecAggClient, SecAggViolation
 from common.secagg import ring
 from common.secagg.protocol import Summation, routing_problem
@@ -298,6 +299,34 @@ def test_tampered_shares_are_refused_before_training():
     swapped = {**inbox["client-00"], "client-01": inbox["client-02"]["client-01"]}  # misrouted
     with pytest.raises(SecAggViolation, match="client-01 do not open"):
         round_.clients["client-00"].check_shares(swapped)
+
+
+def test_masking_a_checked_delivery_decrypts_each_share_once(monkeypatch):
+    round_ = Round(4)
+    cohort = round_.cohort()
+    inbox = round_.server.route({m: c.share_secrets(cohort) for m, c in round_.clients.items()})
+    target, delivery = round_.clients["client-00"], inbox["client-00"]
+    opened = []
+    real_open = secagg_client.channel.open_sealed
+    monkeypatch.setattr(secagg_client.channel, "open_sealed",
+                        lambda *args: opened.append(1) or real_open(*args))
+    target.check_shares(delivery)
+    mask_zeros(target, delivery)
+    assert len(opened) == len(delivery)
+    with pytest.raises(SecAggViolation, match="out of order"):  # the same pads never twice
+        mask_zeros(target, delivery)
+
+
+def test_masking_a_delivery_other_than_the_checked_one_checks_it():
+    round_ = Round(4)
+    cohort = round_.cohort()
+    inbox = round_.server.route({m: c.share_secrets(cohort) for m, c in round_.clients.items()})
+    target, delivery = round_.clients["client-00"], inbox["client-00"]
+    target.check_shares(delivery)
+    share = delivery["client-01"]
+    tampered = {**delivery, "client-01": share[:-1] + bytes([share[-1] ^ 1])}
+    with pytest.raises(SecAggViolation, match="client-01 do not open"):
+        mask_zeros(target, tampered)
 
 
 def test_the_graph_is_the_cohorts_not_the_servers():
