@@ -27,7 +27,6 @@ from common.adapter import load_trainable_state, trainable_state
 from common.config import RunConfig
 from common.data import Examples
 from common.task import Task, cached_task
-from common.training import adamw, train_local
 from server.strategies.server_optimizer import server_optimizer
 
 
@@ -72,14 +71,10 @@ def main() -> None:
     parts = [task.client_examples(config.partition, c, args.clients)[0]
              for c in range(args.clients)]
     if args.mode == "central":
-        load_trainable_state(task.model, task.initial_adapter)
-        torch.manual_seed(0)
-        loader = task.loader(Examples.concat(parts), batch_size=train.batch_size, shuffle=True)
-        optimizer = adamw(task.model, train.lr, train.weight_decay, train.head_lr)
-        for _ in range(args.rounds):
-            train_local(task.model, loader, optimizer, loss_fn=task.objective.loss,
-                        epochs=train.local_epochs, max_steps=0,
-                        max_grad_norm=train.max_grad_norm, device=task.device)
+        loader, optimizer = task.start_round(task.initial_adapter, Examples.concat(parts),
+                                             train, dropout_seed=0, sampling_seed=0)
+        for _ in range(args.rounds):  # one optimizer across the passes, like pooled training
+            task.train_plain(loader, optimizer, train)
             stats = task.evaluate(task.data.test)
             scores.append((stats.accuracy, stats.macro_f1))
     else:
@@ -88,10 +83,8 @@ def main() -> None:
             sums: dict[str, np.ndarray] = {}
             for client, rows in enumerate(parts):
                 seed = server_round * 100 + client
-                load_trainable_state(task.model, state)
-                torch.manual_seed(seed)
-                loader = task.loader(rows, batch_size=train.batch_size, shuffle=True, seed=seed)
-                optimizer = adamw(task.model, train.lr, train.weight_decay, train.head_lr)
+                loader, optimizer = task.start_round(state, rows, train, dropout_seed=seed,
+                                                     sampling_seed=seed)
                 if config.privacy.sample_level:
                     plan = plan_round(config, len(rows))
                     noise.append(plan.event.noise_multiplier)
@@ -100,10 +93,7 @@ def main() -> None:
                                   noise_generator=torch.Generator().manual_seed(
                                       server_round * 1000 + client))
                 else:
-                    train_local(task.model, loader, optimizer, loss_fn=task.objective.loss,
-                                epochs=train.local_epochs, max_steps=train.local_steps,
-                                max_grad_norm=train.max_grad_norm, device=task.device,
-                                proximal_mu=config.federation.proximal_weight)
+                    task.train_plain(loader, optimizer, train, config.federation.proximal_weight)
                 for key, value in trainable_state(task.model).items():
                     sums[key] = sums.get(key, 0) + value * len(rows)  # float32, as measured
             total = sum(len(rows) for rows in parts)

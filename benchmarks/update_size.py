@@ -10,12 +10,11 @@ import argparse
 import json
 
 import numpy as np
-import torch
 
-from common.adapter import load_trainable_state, trainable_state
+from common.adapter import trainable_state
 from common.config import RunConfig
 from common.task import cached_task
-from common.training import HEAD_MARKER, adamw, train_local
+from common.training import HEAD_MARKER
 
 
 def main() -> None:
@@ -27,14 +26,10 @@ def main() -> None:
                                          "federation.num_clients": args.clients})
     task, train = cached_task(config), config.training
     rows = task.client_examples(config.partition, 0, args.clients)[0]
-    load_trainable_state(task.model, task.initial_adapter)
-    start = trainable_state(task.model)
-    torch.manual_seed(config.seed)
-    loader = task.loader(rows, batch_size=train.batch_size, shuffle=True, seed=config.seed)
-    optimizer = adamw(task.model, train.lr, train.weight_decay, train.head_lr)
-    stats = train_local(task.model, loader, optimizer, loss_fn=task.objective.loss,
-                        epochs=train.local_epochs, max_steps=train.local_steps,
-                        max_grad_norm=train.max_grad_norm, device=task.device)
+    start = task.initial_adapter
+    loader, optimizer = task.start_round(start, rows, train, dropout_seed=config.seed,
+                                         sampling_seed=config.seed)
+    stats = task.train_plain(loader, optimizer, train)
     end = trainable_state(task.model)
     change = {key: np.abs(end[key] - start[key]).ravel() for key in end}
     every = np.concatenate(list(change.values()))

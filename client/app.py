@@ -53,7 +53,6 @@ from common.secagg.records import (
     signatures_from_record,
 )
 from common.secagg.signing import Signer, read_peers
-from common.training import adamw, train_local
 
 app = ClientApp()
 SECAGG_STATE = "secagg"  # this node's protocol secrets, kept in its own Context between steps
@@ -274,12 +273,9 @@ def _local_update(config: RunConfig, server_round: int, node: Node,
     """Local training from the global adapter: plain, DP-SGD (recorded first), or clipped."""
     task = node_task(node, config)
     rows, _ = node_examples(node, task, config)
-    load_trainable_state(task.model, global_state)
     seeds = round_seeds(config.seed if node.simulated else None, server_round, node.name)
-    torch.manual_seed(seeds.dropout)  # LoRA dropout
-    train = config.training  # defaults filled for plain or DP-SGD training
-    loader = task.loader(rows, batch_size=train.batch_size, shuffle=True, seed=seeds.sampling)
-    optimizer = adamw(task.model, train.lr, train.weight_decay, train.head_lr)
+    loader, optimizer = task.start_round(global_state, rows, config.training,
+                                         dropout_seed=seeds.dropout, sampling_seed=seeds.sampling)
     epsilon = None
     if config.privacy.sample_level:
         plan, ledger = _spending(config, node, rows)
@@ -291,10 +287,8 @@ def _local_update(config: RunConfig, server_round: int, node: Node,
         stats = train_private(task.model, loader, optimizer, plan, loss_fn=task.objective.loss,
                               device=task.device, noise_generator=noise)
     else:
-        stats = train_local(task.model, loader, optimizer, loss_fn=task.objective.loss,
-                            epochs=train.local_epochs, max_steps=train.local_steps,
-                            max_grad_norm=train.max_grad_norm, device=task.device,
-                            proximal_mu=config.federation.proximal_weight)
+        stats = task.train_plain(loader, optimizer, config.training,
+                                 config.federation.proximal_weight)
     state = trainable_state(task.model)
     if config.privacy.client_level:
         state = clip_update(global_state, state, config.privacy.clip_norm)

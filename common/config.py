@@ -469,8 +469,9 @@ class RunConfig:
 
     @property
     def pooled_training(self) -> TrainConfig:
-        """`train` with the defaults of the centralised baseline (all rows, no DP-SGD)."""
-        return self.train.resolved(POOLED_TRAINING)
+        """`train` with the defaults of the centralised baseline (all rows, no DP-SGD), which
+        counts whole passes: `local_steps` is a client's setting."""
+        return dataclasses.replace(self.train.resolved(POOLED_TRAINING), local_steps=0)
 
     @property
     def aggregation(self) -> FederationConfig:

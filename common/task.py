@@ -17,14 +17,14 @@ from peft import PeftModel
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from common.adapter import add_lora, trainable_state
+from common.adapter import add_lora, load_trainable_state, trainable_state
 from common.canaries import Canaries, make_canaries, with_canaries
-from common.config import CAUSAL_LM, PartitionConfig, RunConfig
+from common.config import CAUSAL_LM, PartitionConfig, RunConfig, TrainConfig
 from common.data import Examples, LabelledData, load_data
 from common.model import load_causal_lm, load_classifier, load_tokenizer, pick_device
 from common.objective import Objective, objective_for
 from common.partition import local_split, partition
-from common.training import EvalStats, make_loader
+from common.training import EvalStats, TrainStats, adamw, make_loader, train_local
 
 
 @dataclass
@@ -70,6 +70,24 @@ class Task:
         """Batches of `rows` tokenised for this task's objective."""
         collate = self.objective.collator(self.tokenizer, self.config.model.max_length)
         return make_loader(rows, collate, batch_size=batch_size, shuffle=shuffle, seed=seed)
+
+    def start_round(self, state: dict[str, np.ndarray], rows: Examples, train: TrainConfig, *,
+                    dropout_seed: int, sampling_seed: int,
+                    ) -> tuple[DataLoader, torch.optim.Optimizer]:
+        """Load `state` and return the round's shuffled batches and a fresh AdamW: the one way
+        a local round starts, on a node, in the defaults sweep and in the benchmarks."""
+        load_trainable_state(self.model, state)
+        torch.manual_seed(dropout_seed)  # LoRA dropout
+        loader = self.loader(rows, batch_size=train.batch_size, shuffle=True, seed=sampling_seed)
+        return loader, adamw(self.model, train.lr, train.weight_decay, train.head_lr)
+
+    def train_plain(self, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    train: TrainConfig, proximal_mu: float = 0.0) -> TrainStats:
+        """One round of non-private local training as `train` sets it."""
+        return train_local(self.model, loader, optimizer, loss_fn=self.objective.loss,
+                           epochs=train.local_epochs, max_steps=train.local_steps,
+                           max_grad_norm=train.max_grad_norm, device=self.device,
+                           proximal_mu=proximal_mu)
 
     def evaluate(self, rows: Examples) -> EvalStats:
         """Score the model's current adapter on `rows`."""

@@ -10,13 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from common.adapter import load_trainable_state, trainable_state
+from common.adapter import trainable_state
 from common.config import RunConfig
 from common.data import Examples
 from common.task import Task, cached_task
-from common.training import adamw, train_local
 from server import progress
 from server.evaluation import evaluate_centrally, task_columns
 from server.federation import ADAPTER_DIR, prepare_run_dir
@@ -37,21 +34,16 @@ def train_centralized(config: RunConfig) -> list[dict[str, Any]]:
     task = cached_task(config)
     write_label_names(run_dir, task.data.label_names)
     rows = pooled_training_rows(task, config)
-    load_trainable_state(task.model, task.initial_adapter)
-    torch.manual_seed(config.seed)
     train = config.pooled_training  # the clients' defaults, at pooled training's batch size
-    loader = task.loader(rows, batch_size=train.batch_size, shuffle=True, seed=config.seed)
-    optimizer = adamw(task.model, train.lr, train.weight_decay, train.head_lr)
+    loader, optimizer = task.start_round(task.initial_adapter, rows, train,
+                                         dropout_seed=config.seed, sampling_seed=config.seed)
     board = TensorBoardLog(run_dir, 1) if config.output.tensorboard else None
     with progress.use(progress.RoundProgress()) as display:
         for block in range(1, config.federation.rounds + 1):
             display.round_started(block, config.federation.rounds)
             display.exchange(f"training {train.local_epochs} epoch(s) on every row")
             started = time.perf_counter()
-            stats = train_local(task.model, loader, optimizer, loss_fn=task.objective.loss,
-                                epochs=train.local_epochs,
-                                max_steps=0, max_grad_norm=train.max_grad_norm,
-                                device=task.device)
+            stats = task.train_plain(loader, optimizer, train)
             display.exchange("evaluating on the test split")
             central = evaluate_centrally(task, trainable_state(task.model))
             row = {"round": block, "accuracy": central.accuracy, "loss": central.loss,

@@ -72,3 +72,6 @@ def test_training_defaults_follow_the_kind_of_training_and_explicit_values_win()
     assert plain.pooled_training.batch_size > plain.training.batch_size
     assert plain.pooled_training.lr == plain.training.lr
     assert chosen.pooled_training.batch_size == 4
+    stepped = RunConfig.from_mapping({"train.local_steps": 3})  # a client's steps per round;
+    assert stepped.training.local_steps == 3  # pooled training counts whole passes
+    assert stepped.pooled_training.local_steps == 0

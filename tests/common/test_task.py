@@ -1,0 +1,33 @@
+"""A local round starts one way everywhere (`Task.start_round`) and trains as `train` says."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.adapter import trainable_state
+from common.config import RunConfig
+from common.task import cached_task
+
+
+def one_round(task, config, seed: int) -> tuple[dict[str, np.ndarray], int]:
+    rows = task.client_examples(config.partition, 0, 2)[0]
+    loader, optimizer = task.start_round(task.initial_adapter, rows, config.training,
+                                         dropout_seed=seed, sampling_seed=seed)
+    stats = task.train_plain(loader, optimizer, config.training)
+    return trainable_state(task.model), stats.steps
+
+
+def test_a_round_starts_from_the_given_state_and_repeats_with_its_seeds(tiny_model_dir,
+                                                                        toy_data_dir):
+    config = RunConfig.from_mapping({"model.name": str(tiny_model_dir),
+                                     "data.path": str(toy_data_dir),
+                                     "federation.num_clients": 2, "train.local_steps": 3,
+                                     "train.batch_size": 4})
+    task = cached_task(config)
+    first, steps = one_round(task, config, seed=1)
+    again, _ = one_round(task, config, seed=1)  # starts over from the initial adapter
+    other, _ = one_round(task, config, seed=2)
+    assert steps == 3
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    assert any(not np.array_equal(first[k], other[k]) for k in first)
+    assert any(not np.array_equal(first[k], task.initial_adapter[k]) for k in first)
