@@ -327,6 +327,12 @@ def test_masking_a_delivery_other_than_the_checked_one_checks_it():
     tampered = {**delivery, "client-01": share[:-1] + bytes([share[-1] ^ 1])}
     with pytest.raises(SecAggViolation, match="client-01 do not open"):
         mask_zeros(target, tampered)
+    delivery["client-01"] = tampered["client-01"]  # changed in place after the check
+    with pytest.raises(SecAggViolation, match="client-01 do not open"):
+        mask_zeros(target, delivery)
+    too_few = {m: delivery[m] for m in sorted(delivery)[:2]}
+    with pytest.raises(SecAggViolation, match="are needed"):
+        mask_zeros(target, too_few)
 
 
 def test_the_graph_is_the_cohorts_not_the_servers():
