@@ -40,3 +40,25 @@ def test_quick_benchmarks_run_and_record_machine_versions_and_command():
     assert audit["no-dp"]["epsilon_reported"] is None and audit["no-dp"]["canaries"] == 40
     assert 0 < audit["dp-eps8"]["epsilon_reported"] <= 8
     assert audit["dp-eps8"]["epsilon_lower_bound"] <= audit["dp-eps8"]["epsilon_reported"]
+
+
+def test_the_feature_probe_pools_only_real_tokens_and_fits_separable_features(tiny_model_dir):
+    import torch
+    from transformers import AutoModel
+
+    from benchmarks.feature_probe import features, probe
+    from common.data import Examples
+    from common.model import load_tokenizer
+
+    model, tokenizer = AutoModel.from_pretrained(tiny_model_dir).eval(), load_tokenizer(
+        str(tiny_model_dir))
+    short = Examples(texts=["the cat"], labels=torch.zeros(1, dtype=torch.long).numpy())
+    padded = Examples(texts=["the cat", "the cat sat on the mat and the dog sat too"],
+                      labels=torch.zeros(2, dtype=torch.long).numpy())
+    alone, beside = features(model, tokenizer, short, 32), features(model, tokenizer, padded, 32)
+    assert set(alone) == {"cls", "pooler", "mean"}
+    assert torch.allclose(alone["mean"][0], beside["mean"][0], atol=1e-5)  # padding ignored
+    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+    assert probe(x, y, x, y, 2) > 0.95
+    assert probe(x, 1 - y, x, y, 2) < 0.05  # scored on the test labels, not the training ones
