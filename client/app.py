@@ -36,6 +36,7 @@ from client.policy import (
 )
 from client.randomness import round_seeds
 from client.secagg import SecAggClient, SecAggViolation
+from common import console
 from common import record_keys as keys
 from common.adapter import from_record, load_trainable_state, to_record, trainable_state
 from common.client_dp import clip_update
@@ -55,6 +56,7 @@ from common.secagg.records import (
 from common.secagg.signing import Signer, read_peers
 
 app = ClientApp()
+console.quiet_worker()  # a no-op outside a non-verbose simulation's Ray workers
 SECAGG_STATE = "secagg"  # this node's protocol secrets, kept in its own Context between steps
 
 

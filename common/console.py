@@ -17,11 +17,13 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 FLOWER_LOGGER = "flwr"
+QUIET_WORKERS = "FEDTUNE_QUIET_WORKERS"  # set for Ray's workers by a non-verbose command
 # A relayed line (a SuperNode's or `flwr run --stream`'s output) dropped unless --verbose.
 _NOISE = re.compile(r"DEBUG|Warning:|warnings\.warn\(|DEPRECATED|deprecated feature|"
                     r"It will be removed|^\s*$|entirely in future versions", re.IGNORECASE)
 
 _console = Console(stderr=True)
+_configured = False  # configure() ran in this process: the command's own, not a worker
 
 
 def console() -> Console:
@@ -31,6 +33,8 @@ def console() -> Console:
 
 def configure(verbose: bool) -> None:
     """Set up this process's (and its children's) console output once, at the command's start."""
+    global _configured
+    _configured = True
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import flwr.common.logger  # noqa: F401  (Flower adds its console handler on import)
 
@@ -48,7 +52,16 @@ def configure(verbose: bool) -> None:
         os.environ["PYTHONWARNINGS"] = "ignore"
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        os.environ[QUIET_WORKERS] = "1"
     flower.addHandler(handler)
+
+
+def quiet_worker() -> None:
+    """In a simulation's Ray worker of a non-verbose command, keep Flower's errors only: its
+    warnings there (an actor "Manually terminating" at shutdown) reach the console through Ray
+    whenever the worker's output is relayed before the run ends."""
+    if os.environ.get(QUIET_WORKERS) == "1" and not _configured:
+        logging.getLogger(FLOWER_LOGGER).setLevel(logging.ERROR)
 
 
 def _drop_deprecation_banners(record: logging.LogRecord) -> bool:

@@ -40,3 +40,23 @@ def test_relayed_noise_is_dropped_unless_verbose():
     assert [keep_line(x, verbose=False) for x in (banner, future, debug, kept)] == [
         False, False, False, True]
     assert all(keep_line(x, verbose=True) for x in (banner, future, debug, kept))
+
+
+def test_only_a_non_verbose_commands_workers_keep_flowers_errors_alone(monkeypatch):
+    import logging
+
+    from common import console
+
+    flower = logging.getLogger(console.FLOWER_LOGGER)
+    monkeypatch.setattr(flower, "level", logging.DEBUG)  # restored after the test
+    monkeypatch.setattr(console, "_configured", False)
+    monkeypatch.delenv(console.QUIET_WORKERS, raising=False)
+    console.quiet_worker()  # a deployed node, or a verbose run's worker: untouched
+    assert flower.level == logging.DEBUG
+    monkeypatch.setenv(console.QUIET_WORKERS, "1")
+    monkeypatch.setattr(console, "_configured", True)
+    console.quiet_worker()  # the command's own process keeps its warnings
+    assert flower.level == logging.DEBUG
+    monkeypatch.setattr(console, "_configured", False)
+    console.quiet_worker()  # a worker of a non-verbose command
+    assert flower.level == logging.ERROR
