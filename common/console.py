@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 FLOWER_LOGGER = "flwr"
-QUIET_WORKERS = "FEDTUNE_QUIET_WORKERS"  # set for Ray's workers by a non-verbose command
+QUIET_WORKERS = "FEDTUNE_QUIET_WORKERS"  # set for its Ray workers by a non-verbose simulation
 # A relayed line (a SuperNode's or `flwr run --stream`'s output) dropped unless --verbose.
 _NOISE = re.compile(r"DEBUG|Warning:|warnings\.warn\(|DEPRECATED|deprecated feature|"
                     r"It will be removed|^\s*$|entirely in future versions", re.IGNORECASE)
@@ -52,7 +52,6 @@ def configure(verbose: bool) -> None:
         os.environ["PYTHONWARNINGS"] = "ignore"
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-        os.environ[QUIET_WORKERS] = "1"
     flower.addHandler(handler)
 
 

@@ -20,6 +20,7 @@ from flwr.simulation import run_simulation
 
 from client.app import app as client_app
 from common.config import RunConfig
+from common.console import QUIET_WORKERS
 from server import progress
 from server.app import make_server_app
 from server.metrics_log import read_rounds
@@ -45,6 +46,8 @@ def simulate(config: RunConfig, *, resume: bool = False, num_workers: int | None
              verbose: bool = False) -> list[dict[str, Any]]:
     """Simulate `config.federation.num_clients` clients; return the run's metrics rows."""
     workers = num_workers or min(config.federation.num_clients, os.cpu_count() or 1)
+    if not verbose:  # inherited by Ray's workers, never by a deployed node's processes
+        os.environ[QUIET_WORKERS] = "1"
     with recorded_node_names() as names, progress.use(progress.RoundProgress()):
         run_simulation(server_app=make_server_app(config, resume=resume, node_names=names),
                        client_app=client_app, num_supernodes=config.federation.num_clients,
