@@ -46,8 +46,9 @@ def simulate(config: RunConfig, *, resume: bool = False, num_workers: int | None
              verbose: bool = False) -> list[dict[str, Any]]:
     """Simulate `config.federation.num_clients` clients; return the run's metrics rows."""
     workers = num_workers or min(config.federation.num_clients, os.cpu_count() or 1)
-    if not verbose:  # inherited by Ray's workers, never by a deployed node's processes
-        os.environ[QUIET_WORKERS] = "1"
+    # inherited by this run's Ray workers (never by a deployed node's processes); a later
+    # verbose run in the same process must not inherit an earlier run's "1"
+    os.environ[QUIET_WORKERS] = "0" if verbose else "1"
     with recorded_node_names() as names, progress.use(progress.RoundProgress()):
         run_simulation(server_app=make_server_app(config, resume=resume, node_names=names),
                        client_app=client_app, num_supernodes=config.federation.num_clients,
