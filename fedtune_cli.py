@@ -28,6 +28,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--alpha": ("partition.alpha", float, "Dirichlet concentration"),
     "--partition-by": ("partition.by", str, "field for the natural partition"),
     "--max-length": ("model.max_length", int, "tokens per example"),
+    "--pooling": ("model.pooling", str, "what the classifier's head reads: mean | pooler"),
     "--batch-size": ("train.batch_size", int, "examples per step"),
     "--local-epochs": ("train.local_epochs", int, "local passes per round"),
     "--local-steps": ("train.local_steps", int, "local steps per round (overrides epochs)"),

@@ -31,6 +31,7 @@ SERVER_OPTIMISERS = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
 CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"
 TASKS = (CLASSIFICATION, CAUSAL_LM)
 QUANTIZE = ("none", "4bit", "8bit")
+POOLINGS = ("pooler", "mean")
 DEFAULT_PROMPT = "### Instruction:\n{instruction}\n{input}\n### Response:\n"
 
 
@@ -59,6 +60,10 @@ class ModelConfig:
     task: str = _help("classification (sequence classifier with a trained head) | causal-lm "
                       "(next-token prediction, loss on the response tokens)", CLASSIFICATION)
     max_length: int = _help("tokens kept per example (longer texts are truncated)", 128)
+    pooling: str = _help("classification: what the head reads: mean (the masked mean of the "
+                         "token states, as sentence encoders are trained) | pooler (the model's "
+                         "own pooler over the first token, as Hugging Face's classifiers do)",
+                         "pooler")
     quantize: str = _help("causal-lm: none | 4bit | 8bit loading of the frozen base, where CUDA "
                           "and bitsandbytes are present (full precision elsewhere)", "none")
 
@@ -71,6 +76,8 @@ class ModelConfig:
                  f"must be one of {', '.join(QUANTIZE)}", self.quantize)
         _require(self.quantize == "none" or self.task == CAUSAL_LM, "model.quantize",
                  "applies to model.task 'causal-lm' only", self.quantize)
+        _require(self.pooling in POOLINGS, "model.pooling",
+                 f"must be one of {', '.join(POOLINGS)}", self.pooling)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from logging import WARNING
 import torch
 from flwr.common.logger import log
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -17,6 +18,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from common.config import EMBEDDED_MODEL, ModelConfig
+from common.mean_pooling import MeanPoolingClassifier
 
 # transformers reports the freshly initialised classification head on every load; that is expected.
 hf_logging.set_verbosity_error()
@@ -68,10 +70,14 @@ def load_causal_lm(config: ModelConfig) -> PreTrainedModel:
         raise ModelLoadError(_explain(config.name, error)) from None
 
 
-def load_classifier(name: str, num_labels: int) -> PreTrainedModel:
-    """A sequence classifier with a fresh head of `num_labels` outputs, seeded by the caller."""
+def load_classifier(name: str, num_labels: int,
+                    pooling: str = "pooler") -> PreTrainedModel | MeanPoolingClassifier:
+    """A sequence classifier with a fresh head of `num_labels` outputs, seeded by the caller;
+    the head reads the model's pooler or the mean of its token states (`model.pooling`)."""
     path = resolve_model_path(name)
     try:
+        if pooling == "mean":
+            return MeanPoolingClassifier(AutoModel.from_pretrained(path), num_labels)
         # A checkpoint that already has a head of another width gets a fresh one.
         return AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=num_labels, ignore_mismatched_sizes=True)

@@ -106,7 +106,7 @@ def build_task(config: RunConfig) -> Task:
     if task == CAUSAL_LM:
         base = load_causal_lm(config.model)
     else:
-        base = load_classifier(config.model.name, data.num_labels)
+        base = load_classifier(config.model.name, data.num_labels, config.model.pooling)
     model = add_lora(base, config.lora, task)
     if not getattr(base, "is_quantized", False):  # a quantised base is placed as it loads
         model = model.to(device)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from opacus import PrivacyEngine
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
 from client import dp_sgd
 from client.dp_sgd import GRAD_SAMPLE_MODE, DPRoundPlan, plan_round, train_private
@@ -12,16 +12,17 @@ from common.adapter import add_lora, trainable_state
 from common.classifier import Classification, ClassifierCollator
 from common.config import LoraSettings, RunConfig
 from common.data import Examples
+from common.model import load_classifier
 from common.privacy import GaussianEvent, epsilon_spent, noise_for_target
 from common.training import make_loader
 
 LOSS = Classification(num_labels=3).loss
 
 
-@pytest.fixture()
-def model(tiny_model_dir):
+@pytest.fixture(params=["pooler", "mean"])
+def model(tiny_model_dir, request):
     torch.manual_seed(0)
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    base = load_classifier(str(tiny_model_dir), 3, request.param)
     return add_lora(base, LoraSettings(r=4, lora_dropout=0.0), "classification")
 
 
@@ -69,6 +70,28 @@ def test_every_per_sample_gradient_is_clipped_to_max_grad_norm(model, loader):
         expected = torch.einsum("i,i...->...", factors, p.grad_sample)
         torch.testing.assert_close(p.summed_grad, expected, rtol=1e-4, atol=1e-7)
     dp_model._close()
+
+
+def test_each_per_sample_gradient_is_that_example_s_gradient_alone(model, loader):
+    # The privacy proof bounds each example's influence by its own clipped gradient; a model
+    # that mixed examples in a batch (unmasked pooling over padding, batch statistics) breaks it.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    dp_model, _, dp_loader = private(model, loader, noise=0.0, clip=1e6)
+    batch = next(b for b in dp_loader if len(set(b["attention_mask"].sum(1).tolist())) > 1)
+    dp_model(**batch).loss.backward()
+    per_sample = [p.grad_sample.clone() for p in trainable]
+    dp_model._close()
+    for i in range(len(batch["labels"])):
+        length = int(batch["attention_mask"][i].sum())
+        alone = {key: value[i:i + 1, :length] if value.dim() == 2 else value[i:i + 1]
+                 for key, value in batch.items()}
+        model.zero_grad()
+        model(**alone).loss.backward()
+        for p, grads in zip(trainable, per_sample, strict=True):
+            torch.testing.assert_close(grads[i], p.grad, rtol=1e-3, atol=1e-6)
 
 
 def test_noise_has_the_calibrated_standard_deviation(model, loader):
