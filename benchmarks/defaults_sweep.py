@@ -91,7 +91,8 @@ def main() -> None:
                     train_private(task.model, loader, optimizer, plan,
                                   loss_fn=task.objective.loss, device=task.device,
                                   noise_generator=torch.Generator().manual_seed(
-                                      server_round * 1000 + client))
+                                      server_round * 1000 + client),
+                                  physical_batch=train.physical_batch)
                 else:
                     task.train_plain(loader, optimizer, train, config.federation.proximal_weight)
                 for key, value in trainable_state(task.model).items():

@@ -287,7 +287,8 @@ def _local_update(config: RunConfig, server_round: int, node: Node,
                                node.policy.budget()).epsilon
         noise = torch.Generator(task.device).manual_seed(seeds.noise)
         stats = train_private(task.model, loader, optimizer, plan, loss_fn=task.objective.loss,
-                              device=task.device, noise_generator=noise)
+                              device=task.device, noise_generator=noise,
+                              physical_batch=config.training.physical_batch)
     else:
         stats = task.train_plain(loader, optimizer, config.training,
                                  config.federation.proximal_weight)

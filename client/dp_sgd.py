@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
 from common.config import RunConfig
@@ -58,11 +59,12 @@ def plan_round(config: RunConfig, records: int, node_delta: float | None = None,
 
 def train_private(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                   plan: DPRoundPlan, *, loss_fn: LossFn, device: torch.device,
-                  noise_generator: torch.Generator) -> TrainStats:
+                  noise_generator: torch.Generator, physical_batch: int) -> TrainStats:
     """Exactly `plan.event.steps` DP-SGD steps; the model is returned unwrapped.
 
     Poisson sampling uses the loader's generator and the noise `noise_generator`: they must be
-    independent streams (`client/randomness.py`)."""
+    independent streams (`client/randomness.py`). A Poisson batch larger than `physical_batch`
+    goes through the model in chunks (memory), still as one noisy step."""
     model.train()  # Opacus refuses a model in eval mode (the cached model was just evaluated)
     noise_generator = on_device(noise_generator, device)
     engine = PrivacyEngine(accountant="rdp")  # the ledger, not this accountant, is the record
@@ -76,9 +78,22 @@ def train_private(model: torch.nn.Module, loader: DataLoader, optimizer: torch.o
             noise_generator=noise_generator)
         try:
             return _steps(private_model, private_optimizer, private_loader, plan.event.steps,
-                          loss_fn, device)
+                          loss_fn, device, physical_batch)
         finally:
             private_model._close()  # drop Opacus' hooks: the cached model serves other clients
+            _scrub(model)
+
+
+def _scrub(model: torch.nn.Module) -> None:
+    """Remove what Opacus' cleanup leaves: a pass cut short (out of memory mid-batch) keeps its
+    activations on the modules, which would mis-scale the next client's per-example gradients,
+    and every parameter keeps the last batch's un-noised clipped sum."""
+    for module in model.modules():  # each module's own attributes (PEFT wrappers forward reads)
+        vars(module).pop("activations", None)
+        vars(module).pop("max_batch_len", None)
+    for param in model.parameters():
+        vars(param).pop("summed_grad", None)
+        param.grad = None
 
 
 def on_device(generator: torch.Generator, device: torch.device) -> torch.Generator:
@@ -90,22 +105,31 @@ def on_device(generator: torch.Generator, device: torch.device) -> torch.Generat
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-           steps: int, loss_fn: LossFn, device: torch.device) -> TrainStats:
+def _steps(model: torch.nn.Module, optimizer: DPOptimizer, loader: DataLoader, steps: int,
+           loss_fn: LossFn, device: torch.device, physical_batch: int) -> TrainStats:
     model.train()
     total_loss, examples = 0.0, 0
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
     for batch in itertools.islice(batches, steps):
-        batch = {key: value.to(device) for key, value in batch.items()}
         optimizer.zero_grad(set_to_none=True)
-        if len(batch["labels"]) == 0:  # an empty Poisson draw still releases noise
+        size = len(batch["labels"])
+        if size == 0:  # an empty Poisson draw still releases noise
             _noise_only_step(model, optimizer)
             continue
-        loss = loss_fn(model, batch)
-        loss.backward()
-        optimizer.step()
-        total_loss += float(loss.detach()) * len(batch["labels"])
-        examples += len(batch["labels"])
+        for start in range(0, size, physical_batch):
+            chunk = {key: value[start:start + physical_batch].to(device)
+                     for key, value in batch.items()}
+            loss = loss_fn(model, chunk)
+            loss.backward()
+            # Each chunk's per-example gradients are clipped and summed; the batch's noise and
+            # its one optimizer step come after its last chunk (Opacus' skip signal).
+            last = start + physical_batch >= size
+            optimizer.signal_skip_step(do_skip=not last)
+            optimizer.step()
+            if not last:
+                optimizer.zero_grad(set_to_none=True)  # keeps the clipped sum of a skipped step
+            total_loss += float(loss.detach()) * len(chunk["labels"])
+        examples += size
     return TrainStats(loss=total_loss / max(examples, 1), examples=examples, steps=steps)
 
 

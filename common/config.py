@@ -189,6 +189,9 @@ class TrainConfig:
     weight_decay: float = _help("AdamW weight decay", 0.0)
     max_grad_norm: float = _help("clip the batch gradient (each example's under DP-SGD) to this "
                                  "L2 norm; 0 = no clipping", 1.0)
+    physical_batch: int = _help("DP-SGD: most examples per forward and backward pass; a larger "
+                                "Poisson batch goes through in chunks as one noisy step (memory "
+                                "only: the privacy accounting is the same)", 64)
 
     def __post_init__(self) -> None:
         _require(self.local_epochs >= 0, "train.local_epochs", "must be >= 0 (0 = default)",
@@ -202,6 +205,8 @@ class TrainConfig:
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
         _require(0 <= self.max_grad_norm < float("inf"), "train.max_grad_norm",
                  "must be finite and >= 0", self.max_grad_norm)
+        _require(self.physical_batch >= 1, "train.physical_batch", "must be >= 1",
+                 self.physical_batch)
 
     def resolved(self, defaults: Mapping[str, Any]) -> TrainConfig:
         """A copy with every 0 among `defaults`' keys replaced by the default."""

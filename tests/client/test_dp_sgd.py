@@ -1,5 +1,7 @@
 """DP-SGD on a tiny PEFT model: per-example clipping, calibrated noise, exact steps, clean model."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -115,12 +117,74 @@ def test_train_private_takes_exactly_its_steps_and_returns_a_clean_model(model, 
     plan = DPRoundPlan(GaussianEvent(1.0, 1 / len(loader), 7), delta=1e-3, max_grad_norm=1.0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     stats = train_private(model, loader, optimizer, plan, loss_fn=LOSS, device=torch.device("cpu"),
-                          noise_generator=torch.Generator().manual_seed(0))
+                          noise_generator=torch.Generator().manual_seed(0), physical_batch=64)
     assert stats.steps == 7 and stats.examples > 0
     after = trainable_state(model)
     assert any(not np.array_equal(before[k], after[k]) for k in before)
     assert not any(p._forward_hooks or p._backward_hooks for p in model.modules())
     assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+
+
+def _train_copy(model, loader, physical_batch: int) -> tuple[dict, list[int]]:
+    """Trained state of a copy of `model` (dropout off), and the sizes its passes saw."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    sizes: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: sizes.append(len(kwargs["labels"])), with_kwargs=True)
+    loader = torch.utils.data.DataLoader(loader.dataset, batch_size=16,
+                                         collate_fn=loader.collate_fn,
+                                         generator=torch.Generator().manual_seed(3))
+    plan = DPRoundPlan(GaussianEvent(0.8, 16 / 40, 4), delta=1e-3, max_grad_norm=0.5)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    stats = train_private(model, loader, optimizer, plan, loss_fn=LOSS, device=torch.device("cpu"),
+                          noise_generator=torch.Generator().manual_seed(5),
+                          physical_batch=physical_batch)
+    hook.remove()
+    assert stats.steps == 4
+    return trainable_state(model), sizes
+
+
+def test_a_batch_split_into_chunks_is_still_one_noisy_step(model, loader):
+    whole, whole_sizes = _train_copy(model, loader, physical_batch=1000)
+    split, split_sizes = _train_copy(model, loader, physical_batch=3)
+    assert len(whole_sizes) == 4 and max(whole_sizes) > 3  # the cap binds, so this can fail
+    assert max(split_sizes) <= 3 and sum(split_sizes) == sum(whole_sizes)
+    # Same Poisson draws and noise: the same clipped sum, one noise draw and one step per batch.
+    for name, value in whole.items():
+        np.testing.assert_allclose(split[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_a_round_cut_short_leaves_nothing_on_the_cached_model(model, loader):
+    calls = []
+
+    def out_of_memory_on_the_second_chunk(m, batch):
+        loss = LOSS(m, batch)  # the forward pass ran: Opacus holds its activations
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return loss
+
+    plan = DPRoundPlan(GaussianEvent(0.8, 16 / 40, 4), delta=1e-3, max_grad_norm=0.5)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_private(model, loader, optimizer, plan, loss_fn=out_of_memory_on_the_second_chunk,
+                      device=torch.device("cpu"), noise_generator=torch.Generator().manual_seed(5),
+                      physical_batch=1)
+    assert not any("activations" in vars(m) or "max_batch_len" in vars(m)
+                   for m in model.modules())
+    assert not any(hasattr(p, "summed_grad") or p.grad is not None for p in model.parameters())
+    # the next client on this model trains exactly as on a model that never failed
+    clean = copy.deepcopy(model)
+    for module in clean.modules():
+        for name in ("activations", "max_batch_len"):
+            module.__dict__.pop(name, None)
+    after_failure, _ = _train_copy(model, loader, physical_batch=3)
+    fresh, _ = _train_copy(clean, loader, physical_batch=3)
+    for name, value in fresh.items():
+        np.testing.assert_allclose(after_failure[name], value, rtol=1e-4, atol=1e-6)
 
 
 def test_empty_poisson_batches_still_take_a_noise_step(model, loader, monkeypatch):
@@ -136,7 +200,7 @@ def test_empty_poisson_batches_still_take_a_noise_step(model, loader, monkeypatc
     plan = DPRoundPlan(GaussianEvent(1.0, 1 / 40, 12), delta=1e-3, max_grad_norm=1.0)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     stats = train_private(model, single, optimizer, plan, loss_fn=LOSS, device=torch.device("cpu"),
-                          noise_generator=torch.Generator().manual_seed(0))
+                          noise_generator=torch.Generator().manual_seed(0), physical_batch=64)
     assert stats.steps == 12 and noise_steps  # some steps drew nobody and still stepped
     after = trainable_state(model)
     assert all(np.isfinite(v).all() for v in after.values())
