@@ -239,6 +239,8 @@ def resolve_config(args: argparse.Namespace) -> Any:
             values = json.loads(saved.read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise InputError(f"{saved} is unreadable: {error}") from None
+        if isinstance(values.get("model"), dict):  # runs saved before model.pooling read
+            values["model"].setdefault("pooling", "pooler")  # the pooler, their adapter's head
         return RunConfig.from_mapping(values).with_overrides(overrides)
     config = RunConfig.from_toml(args.config) if args.config else RunConfig()
     return with_run_dir(config.with_overrides(overrides), args.command)

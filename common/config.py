@@ -63,7 +63,7 @@ class ModelConfig:
     pooling: str = _help("classification: what the head reads: mean (the masked mean of the "
                          "token states, as sentence encoders are trained) | pooler (the model's "
                          "own pooler over the first token, as Hugging Face's classifiers do)",
-                         "pooler")
+                         "mean")
     quantize: str = _help("causal-lm: none | 4bit | 8bit loading of the frozen base, where CUDA "
                           "and bitsandbytes are present (full precision elsewhere)", "none")
 

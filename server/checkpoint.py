@@ -60,6 +60,19 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     return load_checkpoint(Path(run_dir) / CHECKPOINT_DIR / f"round-{rounds[-1]:04d}.pt")
 
 
+def check_fits(checkpoint: Checkpoint, adapter: dict[str, np.ndarray], path: Path) -> None:
+    """Refuse a checkpoint whose adapter is not this run's (another model, rank or pooling)."""
+    missing = sorted(set(adapter) - set(checkpoint.arrays))
+    unexpected = sorted(set(checkpoint.arrays) - set(adapter))
+    shapes = sorted(name for name in set(adapter) & set(checkpoint.arrays)
+                    if checkpoint.arrays[name].shape != adapter[name].shape)
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"checkpoint {path} holds an adapter of another model setup (model, lora or "
+            f"model.pooling changed?): missing {missing[:2]}, unexpected {unexpected[:2]}, "
+            f"other shapes {shapes[:2]}")
+
+
 def load_checkpoint(path: Path) -> Checkpoint:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)

@@ -25,7 +25,9 @@ from common.config import CAUSAL_LM, RunConfig
 from common.task import cached_task
 from server import progress as round_progress
 from server.checkpoint import (
+    CHECKPOINT_DIR,
     Checkpoint,
+    check_fits,
     checkpoint_rounds,
     latest_checkpoint,
     save_checkpoint,
@@ -89,6 +91,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
 
     arrays, done, releases = dict(task.initial_adapter), 0, 0
     if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
+        check_fits(checkpoint, arrays, run_dir / CHECKPOINT_DIR)
         arrays, done = checkpoint.arrays, checkpoint.round
         strategy.load_state_dict(checkpoint.state["strategy"])
         optimizer.load_state_arrays(checkpoint.optimizer)

@@ -4,6 +4,7 @@ import pytest
 from server.checkpoint import (
     Checkpoint,
     CheckpointError,
+    check_fits,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -45,3 +46,14 @@ def test_metrics_rows_after_the_resumed_round_are_dropped(tmp_path):
         append_round(tmp_path, {"round": r, "accuracy": r / 10})
     keep_rounds_up_to(tmp_path, 2)
     assert [row["round"] for row in read_rounds(tmp_path)] == [1, 2]
+
+
+def test_a_checkpoint_of_another_model_setup_is_refused_by_name(tmp_path):
+    adapter = {"encoder.lora_A": np.zeros((4, 8), np.float32), "head": np.zeros(3, np.float32)}
+    check_fits(Checkpoint(round=1, arrays=dict(adapter), state={}), adapter, tmp_path)
+    renamed = {"bert.lora_A": adapter["encoder.lora_A"], "head": adapter["head"]}
+    with pytest.raises(CheckpointError, match=r"model\.pooling changed.*missing \['encoder"):
+        check_fits(Checkpoint(round=1, arrays=renamed, state={}), adapter, tmp_path)
+    wider = {**adapter, "encoder.lora_A": np.zeros((8, 8), np.float32)}
+    with pytest.raises(CheckpointError, match=r"other shapes \['encoder\.lora_A'\]"):
+        check_fits(Checkpoint(round=1, arrays=wider, state={}), adapter, tmp_path)

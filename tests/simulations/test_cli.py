@@ -125,3 +125,15 @@ def test_an_existing_run_is_never_overwritten(tmp_path):
 def test_resume_of_a_directory_without_a_run_is_refused(tmp_path):
     done = fedtune("simulate", "--resume", tmp_path)
     assert done.returncode == 2 and "no fedtune run to resume" in done.stderr
+
+
+def test_a_run_saved_before_model_pooling_resumes_with_the_pooler_it_trained(tmp_path):
+    from common.config import RunConfig
+    from fedtune_cli import build_parser, resolve_config
+
+    saved = RunConfig().to_dict()
+    del saved["model"]["pooling"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    args = build_parser().parse_args(["simulate", "--resume", str(tmp_path)])
+    assert resolve_config(args).model.pooling == "pooler"
+    assert RunConfig().model.pooling == "mean"  # a new run reads the mean
