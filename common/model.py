@@ -71,7 +71,7 @@ def load_causal_lm(config: ModelConfig) -> PreTrainedModel:
 
 
 def load_classifier(name: str, num_labels: int,
-                    pooling: str = "pooler") -> PreTrainedModel | MeanPoolingClassifier:
+                    pooling: str) -> PreTrainedModel | MeanPoolingClassifier:
     """A sequence classifier with a fresh head of `num_labels` outputs, seeded by the caller;
     the head reads the model's pooler or the mean of its token states (`model.pooling`)."""
     path = resolve_model_path(name)
