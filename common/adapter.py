@@ -6,6 +6,8 @@ Only trainable tensors are exchanged; the frozen base never leaves the machine t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
@@ -77,17 +79,25 @@ def trainable_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
             for name, p in model.named_parameters() if p.requires_grad}
 
 
+def fit_problem(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, np.ndarray]) -> str:
+    """What keeps `state` from fitting tensors of `expected` names and shapes; '' if nothing."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        return (f"adapter keys do not match the model: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}")
+    for name, value in state.items():
+        if tuple(value.shape) != tuple(expected[name]):
+            return (f"adapter tensor {name} has shape {tuple(value.shape)}, "
+                    f"expected {tuple(expected[name])}")
+    return ""
+
+
 def load_trainable_state(model: torch.nn.Module, state: dict[str, np.ndarray]) -> None:
     """Copy `state` into the trainable parameters after checking names, shapes and finiteness."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-    if missing or unexpected:
-        raise AdapterError(f"adapter keys do not match the model: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
+    if problem := fit_problem({name: tuple(p.shape) for name, p in params.items()}, state):
+        raise AdapterError(problem)
     for name, value in state.items():
-        if tuple(value.shape) != tuple(params[name].shape):
-            raise AdapterError(f"adapter tensor {name} has shape {tuple(value.shape)}, "
-                               f"expected {tuple(params[name].shape)}")
         if not np.all(np.isfinite(value)):
             raise AdapterError(f"adapter tensor {name} holds NaN or infinite values")
     with torch.no_grad():

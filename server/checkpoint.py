@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.adapter import fit_problem
 from common.atomic_file import write_atomic
 
 CHECKPOINT_DIR = "checkpoints"
@@ -62,15 +63,10 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
 
 def check_fits(checkpoint: Checkpoint, adapter: dict[str, np.ndarray], path: Path) -> None:
     """Refuse a checkpoint whose adapter is not this run's (another model, rank or pooling)."""
-    missing = sorted(set(adapter) - set(checkpoint.arrays))
-    unexpected = sorted(set(checkpoint.arrays) - set(adapter))
-    shapes = sorted(name for name in set(adapter) & set(checkpoint.arrays)
-                    if checkpoint.arrays[name].shape != adapter[name].shape)
-    if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"checkpoint {path} holds an adapter of another model setup (model, lora or "
-            f"model.pooling changed?): missing {missing[:2]}, unexpected {unexpected[:2]}, "
-            f"other shapes {shapes[:2]}")
+    if problem := fit_problem({name: value.shape for name, value in adapter.items()},
+                              checkpoint.arrays):
+        raise CheckpointError(f"checkpoint {path} holds an adapter of another model setup "
+                              f"(model, lora or model.pooling changed?): {problem}")
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
