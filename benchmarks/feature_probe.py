@@ -25,6 +25,7 @@ from transformers import AutoModel
 from benchmarks.record import save
 from common.config import DataConfig
 from common.data import Examples, load_data
+from common.mean_pooling import masked_mean
 from common.model import load_tokenizer, resolve_model_path
 
 POOLINGS = ("cls", "pooler", "mean")
@@ -39,11 +40,11 @@ def features(model: torch.nn.Module, tokenizer, rows: Examples, max_length: int,
             batch = tokenizer(rows.texts[start:start + 64], padding=True, truncation=True,
                               max_length=max_length, return_tensors="pt")
             result = model(**batch)
-            hidden, mask = result.last_hidden_state, batch["attention_mask"].unsqueeze(-1)
+            hidden = result.last_hidden_state
             out["cls"].append(hidden[:, 0])
             if getattr(result, "pooler_output", None) is not None:  # BERT-like models only
                 out["pooler"].append(result.pooler_output)
-            out["mean"].append((hidden * mask).sum(1) / mask.sum(1))
+            out["mean"].append(masked_mean(hidden, batch["attention_mask"]))
     return {name: torch.cat(parts) for name, parts in out.items() if parts}
 
 

@@ -15,6 +15,12 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's mean over its real tokens: padding never enters the features."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
 class MeanPoolingClassifier(nn.Module):
     """`encoder`'s masked mean of token states, dropout, then a fresh linear head.
 
@@ -44,8 +50,6 @@ class MeanPoolingClassifier(nn.Module):
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
                               **extra).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        logits = self.classifier(self.dropout(pooled))
+        logits = self.classifier(self.dropout(masked_mean(hidden, attention_mask)))
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)

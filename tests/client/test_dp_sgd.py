@@ -47,6 +47,13 @@ def private(model, loader, noise: float, clip: float):
                                noise_generator=torch.Generator().manual_seed(1))
 
 
+def without_dropout(model: torch.nn.Module) -> None:
+    """Deterministic passes, so two ways of computing a gradient can be compared exactly."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def per_sample_norms(params) -> torch.Tensor:
     flat = torch.cat([p.grad_sample.reshape(len(p.grad_sample), -1) for p in params], dim=1)
     return flat.norm(dim=1)
@@ -77,9 +84,7 @@ def test_every_per_sample_gradient_is_clipped_to_max_grad_norm(model, loader):
 def test_each_per_sample_gradient_is_that_example_s_gradient_alone(model, loader):
     # The privacy proof bounds each example's influence by its own clipped gradient; a model
     # that mixed examples in a batch (unmasked pooling over padding, batch statistics) breaks it.
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    without_dropout(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     dp_model, _, dp_loader = private(model, loader, noise=0.0, clip=1e6)
     batch = next(b for b in dp_loader if len(set(b["attention_mask"].sum(1).tolist())) > 1)
@@ -128,9 +133,7 @@ def test_train_private_takes_exactly_its_steps_and_returns_a_clean_model(model, 
 def _train_copy(model, loader, physical_batch: int) -> tuple[dict, list[int]]:
     """Trained state of a copy of `model` (dropout off), and the sizes its passes saw."""
     model = copy.deepcopy(model)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    without_dropout(model)
     sizes: list[int] = []
     hook = model.register_forward_pre_hook(
         lambda _, args, kwargs: sizes.append(len(kwargs["labels"])), with_kwargs=True)
