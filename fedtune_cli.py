@@ -136,44 +136,20 @@ def _add_lockdown_flags(parser: argparse.ArgumentParser, *, client: bool) -> Non
 
 
 def _add_policy_flags(client: argparse.ArgumentParser) -> None:
-    """The node's privacy policy (client/policy.py): its rules, whatever the server asks."""
+    """The node's privacy policy (client/policy.py), one flag per policy setting, with the help
+    and default the setting itself declares."""
+    from client.policy import policy_flags
+
     rules = client.add_argument_group("node privacy policy (defaults are strict; a --policy "
                                       "TOML file with the same kebab-case keys, flags override)")
     rules.add_argument("--policy", type=Path, metavar="FILE", help="node policy TOML file")
-    rules.add_argument("--budget-epsilon", type=float, help="total epsilon this node's data may "
-                       "spend over every run (required unless --allow-no-dp)")
-    rules.add_argument("--allow-no-dp", dest="require_dp", action="store_const", const=False,
-                       help="waive the rule that every round uses sample-level DP-SGD")
-    rules.add_argument("--allow-no-secagg", dest="require_secagg", action="store_const",
-                       const=False, help="allow updates sent without secure aggregation")
-    rules.add_argument("--max-delta", type=float, help="largest delta accepted (default "
-                       "1/(10 n) for this node's n rows)")
-    rules.add_argument("--min-noise-multiplier", type=float,
-                       help="smallest DP-SGD noise multiplier accepted (default 0.5)")
-    rules.add_argument("--peers", metavar="DIR", help="the consortium's <name>.pub node keys: "
-                       "sign secure aggregation with this node's key and refuse any cohort "
-                       "with a key not pinned there")
-    rules.add_argument("--max-dropout", type=float, help="largest share of neighbours whose "
-                       "secure-aggregation shares may be missing (default 0.2)")
-    rules.add_argument("--min-cohort", type=int, help="fewest clients summed by secure "
-                       "aggregation (default 3)")
-    rules.add_argument("--min-threshold", type=int,
-                       help="lowest secure-aggregation threshold accepted (default 2)")
-    rules.add_argument("--share-evaluation", action="store_const", const=True,
-                       help="answer the server's evaluation of the held-out rows")
-    rules.add_argument("--test-fraction", type=float,
-                       help="share of this node's rows held out (default 0.2)")
-    rules.add_argument("--split-seed", type=int, help="this node's seed for that split")
-    rules.add_argument("--text-field", help="field holding the text (default 'text')")
-    rules.add_argument("--label-field", help="field holding the label (default 'label')")
-    rules.add_argument("--report-epsilon", action="store_const", const=True,
-                       help="send the ledger's epsilon under secure aggregation too")
-
-
-POLICY_FLAGS = ("budget_epsilon", "peers", "max_dropout", "require_dp", "require_secagg",
-                "max_delta", "min_noise_multiplier", "min_cohort", "min_threshold",
-                "share_evaluation", "test_fraction", "split_seed", "text_field", "label_field",
-                "report_epsilon")
+    for flag in policy_flags():
+        if flag.const is not None:
+            rules.add_argument(flag.name, dest=flag.dest, action="store_const", const=flag.const,
+                               help=flag.help)
+        else:
+            rules.add_argument(flag.name, dest=flag.dest, type=flag.kind, help=flag.help,
+                               metavar={int: "N", float: "X"}.get(flag.kind, "TEXT"))
 
 
 def run_deployment(args: argparse.Namespace) -> int:
@@ -197,9 +173,10 @@ def run_deployment(args: argparse.Namespace) -> int:
                                     accept_config_change=args.accept_config_change,
                                     verbose=args.verbose))
     from client.deploy import ClientSettings, join, resolve_policy
+    from client.policy import policy_flags
 
-    policy = resolve_policy(args.policy, {flag.replace("_", "-"): getattr(args, flag)
-                                          for flag in POLICY_FLAGS})
+    policy = resolve_policy(args.policy, {flag.key: getattr(args, flag.dest)
+                                          for flag in policy_flags()})
     return join(ClientSettings(args.server, args.root_cert, args.node_key, args.data,
                                args.ledger, args.name or args.node_key.stem, policy,
                                args.port, args.wait_server,

@@ -18,12 +18,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.policy import NodePolicy
+from client.node import keyed_held_out
+from client.policy import NodePolicy, PolicyError
 from common import certs
 from common.app_bundle import app_digest, check_digest
-from common.config import DataConfig
+from common.config import CAUSAL_LM, CLASSIFICATION, DataConfig
 from common.console import keep_line
-from common.data import LABELS_FILE, load_data, training_records
+from common.data import LABELS_FILE, DataError, load_data, training_records, training_rows
 from common.secagg.signing import Signer, SigningError, read_peers
 from common.tool_path import stop_child, tool_env
 
@@ -86,13 +87,27 @@ def check_peers(settings: ClientSettings) -> None:
                               f"matching this node's key {settings.node_key}")
 
 
-def check_data(path: Path, policy: NodePolicy) -> None:
+def check_data(path: Path, policy: NodePolicy) -> int:
     """Read the node's data once at start-up, so that a problem is a local error now (DataError
-    names it), never a data-dependent failure a server could provoke later."""
-    training_records(path)
-    if (path / LABELS_FILE).is_file():  # a classification node: every label in its label set
-        load_data(DataConfig(path=str(path), text_field=policy.text_field,
-                             label_field=policy.label_field), seed=0)
+    names it), never a data-dependent failure a server could provoke later: every row readable
+    for the node's task with its own fields, at least two training rows after its own split,
+    and its fixed delta below n^-1.1 for its n rows. Returns n."""
+    records = training_records(path)
+    declared = (path / LABELS_FILE).is_file()
+    data = DataConfig(path=str(path), text_field=policy.text_field,
+                      label_field=policy.label_field)
+    if declared:  # a classification node: every label in its label set
+        load_data(data, seed=0)
+    rows = training_rows(data, CLASSIFICATION if declared else CAUSAL_LM)
+    training = int((~keyed_held_out(rows, policy.test_fraction, policy.split_seed)).sum())
+    if training < 2:
+        raise DataError(f"{path}: {training} training rows after holding out test-fraction "
+                        f"{policy.test_fraction:g}; at least 2 are needed")
+    if policy.require_dp and policy.delta > len(records) ** -1.1:
+        raise PolicyError(f"node policy `delta` {policy.delta:g} is not below n^-1.1 = "
+                          f"{len(records) ** -1.1:.3g} for this node's {len(records)} rows: give "
+                          "a smaller --delta")
+    return len(records)
 
 
 def resolve_policy(policy_file: Path | None, flags: dict[str, object]) -> NodePolicy:
@@ -154,12 +169,16 @@ def join(settings: ClientSettings) -> int:
     up, without exiting, when activation is refused."""
     command = pinned_command(settings, supernode_command(settings))
     print(f"fedtune: node policy: {_describe(settings.policy)}", flush=True)
+    if not settings.policy.planning_rows:
+        print("fedtune: no --planning-rows: DP-SGD rounds plan with the server's "
+              "privacy.planning_rows, and are refused without one (the planning row count is "
+              "public; this node's own row count is never used or sent)", flush=True)
     probe_server(settings)
     delay = 2.0
     while True:
         # same process group as this wrapper: stopping the wrapper's group stops the node
         node = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=tool_env())
+                                env=node_env(settings.policy))
         signal.signal(signal.SIGTERM, lambda *_, node=node: stop_child(node))
         refused = _relay_until_refused(node, settings.verbose)
         if not refused:
@@ -169,6 +188,15 @@ def join(settings: ClientSettings) -> int:
               f"in {delay:.0f}s", file=sys.stderr, flush=True)
         time.sleep(delay)
         delay = min(delay * 2, 60.0)
+
+
+def node_env(policy: NodePolicy) -> dict[str, str]:
+    """The SuperNode's environment: offline for every hub unless the operator allows one, so a
+    server can never make this node download what it names."""
+    env = tool_env()
+    if not policy.allow_hub:
+        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
 
 
 def _describe(policy: NodePolicy) -> str:

@@ -274,9 +274,12 @@ def _read_label_names(path: Path) -> list[str] | None:
         return None
     try:
         mapping = json.loads(path.read_text(encoding="utf-8"))
-        return [str(mapping[str(i)]) for i in range(len(mapping))]
+        names = [str(mapping[str(i)]) for i in range(len(mapping))]
     except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise DataError(f"{path} must map '0'..'N-1' to label names: {error}") from None
+    if len(names) < 2:  # else the label set would come from the rows after all
+        raise DataError(f"{path} must name at least two labels, got {len(names)}")
+    return names
 
 
 def _first_existing(directory: Path, names: tuple[str, ...]) -> Path | None:

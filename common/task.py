@@ -69,7 +69,8 @@ class Task:
                seed: int = 0) -> DataLoader:
         """Batches of `rows` tokenised for this task's objective."""
         collate = self.objective.collator(self.tokenizer, self.config.model.max_length)
-        return make_loader(rows, collate, batch_size=batch_size, shuffle=shuffle, seed=seed)
+        return make_loader(rows, collate, batch_size=batch_size,
+                           shuffle=shuffle and len(rows) > 0, seed=seed)
 
     def start_round(self, state: dict[str, np.ndarray], rows: Examples, train: TrainConfig, *,
                     dropout_seed: int, sampling_seed: int,

@@ -85,7 +85,8 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
         fraction_evaluate=federation.fraction_evaluate, min_train_nodes=1,
         min_evaluate_nodes=1 if federation.fraction_evaluate > 0 else 0,
         min_available_nodes=federation.wait_for,
-        weighted_by_key=keys.UNIT_WEIGHT if client_level else keys.NUM_EXAMPLES,
+        # under DP every update weighs the same: no node sends its row count
+        weighted_by_key=keys.UNIT_WEIGHT if config.privacy.dp else keys.NUM_EXAMPLES,
         arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG)
     optimizer = server_optimizer(config.aggregation)
 
