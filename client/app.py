@@ -43,7 +43,6 @@ from common.client_dp import clip_update
 from common.config import CLASSIFICATION, RunConfig
 from common.data import Examples
 from common.secagg.plan import summation_for
-from common.secagg.protocol import Summation
 from common.secagg.records import (
     cohort_from_record,
     keys_to_record,
@@ -54,6 +53,7 @@ from common.secagg.records import (
     signatures_from_record,
 )
 from common.secagg.signing import Signer, read_peers
+from common.secagg.summation import Summation
 
 app = ClientApp()
 console.quiet_worker()  # a no-op outside a non-verbose simulation's Ray workers

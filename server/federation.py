@@ -208,6 +208,10 @@ def _privacy_columns(outcome: TrainOutcome, noise: ServerSideNoise | None,
         columns["clients_refused"] = outcome.refused
     if outcome.rejected:
         columns["clients_rejected"] = outcome.rejected
+    if outcome.abandoned:
+        columns["round_abandoned"] = outcome.abandoned
+    if outcome.sum_refused:  # a client sent values out of bounds inside its masks
+        columns["sums_refused"] = 1
     if noise is not None:
         columns["epsilon_client_level"] = noise.epsilon(releases)
     return columns

@@ -16,7 +16,6 @@ from common import record_keys as keys
 from common.adapter import from_record, to_record
 from common.config import RunConfig
 from common.secagg.plan import summation_for
-from common.secagg.protocol import vector_length
 from common.secagg.records import (
     RecordError,
     cohort_to_record,
@@ -28,6 +27,7 @@ from common.secagg.records import (
     signature_from_record,
     signatures_to_record,
 )
+from common.secagg.summation import ImpossibleSum, vector_length
 from server.replies import check_masked_metrics
 from server.secagg import SecAggAbort, SecAggServer
 from server.strategies.fedavg import SeededFedAvg
@@ -67,6 +67,7 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
     public = {name: value for name, value in public.items() if value is not None}
     metrics: dict[str, MetricRecord] = {}
     sums: dict[str, float] = {}
+    abandoned: Exception | None = None
     try:
         cohort = protocol.make_cohort(public)
         replies = link.exchange(cohort.names, "secagg_shares", lambda _: RecordDict(
@@ -102,16 +103,13 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
                    for name, r in replies.items()}
         total = summation.encoding.decode(protocol.unmask(masked, reveals))
         global_state = from_record(arrays)
-        try:
-            change, sums = summation.average(total, global_state, len(survivors))
-        except ValueError as error:
-            raise SecAggAbort(str(error)) from None
+        change, sums = summation.average(total, global_state, len(survivors))
         new_arrays = to_record({k: (v + change[k]).astype(v.dtype)
                                 for k, v in global_state.items()})
-    except SecAggAbort as error:
+    except (SecAggAbort, ImpossibleSum) as error:
         log(WARNING, "Round %d abandoned, the global adapter stays as it was: %s",
             server_round, error)
-        new_arrays, metrics = None, {}
+        new_arrays, metrics, abandoned = None, {}, error
     log(INFO, "secure aggregation: %d of %d sampled clients summed", len(metrics), len(sampled))
     epsilon.update({name: float(m[keys.EPSILON]) for name, m in metrics.items()
                     if keys.EPSILON in m})
@@ -123,7 +121,9 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
                         bytes_up=link.bytes_up, bytes_down=link.bytes_down,
                         epsilon=dict(sorted(epsilon.items())), exhausted=exhausted,
                         refused=dict(sorted(by_policy.items())),
-                        rejected=dict(sorted(rejected.items())))
+                        rejected=dict(sorted(rejected.items())),
+                        abandoned="" if abandoned is None else str(abandoned),
+                        sum_refused=isinstance(abandoned, ImpossibleSum))
 
 
 class _Link:

@@ -10,7 +10,8 @@ import pytest
 from client import secagg as secagg_client
 from client.secagg import SecAggClient, SecAggViolation
 from common.secagg import ring
-from common.secagg.protocol import Summation, routing_problem
+from common.secagg.protocol import routing_problem
+from common.secagg.summation import ImpossibleSum, Summation
 from server.secagg import SecAggAbort, SecAggServer
 
 
@@ -345,17 +346,89 @@ def test_the_graph_is_the_cohorts_not_the_servers():
         client.share_secrets(dataclasses.replace(cohort, neighbours=2, threshold=3))
 
 
-def test_a_sum_whose_weight_no_honest_inputs_give_is_refused():
-    summation = Summation(5, bound=1.0, max_examples=100, weighted=False)
-    like = {"a": np.zeros(2)}
-    total = np.array([0.5, 0.5, 5.0, 0.0, 0.0])
-    change, _ = summation.average(total, like, summed=5)
-    np.testing.assert_allclose(change["a"], [0.1, 0.1])
-    shrunk = np.array([0.5, 0.5, 1e-9, 0.0, 0.0])  # a client sent weight -(n - 1) + tiny
-    change, _ = summation.average(shrunk, like, summed=5)  # divided by the 5 summed anyway
-    np.testing.assert_allclose(change["a"], [0.1, 0.1])
-    with pytest.raises(ValueError, match="impossible for 5 inputs"):
-        summation.average(np.array([0.5, 0.5, 50.0, 0.0, 0.0]), like, summed=5)
+class Rogue(ring.Encoding):
+    """A malicious client's encoding: whatever ring values it likes, inside its masks."""
+
+    def __init__(self, honest: ring.Encoding, values: np.ndarray) -> None:
+        super().__init__(honest.clients, honest.bound)
+        object.__setattr__(self, "values", values)
+
+    def encode(self, values, rng):
+        return self.values
+
+
+def malicious_round(rogue: np.ndarray, summation: Summation,
+                    honest: dict[str, np.ndarray]) -> np.ndarray:
+    """The decoded sum of the honest clients' vectors and `rogue` ring values from client-03,
+    all through the protocol's masks."""
+    round_ = Round(4, bound=summation.encoding.bound)
+    cohort = round_.cohort()
+    inbox = round_.server.route({m: c.share_secrets(cohort) for m, c in round_.clients.items()})
+    masked = {m: round_.clients[m].mask(inbox[m], honest[m], summation.encoding, RNG)
+              for m in names(3)}
+    masked["client-03"] = round_.clients["client-03"].mask(
+        inbox["client-03"], np.zeros(len(rogue)), Rogue(summation.encoding, rogue), RNG)
+    survivors = round_.server.survivors(masked)
+    routing = round_.server.routing(survivors)
+    signed = round_.server.consistent(survivors, routing, {
+        m: round_.clients[m].sign_survivors(survivors, routing) for m in survivors})
+    reveals = {m: round_.clients[m].reveal(survivors, routing, signed) for m in survivors}
+    return summation.encoding.decode(round_.server.unmask(masked, reveals))
+
+
+def ring_values(summation: Summation, values: np.ndarray) -> np.ndarray:
+    """Real values as ring elements, unchecked: nothing stops a malicious client's."""
+    scaled = np.round(np.asarray(values) * summation.encoding.scale).astype(np.int64)
+    return (scaled % 2**32).astype(ring.DTYPE)
+
+
+LENGTH = 64  # adapter values; the vector adds weight, example share and loss share
+ATTACKS = {  # what client-03 puts inside its masks, in real units (before the ring)
+    # the issue's construction: the weight cancelled to 1e-4 and values near the ring's largest
+    # (3.97 for 4 clients), so that the average would move by about 3e4 per value
+    "tiny-weight-huge-values": lambda h: np.r_[np.full(LENGTH, 3.0), -h + 1e-4, -h, 0.0],
+    "negative-weight": lambda h: np.r_[np.full(LENGTH, 0.5), -1.0, -1.0, 0.0],
+    "huge-values": lambda h: np.r_[np.full(LENGTH, -3.5), 1.0, 1.0, 0.0],
+    "wrapped-values": lambda h: np.r_[np.full(LENGTH, 4.0e3), 1.0, 1.0, 0.0],  # mod 2^32
+    # in range per value, beyond the bound for its weight, and a norm far past any honest one
+    "full-weight-at-the-edge": lambda h: np.r_[np.full(LENGTH, 1.0), 1.0, 1.0, 0.0],
+    "norm-at-the-edge": lambda h: np.r_[np.full(LENGTH, 0.9 / LENGTH**0.5), 1.0, 1.0, 0.0],
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_a_malicious_client_leaves_the_average_within_the_bound_or_the_round_dropped(attack):
+    # three honest clients of 2,000 examples (weight 0.02 each) and one malicious one
+    summation = Summation(4, bound=1.0, max_examples=100_000, norm=1.0)
+    rng = np.random.default_rng(5)
+    changes = {m: {"a": rng.normal(scale=0.01, size=LENGTH)} for m in names(3)}
+    honest = {m: summation.to_vector(changes[m], 2_000, 0.0) for m in names(3)}
+    like = {"a": np.zeros(LENGTH)}
+    honest_weight = 3 * 0.02
+    total = malicious_round(ring_values(summation, ATTACKS[attack](honest_weight)), summation,
+                            honest)
+    try:
+        change, _ = summation.average(total, like, summed=4)
+    except ImpossibleSum as error:
+        assert "impossible for honest ones" in str(error)
+        return
+    # what passes is within the documented bound: each value within `bound`, the change's L2
+    # norm within `norm`
+    assert np.abs(change["a"]).max() <= summation.bound
+    assert np.linalg.norm(change["a"]) <= summation.norm + 1e-12
+    assert attack not in {"tiny-weight-huge-values", "negative-weight", "huge-values"}
+
+
+def test_the_honest_clients_alone_pass_the_check_unchanged():
+    summation = Summation(4, bound=1.0, max_examples=100_000, norm=1.0)
+    rng = np.random.default_rng(5)
+    changes = {m: {"a": rng.normal(scale=0.01, size=LENGTH)} for m in names(3)}
+    honest = {m: summation.to_vector(changes[m], 2_000, 0.0) for m in names(3)}
+    zero = ring_values(summation, np.r_[np.zeros(LENGTH), 1e-5, 1e-5, 0.0])  # one example
+    total = malicious_round(zero, summation, honest)
+    change, _ = summation.average(total, {"a": np.zeros(LENGTH)}, summed=4)
+    plain = sum(0.02 * changes[m]["a"] for m in names(3)) / (0.06 + 1e-5)
+    np.testing.assert_allclose(change["a"], plain, atol=1e-5)
 
 
 def test_out_of_order_and_substituted_keys_are_refused():
