@@ -299,8 +299,8 @@ class PrivacyConfig:
                        "each update, Gaussian noise on the sum)", "sample")
     epsilon: float = _help("target epsilon over all rounds; also each client's budget unless "
                            "its node sets one", 8.0)
-    delta: float = _help("target delta; 0 = 1/(10 n) for n records (clients at sample level)",
-                         0.0)
+    delta: float = _help("target delta; 0 = 1/(10 n) for each client's n records at sample "
+                         "level, min(1e-5, 1/N^1.1) for N clients at client level", 0.0)
     noise_multiplier: float = _help("noise std / clipping norm; 0 = computed from epsilon for "
                                     "the whole planned horizon", 0.0)
     clip_norm: float = _help("client level: L2 bound on each client's whole update", 0.1)

@@ -28,6 +28,7 @@ from common.secagg.records import (
     signatures_to_record,
 )
 from common.secagg.summation import ImpossibleSum, vector_length
+from server.client_dp import ReleaseLog
 from server.replies import check_masked_metrics
 from server.secagg import SecAggAbort, SecAggServer
 from server.strategies.fedavg import SeededFedAvg
@@ -97,6 +98,8 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
         signed = protocol.consistent(survivors, routing, {
             name: signature for name, signature in signatures.items() if signature is not None})
 
+        if summation.noise_std > 0:  # from here on the server may hold the noised sum
+            ReleaseLog(config.output.dir).record(server_round)
         replies = link.exchange(survivors, "secagg_unmask", lambda _: RecordDict(
             {keys.CONFIG: ConfigRecord({**agreed, **signatures_to_record(signed)})}))
         reveals = {name: _parse(protocol, "unmask shares", reveals_from_record, r, name) or []

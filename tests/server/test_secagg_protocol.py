@@ -534,3 +534,29 @@ def test_degenerate_public_keys_are_left_out_of_the_cohort_not_the_round(bad):
     assert "client-03" not in cohort.names and "client-03" in round_.server.rejected
     for name in cohort.names:  # the others share and mask as usual
         round_.clients[name].share_secrets(cohort)
+
+
+def test_a_third_of_the_cohort_withholding_its_noise_leaves_the_accounted_noise_in_the_sum():
+    # 15 clients, 3 drop out (the tolerated fifth), 5 of the 12 survivors collude with the
+    # server and leave their noise shares out: the 7 honest shares still add up to z C
+    from common.config import RunConfig
+    from common.secagg.plan import summation_for
+
+    z, clip, n, length = 1.1, 0.5, 15, 20_000
+    config = RunConfig.from_mapping({"privacy.dp": True, "privacy.level": "client",
+                                     "privacy.clip_norm": clip, "privacy.noise_multiplier": z,
+                                     "federation.num_clients": n, "secagg.enabled": True})
+    summation = summation_for(config, n)
+    rng = np.random.default_rng(11)
+    dropped, colluders = names(n)[:3], names(n)[3:8]
+    vectors = {}
+    for name in names(n):
+        share = 0.0 if name in colluders else rng.normal(0.0, summation.noise_std, size=length)
+        vectors[name] = summation.to_vector({"a": np.zeros(length) + share}, 1, 0.0)
+    round_ = Round(n, bound=summation.encoding.bound)
+    round_.encoding = summation.encoding
+    total = round_.run(vectors, drop_before_masking=dropped)
+    assert total[-3] == pytest.approx(n - len(dropped))  # 12 summed: all the noise needs
+    released = total[:-3]
+    assert released.std() >= 0.98 * z * clip  # what the accountant assumes (std error 0.5%)
+    assert released.std() == pytest.approx(z * clip, rel=0.02)
