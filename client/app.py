@@ -190,6 +190,8 @@ def secagg_masked(msg: Message, context: Context) -> Message:
                             secure=True, epsilon=epsilon)
     content = RecordDict({keys.ARRAYS: ArrayRecord({keys.MASKED: Array(masked)}),
                           keys.METRICS: metrics})
+    if (complaint := client.complaint()) is not None:  # neighbours whose shares did not open
+        content[keys.CONFIG] = ConfigRecord(complaint)
     return Message(content, reply_to=msg)
 
 

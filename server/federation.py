@@ -205,6 +205,8 @@ def _privacy_columns(outcome: TrainOutcome, noise: ServerSideNoise | None) -> di
         columns["clients_refused"] = outcome.refused
     if outcome.rejected:
         columns["clients_rejected"] = outcome.rejected
+    if outcome.blamed:
+        columns["clients_blamed"] = outcome.blamed
     if outcome.abandoned:
         columns["round_abandoned"] = outcome.abandoned
     if outcome.sum_refused:  # a client sent values out of bounds inside its masks

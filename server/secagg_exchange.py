@@ -19,6 +19,7 @@ from common.secagg.plan import summation_for
 from common.secagg.records import (
     RecordError,
     cohort_to_record,
+    complaint_from_record,
     keys_from_record,
     reveals_from_record,
     routing_to_record,
@@ -69,6 +70,7 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
     metrics: dict[str, MetricRecord] = {}
     sums: dict[str, float] = {}
     abandoned: Exception | None = None
+    blamed: dict[str, str] = {}
     try:
         cohort = protocol.make_cohort(public)
         replies = link.exchange(cohort.names, "secagg_shares", lambda _: RecordDict(
@@ -81,11 +83,21 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
         replies = link.exchange(sorted(inbox), "secagg_masked", lambda name: RecordDict(
             {keys.ARRAYS: arrays,
              keys.CONFIG: ConfigRecord({**base, **sealed_to_record(inbox[name], "from")})}))
-        masked = {}
+        masked, complaints = {}, {}
         for name, reply in replies.items():
             vector = _masked_vector(protocol, name, reply, length)
-            if vector is not None:
+            complaint = _complaint(protocol, name, reply) if vector is not None else None
+            if vector is not None and name not in protocol.rejected:
                 masked[name], metrics[name] = vector, reply.content[keys.METRICS]
+                if complaint is not None:
+                    complaints[name] = complaint
+        blamed = protocol.blame(complaints)
+        for name in [*blamed, *protocol.rejected]:  # left out: the accused and bad complainers
+            masked.pop(name, None)
+            metrics.pop(name, None)
+        for name in blamed:  # and never sampled again
+            strategy.roster.retire(name)
+            log(WARNING, "%s is left out for the rest of the run: %s", name, blamed[name])
         summation = summation_for(config, len(cohort.names))
         survivors = protocol.survivors(masked, summation.survivors)
         routing = protocol.routing(survivors)
@@ -120,11 +132,12 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
     rejected = dict(protocol.rejected)  # a bad step-4 reply's input may still be in the sum
     return TrainOutcome(arrays=new_arrays, metrics=_mean_loss(sums), clients=len(metrics),
                         failures=len(sampled) - len(metrics) - len(exhausted) - len(by_policy)
-                        - len(set(rejected) - set(metrics)),
+                        - len((set(rejected) | set(blamed)) - set(metrics)),
                         bytes_up=link.bytes_up, bytes_down=link.bytes_down,
                         epsilon=dict(sorted(epsilon.items())), exhausted=exhausted,
                         refused=dict(sorted(by_policy.items())),
                         rejected=dict(sorted(rejected.items())),
+                        blamed=dict(sorted(blamed.items())),
                         abandoned="" if abandoned is None else str(abandoned),
                         sum_refused=isinstance(abandoned, ImpossibleSum))
 
@@ -173,6 +186,15 @@ def _masked_vector(protocol: SecAggServer, name: str, reply: Message,
         log(WARNING, "Masked input of %s refused: %s", name, error)
         return None
     return vector
+
+
+def _complaint(protocol: SecAggServer, name: str,
+               reply: Message) -> tuple[list[str], bytes] | None:
+    """The signed complaint a masked reply carries (neighbours whose shares did not open), or
+    None; a malformed one rejects its sender."""
+    if keys.CONFIG not in reply.content.config_records:
+        return None
+    return _parse(protocol, "complaint", complaint_from_record, reply, name)
 
 
 def _parse(protocol: SecAggServer, what: str, parse, reply: Message, name: str, *args):

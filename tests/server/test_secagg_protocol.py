@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord
 
 from client import secagg as secagg_client
 from client.secagg import SecAggClient, SecAggViolation
@@ -289,17 +290,90 @@ def test_a_withheld_delivery_is_refused_before_training():
         target.sign_survivors(survivors, round_.server.routing(survivors))
 
 
-def test_tampered_shares_are_refused_before_training():
-    round_ = Round(4)
+def flipped(ciphertext: bytes) -> bytes:
+    return ciphertext[:-1] + bytes([ciphertext[-1] ^ 1])
+
+
+def test_shares_that_do_not_open_are_named_and_too_many_refused_before_training():
+    round_ = Round(4)  # 4 holders each, threshold 3: one share may fail to open
     cohort = round_.cohort()
     inbox = round_.server.route({m: c.share_secrets(cohort) for m, c in round_.clients.items()})
-    share = inbox["client-00"]["client-01"]
-    tampered = {**inbox["client-00"], "client-01": share[:-1] + bytes([share[-1] ^ 1])}
-    with pytest.raises(SecAggViolation, match="client-01 do not open"):
-        round_.clients["client-00"].check_shares(tampered)
-    swapped = {**inbox["client-00"], "client-01": inbox["client-02"]["client-01"]}  # misrouted
-    with pytest.raises(SecAggViolation, match="client-01 do not open"):
-        round_.clients["client-00"].check_shares(swapped)
+    delivery = inbox["client-00"]
+    tampered = {**delivery, "client-01": flipped(delivery["client-01"])}
+    assert round_.clients["client-00"].check_shares(tampered) == ["client-01"]
+    swapped = {**delivery, "client-01": inbox["client-02"]["client-01"]}  # misrouted
+    assert round_.clients["client-00"].check_shares(swapped) == ["client-01"]
+    two = {**tampered, "client-02": flipped(delivery["client-02"])}
+    with pytest.raises(SecAggViolation, match=r"2 do not open: \['client-01', 'client-02'\]"):
+        round_.clients["client-00"].check_shares(two)
+    own = {**delivery, "client-00": flipped(delivery["client-00"])}
+    with pytest.raises(SecAggViolation, match="client-00 do not open"):
+        round_.clients["client-00"].check_shares(own)
+
+
+def test_a_share_sealed_for_another_holder_does_not_open_as_this_ones():
+    round_ = Round(4)
+    cohort = round_.cohort()
+    sender = round_.clients["client-01"]
+    sealed = sender.share_secrets(cohort)
+    inbox = round_.server.route({"client-01": sealed, **{
+        m: c.share_secrets(cohort) for m, c in round_.clients.items() if m != "client-01"}})
+    plaintext = secagg_client.channel.open_sealed(
+        sender._share_key(cohort, "client-00"), inbox["client-00"]["client-01"],
+        sender._context("client-01", "client-00"))
+    wrong_x = (9).to_bytes(4, "big") + plaintext[4:]  # well sealed, but another holder's index
+    inbox["client-00"]["client-01"] = secagg_client.channel.seal(
+        sender._share_key(cohort, "client-00"), wrong_x, sender._context("client-01", "client-00"))
+    assert round_.clients["client-00"].check_shares(inbox["client-00"]) == ["client-01"]
+
+
+def test_a_neighbour_whose_shares_do_not_open_is_blamed_and_the_round_completes_without_it():
+    from common.secagg.records import complaint_from_record
+
+    n = 7  # 7 holders each, threshold 5
+    round_ = Round(n)
+    cohort = round_.cohort()
+    sealed = {m: c.share_secrets(cohort) for m, c in round_.clients.items()}
+    sealed["client-03"]["client-00"] = flipped(sealed["client-03"]["client-00"])
+    inbox = round_.server.route(sealed)
+    vectors = random_vectors(n)
+    masked, complaints = {}, {}
+    for name, client in round_.clients.items():
+        client.check_shares(inbox[name], min_delivered=0.8)
+        masked[name] = client.mask(inbox[name], vectors[name], round_.encoding, RNG)
+        if (complaint := client.complaint()) is not None:
+            complaints[name] = complaint_from_record(ConfigRecord(complaint))
+    assert list(complaints) == ["client-00"] and complaints["client-00"][0] == ["client-03"]
+    blamed = round_.server.blame(complaints)
+    assert blamed == {"client-03": "its shares to client-00 do not open (signed complaint)"}
+    del masked["client-03"]  # left out of the round (the exchange does this, and retires it)
+    survivors = round_.server.survivors(masked)
+    routing = round_.server.routing(survivors)
+    signed = round_.server.consistent(survivors, routing, {
+        m: round_.clients[m].sign_survivors(survivors, routing) for m in survivors})
+    reveals = {m: round_.clients[m].reveal(survivors, routing, signed) for m in survivors}
+    total = round_.encoding.decode(round_.server.unmask(masked, reveals))
+    np.testing.assert_allclose(total, sum(vectors[m] for m in survivors),
+                               atol=round_.encoding.error_bound())
+
+
+def test_a_complaint_that_is_forged_or_names_strangers_rejects_its_author():
+    round_ = Round(7)
+    cohort = round_.cohort()
+    round_.server.route({m: c.share_secrets(cohort) for m, c in round_.clients.items()})
+    client = round_.clients["client-01"]
+    client.accused = ["client-02"]
+    accused, signature = client.complaint()["accused"], client.complaint()["complaint"]
+    assert round_.server.blame({"client-04": (accused, signature)}) == {}  # not its signature
+    assert "no valid signature" in round_.server.rejected["client-04"]
+    client.accused = ["client-02", "client-03", "client-04"]  # 4 left of 7: below t = 5
+    record = client.complaint()
+    assert round_.server.blame({"client-01": (record["accused"], record["complaint"])}) == {}
+    assert "fewer shares than the threshold" in round_.server.rejected["client-01"]
+    client.accused = ["stranger"]
+    record = client.complaint()
+    assert round_.server.blame({"client-01": (record["accused"], record["complaint"])}) == {}
+    assert "sent it no shares" in round_.server.rejected["client-01"]
 
 
 def test_masking_a_checked_delivery_decrypts_each_share_once(monkeypatch):
@@ -324,16 +398,12 @@ def test_masking_a_delivery_other_than_the_checked_one_checks_it():
     inbox = round_.server.route({m: c.share_secrets(cohort) for m, c in round_.clients.items()})
     target, delivery = round_.clients["client-00"], inbox["client-00"]
     target.check_shares(delivery)
-    share = delivery["client-01"]
-    tampered = {**delivery, "client-01": share[:-1] + bytes([share[-1] ^ 1])}
-    with pytest.raises(SecAggViolation, match="client-01 do not open"):
-        mask_zeros(target, tampered)
-    delivery["client-01"] = tampered["client-01"]  # changed in place after the check
-    with pytest.raises(SecAggViolation, match="client-01 do not open"):
-        mask_zeros(target, delivery)
     too_few = {m: delivery[m] for m in sorted(delivery)[:2]}
     with pytest.raises(SecAggViolation, match="are needed"):
         mask_zeros(target, too_few)
+    delivery["client-01"] = flipped(delivery["client-01"])  # changed in place after the check
+    mask_zeros(target, delivery)
+    assert target.accused == ["client-01"] and "client-01" not in target.partners
 
 
 def test_the_graph_is_the_cohorts_not_the_servers():
