@@ -65,8 +65,8 @@ class RunDirError(RuntimeError):
 
 def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
                    simulated: bool = False,
-                   node_names: Callable[[int], str | None] | None = None
-                   ) -> list[dict[str, Any]]:
+                   node_names: Callable[[int], str | None] | None = None,
+                   ask_names: bool = True) -> list[dict[str, Any]]:
     """Run (or continue) the rounds of `config`; return the metrics rows of the whole run.
 
     `simulated`: the server's own randomness (client-level DP noise) follows `config.seed` so a
@@ -76,7 +76,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
     prepare_run_dir(run_dir, config, resume=resume)
     task = cached_task(config)
     write_label_names(run_dir, task.data.label_names)
-    roster = Roster(node_names)
+    roster = Roster(node_names, ask=ask_names)
     federation = config.federation
     client_level = config.privacy.client_level
     noise = ServerSideNoise(config, seeded=simulated) if client_level else None
