@@ -35,7 +35,7 @@ from client.policy import (
     train_metrics,
 )
 from client.randomness import round_seeds
-from client.secagg import SecAggClient, SecAggViolation
+from client.secagg import SecAggClient, SecAggViolation, peer_violations
 from common import console
 from common import record_keys as keys
 from common.adapter import from_record, load_trainable_state, to_record, trainable_state
@@ -130,6 +130,8 @@ def secagg_keys(msg: Message, context: Context) -> Message:
     node = Node.from_node_config(context.node_config, config)
     if (refused := _gate(msg, config, node, secure=True)) is not None:
         return refused
+    if broken := peer_violations(node, config):  # pinned consortium keys, unless waived
+        return refusal(msg, broken)
     session = bytes(msg.content[keys.CONFIG][keys.SECAGG_SESSION])
     if SECAGG_STATE in context.state:
         previous = SecAggClient.from_bytes(bytes(context.state[SECAGG_STATE]["state"]))
@@ -152,9 +154,10 @@ def secagg_shares(msg: Message, context: Context) -> Message:
     config, _ = _round_settings(msg)
     node = Node.from_node_config(context.node_config, config)
     cohort = cohort_from_record(msg.content[keys.CONFIG])
-    if broken := cohort_violations(node.policy, len(cohort.names), cohort.threshold):
-        return refusal(msg, broken)
     pinned = read_peers(node.policy.peers) if node.policy.peers else None
+    if broken := (cohort_violations(node.policy, len(cohort.names), cohort.threshold)
+                  + client.pin_violations(cohort, pinned)):
+        return refusal(msg, broken)
     sealed = client.share_secrets(cohort, pinned)
     _keep(context, client)
     return Message(RecordDict({keys.CONFIG: ConfigRecord(sealed_to_record(sealed, "to"))}),

@@ -40,6 +40,7 @@ MIN_THRESHOLD = "min-threshold"
 SHARE_EVALUATION = "share-evaluation"
 LABELS_JSON = "labels-json"
 BUDGET = "budget-epsilon"
+PEERS = "peers"
 
 
 class PolicyError(ValueError):
@@ -66,6 +67,7 @@ class NodePolicy:
     split_seed: int = 0  # this node's seed for that split (never the server's)
     peers: str = ""  # directory of the consortium's <name>.pub node keys: sign with this
     # node's key and accept only cohorts whose every member's key is pinned there
+    require_peers: bool = True  # refuse secure aggregation without `peers` (waived loudly)
     max_dropout: float = 0.2  # largest share of its share holders whose shares may be missing
     # when it masks (a server withholding more could leave it masked by colluders alone)
 
@@ -94,7 +96,7 @@ class NodePolicy:
     def simulated(cls, config: RunConfig, client_name: str) -> NodePolicy:
         """A virtual node's policy: whatever the researcher's run asks, within its budget."""
         privacy = config.privacy
-        return cls(require_dp=False, require_secagg=False,
+        return cls(require_dp=False, require_secagg=False, require_peers=False,
                    budget_epsilon=privacy.budgets().get(client_name, privacy.epsilon),
                    max_delta=privacy.delta, min_noise_multiplier=0.0,
                    accountant=privacy.accountant, share_evaluation=True, report_epsilon=True,

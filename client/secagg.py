@@ -16,6 +16,9 @@ import secrets
 
 import numpy as np
 
+from client.node import Node
+from client.policy import PEERS
+from common.config import RunConfig
 from common.secagg import channel, prg, ring, shamir
 from common.secagg.graph import default_neighbours
 from common.secagg.protocol import (
@@ -41,6 +44,23 @@ from common.secagg.signing import (
 
 class SecAggViolation(ValueError):
     """The server asked for something out of order or unsafe; the client refuses."""
+
+
+def peer_violations(node: Node, config: RunConfig) -> list[str]:
+    """The `peers` rule a secure round breaks on this node (empty: none). A deployed node
+    takes part only with its consortium's keys pinned, unless its operator waived that
+    (`--allow-unpinned-peers`); under client-level DP even then, since a server that could
+    fill a cohort with clients of its own would know their noise shares. Simulated nodes are
+    the researcher's own."""
+    if node.simulated or node.policy.peers:
+        return []
+    if config.privacy.client_level:
+        return [f"{PEERS}: client-level DP under secure aggregation needs the consortium's keys "
+                "pinned (--peers): the noise counts on the other members being real clients"]
+    if node.policy.require_peers:
+        return [f"{PEERS}: this node uses secure aggregation only with its consortium's keys "
+                "pinned (--peers DIR from `fedtune certs consortium`)"]
+    return []
 
 
 class SecAggClient:
@@ -249,14 +269,24 @@ class SecAggClient:
             raise SecAggViolation(f"{cohort.neighbours} neighbours is fewer than "
                                   f"{default_neighbours(n)}, the least for {n} clients")
 
+    @staticmethod
+    def pin_violations(cohort: Cohort, pinned: dict[str, bytes] | None) -> list[str]:
+        """The `peers` rule a cohort breaks: a member whose signing key is not the one this
+        node pins for its name (a client the server made up, or a substituted key)."""
+        if pinned is None:
+            return []
+        strangers = [name for name in cohort.names
+                     if pinned.get(name) != cohort.public(name, "sig")]
+        if not strangers:
+            return []
+        return [f"{PEERS}: the signing key of {', '.join(strangers[:5])} is not the one this node "
+                "pins for that name"]
+
     def _check_signed_keys(self, cohort: Cohort, pinned: dict[str, bytes] | None) -> None:
         """Pinned signing keys for every member (they sign the survivor set later); a valid
         key signature for each neighbour, the keys this client will use."""
-        if pinned is not None:
-            for name in cohort.names:
-                if pinned.get(name) != cohort.public(name, "sig"):
-                    raise SecAggViolation(f"peers: {name}'s signing key is not the one this "
-                                          "node pins for it")
+        if broken := self.pin_violations(cohort, pinned):
+            raise SecAggViolation(broken[0])
         for name in [*cohort.graph()[self.name], self.name]:
             c, s, sig = (cohort.public(name, kind) for kind in ("c", "s", "sig"))
             signature = cohort.key_signatures[cohort.position[name]]

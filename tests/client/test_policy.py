@@ -128,7 +128,8 @@ def test_a_repeated_step_one_and_a_step_three_out_of_order_are_refused_before_tr
     config = run_config(tiny_model_dir, toy_data_dir, **{"secagg.enabled": True,
                                                          "federation.num_clients": 3})
     ledger = tmp_path / "ledger"
-    context = node_context(toy_data_dir, ledger, **{"budget-epsilon": 8.0})
+    context = node_context(toy_data_dir, ledger, **{"budget-epsilon": 8.0,
+                                                     "require-peers": False})
     session = {keys.SECAGG_SESSION: b"s" * 16}
     reply = client_app.secagg_keys(request(config, "train.secagg_keys", **session), context)
     assert keys.CONFIG in reply.content.config_records
@@ -183,7 +184,7 @@ def test_a_classifier_is_trained_only_over_a_declared_label_set(tiny_model_dir, 
 def test_client_level_noise_below_the_node_floor_is_refused():
     config = RunConfig.from_mapping({"privacy.dp": True, "privacy.level": "client",
                                      "privacy.epsilon": 8.0, "federation.rounds": 1,
-                                     "federation.num_clients": 2})  # z = 0.35
+                                     "privacy.delta": 0.05, "federation.num_clients": 2})  # z 0.35
     waived = NodePolicy(require_dp=False, require_secagg=False)
     broken = request_violations(waived, config, secure=False)
     assert len(broken) == 1 and broken[0].startswith(MIN_NOISE)

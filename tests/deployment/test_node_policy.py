@@ -91,8 +91,8 @@ def test_deployed_client_level_noise_cannot_be_regenerated_from_the_run_configur
     federation = Federation(tmp_path, tiny_model_dir, rounds=1,
                             extra='[privacy]\ndp = true\nlevel = "client"\nepsilon = 8.0\n')
     try:
-        # epsilon 8 in one release is z = 0.35: below the default floor, which applies to
-        # client-level noise too, so the permissive node lowers it
+        # the floor applies to client-level noise too (epsilon 8 in one release at delta 1e-5
+        # is z = 0.60, above it; the permissive node lowers it anyway)
         row = run_two_node_federation(federation, ("--allow-no-dp", "--allow-no-secagg",
                                                    "--min-noise-multiplier", "0.3"))
     finally:
