@@ -111,13 +111,14 @@ class Summation:
             if abs(examples) > slack:
                 problems.append(f"example share {examples:.6g} where none is sent")
             weight = summed
-        if not -slack <= loss <= max(examples, 0.0) + slack:
+        if not -slack <= loss <= max(examples, 0.0) + 2 * slack:
             problems.append(f"loss share {loss:.6g} outside [0, the example share]")
+        weight = max(weight, 0.0) + slack  # the most the exact weight can be
         largest = float(np.abs(values).max()) if values.size else 0.0
-        if largest > self.bound * max(weight, 0.0) + slack:
+        if largest > self.bound * weight + slack:
             problems.append(f"a value {largest:.6g} beyond {self.bound:g} x the weight")
         norm = float(np.linalg.norm(values))
-        allowed = (self.norm * max(weight, 0.0) + self.noise_allowance(summed, values.size)
+        allowed = (self.norm * weight + self.noise_allowance(summed, values.size)
                    + slack * math.sqrt(values.size))
         if norm > allowed:
             problems.append(f"L2 norm {norm:.6g} beyond {allowed:.6g}")
