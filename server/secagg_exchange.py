@@ -83,19 +83,8 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
         replies = link.exchange(sorted(inbox), "secagg_masked", lambda name: RecordDict(
             {keys.ARRAYS: arrays,
              keys.CONFIG: ConfigRecord({**base, **sealed_to_record(inbox[name], "from")})}))
-        masked, complaints = {}, {}
-        for name, reply in replies.items():
-            vector = _masked_vector(protocol, name, reply, length)
-            complaint = _complaint(protocol, name, reply) if vector is not None else None
-            if vector is not None and name not in protocol.rejected:
-                masked[name], metrics[name] = vector, reply.content[keys.METRICS]
-                if complaint is not None:
-                    complaints[name] = complaint
-        blamed = protocol.blame(complaints)
-        for name in [*blamed, *protocol.rejected]:  # left out: the accused and bad complainers
-            masked.pop(name, None)
-            metrics.pop(name, None)
-        for name in blamed:  # and never sampled again
+        masked, metrics, blamed = _masked_inputs(protocol, replies, length)
+        for name in blamed:  # left out of this round, and never sampled again
             strategy.roster.retire(name)
             log(WARNING, "%s is left out for the rest of the run: %s", name, blamed[name])
         summation = summation_for(config, len(cohort.names))
@@ -186,6 +175,26 @@ def _masked_vector(protocol: SecAggServer, name: str, reply: Message,
         log(WARNING, "Masked input of %s refused: %s", name, error)
         return None
     return vector
+
+
+def _masked_inputs(protocol: SecAggServer, replies: dict[str, Message], length: int
+                   ) -> tuple[dict[str, np.ndarray], dict[str, MetricRecord], dict[str, str]]:
+    """Step 3: the masked vectors and metrics to go on with, and {accused: why} of the valid
+    complaints that came with them; the accused and the authors of invalid complaints are left
+    out."""
+    masked, metrics, complaints = {}, {}, {}
+    for name, reply in replies.items():
+        vector = _masked_vector(protocol, name, reply, length)
+        complaint = _complaint(protocol, name, reply) if vector is not None else None
+        if vector is not None and name not in protocol.rejected:
+            masked[name], metrics[name] = vector, reply.content[keys.METRICS]
+            if complaint is not None:
+                complaints[name] = complaint
+    blamed = protocol.blame(complaints)
+    for name in [*blamed, *protocol.rejected]:
+        masked.pop(name, None)
+        metrics.pop(name, None)
+    return masked, metrics, blamed
 
 
 def _complaint(protocol: SecAggServer, name: str,
