@@ -95,6 +95,13 @@ def _add_deployment_commands(commands: Any) -> None:
     node.add_argument("dir", type=Path)
     node.add_argument("name")
     node.add_argument("--force", action="store_true", help="replace existing files")
+    consortium = kinds.add_parser("consortium", help="bundle the nodes' public keys for every "
+                                  "node to pin (`fedtune client --peers DIR`)")
+    consortium.add_argument("dir", type=Path, help="the bundle directory to write")
+    consortium.add_argument("keys", type=Path, nargs="+", metavar="NAME.pub",
+                            help="every node's public key, named as `fedtune server --node` "
+                            "names it")
+    consortium.add_argument("--force", action="store_true", help="replace an existing bundle")
 
     server = commands.add_parser("server", help="run the federation's SuperLink and ServerApp")
     server.add_argument("--certs", type=Path, required=True, help="directory from `certs init`")
@@ -160,6 +167,12 @@ def run_deployment(args: argparse.Namespace) -> int:
         if args.certs_command == "init":
             made = certs.init(args.dir, args.server_host, force=args.force)
             print(f"CA {made.ca_cert}, server certificate {made.server_cert}")
+        elif args.certs_command == "consortium":
+            from common.consortium import bundle
+
+            made = bundle(args.dir, args.keys, force=args.force)
+            print(f"{len(made.names)} node keys in {made.directory} (give it to every node: "
+                  f"--peers); bundle sha256:{made.digest}")
         else:
             private, public = certs.node_key(args.dir, args.name, force=args.force)
             print(f"node key {private} (keep it on the node), public key {public} (give it to "

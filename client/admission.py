@@ -69,16 +69,14 @@ def admit(request: Request, *, secure: bool, answered: bool = False,
     carries the adapter to train (secure aggregation's step 1 carries none yet)."""
     config, policy, node = request.config, request.node.policy, request.node
     broken = request_violations(policy, config, node, secure=secure)
-    if broken:
-        return Refused(broken)
-    broken = model_violations(policy, config, request.task)
+    if any(rule.startswith((MODELS, TASK, LABELS_JSON)) for rule in broken):
+        return Refused(broken)  # the model is not one this node loads: nothing more to check
+    broken += model_violations(policy, config, request.task)
     if trains:
         broken += adapter_violations(policy, request.task, request.adapter)
-    if broken:
-        return Refused(broken)
     if not config.privacy.sample_level:
-        return Admission()
-    return _dp_admission(request, answered)
+        return Refused(broken) if broken else Admission()
+    return _dp_admission(request, answered, broken)
 
 
 def request_violations(policy: NodePolicy, config: RunConfig, node: Node, *,
@@ -163,21 +161,24 @@ def planning(request: Request) -> tuple[int | None, float]:
     return node.policy.planning_rows or config.privacy.planning_rows or None, node.policy.delta
 
 
-def _dp_admission(request: Request, answered: bool) -> Admission | Refused:
+def _dp_admission(request: Request, answered: bool, broken: list[str]) -> Admission | Refused:
+    """Add the DP-SGD plan's broken rules to `broken` (every rule is named at once), then the
+    budget."""
     config, policy = request.config, request.node.policy
     planning_rows, delta = planning(request)
     if planning_rows is None:
-        return Refused([f"{PLANNING_ROWS}: this node plans DP-SGD only for a public row count: "
-                        "the server sent no privacy.planning_rows and the node's policy sets "
-                        "none"])
+        return Refused([*broken, f"{PLANNING_ROWS}: this node plans DP-SGD only for a public "
+                        "row count: the server sent no privacy.planning_rows and the node's "
+                        "policy sets none"])
     try:
         ledger = request.ledger(delta)
         plan = plan_round(config, planning_rows, delta, ledger.accountant)
     except PrivacyError as error:
-        return Refused([f"privacy.epsilon: {error}"])
+        return Refused([*broken, f"privacy.epsilon: {error}"])
     if answered:
-        return Admission(None, ledger)
-    broken = plan_violations(policy, plan, ledger, config, request.server_round, request.run)
+        return Refused(broken) if broken else Admission(None, ledger)
+    broken = broken + plan_violations(policy, plan, ledger, config, request.server_round,
+                                      request.run)
     if broken:
         return Refused(broken)
     if ledger.epsilon_after(plan.event) > policy.budget():

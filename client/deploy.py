@@ -24,6 +24,7 @@ from common import certs
 from common.app_bundle import app_digest, check_digest
 from common.config import CAUSAL_LM, CLASSIFICATION, DataConfig
 from common.console import keep_line
+from common.consortium import pinned_digest
 from common.data import LABELS_FILE, DataError, load_data, training_records, training_rows
 from common.secagg.signing import Signer, SigningError, read_peers
 from common.tool_path import stop_child, tool_env
@@ -64,6 +65,8 @@ def supernode_command(settings: ClientSettings) -> list[str]:
               "ledger-dir": str(settings.ledger.resolve()), "name": settings.name,
               "node-key": str(settings.node_key.resolve()),
               **settings.policy.to_node_config()}
+    if settings.policy.peers:  # read by the ClientApp, whatever its working directory
+        values["peers"] = str(Path(settings.policy.peers).resolve())
     node_config = [f"{key}={_toml_value(value)}" for key, value in values.items()]
     tool = shutil.which("flower-supernode", path=str(Path(sys.executable).parent)) or \
         shutil.which("flower-supernode") or "flower-supernode"
@@ -72,10 +75,23 @@ def supernode_command(settings: ClientSettings) -> list[str]:
             "--port", str(settings.port), "--node-config", " ".join(node_config)]
 
 
+UNPINNED = ("fedtune: WARNING: --allow-unpinned-peers: this node takes part in secure "
+            "aggregation without its consortium's keys pinned. Signing keys then come through "
+            "the server, which can make up members of a cohort and subtract their inputs from "
+            "the sum to learn this node's update. Client-level DP rounds are refused.")
+
+
 def check_peers(settings: ClientSettings) -> None:
-    """With pinned peers, this node's own key must be among them under its name (else every
-    cohort would be refused)."""
+    """A node pins its consortium's keys (`--peers DIR`, from `fedtune certs consortium`), and
+    the bundle must hold its own key under its name (else every cohort would be refused);
+    without them it starts only where its operator waived pinning, and says so loudly."""
     if not settings.policy.peers:
+        if settings.policy.require_peers:
+            raise certs.CertError(
+                "peers: give --peers DIR, the consortium's node keys (made by the operator with "
+                "`fedtune certs consortium`), so that no server can make up members of a "
+                "secure-aggregation cohort; or waive it with --allow-unpinned-peers")
+        print(UNPINNED, file=sys.stderr, flush=True)
         return
     try:
         pinned = read_peers(settings.policy.peers)
@@ -85,6 +101,8 @@ def check_peers(settings: ClientSettings) -> None:
     if pinned.get(settings.name) != own:
         raise certs.CertError(f"peers: {settings.policy.peers} has no {settings.name}.pub "
                               f"matching this node's key {settings.node_key}")
+    print(f"fedtune: pinned peers: {len(pinned)} node keys, bundle sha256:"
+          f"{pinned_digest(settings.policy.peers)} (compare it with the operator's)", flush=True)
 
 
 def check_data(path: Path, policy: NodePolicy) -> int:

@@ -41,6 +41,7 @@ MAX_LORA_RANK = "max-lora-rank"
 MAX_ADAPTER_VALUE = "max-adapter-value"
 TASK = "task"  # a request for another task than the node's data holds
 LABELS_JSON = "labels-json"
+PEERS = "peers"
 
 UNLIMITED = 2**62  # a simulated node's size limits: the researcher is both sides
 
@@ -108,6 +109,11 @@ class NodePolicy:
     label_field: str = setting("field holding the label", "label")
     peers: str = setting("the consortium's <name>.pub node keys: sign secure aggregation with "
                          "this node's key and refuse any cohort with a key not pinned there", "")
+    require_peers: bool = setting(
+        "refuse secure aggregation without pinned peers (`peers`)", True,
+        flag="--allow-unpinned-peers", invert=True,
+        flag_help="waive pinning the consortium's keys (--peers): a server could then make up "
+                  "cohort members (printed as a warning); client-level DP is refused anyway")
     max_dropout: float = setting("largest share of neighbours whose secure-aggregation shares "
                                  "may be missing when it masks", 0.2)
 
@@ -152,7 +158,8 @@ class NodePolicy:
         """A virtual node's policy: whatever the researcher's run asks, within its budget."""
         privacy = config.privacy
         budget = privacy.budgets().get(client_name, privacy.epsilon)
-        return cls(require_dp=False, require_secagg=False, budget_epsilon=budget,
+        return cls(require_dp=False, require_secagg=False, require_peers=False,
+                   budget_epsilon=budget,
                    max_epsilon_per_round=sys.float_info.max,
                    max_epsilon_per_run=sys.float_info.max,
                    min_noise_multiplier=0.0, accountant=privacy.accountant,

@@ -20,10 +20,9 @@ from client.local_round import recall, remember, train_round
 from client.node_state import Release
 from client.replies import train_metrics
 from client.request import Request
-from client.secagg import SecAggClient, SecAggViolation
+from client.secagg import SecAggClient, SecAggViolation, peer_violations
 from common import record_keys as keys
 from common.secagg.plan import summation_for
-from common.secagg.protocol import Summation
 from common.secagg.records import (
     cohort_from_record,
     keys_to_record,
@@ -34,6 +33,7 @@ from common.secagg.records import (
     signatures_from_record,
 )
 from common.secagg.signing import Signer, read_peers
+from common.secagg.summation import Summation
 
 CONTEXT_STATE = "secagg"  # a simulated node's protocol state, in its Flower context
 SECURE = "secure"  # the kind of release step 3 makes: the change to sum, noise share included
@@ -43,6 +43,8 @@ def start(request: Request) -> Message | Refused:
     """Step 1: fresh key pairs and self-mask seed for this round; the public keys go out."""
     if isinstance(verdict := admit(request, secure=True, trains=False), Refused):
         return verdict
+    if broken := peer_violations(request.node, request.config):  # pinned consortium keys
+        return Refused(broken)
     session = _session(request)
     if _load(request, session) is not None:
         raise SecAggViolation("a second step 1 in this round: keys are never replaced")
@@ -67,9 +69,10 @@ def share(request: Request) -> Message | Refused:
     if cohort.threshold < policy.min_threshold:
         broken.append(f"min-threshold: threshold {cohort.threshold}, this node needs at least "
                       f"{policy.min_threshold}")
+    pinned = read_peers(policy.peers) if policy.peers else None
+    broken += client.pin_violations(cohort, pinned)
     if broken:
         return Refused(broken)
-    pinned = read_peers(policy.peers) if policy.peers else None
     sealed = client.share_secrets(cohort, pinned)
     _keep(request, client)
     return _reply(request, {keys.CONFIG: ConfigRecord(sealed_to_record(sealed, "to"))})
@@ -87,7 +90,8 @@ def mask(request: Request) -> Message | Refused:
     if isinstance(verdict, Refused):
         return verdict
     received = sealed_from_record(request.msg.content[keys.CONFIG], "from")
-    # too few or bad shares: refused before training too
+    # too few shares: refused before training too; neighbours whose shares do not open are
+    # left out of the masks and named in a signed complaint
     client.check_shares(received, min_delivered=1 - request.node.policy.max_dropout)
     summation = summation_for(request.config, client.cohort_size())
     release = kept or remember(request, SECURE,
@@ -99,8 +103,10 @@ def mask(request: Request) -> Message | Refused:
     epsilon = verdict.ledger.spent() if verdict.ledger is not None else None
     metrics = train_metrics(examples=release.examples, loss=release.loss,
                             dp=request.config.privacy.dp, secure=True, epsilon=epsilon)
-    return _reply(request, {keys.ARRAYS: ArrayRecord({keys.MASKED: Array(masked)}),
-                            keys.METRICS: metrics})
+    content = {keys.ARRAYS: ArrayRecord({keys.MASKED: Array(masked)}), keys.METRICS: metrics}
+    if (complaint := client.complaint()) is not None:
+        content[keys.CONFIG] = ConfigRecord(complaint)
+    return _reply(request, content)
 
 
 def consistency(request: Request) -> Message:

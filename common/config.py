@@ -319,8 +319,9 @@ class PrivacyConfig:
                        "each update, Gaussian noise on the sum)", "sample")
     epsilon: float = _help("target epsilon over all rounds; also each client's budget unless "
                            "its node sets one", 8.0)
-    delta: float = _help("target delta; 0 = 1/(10 n) for n records (simulated clients at "
-                         "sample level; a deployed node always accounts at its own delta)", 0.0)
+    delta: float = _help("target delta; 0 = 1/(10 n) for each simulated client's n records at "
+                         "sample level (a deployed node always accounts at its own delta), "
+                         "min(1e-5, 1/N^1.1) for N clients at client level", 0.0)
     planning_rows: int = _help("DP-SGD: the row count a client plans for (sample rate = "
                                "batch_size / planning_rows, an epoch = planning_rows / "
                                "batch_size steps); public. 0 = a simulated client's own row "

@@ -25,12 +25,21 @@ from common.app_bundle import APP_DIR, app_digest
 from common.config import RunConfig
 from common.console import filtered
 from common.tool_path import stop_child, tool_env
-from server.app import CONFIG_FILE_KEY, refuse_audit
+from server.app import CONFIG_FILE_KEY, NODE_NAMES_KEY, refuse_audit
 from server.config_guard import ConfigChangeError, check_restart
 from server.fleet_proxy import ProxyError, ProxySettings, nginx_binary, start_proxy
-from server.node_registry import RegistryError, control_client, key_bytes, sync_nodes
+from server.node_registry import (
+    RegistryError,
+    control_client,
+    key_bytes,
+    key_names,
+    node_names,
+    sync_nodes,
+    write_node_names,
+)
 
 RUN_DIR = "run"
+NODE_NAMES_FILE = "node-names.json"  # {node id: name} the ServerApp names nodes by
 FEDERATION = "fedtune"
 
 
@@ -77,6 +86,7 @@ def serve(settings: ServerSettings) -> int:
         client = control_client(f"127.0.0.1:{link_port}", ca)
         try:  # before the public port opens: a revoked key never gets a window
             synced = sync_nodes(client, settings.nodes)
+            write_node_names(state / NODE_NAMES_FILE, node_names(client, settings.nodes))
         finally:
             client.close()
         proxy = start_proxy(ProxySettings(settings.host, settings.port, link_port, ca, cert, key,
@@ -106,6 +116,7 @@ def _check_inputs(settings: ServerSettings) -> tuple[Path, Path, Path]:
         if not public_key.is_file():
             raise certs.CertError(f"node public key {public_key} does not exist")
         key_bytes(public_key)
+    key_names(settings.nodes)  # one name per key, one key per name
     nginx_binary()
     return ca, cert, key
 
@@ -164,8 +175,9 @@ def _write_cli_config(path: Path, port: int, ca: Path) -> None:
 
 def _run(settings: ServerSettings, env: dict[str, str], link_port: int, ca: Path) -> int:
     run_dir = (settings.state_dir / RUN_DIR).resolve()
+    names = (settings.state_dir / NODE_NAMES_FILE).resolve()
     overrides = (f"{CONFIG_FILE_KEY}='{settings.config_file.resolve()}' "
-                 f"output.dir='{run_dir}'")
+                 f"output.dir='{run_dir}' {NODE_NAMES_KEY}='{names}'")
     run = subprocess.Popen([_tool("flwr"), "run", str(APP_DIR), FEDERATION, "--stream",
                             "--run-config", overrides], env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT)

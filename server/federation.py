@@ -65,8 +65,8 @@ class RunDirError(RuntimeError):
 
 def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
                    simulated: bool = False,
-                   node_names: Callable[[int], str | None] | None = None
-                   ) -> list[dict[str, Any]]:
+                   node_names: Callable[[int], str | None] | None = None,
+                   ask_names: bool = True) -> list[dict[str, Any]]:
     """Run (or continue) the rounds of `config`; return the metrics rows of the whole run.
 
     `simulated`: the server's own randomness (client-level DP noise) follows `config.seed` so a
@@ -76,7 +76,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
     prepare_run_dir(run_dir, config, resume=resume)
     task = cached_task(config)
     write_label_names(run_dir, task.data.label_names)
-    roster = Roster(node_names)
+    roster = Roster(node_names, ask=ask_names)
     federation = config.federation
     client_level = config.privacy.client_level
     noise = ServerSideNoise(config, seeded=simulated) if client_level else None
@@ -90,14 +90,15 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
         arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG)
     optimizer = server_optimizer(config.aggregation)
 
-    arrays, done, releases = dict(task.initial_adapter), 0, 0
+    arrays, done = dict(task.initial_adapter), 0
     if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
         check_fits(checkpoint, arrays, run_dir / CHECKPOINT_DIR)
         arrays, done = checkpoint.arrays, checkpoint.round
         strategy.load_state_dict(checkpoint.state["strategy"])
         optimizer.load_state_arrays(checkpoint.optimizer)
         roster.retired.update(checkpoint.state["retired"])
-        releases = checkpoint.state.get("releases", 0)
+        if noise is not None:  # a checkpoint from before the release log counted them
+            noise.log.at_least(checkpoint.state.get("releases", 0))
     keep_rounds_up_to(run_dir, done)
 
     display = round_progress.current()
@@ -119,10 +120,8 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
             outcome = train_exchange(grid, strategy, server_round, arrays, settings, config)
         if outcome.arrays is not None:
             average = from_record(outcome.arrays)
-            if noise is not None:
-                if not config.secagg.enabled:  # under secure aggregation the clients noised it
-                    average = noise.privatise(average, outcome.clients, server_round)
-                releases += 1
+            if noise is not None and not config.secagg.enabled:  # else the clients noised it
+                average = noise.privatise(average, outcome.clients, server_round)  # accounted
             # the server optimiser sees only the (secure, noised) average: post-processing
             arrays = optimizer.step(arrays, average, server_round)
         eval_messages = list(strategy.configure_evaluate(server_round, to_record(arrays),
@@ -140,7 +139,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
             "train_loss": _metric(outcome.metrics, keys.TRAIN_LOSS),
             "bytes_up": outcome.bytes_up,
             "bytes_down": outcome.bytes_down + _bytes(eval_messages),
-            **_privacy_columns(outcome, noise, releases),
+            **_privacy_columns(outcome, noise),
             **summarise_client_evaluation(eval_replies, roster),
             "seconds": time.perf_counter() - started,
         }
@@ -150,8 +149,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
         if config.model.task == CAUSAL_LM:
             for sample in sample_generations(task):
                 append_round(run_dir, {"round": server_round, **sample}, SAMPLES_FILE)
-        state = {"strategy": strategy.state_dict(), "retired": sorted(roster.retired),
-                 "releases": releases}
+        state = {"strategy": strategy.state_dict(), "retired": sorted(roster.retired)}
         save_checkpoint(run_dir, Checkpoint(round=server_round, arrays=arrays, state=state,
                                             optimizer=optimizer.state_arrays()))
         display.round_done(row)
@@ -197,8 +195,7 @@ def train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
                         rejected=dict(sorted(rejected.items())))
 
 
-def _privacy_columns(outcome: TrainOutcome, noise: ServerSideNoise | None,
-                     releases: int) -> dict[str, Any]:
+def _privacy_columns(outcome: TrainOutcome, noise: ServerSideNoise | None) -> dict[str, Any]:
     columns: dict[str, Any] = {}
     if outcome.epsilon:
         columns["epsilon"] = outcome.epsilon
@@ -209,8 +206,14 @@ def _privacy_columns(outcome: TrainOutcome, noise: ServerSideNoise | None,
         columns["clients_refused"] = outcome.refused
     if outcome.rejected:
         columns["clients_rejected"] = outcome.rejected
+    if outcome.blamed:
+        columns["clients_blamed"] = outcome.blamed
+    if outcome.abandoned:
+        columns["round_abandoned"] = outcome.abandoned
+    if outcome.sum_refused:  # a client sent values out of bounds inside its masks
+        columns["sums_refused"] = 1
     if noise is not None:
-        columns["epsilon_client_level"] = noise.epsilon(releases)
+        columns["epsilon_client_level"] = noise.epsilon()
     return columns
 
 

@@ -188,3 +188,23 @@ def test_thirty_probes_cannot_tell_a_node_of_60_rows_from_one_of_150(tiny_model_
     kinds = {o[0] for o in seen["small"]}
     assert kinds == {"refused", "trained"}  # the probes reach both sides of the rules
     assert seen["small"] == seen["large"]  # refusals, layouts and every epsilon: the same
+
+
+def test_client_level_noise_below_the_node_floor_is_refused(toy_data_dir):
+    from client.admission import request_violations
+    from client.node import Node
+    from client.policy import NodePolicy
+    from common.config import RunConfig
+
+    config = RunConfig.from_mapping({"privacy.dp": True, "privacy.level": "client",
+                                     "privacy.epsilon": 8.0, "federation.rounds": 1,
+                                     "privacy.delta": 0.05, "federation.num_clients": 2,
+                                     "model.name": "embedded"})  # z = 0.35
+    node = Node(name="n", policy=NodePolicy(require_dp=False, require_secagg=False),
+                data_path=str(toy_data_dir))
+    broken = request_violations(node.policy, config, node, secure=False)
+    assert [rule.split(":")[0] for rule in broken] == [MIN_NOISE]
+    lenient = Node(name="n", policy=NodePolicy(require_dp=False, require_secagg=False,
+                                               min_noise_multiplier=0.3),
+                   data_path=str(toy_data_dir))
+    assert request_violations(lenient.policy, config, lenient, secure=False) == []

@@ -56,7 +56,8 @@ def client_args(federation: Federation, name: str) -> list[object]:
             federation.root / "certs" / "ca.pem", "--node-key",
             federation.root / "keys" / f"hospital-{name}.key", "--data",
             federation.root / f"data-{name}", "--ledger", federation.root / f"ledger-{name}",
-            "--port", free_port(), *federation.policy]
+            "--port", free_port(), "--peers", federation.peers.directory, "--models",
+            federation.model_dir, "--planning-rows", "40", *federation.policy]
 
 
 def flwr(federation: Federation, home: str, *args: str) -> subprocess.CompletedProcess:
