@@ -128,8 +128,9 @@ class Sampler:
 
 
 def access_summary(path: Path) -> dict:
-    """From the proxy's access log: statuses by source, how many outsider requests reached
-    the SuperLink (an upstream status), and the largest request a node made."""
+    """From the proxy's access log: statuses by source, how many outsider requests the
+    SuperLink answered (an upstream status other than nginx's own 502 when `max_conns` are
+    busy), and the largest request a node made."""
     statuses: dict[str, Counter] = {"nodes": Counter(), "outsiders": Counter()}
     forwarded, largest = Counter(), 0
     for line in path.read_text().splitlines():
@@ -139,7 +140,7 @@ def access_summary(path: Path) -> dict:
         source, _, status, length, upstream = match.groups()
         who = "nodes" if source == "127.0.0.1" else "outsiders"
         statuses[who][status] += 1
-        if who == "outsiders" and upstream != "-":
+        if who == "outsiders" and upstream not in ("-", "502"):  # 502: nginx's, at max_conns
             forwarded[status] += 1
         if who == "nodes" and status == "200":
             largest = max(largest, int(length))

@@ -14,6 +14,7 @@ import os
 import ssl
 import time
 from collections import Counter
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,10 +108,19 @@ class Outsiders:
             if kind == "trickle" and status != "held":
                 await asyncio.sleep(1)  # refused: try again, without spending the budget
 
-    async def _connect(self, source: str):
-        return await asyncio.open_connection("127.0.0.1", self.port, ssl=self.context,
-                                             server_hostname="localhost",
-                                             local_addr=(source, 0))
+    @asynccontextmanager
+    async def _exchange(self, source: str):
+        """(writer, the answer's status as a task) of a fresh connection from `source`; the
+        connection is dropped without a TLS goodbye afterwards, as an outsider would."""
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", self.port, ssl=self.context, server_hostname="localhost",
+            local_addr=(source, 0))
+        answer = asyncio.create_task(_status(reader))
+        try:
+            yield writer, answer
+        finally:
+            answer.cancel()
+            writer.transport.abort()
 
     def _head(self, length: int | None) -> bytes:
         framing = (f"Content-Length: {length}" if length is not None
@@ -121,9 +131,7 @@ class Outsiders:
     async def _oversized(self, source: str, sent: list[int]) -> str:
         """Announce (or, chunked, stream without a length) far more than the limit."""
         chunked = self.tally.started % 2 == 0
-        reader, writer = await self._connect(source)
-        answer = asyncio.create_task(_status(reader))
-        try:
+        async with self._exchange(source) as (writer, answer):
             writer.write(self._head(None if chunked else self.plan.oversized_bytes))
             piece = os.urandom(PIECE)
             while sent[0] < self.plan.oversized_bytes and not answer.done():
@@ -131,14 +139,10 @@ class Outsiders:
                 await writer.drain()
                 sent[0] += PIECE
             return await asyncio.wait_for(answer, 30)
-        finally:
-            await _close(writer, answer)
 
     async def _trickle(self, source: str, sent: list[int]) -> str:
         """A body just under the limit, one byte at a time, slower than any node sends."""
-        reader, writer = await self._connect(source)
-        answer = asyncio.create_task(_status(reader))
-        try:
+        async with self._exchange(source) as (writer, answer):
             writer.write(self._head(self.body_limit - 1))
             while time.monotonic() < self.deadline:
                 writer.write(b"x")
@@ -149,14 +153,10 @@ class Outsiders:
                 if done:
                     return answer.result()
             return "held" if sent[0] > 1 else "unanswered"  # nginx let it in, or had no time
-        finally:
-            await _close(writer, answer)
 
     async def _stall(self, source: str, sent: list[int]) -> str:
         """Half the headers, or the headers and a little of the body, then nothing."""
-        reader, writer = await self._connect(source)
-        answer = asyncio.create_task(_status(reader))
-        try:
+        async with self._exchange(source) as (writer, answer):
             head = self._head(self.body_limit - 1)
             if self.tally.started % 2:
                 writer.write(head[:len(head) // 2])
@@ -167,20 +167,15 @@ class Outsiders:
             remaining = self.deadline - time.monotonic()
             done, _ = await asyncio.wait({answer}, timeout=max(0.0, remaining))
             return answer.result() if done else "held"
-        finally:
-            await _close(writer, answer)
 
     async def _junk(self, source: str, sent: list[int]) -> str:
         """Whole bodies of random bytes at the limit, as fast as the proxy answers."""
-        reader, writer = await self._connect(source)
-        try:
+        async with self._exchange(source) as (writer, answer):
             size = self.body_limit - 1024
             writer.write(self._head(size) + os.urandom(size))
             await writer.drain()
             sent[0] += size
-            return await asyncio.wait_for(_status(reader), 30)
-        finally:
-            await _close(writer, None)
+            return await asyncio.wait_for(answer, 30)
 
 
 async def _status(reader: asyncio.StreamReader) -> str:
@@ -188,9 +183,3 @@ async def _status(reader: asyncio.StreamReader) -> str:
     line = await reader.readline()
     parts = line.split()
     return parts[1].decode() if len(parts) >= 2 and line.startswith(b"HTTP/") else "closed"
-
-
-async def _close(writer: asyncio.StreamWriter, answer: asyncio.Task | None) -> None:
-    if answer is not None and not answer.done():
-        answer.cancel()
-    writer.transport.abort()  # no TLS goodbye: the outsider just goes away
