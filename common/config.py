@@ -477,6 +477,7 @@ class RunConfig:
     audit: AuditConfig = field(default_factory=AuditConfig)
 
     def __post_init__(self) -> None:
+        _require(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)", self.seed)
         federation = self.aggregation
         if federation.server_lr not in (0, 1) and federation.strategy in ("fedavg", "fedprox"):
             warnings.warn(f"federation.server_lr={federation.server_lr} is ignored by strategy "

@@ -27,6 +27,7 @@ from common.console import filtered
 from common.tool_path import stop_child, tool_env
 from server.app import CONFIG_FILE_KEY, NODE_NAMES_KEY, refuse_audit
 from server.config_guard import ConfigChangeError, check_restart
+from server.fleet_limits import fleet_limits
 from server.fleet_proxy import ProxyError, ProxySettings, nginx_binary, start_proxy
 from server.node_registry import (
     RegistryError,
@@ -68,6 +69,7 @@ def serve(settings: ServerSettings) -> int:
     ones, run the federation; return its exit code."""
     ca, cert, key = _check_inputs(settings)
     _guard_config(settings)
+    limits = fleet_limits(RunConfig.from_toml(settings.config_file))  # the proxy's, from the run
     state = settings.state_dir
     (state / "flwr-home").mkdir(parents=True, exist_ok=True)
     env = tool_env({**os.environ, "FLWR_HOME": str((state / "flwr-home").resolve())})
@@ -90,7 +92,7 @@ def serve(settings: ServerSettings) -> int:
         finally:
             client.close()
         proxy = start_proxy(ProxySettings(settings.host, settings.port, link_port, ca, cert, key,
-                                          state), state / "fleet-proxy.log")
+                                          state, limits), state / "fleet-proxy.log")
         _wait_for_port(_probe_host(settings.host), settings.port, proxy, "nginx (Fleet proxy)",
                        "fleet-proxy.log")
         print(f"fedtune: SuperLink ready; Fleet API on {settings.host}:{settings.port} (TLS, "

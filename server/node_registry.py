@@ -17,7 +17,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 _UNREGISTERED = "unregistered"  # Flower's status of a revoked node
 
@@ -39,8 +41,11 @@ def key_bytes(public_key: Path) -> bytes:
 
     try:
         key = serialization.load_ssh_public_key(public_key.read_bytes())
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, UnsupportedAlgorithm) as error:
         raise RegistryError(f"node public key {public_key} is unreadable: {error}") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):  # Flower's nodes sign with ECDSA
+        raise RegistryError(f"node public key {public_key} is not an elliptic-curve key (a "
+                            "node makes one with `fedtune certs node`)")
     return public_key_to_bytes(key)
 
 
