@@ -4,9 +4,6 @@ did."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from benchmarks.export_fidelity import label_with_transformers_only
 from common.adapter import load_trainable_state, trainable_state
 from common.config import RunConfig
 from common.modeling_mean_pooling import MeanPoolingForSequenceClassification
@@ -111,27 +109,6 @@ def test_a_run_saved_before_model_pooling_exports_with_the_pooler_it_trained(tmp
     assert read_run_config(tmp_path).model.pooling == "pooler"
 
 
-# What a user runs elsewhere: transformers only, fedtune never imported.
-PIPELINE_SCRIPT = """
-import json, sys
-from transformers import AutoModelForSequenceClassification, pipeline
-out, test = sys.argv[1], sys.argv[2]
-rows = [json.loads(line) for line in open(test)]
-names = json.load(open(test.replace("test.jsonl", "labels.json")))
-classify = pipeline("text-classification", model=out, trust_remote_code=True)
-answers = classify([row["text"] for row in rows], truncation=True, batch_size=8)
-try:
-    AutoModelForSequenceClassification.from_pretrained(out)
-    refused = False
-except ValueError:  # custom code not trusted: an error, not a standard head reading token 0
-    refused = True
-ours = sorted(m for m in sys.modules if m.split(".")[0] in
-              ("common", "server", "client", "simulations", "fedtune_cli", "fedtune"))
-print("\\nRESULT", json.dumps({"labels": [a["label"] for a in answers], "truth": [
-    names[str(row["label"])] for row in rows], "refused": refused, "ours": ours}))
-"""
-
-
 @pytest.mark.slow
 def test_simulate_export_and_a_transformers_pipeline_scores_what_the_run_reported(
         tiny_model_dir, toy_data_dir, tmp_path):
@@ -146,19 +123,12 @@ def test_simulate_export_and_a_transformers_pipeline_scores_what_the_run_reporte
     # Execute: export, then label the test split in a Python that never imports fedtune
     exported = fedtune("export", run, tmp_path / "out")
     assert exported.returncode == 0, exported.stderr[-3000:]
-    script = tmp_path / "use.py"
-    script.write_text(PIPELINE_SCRIPT)
-    used = subprocess.run([sys.executable, "-I", str(script), str(tmp_path / "out"),
-                           str(toy_data_dir / "test.jsonl")], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=300,
-                          env={"HF_HUB_OFFLINE": "1", "HOME": os.environ.get("HOME", "/tmp")})
-    assert used.returncode == 0, used.stderr[-3000:]
-    result = json.loads(used.stdout.split("\nRESULT ")[-1])  # after transformers' own prompt
+    result = label_with_transformers_only(tmp_path / "out", toy_data_dir / "test.jsonl",
+                                          toy_data_dir / "labels.json", tmp_path)
 
     # Assert: label names, the run's accuracy, and no fedtune module in that process
     assert set(result["labels"]) <= {"a", "b", "c"}
-    accuracy = np.mean([a == b for a, b in zip(result["labels"], result["truth"], strict=True)])
-    assert accuracy == pytest.approx(reported, abs=0.01)
+    assert result["accuracy"] == pytest.approx(reported, abs=0.01)
     assert result["refused"] and result["ours"] == []
 
     # and `fedtune predict` on a JSONL file names the same labels, from the run or the export
