@@ -274,20 +274,15 @@ def resolve_config(args: argparse.Namespace) -> Any:
         if extra or args.config:
             dropped = ", ".join(extra) or "--config"
             raise InputError(f"--resume uses the run's saved configuration; drop {dropped}")
-        import json
 
         from server.federation import CONFIG_FILE
 
         saved = Path(args.resume) / CONFIG_FILE
         if not saved.is_file():
             raise InputError(f"{args.resume} holds no fedtune run to resume (no {CONFIG_FILE})")
-        try:
-            values = json.loads(saved.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise InputError(f"{saved} is unreadable: {error}") from None
-        if isinstance(values.get("model"), dict):  # runs saved before model.pooling read
-            values["model"].setdefault("pooling", "pooler")  # the pooler, their adapter's head
-        return RunConfig.from_mapping(values).with_overrides(overrides)
+        from simulations.export import read_run_config
+
+        return read_run_config(Path(args.resume)).with_overrides(overrides)
     config = RunConfig.from_toml(args.config) if args.config else RunConfig()
     return with_run_dir(config.with_overrides(overrides), args.command)
 

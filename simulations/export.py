@@ -80,7 +80,8 @@ class TrainedModel:
 
 
 def read_run_config(run_dir: Path) -> RunConfig:
-    """The configuration a run saved; a run saved before `model.pooling` existed read the pooler."""
+    """The configuration a run saved (to resume or export it); a run saved before `model.pooling`
+    existed read the pooler."""
     saved = Path(run_dir) / CONFIG_FILE
     if not saved.is_file():
         raise ExportError(f"{run_dir} holds no fedtune run (no {CONFIG_FILE})")
@@ -88,8 +89,8 @@ def read_run_config(run_dir: Path) -> RunConfig:
         values = json.loads(saved.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise ExportError(f"{saved} is unreadable: {error}") from None
-    if isinstance(values.get("model"), dict):
-        values["model"].setdefault("pooling", "pooler")
+    if isinstance(values.get("model"), dict):  # runs saved before model.pooling read
+        values["model"].setdefault("pooling", "pooler")  # the pooler, their adapter's head
     return RunConfig.from_mapping(values)
 
 
