@@ -54,7 +54,10 @@ def reading_of(source: Path) -> ReadingSettings:
         raise PredictError(f"{source} is neither a fedtune run directory (no {ADAPTER_DIR}/ or "
                            f"{CHECKPOINT_DIR}/) nor a model directory (no {HF_CONFIG})")
     if (source / READING_FILE).is_file():
-        return ReadingSettings.read(source / READING_FILE)
+        try:
+            return ReadingSettings.read(source / READING_FILE)
+        except (OSError, json.JSONDecodeError, TypeError, AttributeError) as error:
+            raise PredictError(f"{source / READING_FILE} is unreadable: {error}") from None
     try:
         architectures = json.loads((source / HF_CONFIG).read_text()).get("architectures") or []
     except (OSError, json.JSONDecodeError, AttributeError) as error:

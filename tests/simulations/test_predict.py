@@ -82,7 +82,7 @@ def test_a_row_without_its_text_is_refused_by_number(rows, message):
 
 def test_an_unusable_source_or_input_file_is_refused_before_any_model_loads(run_and_export,
                                                                             tmp_path):
-    run, _ = run_and_export
+    run, model = run_and_export
     (tmp_path / "rows.txt").write_text("text\n")
     with pytest.raises(PredictError, match="neither a fedtune run directory"):
         predict_file(tmp_path, tmp_path / "rows.txt")
@@ -90,6 +90,9 @@ def test_an_unusable_source_or_input_file_is_refused_before_any_model_loads(run_
         predict_file(run, tmp_path / "rows.txt")
     with pytest.raises(DataError, match="does not exist"):
         predict_file(run, tmp_path / "absent.jsonl")
+    (model / "fedtune.json").write_text("{not json")
+    with pytest.raises(PredictError, match=r"fedtune\.json is unreadable"):
+        predict_file(model, tmp_path / "rows.txt")
 
 
 @pytest.mark.parametrize(("content", "message"), [
