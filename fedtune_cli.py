@@ -76,11 +76,57 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(centralized)
     report = commands.add_parser("report", help="plots and a Markdown summary of a run")
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    _add_result_commands(commands)
     _add_deployment_commands(commands)
     for command in commands.choices.values():
         command.add_argument("--verbose", action="store_true", help="also show libraries' "
                              "warnings and Flower's DEBUG and INFO lines")
     return parser
+
+
+def _add_result_commands(commands: Any) -> None:
+    """Using a run's model elsewhere: export it for transformers, or predict with it."""
+    export = commands.add_parser("export", help="a run's model as a Hugging Face model "
+                                 "directory (LoRA merged, tokenizer, label names)")
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    export.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="a new directory")
+    predict = commands.add_parser("predict", help="a run's or an exported model's answer for "
+                                  "every row of a JSONL or CSV file, one JSON line each")
+    predict.add_argument("source", type=Path, metavar="RUN_DIR|MODEL_DIR")
+    predict.add_argument("--input", type=Path, required=True, metavar="FILE",
+                         help="rows to predict: .jsonl, .jsonl.gz or .csv")
+    predict.add_argument("--output", type=Path, metavar="FILE",
+                         help="write the JSON lines here (default: standard output)")
+    predict.add_argument("--text-field", help="field holding the text (default: the one the "
+                         "model trained on)")
+    predict.add_argument("--batch-size", type=int, default=32, help="rows per batch")
+    predict.add_argument("--max-new-tokens", type=int, default=64,
+                         help="causal LM: the longest continuation generated")
+
+
+def run_result_command(args: argparse.Namespace) -> int:
+    """export and predict: thin calls into simulations/export.py and simulations/predict.py."""
+    if args.command == "export":
+        from simulations.export import export_run
+
+        print(f"exported to {export_run(args.run_dir, args.out_dir)}")
+        return 0
+    import json
+
+    from simulations.predict import predict_file
+
+    answers = predict_file(args.source, args.input, text_field=args.text_field,
+                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    lines = (json.dumps(answer, ensure_ascii=False) + "\n" for answer in answers)
+    if args.output is None:
+        for line in lines:
+            sys.stdout.write(line)
+        return 0
+    from common.atomic_file import write_atomic
+
+    write_atomic(args.output, "".join(lines).encode())
+    print(f"predictions written to {args.output}", file=sys.stderr)
+    return 0
 
 
 def _add_deployment_commands(commands: Any) -> None:
@@ -218,20 +264,15 @@ def resolve_config(args: argparse.Namespace) -> Any:
         if extra or args.config:
             dropped = ", ".join(extra) or "--config"
             raise InputError(f"--resume uses the run's saved configuration; drop {dropped}")
-        import json
 
         from server.federation import CONFIG_FILE
 
         saved = Path(args.resume) / CONFIG_FILE
         if not saved.is_file():
             raise InputError(f"{args.resume} holds no fedtune run to resume (no {CONFIG_FILE})")
-        try:
-            values = json.loads(saved.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise InputError(f"{saved} is unreadable: {error}") from None
-        if isinstance(values.get("model"), dict):  # runs saved before model.pooling read
-            values["model"].setdefault("pooling", "pooler")  # the pooler, their adapter's head
-        return RunConfig.from_mapping(values).with_overrides(overrides)
+        from simulations.export import read_run_config
+
+        return read_run_config(Path(args.resume)).with_overrides(overrides)
     config = RunConfig.from_toml(args.config) if args.config else RunConfig()
     return with_run_dir(config.with_overrides(overrides), args.command)
 
@@ -303,15 +344,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from server.checkpoint import CheckpointError
     from server.deploy import START_ERRORS, DeployError
     from server.federation import RunDirError
+    from simulations.export import ExportError
+    from simulations.predict import PredictError
     from simulations.report import ReportError
 
     bad_input = (InputError, ConfigError, DataError, ModelLoadError, PartitionError,
                  AdapterError, CheckpointError, RunDirError, PrivacyError, CertError, DeployError,
                  ServerUnreachable, ReportError, PolicyError, *START_ERRORS,
-                 AppBundleError)
+                 AppBundleError, ExportError, PredictError)
     try:
         if args.command in ("certs", "server", "client"):
             return run_deployment(args)
+        if args.command in ("export", "predict"):
+            return run_result_command(args)
         if args.command == "report":
             from simulations.report import write_report
 

@@ -118,6 +118,19 @@ def training_records(path: str | Path) -> list[dict[str, Any]]:
     return list(_read_jsonl(train_file))
 
 
+def file_records(path: str | Path) -> list[dict[str, Any]]:
+    """Every raw row of one JSONL (.jsonl, .jsonl.gz) or CSV file, as stored (`fedtune predict`'s
+    input)."""
+    source = Path(path)
+    if not source.is_file():
+        raise DataError(f"input file {source} does not exist")
+    if source.suffix.lower() == ".csv":
+        return _read_csv(source)
+    if source.name.lower().endswith((".jsonl", ".jsonl.gz")):
+        return list(_read_jsonl(source))
+    raise DataError(f"input file {source} is neither .jsonl, .jsonl.gz nor .csv")
+
+
 def training_rows(config: DataConfig, task: str = CLASSIFICATION) -> Examples:
     """Every row of the training file of `config.path` as examples of `task`, with no test split
     carved out: a deployed node splits its rows itself, by its own seed."""

@@ -102,18 +102,24 @@ def build_task(config: RunConfig) -> Task:
     task = config.model.task
     data = load_data(config.data, config.seed, task)
     tokenizer = load_tokenizer(config.model.name)
-    torch.manual_seed(config.seed)
     device = pick_device()
-    if task == CAUSAL_LM:
-        base = load_causal_lm(config.model)
-    else:
-        base = load_classifier(config.model.name, data.num_labels, config.model.pooling)
-    model = add_lora(base, config.lora, task)
-    if not getattr(base, "is_quantized", False):  # a quantised base is placed as it loads
-        model = model.to(device)
+    model = build_model(config, data.num_labels)
+    if not getattr(model.get_base_model(), "is_quantized", False):
+        model = model.to(device)  # (a quantised base is placed as it loads)
     return Task(config=config, data=data, tokenizer=tokenizer, model=model, device=device,
                 objective=objective_for(task, data.num_labels),
                 initial_adapter=trainable_state(model))
+
+
+def build_model(config: RunConfig, num_labels: int) -> PeftModel:
+    """The run's base model with LoRA (and a classifier's head of `num_labels`), initialised from
+    `config.seed`: every process that builds it draws the same initial adapter."""
+    torch.manual_seed(config.seed)
+    if config.model.task == CAUSAL_LM:
+        base = load_causal_lm(config.model)
+    else:
+        base = load_classifier(config.model.name, num_labels, config.model.pooling)
+    return add_lora(base, config.lora, config.model.task)
 
 
 def cached_task(config: RunConfig) -> Task:
