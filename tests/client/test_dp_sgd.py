@@ -221,7 +221,7 @@ def test_plan_spreads_the_target_over_every_planned_round():
     plan = plan_round(config, planning_rows=100)
     assert plan.event.sample_rate == 0.1 and plan.event.steps == 10 and plan.expected_batch == 10
     assert plan.delta == pytest.approx(1e-3)
-    whole_run = epsilon_spent([plan.event] * 4, plan.delta)
+    whole_run = epsilon_spent([plan.event] * 4, plan.delta, "rdp")
     assert 2.95 <= whole_run <= 3.0
     # noise for four rounds, not for one: one round alone would have needed far less
-    assert plan.event.noise_multiplier > 1.2 * noise_for_target(3.0, plan.delta, 0.1, 10)
+    assert plan.event.noise_multiplier > 1.2 * noise_for_target(3.0, plan.delta, 0.1, 10, "rdp")
