@@ -156,9 +156,13 @@ def planning(request: Request) -> tuple[int | None, float]:
     config, node = request.config, request.node
     if node.simulated:
         rows = len(request.rows[0])
-        return config.privacy.planning_rows or rows, \
-            config.privacy.delta or default_delta(request.records())
+        return config.privacy.planning_rows or rows, simulated_delta(config, request.records())
     return node.policy.planning_rows or config.privacy.planning_rows or None, node.policy.delta
+
+
+def simulated_delta(config: RunConfig, records: int) -> float:
+    """A simulated node's delta: the run's, or the default for its record count."""
+    return config.privacy.delta or default_delta(records)
 
 
 def _dp_admission(request: Request, answered: bool, broken: list[str]) -> Admission | Refused:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.admission import simulated_delta
 from client.ledger import Ledger
 from client.node import Node, data_set_identity
 from common.adapter import load_trainable_state
@@ -134,5 +135,5 @@ def _ledger(config: RunConfig, client: int, rows: Examples) -> tuple[float, floa
                                   "num-partitions": config.federation.num_clients}, config)
     fingerprint, records = data_set_identity(node, rows)
     ledger = Ledger.open(node.ledger_directory(config), fingerprint, records,
-                         node.policy.delta_for(records), config.privacy.accountant)
+                         simulated_delta(config, records), config.privacy.accountant)
     return ledger.spent(), ledger.delta
