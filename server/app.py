@@ -10,8 +10,11 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common import console
 from common.config import ConfigError, RunConfig, with_run_dir
 from server.federation import CONFIG_FILE, run_federation
+
+console.quiet_worker()  # in a deployed ServerApp's process: Flower's records once, less noise
 
 CONFIG_FILE_KEY = "config-file"  # run-config key: a TOML file on the server's disk
 
