@@ -67,6 +67,7 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
     public = {name: value for name, value in public.items() if value is not None}
     metrics: dict[str, MetricRecord] = {}
     sums: dict[str, float] = {}
+    abandoned = ""
     try:
         cohort = protocol.make_cohort(public)
         replies = link.exchange(cohort.names, "secagg_shares", lambda _: RecordDict(
@@ -111,7 +112,7 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
     except SecAggAbort as error:
         log(WARNING, "Round %d abandoned, the global adapter stays as it was: %s",
             server_round, error)
-        new_arrays, metrics = None, {}
+        new_arrays, metrics, abandoned = None, {}, str(error)
     log(INFO, "secure aggregation: %d of %d sampled clients summed", len(metrics), len(sampled))
     epsilon.update({name: float(m[keys.EPSILON]) for name, m in metrics.items()
                     if keys.EPSILON in m})
@@ -123,7 +124,7 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
                         bytes_up=link.bytes_up, bytes_down=link.bytes_down,
                         epsilon=dict(sorted(epsilon.items())), exhausted=exhausted,
                         refused=dict(sorted(by_policy.items())),
-                        rejected=dict(sorted(rejected.items())))
+                        rejected=dict(sorted(rejected.items())), abandoned=abandoned)
 
 
 class _Link:

@@ -26,6 +26,7 @@ class TrainOutcome:
     exhausted: list[str]  # clients that refused the round: their budget is spent
     refused: dict[str, str] = field(default_factory=dict)  # name -> rules its policy named
     rejected: dict[str, str] = field(default_factory=dict)  # name -> why its reply was dropped
+    abandoned: str = ""  # why the protocol gave the round up, where it did
 
 
 def refusal_status(reply: Message) -> str | None:
