@@ -207,8 +207,8 @@ def train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
 
 
 def abandoned_column(outcome: TrainOutcome) -> dict[str, str]:
-    """`abandoned`, saying why, for a round that aggregated no update (the global adapter stays
-    as it was); nothing for a round that trained."""
+    """`round_abandoned`, saying why, for a round that aggregated no update (the global adapter
+    stays as it was); nothing for a round that trained."""
     if outcome.arrays is not None:
         return {}
     why = [outcome.abandoned]  # the protocol's own reason, where it gave the round up
@@ -220,7 +220,7 @@ def abandoned_column(outcome: TrainOutcome) -> dict[str, str]:
         why.append(f"rejected: {', '.join(outcome.rejected)}")
     if outcome.failures and not outcome.abandoned:
         why.append(f"{outcome.failures} failed or did not answer")
-    return {"abandoned": "; ".join(w for w in why if w) or "no client answered"}
+    return {"round_abandoned": "; ".join(w for w in why if w) or "no client answered"}
 
 
 def _privacy_columns(outcome: TrainOutcome, noise: ServerSideNoise | None,

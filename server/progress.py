@@ -170,8 +170,8 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
     loss_text = f"  loss {row['loss']:.3f}" + (f"  perplexity [bold]{perplexity:.2f}[/]"
                                                if perplexity is not None else "")
     clients = f"  clients {row['clients']}" if "clients" in row else ""
-    if "abandoned" in row:  # the adapter did not change: say why, not just "clients 0"
-        clients = f"  [bold red]abandoned[/] ({escape(row['abandoned'])})"
+    if "round_abandoned" in row:  # the adapter did not change: say why, not just "clients 0"
+        clients = f"  [bold red]abandoned[/] ({escape(row['round_abandoned'])})"
     return (f"[bold cyan]round {row['round']}/{rounds}[/]{clients}"
             f"  accuracy [bold]{row['accuracy']:.3f}[/]{loss_text}"
             f"{worst_text}{epsilon_text}  {row['seconds']:.1f}s")

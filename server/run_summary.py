@@ -17,15 +17,15 @@ def summary_line(run_dir: str | Path, rows: list[dict[str, Any]]) -> str:
 def shortfall(rows: list[dict[str, Any]], rounds: int) -> str | None:
     """Why a run meant to end after round `rounds` did not end with a trained round; None when
     it did."""
-    trained = [row["round"] for row in rows if "abandoned" not in row]
+    trained = [row["round"] for row in rows if "round_abandoned" not in row]
     since = f"its adapter is round {trained[-1]}'s" if trained else "no round ever trained"
     if not rows:
         return "no round was recorded"
     last = rows[-1]
-    if "abandoned" in last:
-        return (f"round {last['round']} was abandoned ({last['abandoned']}); {since}. Extend "
-                "federation.rounds to train more (a node that spent its budget trains again "
-                "once its operator raises it)")
+    if "round_abandoned" in last:
+        return (f"round {last['round']} was abandoned ({last['round_abandoned']}); {since}. "
+                "Extend federation.rounds to train more (a node that spent its budget trains "
+                "again once its operator raises it)")
     if last["round"] < rounds:
         return (f"the run stopped after round {last['round']} of {rounds}: no client was left "
                 "to train (budgets spent or node policies refusing); started again, it "

@@ -22,11 +22,11 @@ def test_an_abandoned_round_names_the_protocols_reason_and_who_refused():
     row = abandoned_column(outcome(abandoned="only 2 clients sent keys; 3 are needed",
                                    failures=2, exhausted=["hospital-c"],
                                    refused={"hospital-d": "require-dp"}))
-    assert row == {"abandoned": "only 2 clients sent keys; 3 are needed; budget spent: "
+    assert row == {"round_abandoned": "only 2 clients sent keys; 3 are needed; budget spent: "
                                 "hospital-c; refused by node policy: hospital-d"}
 
 
 def test_a_plain_round_without_updates_counts_the_silent():
     assert abandoned_column(outcome(failures=3)) == {
-        "abandoned": "3 failed or did not answer"}
-    assert abandoned_column(outcome()) == {"abandoned": "no client answered"}
+        "round_abandoned": "3 failed or did not answer"}
+    assert abandoned_column(outcome()) == {"round_abandoned": "no client answered"}

@@ -89,7 +89,7 @@ def test_an_abandoned_round_says_so_in_its_line():
     progress = RoundProgress(Console(file=(out := io.StringIO()), width=200))
     progress.round_started(3, 3)
     progress.round_done({"round": 3, "accuracy": 0.222, "loss": 1.1, "clients": 0,
-                         "abandoned": "only 2 clients sent keys; 3 are needed [min-cohort]",
+                         "round_abandoned": "only 2 clients sent keys; 3 are needed [min-cohort]",
                          "seconds": 4.0})
     line = out.getvalue().strip()
     assert line.startswith("round 3/3  abandoned (only 2 clients sent keys; 3 are needed "

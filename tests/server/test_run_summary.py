@@ -6,8 +6,8 @@ from server.run_summary import shortfall, summary_line
 
 
 def rows(*abandoned: bool) -> list[dict]:
-    return [{"round": i + 1, "accuracy": 0.5 + i / 10, **({"abandoned": "cohort"} if a else {})}
-            for i, a in enumerate(abandoned)]
+    return [{"round": i + 1, "accuracy": 0.5 + i / 10,
+             **({"round_abandoned": "cohort"} if a else {})} for i, a in enumerate(abandoned)]
 
 
 def test_the_summary_names_the_run_directory_and_the_final_accuracy():
