@@ -76,7 +76,7 @@ class RoundProgress:
 
     def round_done(self, row: dict[str, Any]) -> None:
         """Print the round's line above the display and keep its figures on the bar."""
-        self.console.print(round_line(row, self.rounds), highlight=False)
+        self.console.print(round_line(row, self.rounds), highlight=False, soft_wrap=True)
         accuracy = f"accuracy {row['accuracy']:.3f}"
         epsilon = _epsilon(row)
         self._last = f"last: {accuracy}" + (f"  ε {epsilon:.2f}" if epsilon is not None else "")
