@@ -116,8 +116,9 @@ def stop_pids(pids: Iterable[int], grace: float = 10.0) -> list[int]:
     return killed
 
 
-def mentioning(text: str) -> list[int]:
-    """Live processes, other than this one, whose command line holds `text` (a path)."""
+def mentioning(text: str, commands: tuple[str, ...]) -> list[int]:
+    """Live processes, other than this one, whose command line holds `text` (a path) and one of
+    `commands` (so that a `tail -f` of a log there is not one of them)."""
     found = []
     for entry in PROC.iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -127,7 +128,7 @@ def mentioning(text: str) -> list[int]:
                 errors="replace")
         except OSError:
             continue
-        if text in command and alive(int(entry.name)):
+        if text in command and any(c in command for c in commands) and alive(int(entry.name)):
             found.append(int(entry.name))
     return found
 

@@ -52,6 +52,7 @@ from server.run_summary import shortfall, summary_line
 RUN_DIR = "run"
 FEDERATION = "fedtune"
 LOCK_FILE = "server.lock"  # held by the running `fedtune server` of a state directory
+CHILDREN = ("flower-superlink", "nginx", "flwr run")  # what it starts, naming the state directory
 
 
 class DeployError(RuntimeError):
@@ -123,7 +124,7 @@ def _stop_leftovers(state: Path) -> None:
     """Stop what a killed server (SIGKILL, the OOM killer) left running on this state
     directory: its SuperLink (with the ServerApp below it), nginx and `flwr run` would go on
     with the run, and hold its port. The lock says no live server owns them."""
-    found = mentioning(str(state.resolve()) + os.sep)  # not a sibling state-2
+    found = mentioning(str(state.resolve()) + os.sep, CHILDREN)  # not a sibling state-2
     pids = [pid for root in found for pid in (root, *descendants(root))]
     if pids:
         stop_pids(pids)

@@ -15,6 +15,7 @@ from common.process_tree import (
     StopRequested,
     alive,
     descendants,
+    mentioning,
     stop_on_signals,
     stop_tree,
 )
@@ -59,3 +60,19 @@ def test_a_stop_signal_becomes_an_exception_and_the_handlers_come_back():
         time.sleep(5)
     assert stop.value.signum == signal.SIGTERM and str(stop.value) == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_leftovers_are_found_by_their_state_directory_and_their_command(tmp_path):
+    state = f"{tmp_path}/state/"
+    sleep = "import time; time.sleep(60)"
+    ours = subprocess.Popen([sys.executable, "-c", sleep, "flower-superlink", f"{state}db"])
+    reader = subprocess.Popen([sys.executable, "-c", sleep, "tail", f"{state}superlink.log"])
+    sibling = subprocess.Popen([sys.executable, "-c", sleep, "flower-superlink",
+                                f"{tmp_path}/state-2/db"])
+    try:
+        time.sleep(0.5)
+        assert mentioning(state, ("flower-superlink", "nginx")) == [ours.pid]
+    finally:
+        for process in (ours, reader, sibling):
+            process.kill()
+            process.wait()
