@@ -76,11 +76,57 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(centralized)
     report = commands.add_parser("report", help="plots and a Markdown summary of a run")
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    _add_result_commands(commands)
     _add_deployment_commands(commands)
     for command in commands.choices.values():
         command.add_argument("--verbose", action="store_true", help="also show libraries' "
                              "warnings and Flower's DEBUG and INFO lines")
     return parser
+
+
+def _add_result_commands(commands: Any) -> None:
+    """Using a run's model elsewhere: export it for transformers, or predict with it."""
+    export = commands.add_parser("export", help="a run's model as a Hugging Face model "
+                                 "directory (LoRA merged, tokenizer, label names)")
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    export.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="a new directory")
+    predict = commands.add_parser("predict", help="a run's or an exported model's answer for "
+                                  "every row of a JSONL or CSV file, one JSON line each")
+    predict.add_argument("source", type=Path, metavar="RUN_DIR|MODEL_DIR")
+    predict.add_argument("--input", type=Path, required=True, metavar="FILE",
+                         help="rows to predict: .jsonl, .jsonl.gz or .csv")
+    predict.add_argument("--output", type=Path, metavar="FILE",
+                         help="write the JSON lines here (default: standard output)")
+    predict.add_argument("--text-field", help="field holding the text (default: the one the "
+                         "model trained on)")
+    predict.add_argument("--batch-size", type=int, default=32, help="rows per batch")
+    predict.add_argument("--max-new-tokens", type=int, default=64,
+                         help="causal LM: the longest continuation generated")
+
+
+def run_result_command(args: argparse.Namespace) -> int:
+    """export and predict: thin calls into simulations/export.py and simulations/predict.py."""
+    if args.command == "export":
+        from simulations.export import export_run
+
+        print(f"exported to {export_run(args.run_dir, args.out_dir)}")
+        return 0
+    import json
+
+    from simulations.predict import predict_file
+
+    answers = predict_file(args.source, args.input, text_field=args.text_field,
+                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    lines = (json.dumps(answer, ensure_ascii=False) + "\n" for answer in answers)
+    if args.output is None:
+        for line in lines:
+            sys.stdout.write(line)
+        return 0
+    from common.atomic_file import write_atomic
+
+    write_atomic(args.output, "".join(lines).encode())
+    print(f"predictions written to {args.output}", file=sys.stderr)
+    return 0
 
 
 def _add_deployment_commands(commands: Any) -> None:
@@ -95,6 +141,13 @@ def _add_deployment_commands(commands: Any) -> None:
     node.add_argument("dir", type=Path)
     node.add_argument("name")
     node.add_argument("--force", action="store_true", help="replace existing files")
+    consortium = kinds.add_parser("consortium", help="bundle the nodes' public keys for every "
+                                  "node to pin (`fedtune client --peers DIR`)")
+    consortium.add_argument("dir", type=Path, help="the bundle directory to write")
+    consortium.add_argument("keys", type=Path, nargs="+", metavar="NAME.pub",
+                            help="every node's public key, named as `fedtune server --node` "
+                            "names it")
+    consortium.add_argument("--force", action="store_true", help="replace an existing bundle")
 
     server = commands.add_parser("server", help="run the federation's SuperLink and ServerApp")
     server.add_argument("--certs", type=Path, required=True, help="directory from `certs init`")
@@ -136,44 +189,20 @@ def _add_lockdown_flags(parser: argparse.ArgumentParser, *, client: bool) -> Non
 
 
 def _add_policy_flags(client: argparse.ArgumentParser) -> None:
-    """The node's privacy policy (client/policy.py): its rules, whatever the server asks."""
+    """The node's privacy policy (client/policy.py), one flag per policy setting, with the help
+    and default the setting itself declares."""
+    from client.policy import policy_flags
+
     rules = client.add_argument_group("node privacy policy (defaults are strict; a --policy "
                                       "TOML file with the same kebab-case keys, flags override)")
     rules.add_argument("--policy", type=Path, metavar="FILE", help="node policy TOML file")
-    rules.add_argument("--budget-epsilon", type=float, help="total epsilon this node's data may "
-                       "spend over every run (required unless --allow-no-dp)")
-    rules.add_argument("--allow-no-dp", dest="require_dp", action="store_const", const=False,
-                       help="waive the rule that every round uses sample-level DP-SGD")
-    rules.add_argument("--allow-no-secagg", dest="require_secagg", action="store_const",
-                       const=False, help="allow updates sent without secure aggregation")
-    rules.add_argument("--max-delta", type=float, help="largest delta accepted (default "
-                       "1/(10 n) for this node's n rows)")
-    rules.add_argument("--min-noise-multiplier", type=float,
-                       help="smallest DP-SGD noise multiplier accepted (default 0.5)")
-    rules.add_argument("--peers", metavar="DIR", help="the consortium's <name>.pub node keys: "
-                       "sign secure aggregation with this node's key and refuse any cohort "
-                       "with a key not pinned there")
-    rules.add_argument("--max-dropout", type=float, help="largest share of neighbours whose "
-                       "secure-aggregation shares may be missing (default 0.2)")
-    rules.add_argument("--min-cohort", type=int, help="fewest clients summed by secure "
-                       "aggregation (default 3)")
-    rules.add_argument("--min-threshold", type=int,
-                       help="lowest secure-aggregation threshold accepted (default 2)")
-    rules.add_argument("--share-evaluation", action="store_const", const=True,
-                       help="answer the server's evaluation of the held-out rows")
-    rules.add_argument("--test-fraction", type=float,
-                       help="share of this node's rows held out (default 0.2)")
-    rules.add_argument("--split-seed", type=int, help="this node's seed for that split")
-    rules.add_argument("--text-field", help="field holding the text (default 'text')")
-    rules.add_argument("--label-field", help="field holding the label (default 'label')")
-    rules.add_argument("--report-epsilon", action="store_const", const=True,
-                       help="send the ledger's epsilon under secure aggregation too")
-
-
-POLICY_FLAGS = ("budget_epsilon", "peers", "max_dropout", "require_dp", "require_secagg",
-                "max_delta", "min_noise_multiplier", "min_cohort", "min_threshold",
-                "share_evaluation", "test_fraction", "split_seed", "text_field", "label_field",
-                "report_epsilon")
+    for flag in policy_flags():
+        if flag.const is not None:
+            rules.add_argument(flag.name, dest=flag.dest, action="store_const", const=flag.const,
+                               help=flag.help)
+        else:
+            rules.add_argument(flag.name, dest=flag.dest, type=flag.kind, help=flag.help,
+                               metavar={int: "N", float: "X"}.get(flag.kind, "TEXT"))
 
 
 def run_deployment(args: argparse.Namespace) -> int:
@@ -184,6 +213,12 @@ def run_deployment(args: argparse.Namespace) -> int:
         if args.certs_command == "init":
             made = certs.init(args.dir, args.server_host, force=args.force)
             print(f"CA {made.ca_cert}, server certificate {made.server_cert}")
+        elif args.certs_command == "consortium":
+            from common.consortium import bundle
+
+            made = bundle(args.dir, args.keys, force=args.force)
+            print(f"{len(made.names)} node keys in {made.directory} (give it to every node: "
+                  f"--peers); bundle sha256:{made.digest}")
         else:
             private, public = certs.node_key(args.dir, args.name, force=args.force)
             print(f"node key {private} (keep it on the node), public key {public} (give it to "
@@ -197,9 +232,10 @@ def run_deployment(args: argparse.Namespace) -> int:
                                     accept_config_change=args.accept_config_change,
                                     verbose=args.verbose))
     from client.deploy import ClientSettings, join, resolve_policy
+    from client.policy import policy_flags
 
-    policy = resolve_policy(args.policy, {flag.replace("_", "-"): getattr(args, flag)
-                                          for flag in POLICY_FLAGS})
+    policy = resolve_policy(args.policy, {flag.key: getattr(args, flag.dest)
+                                          for flag in policy_flags()})
     return join(ClientSettings(args.server, args.root_cert, args.node_key, args.data,
                                args.ledger, args.name or args.node_key.stem, policy,
                                args.port, args.wait_server,
@@ -228,20 +264,15 @@ def resolve_config(args: argparse.Namespace) -> Any:
         if extra or args.config:
             dropped = ", ".join(extra) or "--config"
             raise InputError(f"--resume uses the run's saved configuration; drop {dropped}")
-        import json
 
         from server.federation import CONFIG_FILE
 
         saved = Path(args.resume) / CONFIG_FILE
         if not saved.is_file():
             raise InputError(f"{args.resume} holds no fedtune run to resume (no {CONFIG_FILE})")
-        try:
-            values = json.loads(saved.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise InputError(f"{saved} is unreadable: {error}") from None
-        if isinstance(values.get("model"), dict):  # runs saved before model.pooling read
-            values["model"].setdefault("pooling", "pooler")  # the pooler, their adapter's head
-        return RunConfig.from_mapping(values).with_overrides(overrides)
+        from simulations.export import read_run_config
+
+        return read_run_config(Path(args.resume)).with_overrides(overrides)
     config = RunConfig.from_toml(args.config) if args.config else RunConfig()
     return with_run_dir(config.with_overrides(overrides), args.command)
 
@@ -314,15 +345,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from server.checkpoint import CheckpointError
     from server.deploy import START_ERRORS, DeployError
     from server.federation import RunDirError
+    from simulations.export import ExportError
+    from simulations.predict import PredictError
     from simulations.report import ReportError
 
     bad_input = (InputError, ConfigError, DataError, ModelLoadError, PartitionError,
                  AdapterError, CheckpointError, RunDirError, PrivacyError, CertError, DeployError,
                  ServerUnreachable, ReportError, PolicyError, *START_ERRORS,
-                 AppBundleError)
+                 AppBundleError, ExportError, PredictError)
     try:
         if args.command in ("certs", "server", "client"):
             return run_deployment(args)
+        if args.command in ("export", "predict"):
+            return run_result_command(args)
         if args.command == "report":
             from simulations.report import write_report
 

@@ -6,7 +6,8 @@ process (no Ray), on a seeded subsample of a data set.
 
 Clients are the same partitions `fedtune simulate` builds (`Task.client_examples`), trained one
 after another with the same local training (`train_local`, or DP-SGD through `train_private`);
-the average is weighted by rows and then stepped by `federation.strategy`'s server optimiser.
+the average is weighted by rows (every client once under DP, as the server does) and then
+stepped by `federation.strategy`'s server optimiser.
 No ledger, secure aggregation or client evaluation: it measures learning, not the system. Prints
 one JSON line: accuracy after every round, the last macro-F1, the mean DP-SGD noise multiplier
 and the wall time.
@@ -95,9 +96,10 @@ def main() -> None:
                                   physical_batch=train.physical_batch)
                 else:
                     task.train_plain(loader, optimizer, train, config.federation.proximal_weight)
+                weight = 1 if config.privacy.dp else len(rows)  # as the server weighs
                 for key, value in trainable_state(task.model).items():
-                    sums[key] = sums.get(key, 0) + value * len(rows)  # float32, as measured
-            total = sum(len(rows) for rows in parts)
+                    sums[key] = sums.get(key, 0) + value * weight  # float32, as measured
+            total = sum(1 if config.privacy.dp else len(rows) for rows in parts)
             average = {k: (v / total).astype(np.float32) for k, v in sums.items()}
             state = step.step(state, average, server_round)
             load_trainable_state(task.model, state)

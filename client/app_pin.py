@@ -44,7 +44,9 @@ def approves(content: bytes, approved: frozenset[str]) -> bool:
     return False
 
 
-PINNED_FLOWER = "1.41."  # the SuperNode internals install_pin replaces are this version's
+# Flower versions whose SuperNode internals install_pin replaces, each read and checked
+# (`_pull_and_store_message` and `_verify_fab` are the same in 1.41.0 and 1.42.0).
+PINNED_FLOWER = ("1.41.", "1.42.")
 
 
 def safe_run_names(fab_id: str, fab_version: str) -> bool:
@@ -62,7 +64,8 @@ def install_pin(approved: frozenset[str]) -> None:
     from flwr.supernode import start_client_internal as node
 
     if not flwr.__version__.startswith(PINNED_FLOWER):
-        raise PinError(f"fedtune's app pin is written for Flower {PINNED_FLOWER}*, this is "
+        raise PinError(f"fedtune's app pin is written for Flower "
+                       f"{' or '.join(v + '*' for v in PINNED_FLOWER)}, this is "
                        f"{flwr.__version__}: it could stop checking without a word")
 
     pull = getattr(node, "_pull_and_store_message", None)

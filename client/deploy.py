@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.ledger_watch import LedgerWatch
-from client.policy import NodePolicy
+from client.node import keyed_held_out
+from client.policy import NodePolicy, PolicyError
 from common import certs
 from common.app_bundle import app_digest, check_digest
-from common.config import DataConfig
+from common.config import CAUSAL_LM, CLASSIFICATION, DataConfig
 from common.console import filtered
-from common.data import LABELS_FILE, load_data, training_records
+from common.consortium import pinned_digest
+from common.data import LABELS_FILE, DataError, load_data, training_records, training_rows
 from common.ports import PortBusy, check_free
 from common.process_tree import (
     StopRequested,
@@ -74,6 +76,8 @@ def supernode_command(settings: ClientSettings) -> list[str]:
               "ledger-dir": str(settings.ledger.resolve()), "name": settings.name,
               "node-key": str(settings.node_key.resolve()),
               **settings.policy.to_node_config()}
+    if settings.policy.peers:  # read by the ClientApp, whatever its working directory
+        values["peers"] = str(Path(settings.policy.peers).resolve())
     node_config = [f"{key}={_toml_value(value)}" for key, value in values.items()]
     tool = shutil.which("flower-supernode", path=str(Path(sys.executable).parent)) or \
         shutil.which("flower-supernode") or "flower-supernode"
@@ -82,10 +86,23 @@ def supernode_command(settings: ClientSettings) -> list[str]:
             "--port", str(settings.port), "--node-config", " ".join(node_config)]
 
 
+UNPINNED = ("fedtune: WARNING: --allow-unpinned-peers: this node takes part in secure "
+            "aggregation without its consortium's keys pinned. Signing keys then come through "
+            "the server, which can make up members of a cohort and subtract their inputs from "
+            "the sum to learn this node's update. Client-level DP rounds are refused.")
+
+
 def check_peers(settings: ClientSettings) -> None:
-    """With pinned peers, this node's own key must be among them under its name (else every
-    cohort would be refused)."""
+    """A node pins its consortium's keys (`--peers DIR`, from `fedtune certs consortium`), and
+    the bundle must hold its own key under its name (else every cohort would be refused);
+    without them it starts only where its operator waived pinning, and says so loudly."""
     if not settings.policy.peers:
+        if settings.policy.require_peers:
+            raise certs.CertError(
+                "peers: give --peers DIR, the consortium's node keys (made by the operator with "
+                "`fedtune certs consortium`), so that no server can make up members of a "
+                "secure-aggregation cohort; or waive it with --allow-unpinned-peers")
+        print(UNPINNED, file=sys.stderr, flush=True)
         return
     try:
         pinned = read_peers(settings.policy.peers)
@@ -95,15 +112,31 @@ def check_peers(settings: ClientSettings) -> None:
     if pinned.get(settings.name) != own:
         raise certs.CertError(f"peers: {settings.policy.peers} has no {settings.name}.pub "
                               f"matching this node's key {settings.node_key}")
+    print(f"fedtune: pinned peers: {len(pinned)} node keys, bundle sha256:"
+          f"{pinned_digest(settings.policy.peers)} (compare it with the operator's)", flush=True)
 
 
-def check_data(path: Path, policy: NodePolicy) -> None:
+def check_data(path: Path, policy: NodePolicy) -> int:
     """Read the node's data once at start-up, so that a problem is a local error now (DataError
-    names it), never a data-dependent failure a server could provoke later."""
-    training_records(path)
-    if (path / LABELS_FILE).is_file():  # a classification node: every label in its label set
-        load_data(DataConfig(path=str(path), text_field=policy.text_field,
-                             label_field=policy.label_field), seed=0)
+    names it), never a data-dependent failure a server could provoke later: every row readable
+    for the node's task with its own fields, at least two training rows after its own split,
+    and its fixed delta below n^-1.1 for its n rows. Returns n."""
+    records = training_records(path)
+    declared = (path / LABELS_FILE).is_file()
+    data = DataConfig(path=str(path), text_field=policy.text_field,
+                      label_field=policy.label_field)
+    if declared:  # a classification node: every label in its label set
+        load_data(data, seed=0)
+    rows = training_rows(data, CLASSIFICATION if declared else CAUSAL_LM)
+    training = int((~keyed_held_out(rows, policy.test_fraction, policy.split_seed)).sum())
+    if training < 2:
+        raise DataError(f"{path}: {training} training rows after holding out test-fraction "
+                        f"{policy.test_fraction:g}; at least 2 are needed")
+    if policy.require_dp and policy.delta > len(records) ** -1.1:
+        raise PolicyError(f"node policy `delta` {policy.delta:g} is not below n^-1.1 = "
+                          f"{len(records) ** -1.1:.3g} for this node's {len(records)} rows: give "
+                          "a smaller --delta")
+    return len(records)
 
 
 def resolve_policy(policy_file: Path | None, flags: dict[str, object]) -> NodePolicy:
@@ -167,6 +200,10 @@ def join(settings: ClientSettings) -> int:
     command = pinned_command(settings, supernode_command(settings))
     check_free("127.0.0.1", settings.port, "--port")
     print(f"fedtune: node policy: {_describe(settings.policy)}", flush=True)
+    if not settings.policy.planning_rows:
+        print("fedtune: no --planning-rows: DP-SGD rounds plan with the server's "
+              "privacy.planning_rows, and are refused without one (the planning row count is "
+              "public; this node's own row count is never used or sent)", flush=True)
     probe_server(settings)
     become_subreaper()
     watch = LedgerWatch(settings.ledger, settings.policy.budget_epsilon)
@@ -186,7 +223,8 @@ def _supervise(command: list[str], settings: ClientSettings, watch: LedgerWatch)
     delay, refused_since, refusals = RESTART_DELAY, 0.0, 0
     while True:
         started = time.monotonic()
-        ended = _run_supernode(command, settings.verbose, watch)
+        ended = _run_supernode(command, settings.verbose, watch,
+                               node_env(settings.policy))
         if ended.port_busy:
             raise PortBusy(f"port {settings.port} on 127.0.0.1 is already in use (another node "
                            "on this machine?); choose another --port")
@@ -237,13 +275,13 @@ class SupernodeEnd:
     port_busy: bool = False
 
 
-def _run_supernode(command: list[str], verbose: bool, watch: LedgerWatch) -> SupernodeEnd:
+def _run_supernode(command: list[str], verbose: bool, watch: LedgerWatch,
+                   env: dict[str, str]) -> SupernodeEnd:
     """Run the SuperNode until it exits, relaying its output; then stop what it left running
     (its SuperExec and ClientApps hold its output pipe open). It stays in this command's
     process group, so a signal to the group (a service manager's, a crashed supervisor's)
     reaches it too."""
-    node = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=tool_env())
+    node = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     ended = SupernodeEnd()
     relay = threading.Thread(target=_relay, args=(node, verbose, ended, watch), daemon=True)
     relay.start()
@@ -307,6 +345,15 @@ def _write(line: bytes) -> None:
     with _output:
         sys.stdout.buffer.write(line if line.endswith(b"\n") else line + b"\n")
         sys.stdout.flush()
+
+
+def node_env(policy: NodePolicy) -> dict[str, str]:
+    """The SuperNode's environment: offline for every hub unless the operator allows one, so a
+    server can never make this node download what it names."""
+    env = tool_env()
+    if not policy.allow_hub:
+        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
 
 
 def _describe(policy: NodePolicy) -> str:

@@ -2,27 +2,29 @@
 
 Opacus computes per-example gradients only for the parameters that require them, so on a PEFT
 model the cost is that of the LoRA matrices and the head, not of the frozen transformer.
+
+Everything the mechanism's parameters depend on is public: the sample rate and the steps follow
+the planning row count (the node's policy or the server's), not the rows the node holds; the
+noisy sum is divided by the planned expected batch, not by one computed from the data; and an
+example whose gradient is not finite (a crafted adapter can make a chosen row's logits
+overflow) contributes zero instead of failing the round, so what the server sees depends on any
+one row only through a clipped, noised gradient.
 """
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from dataclasses import dataclass
 
 import torch
-from opacus import PrivacyEngine
+from opacus.grad_sample.utils import wrap_model
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
 from common.config import RunConfig
-from common.privacy import (
-    GaussianEvent,
-    default_delta,
-    dp_sgd_schedule,
-    noise_for_target,
-)
-from common.training import LossFn, TrainStats
+from common.data import Examples
+from common.privacy import GaussianEvent, default_delta, dp_sgd_schedule, noise_for_target
+from common.training import Collate, LossFn, TrainStats
 
 # Opacus' per-sample gradient engine; chosen by benchmarks/dp_overhead.py (see docs/benchmarks.md).
 GRAD_SAMPLE_MODE = "hooks"
@@ -35,53 +37,116 @@ class DPRoundPlan:
     event: GaussianEvent
     delta: float
     max_grad_norm: float
+    expected_batch: float  # sample rate x planning rows: the public divisor of each noisy sum
 
 
-def plan_round(config: RunConfig, records: int, node_delta: float | None = None,
+def plan_round(config: RunConfig, planning_rows: int, delta: float | None = None,
                accountant: str = "") -> DPRoundPlan:
     """Noise for the whole planned horizon (every round x this round's steps), not per round.
 
-    The delta is the server's when it sets one, else the node's own (`node_delta`, by default
-    1/(10 n)); a node's policy refuses a server delta above its own before this plan is used.
-    The noise is calibrated with `accountant`, the one the node's ledger is kept with, so the
-    ledger reaches the target only at the end of the planned rounds."""
+    Every input is public: the request, and the node's `planning_rows` and `delta` (a deployed
+    node's from its policy, never from its row count; None: the run's delta, else 1/(10 n) of
+    the planning rows, as a simulation uses). Raises PrivacyError when no noise reaches the
+    target."""
     privacy = config.privacy
     accountant = accountant or privacy.accountant_or_default
+    delta = delta or privacy.delta or default_delta(planning_rows)
     train = config.training
-    sample_rate, steps = dp_sgd_schedule(records, train.batch_size, train.local_epochs,
+    sample_rate, steps = dp_sgd_schedule(planning_rows, train.batch_size, train.local_epochs,
                                          train.local_steps)
-    delta = privacy.delta or node_delta or default_delta(records)
     noise = privacy.noise_multiplier or noise_for_target(
         privacy.epsilon, delta, sample_rate, steps * config.federation.rounds, accountant)
-    return DPRoundPlan(GaussianEvent(noise, sample_rate, steps), delta,
-                       train.max_grad_norm)
+    return DPRoundPlan(GaussianEvent(noise, sample_rate, steps), delta, train.max_grad_norm,
+                       expected_batch=sample_rate * planning_rows)
+
+
+class NeutralisingOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer, but an example whose per-example gradient holds a NaN or an infinity
+    contributes zero (as an example whose gradient is zero would) before clipping."""
+
+    def clip_and_accumulate(self) -> None:
+        samples = self.grad_samples
+        if samples and len(samples[0]) > 0:
+            bad = torch.zeros(len(samples[0]), dtype=torch.bool, device=samples[0].device)
+            for sample in samples:
+                bad |= ~torch.isfinite(sample.reshape(len(sample), -1)).all(dim=1).to(bad.device)
+            if bool(bad.any()):
+                for param in self.params:
+                    flat = self._get_flat_grad_sample(param)
+                    keep = (~bad).to(flat.device).view(-1, *([1] * (flat.dim() - 1)))
+                    param.grad_sample = torch.where(keep, flat, torch.zeros_like(flat))
+        super().clip_and_accumulate()
 
 
 def train_private(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                   plan: DPRoundPlan, *, loss_fn: LossFn, device: torch.device,
                   noise_generator: torch.Generator, physical_batch: int) -> TrainStats:
-    """Exactly `plan.event.steps` DP-SGD steps; the model is returned unwrapped.
+    """Exactly `plan.event.steps` DP-SGD steps on the rows of `loader` (`Task.start_round`'s);
+    the model is returned unwrapped.
 
-    Poisson sampling uses the loader's generator and the noise `noise_generator`: they must be
-    independent streams (`client/randomness.py`). A Poisson batch larger than `physical_batch`
-    goes through the model in chunks (memory), still as one noisy step."""
-    model.train()  # Opacus refuses a model in eval mode (the cached model was just evaluated)
+    Each step draws every row independently with the plan's sample rate (Poisson sampling,
+    from the loader's generator) and adds noise from `noise_generator`: independent streams
+    (`client/randomness.py`). A batch larger than `physical_batch` goes through the model in
+    chunks (memory), still as one noisy step."""
+    model.train()  # the cached model was just evaluated
+    rows, collate, sampling = loader.dataset.examples, loader.collate_fn, loader.generator
     noise_generator = on_device(noise_generator, device)
-    engine = PrivacyEngine(accountant="rdp")  # the ledger, not this accountant, is the record
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        private_model, private_optimizer, private_loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=plan.event.noise_multiplier, max_grad_norm=plan.max_grad_norm,
-            poisson_sampling=True, grad_sample_mode=GRAD_SAMPLE_MODE,
-            noise_generator=noise_generator)
+        private = wrap_model(model, grad_sample_mode=GRAD_SAMPLE_MODE, batch_first=True,
+                             loss_reduction="mean")
+        dp_optimizer = NeutralisingOptimizer(
+            optimizer, noise_multiplier=plan.event.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm, expected_batch_size=plan.expected_batch,
+            loss_reduction="mean", generator=noise_generator)
         try:
-            return _steps(private_model, private_optimizer, private_loader, plan.event.steps,
-                          loss_fn, device, physical_batch)
+            return _steps(private, dp_optimizer, rows, collate, plan, loss_fn, device, sampling,
+                          physical_batch)
         finally:
-            private_model._close()  # drop Opacus' hooks: the cached model serves other clients
+            private._close()  # drop Opacus' hooks: the cached model serves other clients
             _scrub(model)
+
+
+def _steps(model: torch.nn.Module, optimizer: DPOptimizer, rows: Examples, collate: Collate,
+           plan: DPRoundPlan, loss_fn: LossFn, device: torch.device,
+           sampling: torch.Generator, physical_batch: int) -> TrainStats:
+    model.train()
+    total_loss, examples = 0.0, 0
+    for _ in range(plan.event.steps):
+        optimizer.zero_grad(set_to_none=True)
+        drawn = poisson_draw(len(rows), plan.event.sample_rate, sampling)
+        if not drawn:  # an empty Poisson draw still releases noise
+            _noise_only_step(model, optimizer)
+            continue
+        for start in range(0, len(drawn), physical_batch):
+            part = drawn[start:start + physical_batch]
+            chunk = {key: value.to(device)
+                     for key, value in collate([rows.item(i) for i in part]).items()}
+            loss = loss_fn(model, chunk)
+            loss.backward()
+            # Each chunk's per-example gradients are clipped and summed; the batch's noise and
+            # its one optimizer step come after its last chunk (Opacus' skip signal).
+            last = start + physical_batch >= len(drawn)
+            optimizer.signal_skip_step(do_skip=not last)
+            optimizer.step()
+            if not last:
+                optimizer.zero_grad(set_to_none=True)  # keeps the clipped sum of a skipped step
+            total_loss += float(loss.detach()) * len(part)
+        examples += len(drawn)
+    return TrainStats(loss=total_loss / max(examples, 1), examples=examples,
+                      steps=plan.event.steps)
+
+
+def poisson_draw(rows: int, sample_rate: float, generator: torch.Generator) -> list[int]:
+    """The rows one step uses: each independently with probability `sample_rate`."""
+    return torch.nonzero(torch.rand(rows, generator=generator) < sample_rate).flatten().tolist()
+
+
+def _noise_only_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    for param in model.parameters():
+        if param.requires_grad:
+            param.grad_sample = torch.zeros((0, *param.shape), device=param.device)
+    optimizer.step()
 
 
 def _scrub(model: torch.nn.Module) -> None:
@@ -93,6 +158,7 @@ def _scrub(model: torch.nn.Module) -> None:
         vars(module).pop("max_batch_len", None)
     for param in model.parameters():
         vars(param).pop("summed_grad", None)
+        vars(param).pop("grad_sample", None)
         param.grad = None
 
 
@@ -103,38 +169,3 @@ def on_device(generator: torch.Generator, device: torch.device) -> torch.Generat
         return generator
     seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
     return torch.Generator(device=device).manual_seed(seed)
-
-
-def _steps(model: torch.nn.Module, optimizer: DPOptimizer, loader: DataLoader, steps: int,
-           loss_fn: LossFn, device: torch.device, physical_batch: int) -> TrainStats:
-    model.train()
-    total_loss, examples = 0.0, 0
-    batches = itertools.chain.from_iterable(itertools.repeat(loader))
-    for batch in itertools.islice(batches, steps):
-        optimizer.zero_grad(set_to_none=True)
-        size = len(batch["labels"])
-        if size == 0:  # an empty Poisson draw still releases noise
-            _noise_only_step(model, optimizer)
-            continue
-        for start in range(0, size, physical_batch):
-            chunk = {key: value[start:start + physical_batch].to(device)
-                     for key, value in batch.items()}
-            loss = loss_fn(model, chunk)
-            loss.backward()
-            # Each chunk's per-example gradients are clipped and summed; the batch's noise and
-            # its one optimizer step come after its last chunk (Opacus' skip signal).
-            last = start + physical_batch >= size
-            optimizer.signal_skip_step(do_skip=not last)
-            optimizer.step()
-            if not last:
-                optimizer.zero_grad(set_to_none=True)  # keeps the clipped sum of a skipped step
-            total_loss += float(loss.detach()) * len(chunk["labels"])
-        examples += size
-    return TrainStats(loss=total_loss / max(examples, 1), examples=examples, steps=steps)
-
-
-def _noise_only_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    for param in model.parameters():
-        if param.requires_grad:
-            param.grad_sample = torch.zeros((0, *param.shape), device=param.device)
-    optimizer.step()

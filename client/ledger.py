@@ -6,7 +6,9 @@ epsilon is recomputed from the whole history by an Opacus accountant, never carr
 sum. A round is recorded *before* it trains, under an exclusive lock with the file read again
 inside it, so concurrent runs over one data set cannot both pass the budget or drop each other's
 entries. The file is replaced atomically; a file that cannot be read stops training and is never
-reset.
+reset. The recorded events are the truth: read at another delta (a node whose policy changed it,
+or a ledger kept at 1/(10 n) before nodes fixed their delta) the same history is simply accounted
+at the new one.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from logging import WARNING
 from pathlib import Path
 from typing import Any
+
+from flwr.common.logger import log
 
 from common.atomic_file import write_atomic
 from common.config import DEFAULT_ACCOUNTANT
@@ -47,7 +52,8 @@ class BudgetExhausted(LedgerError):
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One round of DP-SGD this node trained (and so may have released an update for)."""
+    """One release of this node's data: a round of DP-SGD it trained (and so may have released
+    an update for), or a noised evaluation answer."""
 
     run: str
     client: str  # the node's name in that run
@@ -57,6 +63,7 @@ class LedgerEntry:
     steps: int
     time: str  # UTC, ISO 8601
     epsilon: float  # total after this round, at the ledger's delta
+    kind: str = "dp-sgd"  # what was released: a DP-SGD round, or a noised "evaluation" answer
 
     @property
     def event(self) -> GaussianEvent:
@@ -119,7 +126,7 @@ class Ledger:
         return epsilon_spent(history, self.delta, self.accountant)
 
     def spend(self, run: str, client: str, server_round: int, event: GaussianEvent,
-              budget: float) -> LedgerEntry:
+              budget: float, kind: str = "dp-sgd") -> LedgerEntry:
         """Record one round if it keeps the data set within `budget` (else BudgetExhausted).
 
         Under an exclusive lock on the ledger directory, the file is read again, the budget
@@ -136,7 +143,7 @@ class Ledger:
                                 noise_multiplier=event.noise_multiplier,
                                 sample_rate=event.sample_rate, steps=event.steps,
                                 time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                epsilon=epsilon)
+                                epsilon=epsilon, kind=kind)
             body = {"version": LEDGER_VERSION, "fingerprint": self.fingerprint,
                     "records": self.records, "delta": self.delta,
                     "accountant": self.accountant, "epsilon": epsilon,
@@ -158,9 +165,9 @@ class Ledger:
         if stored.get("fingerprint") != self.fingerprint:
             raise LedgerError(f"privacy ledger {path} belongs to other data (fingerprint "
                               f"{stored.get('fingerprint')!r}); refusing to train")
-        if stored.get("delta") != self.delta:
-            raise LedgerError(f"privacy ledger {path} accounts at delta {stored.get('delta')!r}, "
-                              f"this run asks {self.delta!r}; keep one delta per data set")
+        if stored.get("delta") != self.delta:  # the events are the record; delta is a view
+            log(WARNING, "Privacy ledger %s was kept at delta %r; accounting its history at "
+                "this node's delta %r from now on", path, stored.get("delta"), self.delta)
         if stored.get("accountant", FORMER_DEFAULT_ACCOUNTANT) != self.accountant:
             raise LedgerError(f"privacy ledger {path} is kept with the "
                               f"{stored.get('accountant')!r} accountant, this node asks "

@@ -8,6 +8,9 @@ client`): the node, not the server, decides which rows it holds out and what its
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,9 +21,9 @@ import numpy as np
 
 from client.ledger import fingerprint, fingerprint_records
 from client.policy import NodePolicy, PolicyError
-from common.config import DataConfig, RunConfig
+from common.config import CAUSAL_LM, CLASSIFICATION, DataConfig, RunConfig
 from common.data import LABELS_FILE, Examples, training_records, training_rows
-from common.partition import client_name, local_split
+from common.partition import client_name
 from common.task import Task, cached_task
 
 IDENTITY_KEYS = ("name", "data-path", "ledger-dir", "node-key", "partition-id",
@@ -75,6 +78,21 @@ class Node:
         """A deployed node's data directory names its label set (labels.json)."""
         return self.simulated or (Path(str(self.data_path)) / LABELS_FILE).is_file()
 
+    @property
+    def task(self) -> str | None:
+        """The task a deployed node's data serves: classification where its directory declares a
+        label set, causal LM otherwise (a request for the other is refused before any row is
+        read); None for a simulated node, which follows the run."""
+        if self.simulated:
+            return None
+        return CLASSIFICATION if self.declares_labels else CAUSAL_LM
+
+    def state_directory(self) -> Path | None:
+        """Where a deployed node keeps its per-round state (secure-aggregation secrets, what it
+        released): beside its ledgers, on its own disk. None for a simulated node."""
+        return None if self.simulated or self.ledger_dir is None else \
+            Path(self.ledger_dir) / "rounds"
+
     def data_config(self, config: RunConfig) -> DataConfig:
         """How this node reads its rows: its own path and field names, the run's template."""
         policy = self.policy
@@ -93,11 +111,14 @@ class Node:
 
 
 def node_task(node: Node, config: RunConfig) -> Task:
-    """The task for this node: the run's model with this node's own data in deployment."""
+    """The task for this node: the run's model with this node's own data in deployment, read
+    with its own fields and the split `fedtune client` checked at start-up (never the server's
+    test fraction, which could leave too few rows for some data sets and not others)."""
     if node.data_path is not None:
         data = node.data_config(config)
         config = config.with_overrides({"data.path": data.path, "data.text_field": data.text_field,
-                                        "data.label_field": data.label_field})
+                                        "data.label_field": data.label_field,
+                                        "data.test_fraction": DataConfig().test_fraction})
     return cached_task(config)
 
 
@@ -107,9 +128,21 @@ def node_examples(node: Node, task: Task, config: RunConfig) -> tuple[Examples, 
     if node.partition_id is not None:
         return task.client_examples(config.partition, node.partition_id, node.num_partitions)
     rows = _training_rows(node.data_config(config), config.model.task)
-    train_idx, held_idx = local_split(np.arange(len(rows)), node.policy.test_fraction,
-                                      node.policy.split_seed)
-    return rows.subset(train_idx), rows.subset(held_idx)
+    held = keyed_held_out(rows, node.policy.test_fraction, node.policy.split_seed)
+    return rows.subset(np.flatnonzero(~held)), rows.subset(np.flatnonzero(held))
+
+
+def keyed_held_out(rows: Examples, fraction: float, key: int) -> np.ndarray:
+    """Which rows a deployed node holds out: each row by a keyed hash of its own content, so
+    adding or removing one row moves no other row between training and held-out (a seeded
+    permutation of all rows would reshuffle both sides, and DP's one-row neighbour would differ
+    from its training set in many rows)."""
+    secret = hashlib.sha256(f"fedtune held-out split v1 {key}".encode()).digest()
+    held = np.zeros(len(rows), dtype=bool)
+    for i in range(len(rows)):
+        digest = hmac.new(secret, json.dumps(list(rows.item(i))).encode(), "sha256").digest()
+        held[i] = int.from_bytes(digest[:8], "big") < fraction * 2.0**64
+    return held
 
 
 def data_set_identity(node: Node, train_rows: Examples) -> tuple[str, int]:

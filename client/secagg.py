@@ -3,7 +3,9 @@
 `SecAggClient` keeps its secrets (two X25519 private keys and a self-mask seed) on the node
 between messages and checks everything the server sends it: steps in order, its own keys echoed
 back unchanged, disjoint reveal lists, one reveal per round. The server never receives a secret
-of this client except as Shamir shares held by its neighbours.
+of this client except as Shamir shares held by its neighbours. A neighbour whose shares do not
+open is left out of this client's masks and named in a signed complaint (`complaint`), so the
+round can go on without it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import secrets
 
 import numpy as np
 
+from client.node import Node
+from client.policy import PEERS
+from common.config import RunConfig
 from common.secagg import channel, prg, ring, shamir
 from common.secagg.graph import default_neighbours
 from common.secagg.protocol import (
@@ -27,11 +32,35 @@ from common.secagg.protocol import (
     share_context,
     two_thirds,
 )
-from common.secagg.signing import Signer, keys_statement, survivors_statement, verifies
+from common.secagg.records import complaint_to_record
+from common.secagg.signing import (
+    Signer,
+    complaint_statement,
+    keys_statement,
+    survivors_statement,
+    verifies,
+)
 
 
 class SecAggViolation(ValueError):
     """The server asked for something out of order or unsafe; the client refuses."""
+
+
+def peer_violations(node: Node, config: RunConfig) -> list[str]:
+    """The `peers` rule a secure round breaks on this node (empty: none). A deployed node
+    takes part only with its consortium's keys pinned, unless its operator waived that
+    (`--allow-unpinned-peers`); under client-level DP even then, since a server that could
+    fill a cohort with clients of its own would know their noise shares. Simulated nodes are
+    the researcher's own."""
+    if node.simulated or node.policy.peers:
+        return []
+    if config.privacy.client_level:
+        return [f"{PEERS}: client-level DP under secure aggregation needs the consortium's keys "
+                "pinned (--peers): the noise counts on the other members being real clients"]
+    if node.policy.require_peers:
+        return [f"{PEERS}: this node uses secure aggregation only with its consortium's keys "
+                "pinned (--peers DIR from `fedtune certs consortium`)"]
+    return []
 
 
 class SecAggClient:
@@ -51,6 +80,7 @@ class SecAggClient:
         self.survivors: list[str] = []  # the survivor set this client signed
         self.routing = ""  # the digest of the delivery of shares it signed (hex)
         self.config_digest = ""  # the run configuration of this round, pinned at step 1
+        self.accused: list[str] = []  # neighbours whose shares to this client did not open
         self._checked: dict[str, bytes] | None = None  # the delivery check_shares passed
 
     # -- step 1 ---------------------------------------------------------------------------
@@ -97,11 +127,13 @@ class SecAggClient:
         return sealed
 
     # -- step 3 ---------------------------------------------------------------------------
-    def check_shares(self, received: dict[str, bytes], *, min_delivered: float = 0.0) -> None:
-        """Refuse a delivery of shares the masking step could not use safely, checked before
-        any training: only neighbours', its own among them, every one decrypting, at least
-        the threshold and `min_delivered` (a share of its holders: a server that withholds
-        most neighbours' shares could leave this client masked by colluders alone)."""
+    def check_shares(self, received: dict[str, bytes], *,
+                     min_delivered: float = 0.0) -> list[str]:
+        """The neighbours whose shares do not open (to be left out and named in a complaint),
+        or a refusal of a delivery the masking step could not use safely, checked before any
+        training: only neighbours', its own among them and opening, and at least the threshold
+        and `min_delivered` (a share of its holders: a server that withholds most neighbours'
+        shares could leave this client masked by colluders alone) that open."""
         self._expect("shares")
         cohort = self._cohort()
         holders = {*cohort.graph()[self.name], self.name}
@@ -111,12 +143,30 @@ class SecAggClient:
         if self.name not in received:
             raise SecAggViolation("the server withheld this client's share of its own secrets")
         needed = max(cohort.threshold, math.ceil(min_delivered * len(holders) - 1e-9))
-        if len(received) < needed:
-            raise SecAggViolation(f"only {len(received)} of {len(holders)} share holders "
-                                  f"delivered shares; {needed} are needed")
+        accused = []
         for peer in sorted(received):
-            self._open(cohort, peer, received)
-        self._checked = dict(received)
+            try:
+                self._open(cohort, peer, received)
+            except SecAggViolation:
+                if peer == self.name:
+                    raise
+                accused.append(peer)
+        if len(received) - len(accused) < needed:
+            bad = f" ({len(accused)} do not open: {accused})" if accused else ""
+            raise SecAggViolation(f"only {len(received) - len(accused)} of {len(holders)} "
+                                  f"share holders delivered shares that open{bad}; {needed} "
+                                  "are needed")
+        self._checked, self.accused = dict(received), accused
+        return accused
+
+    def complaint(self) -> dict | None:
+        """The step-3 reply's complaint record: the neighbours whose shares did not open (they
+        are not in this client's masks) and its signature naming them, for the server to leave
+        them out; None when all opened."""
+        if not self.accused:
+            return None
+        return complaint_to_record(self.accused, self.signer.sign(complaint_statement(
+            self.session, self.round, self.name, self.accused)))
 
     def mask(self, received: dict[str, bytes], vector: np.ndarray, encoding: ring.Encoding,
              rng: np.random.Generator) -> np.ndarray:
@@ -130,8 +180,8 @@ class SecAggClient:
         if encoding.clients != len(cohort.names):
             raise SecAggViolation(f"encoding for {encoding.clients} clients, but the cohort has "
                                   f"{len(cohort.names)}")
-        self.received = dict(received)
-        self.partners = sorted(set(received) - {self.name})
+        self.received = {p: c for p, c in received.items() if p not in self.accused}
+        self.partners = sorted(set(self.received) - {self.name})
         encoded = encoding.encode(vector, rng)
         masked = encoded + prg.expand(self.self_seed, len(encoded))
         for peer in self.partners:
@@ -219,14 +269,24 @@ class SecAggClient:
             raise SecAggViolation(f"{cohort.neighbours} neighbours is fewer than "
                                   f"{default_neighbours(n)}, the least for {n} clients")
 
+    @staticmethod
+    def pin_violations(cohort: Cohort, pinned: dict[str, bytes] | None) -> list[str]:
+        """The `peers` rule a cohort breaks: a member whose signing key is not the one this
+        node pins for its name (a client the server made up, or a substituted key)."""
+        if pinned is None:
+            return []
+        strangers = [name for name in cohort.names
+                     if pinned.get(name) != cohort.public(name, "sig")]
+        if not strangers:
+            return []
+        return [f"{PEERS}: the signing key of {', '.join(strangers[:5])} is not the one this node "
+                "pins for that name"]
+
     def _check_signed_keys(self, cohort: Cohort, pinned: dict[str, bytes] | None) -> None:
         """Pinned signing keys for every member (they sign the survivor set later); a valid
         key signature for each neighbour, the keys this client will use."""
-        if pinned is not None:
-            for name in cohort.names:
-                if pinned.get(name) != cohort.public(name, "sig"):
-                    raise SecAggViolation(f"peers: {name}'s signing key is not the one this "
-                                          "node pins for it")
+        if broken := self.pin_violations(cohort, pinned):
+            raise SecAggViolation(broken[0])
         for name in [*cohort.graph()[self.name], self.name]:
             c, s, sig = (cohort.public(name, kind) for kind in ("c", "s", "sig"))
             signature = cohort.key_signatures[cohort.position[name]]
@@ -241,7 +301,7 @@ class SecAggClient:
             "step": self.step, "c": self.c_key.hex(), "s": self.s_key.hex(),
             "b": self.self_seed.hex(), "partners": self.partners,
             "signer": self.signer.to_state(), "survivors": self.survivors,
-            "routing": self.routing, "config": self.config_digest,
+            "routing": self.routing, "config": self.config_digest, "accused": self.accused,
             "received": {k: v.hex() for k, v in self.received.items()},
             "cohort": None if cohort is None else {
                 "names": cohort.names, "c": [k.hex() for k in cohort.c_public],
@@ -263,7 +323,7 @@ class SecAggClient:
         client.partners = stored["partners"]
         client.signer = Signer.from_state(stored["signer"])
         client.survivors, client.routing = stored["survivors"], stored["routing"]
-        client.config_digest = stored["config"]
+        client.config_digest, client.accused = stored["config"], stored.get("accused", [])
         client._checked = None  # a resumed client checks its delivery again
         client.received = {k: bytes.fromhex(v) for k, v in stored["received"].items()}
         c = stored["cohort"]
@@ -310,7 +370,9 @@ class SecAggClient:
             raise SecAggViolation(f"the shares from {peer} do not open: {error}") from None
         if len(plaintext) != 4 + 2 * shamir.SHARE_BYTES:
             raise SecAggViolation(f"the shares from {peer} have the wrong length")
+        x = int.from_bytes(plaintext[:4], "big")
+        if x != sorted([*cohort.graph()[peer], peer]).index(self.name) + 1:
+            raise SecAggViolation(f"the shares from {peer} are for another holder (x = {x})")
         b_end = 4 + shamir.SHARE_BYTES
-        return {"x": int.from_bytes(plaintext[:4], "big"), "b": plaintext[4:b_end],
-                "s": plaintext[b_end:]}
+        return {"x": x, "b": plaintext[4:b_end], "s": plaintext[b_end:]}
 

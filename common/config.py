@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import string
 import time
 import tomllib
 import warnings
@@ -16,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from common.settings import build, coerce, setting
 
 CONFIG_VERSION = 1
 EMBEDDED_MODEL = "embedded"
@@ -40,7 +43,7 @@ class ConfigError(ValueError):
 
 
 def _help(text: str, default: Any) -> Any:
-    return field(default=default, metadata={"help": text})
+    return setting(text, default)
 
 
 def _require(ok: bool, name: str, rule: str, value: Any) -> None:
@@ -100,15 +103,32 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "data.path", "must not be empty", self.path)
-        try:
-            self.prompt_template.format(instruction="", input="")
-            usable = "{instruction}" in self.prompt_template
-        except (KeyError, IndexError, ValueError):
-            usable = False
-        _require(usable, "data.prompt_template", "must contain {instruction} and no fields "
-                 "other than {instruction} and {input}", self.prompt_template)
+        _require(template_problem(self.prompt_template) is None, "data.prompt_template",
+                 template_problem(self.prompt_template) or "", self.prompt_template[:80])
         _require(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)",
                  self.test_fraction)
+
+
+TEMPLATE_FIELDS = ("instruction", "input")
+MAX_TEMPLATE_CHARS = 4096
+
+
+def template_problem(template: str) -> str | None:
+    """Why `template` is not a usable prompt template, else None. Checked by parsing, never by
+    formatting: a format width such as `{input:>4000000000}` would allocate gigabytes."""
+    if len(template) > MAX_TEMPLATE_CHARS:
+        return f"must be at most {MAX_TEMPLATE_CHARS} characters"
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as error:
+        return f"is not a format string ({error})"
+    names = [name for _, name, _, _ in parts if name is not None]
+    plain = all(not spec and conversion is None for _, name, spec, conversion in parts
+                if name is not None)
+    if not plain or not set(names) <= set(TEMPLATE_FIELDS) or "instruction" not in names:
+        return ("must contain {instruction}, and no fields other than {instruction} and "
+                "{input}, each without a format spec or conversion")
+    return None
 
 
 @dataclass(frozen=True)
@@ -299,8 +319,13 @@ class PrivacyConfig:
                        "each update, Gaussian noise on the sum)", "sample")
     epsilon: float = _help("target epsilon over all rounds; also each client's budget unless "
                            "its node sets one", 8.0)
-    delta: float = _help("target delta; 0 = 1/(10 n) for n records (clients at sample level)",
-                         0.0)
+    delta: float = _help("target delta; 0 = 1/(10 n) for each simulated client's n records at "
+                         "sample level (a deployed node always accounts at its own delta), "
+                         "min(1e-5, 1/N^1.1) for N clients at client level", 0.0)
+    planning_rows: int = _help("DP-SGD: the row count a client plans for (sample rate = "
+                               "batch_size / planning_rows, an epoch = planning_rows / "
+                               "batch_size steps); public. 0 = a simulated client's own row "
+                               "count; a deployed node's own policy (`planning-rows`)", 0)
     noise_multiplier: float = _help("noise std / clipping norm; 0 = computed from epsilon for "
                                     "the whole planned horizon", 0.0)
     clip_norm: float = _help("client level: L2 bound on each client's whole update", 0.1)
@@ -321,6 +346,8 @@ class PrivacyConfig:
         _require(0 <= self.delta < 1, "privacy.delta", "must be in [0, 1)", self.delta)
         _require(self.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0",
                  self.noise_multiplier)
+        _require(self.planning_rows >= 0, "privacy.planning_rows", "must be >= 0",
+                 self.planning_rows)
         _require(self.clip_norm > 0, "privacy.clip_norm", "must be > 0", self.clip_norm)
         self.budgets()  # validates the entries
 
@@ -450,6 +477,7 @@ class RunConfig:
     audit: AuditConfig = field(default_factory=AuditConfig)
 
     def __post_init__(self) -> None:
+        _require(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)", self.seed)
         federation = self.aggregation
         if federation.server_lr not in (0, 1) and federation.strategy in ("fedavg", "fedprox"):
             warnings.warn(f"federation.server_lr={federation.server_lr} is ignored by strategy "
@@ -505,7 +533,7 @@ class RunConfig:
         _require(version == CONFIG_VERSION, "version", f"must be {CONFIG_VERSION}", version)
         sections = {name: _build_section(name, kind, nested.get(name, {}))
                     for name, kind in SECTIONS.items()}
-        seed = _coerce("seed", int, nested.get("seed", 0))
+        seed = coerce("seed", "int", nested.get("seed", 0), ConfigError)
         return cls(seed=seed, **sections)
 
     @classmethod
@@ -570,31 +598,5 @@ def _nest(values: Mapping[str, Any]) -> dict[str, Any]:
 def _build_section(name: str, kind: type, values: Any) -> Any:
     if not isinstance(values, Mapping):
         raise ConfigError(f"`{name}` must be a table of settings, got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(kind)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        dotted = ", ".join(f"{name}.{key}" for key in unknown)
-        raise ConfigError(f"unknown configuration keys: {dotted}")
-    hints = {f.name: f.type for f in dataclasses.fields(kind)}
-    kwargs = {key: _coerce(f"{name}.{key}", _TYPES[hints[key]], value)
-              for key, value in values.items()}
-    return kind(**kwargs)
-
-
-_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool,
-                           "list[str]": list}
-
-
-def _coerce(name: str, kind: type, value: Any) -> Any:
-    """Accept the value if it already has the field's type (an int where a float is asked too)."""
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is list:
-        if isinstance(value, str):  # Flower run config and CLI flags carry lists as "a,b"
-            return [part.strip() for part in value.split(",") if part.strip()]
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise ConfigError(f"`{name}` must be a list of strings, got {value!r}")
-    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
-        raise ConfigError(f"`{name}` must be of type {kind.__name__}, got {value!r}")
-    return value
+    return build(kind, values, ConfigError, label=lambda key: f"{name}.{key}",
+                 unknown_keys="unknown configuration keys")

@@ -120,6 +120,19 @@ def training_records(path: str | Path) -> list[dict[str, Any]]:
     return list(_read_jsonl(train_file))
 
 
+def file_records(path: str | Path) -> list[dict[str, Any]]:
+    """Every raw row of one JSONL (.jsonl, .jsonl.gz) or CSV file, as stored (`fedtune predict`'s
+    input)."""
+    source = Path(path)
+    if not source.is_file():
+        raise DataError(f"input file {source} does not exist")
+    if source.suffix.lower() == ".csv":
+        return _read_csv(source)
+    if source.name.lower().endswith((".jsonl", ".jsonl.gz")):
+        return list(_read_jsonl(source))
+    raise DataError(f"input file {source} is neither .jsonl, .jsonl.gz nor .csv")
+
+
 def training_rows(config: DataConfig, task: str = CLASSIFICATION) -> Examples:
     """Every row of the training file of `config.path` as examples of `task`, with no test split
     carved out: a deployed node splits its rows itself, by its own seed."""
@@ -289,9 +302,12 @@ def _read_label_names(path: Path) -> list[str] | None:
         return None
     try:
         mapping = json.loads(path.read_text(encoding="utf-8"))
-        return [str(mapping[str(i)]) for i in range(len(mapping))]
+        names = [str(mapping[str(i)]) for i in range(len(mapping))]
     except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise DataError(f"{path} must map '0'..'N-1' to label names: {error}") from None
+    if len(names) < 2:  # else the label set would come from the rows after all
+        raise DataError(f"{path} must name at least two labels, got {len(names)}")
+    return names
 
 
 def _first_existing(directory: Path, names: tuple[str, ...]) -> Path | None:

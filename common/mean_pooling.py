@@ -14,18 +14,17 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from common.modeling_mean_pooling import classify, masked_mean
 
-def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Each row's mean over its real tokens: padding never enters the features."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+__all__ = ["MeanPoolingClassifier", "masked_mean"]
 
 
 class MeanPoolingClassifier(nn.Module):
     """`encoder`'s masked mean of token states, dropout, then a fresh linear head.
 
     The head is named `classifier`, so PEFT's sequence-classification task trains it in full
-    (modules_to_save) as it does Hugging Face's heads.
+    (modules_to_save) as it does Hugging Face's heads. Module names and the forward pass are
+    those of the exported model (`common/modeling_mean_pooling.py`), so weights carry over.
     """
 
     def __init__(self, encoder: PreTrainedModel, num_labels: int) -> None:
@@ -43,13 +42,4 @@ class MeanPoolingClassifier(nn.Module):
                 attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **_: Any) -> SequenceClassifierOutput:
-        if input_ids is None:
-            raise ValueError("MeanPoolingClassifier needs input_ids")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
-                              **extra).last_hidden_state
-        logits = self.classifier(self.dropout(masked_mean(hidden, attention_mask)))
-        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return classify(self, input_ids, attention_mask, token_type_ids, labels)

@@ -23,7 +23,7 @@ STATUS = "status"  # ConfigRecord entry of a train reply that carries no update
 BUDGET_EXHAUSTED = "budget-exhausted"
 POLICY_REFUSED = "policy-refused"  # the node's own privacy policy forbids what was asked
 REASON = "reason"  # ConfigRecord entry beside a refusal: the rules it broke
-UNIT_WEIGHT = "unit-weight"  # MetricRecord: 1 per client; client-level DP averages uniformly
+UNIT_WEIGHT = "unit-weight"  # MetricRecord: 1 per client; the FedAvg weight under any DP
 
 # Secure aggregation steps: ClientApp actions (message types "train.<action>") and entries
 SECAGG_STEPS = ("secagg_keys", "secagg_shares", "secagg_masked", "secagg_unmask")

@@ -69,7 +69,8 @@ class Task:
                seed: int = 0) -> DataLoader:
         """Batches of `rows` tokenised for this task's objective."""
         collate = self.objective.collator(self.tokenizer, self.config.model.max_length)
-        return make_loader(rows, collate, batch_size=batch_size, shuffle=shuffle, seed=seed)
+        return make_loader(rows, collate, batch_size=batch_size,
+                           shuffle=shuffle and len(rows) > 0, seed=seed)
 
     def start_round(self, state: dict[str, np.ndarray], rows: Examples, train: TrainConfig, *,
                     dropout_seed: int, sampling_seed: int,
@@ -102,18 +103,24 @@ def build_task(config: RunConfig, *, held_out_only: bool = False) -> Task:
     task = config.model.task
     data = load_data(config.data, config.seed, task, held_out_only=held_out_only)
     tokenizer = load_tokenizer(config.model.name)
-    torch.manual_seed(config.seed)
     device = pick_device()
-    if task == CAUSAL_LM:
-        base = load_causal_lm(config.model)
-    else:
-        base = load_classifier(config.model.name, data.num_labels, config.model.pooling)
-    model = add_lora(base, config.lora, task)
-    if not getattr(base, "is_quantized", False):  # a quantised base is placed as it loads
-        model = model.to(device)
+    model = build_model(config, data.num_labels)
+    if not getattr(model.get_base_model(), "is_quantized", False):
+        model = model.to(device)  # (a quantised base is placed as it loads)
     return Task(config=config, data=data, tokenizer=tokenizer, model=model, device=device,
                 objective=objective_for(task, data.num_labels),
                 initial_adapter=trainable_state(model))
+
+
+def build_model(config: RunConfig, num_labels: int) -> PeftModel:
+    """The run's base model with LoRA (and a classifier's head of `num_labels`), initialised from
+    `config.seed`: every process that builds it draws the same initial adapter."""
+    torch.manual_seed(config.seed)
+    if config.model.task == CAUSAL_LM:
+        base = load_causal_lm(config.model)
+    else:
+        base = load_classifier(config.model.name, num_labels, config.model.pooling)
+    return add_lora(base, config.lora, config.model.task)
 
 
 def cached_task(config: RunConfig, *, held_out_only: bool = False) -> Task:

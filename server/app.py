@@ -13,10 +13,12 @@ from flwr.serverapp import Grid, ServerApp
 from common import console
 from common.config import ConfigError, RunConfig, with_run_dir
 from server.federation import CONFIG_FILE, run_federation
+from server.node_registry import read_node_names
 
 console.quiet_worker()  # in a deployed ServerApp's process: Flower's records once, less noise
 
 CONFIG_FILE_KEY = "config-file"  # run-config key: a TOML file on the server's disk
+NODE_NAMES_KEY = "node-names-file"  # run-config key: {node id: name} of the registered keys
 
 
 def make_server_app(config: RunConfig | None = None, *, resume: bool = False,
@@ -32,8 +34,14 @@ def make_server_app(config: RunConfig | None = None, *, resume: bool = False,
             run_federation(grid, config, resume=resume, simulated=True,
                            node_names=node_names)
             return
-        run_config, resuming = config_from_run_config(dict(context.run_config))
-        run_federation(grid, run_config, resume=resuming)
+        values = dict(context.run_config)
+        names_file = str(values.pop(NODE_NAMES_KEY, "") or "")
+        run_config, resuming = config_from_run_config(values)
+        if not names_file:  # a bare `flwr run`: nodes are asked their names
+            run_federation(grid, run_config, resume=resuming)
+            return
+        names = read_node_names(names_file)  # `fedtune server`: named by their keys alone
+        run_federation(grid, run_config, resume=resuming, node_names=names.get, ask_names=False)
 
     return server_app
 

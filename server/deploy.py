@@ -41,15 +41,25 @@ from common.process_tree import (
     stop_tree,
 )
 from common.tool_path import tool_env
-from server.app import CONFIG_FILE_KEY, refuse_audit
+from server.app import CONFIG_FILE_KEY, NODE_NAMES_KEY, refuse_audit
 from server.checkpoint import checkpoint_rounds
 from server.config_guard import ConfigChangeError, check_restart
+from server.fleet_limits import fleet_limits
 from server.fleet_proxy import ProxyError, ProxySettings, nginx_binary, start_proxy
 from server.metrics_log import METRICS_FILE, read_rounds
-from server.node_registry import RegistryError, control_client, key_bytes, sync_nodes
+from server.node_registry import (
+    RegistryError,
+    control_client,
+    key_bytes,
+    key_names,
+    node_names,
+    sync_nodes,
+    write_node_names,
+)
 from server.run_summary import shortfall, summary_line
 
 RUN_DIR = "run"
+NODE_NAMES_FILE = "node-names.json"  # {node id: name} the ServerApp names nodes by
 FEDERATION = "fedtune"
 LOCK_FILE = "server.lock"  # held by the running `fedtune server` of a state directory
 CHILDREN = ("flower-superlink", "nginx", "flwr run")  # what it starts, naming the state directory
@@ -153,6 +163,7 @@ class _Federation:
 
 def _start_and_run(settings: ServerSettings, config: RunConfig, federation: _Federation,
                    ca: Path, cert: Path, key: Path) -> int:
+    limits = fleet_limits(config)  # the proxy's, from the run
     state = settings.state_dir
     (state / "flwr-home").mkdir(parents=True, exist_ok=True)
     env = tool_env({**os.environ, "FLWR_HOME": str((state / "flwr-home").resolve())})
@@ -171,10 +182,11 @@ def _start_and_run(settings: ServerSettings, config: RunConfig, federation: _Fed
     client = control_client(f"127.0.0.1:{link_port}", ca)
     try:  # before the public port opens: a revoked key never gets a window
         synced = sync_nodes(client, settings.nodes)
+        write_node_names(state / NODE_NAMES_FILE, node_names(client, settings.nodes))
     finally:
         client.close()
     proxy = federation.start(start_proxy(
-        ProxySettings(settings.host, settings.port, link_port, ca, cert, key, state),
+        ProxySettings(settings.host, settings.port, link_port, ca, cert, key, state, limits),
         state / "fleet-proxy.log"))
     _wait_listening(proxy, _probe_host(settings.host), settings.port, "nginx (Fleet proxy)",
                     state / "fleet-proxy.log")
@@ -235,6 +247,7 @@ def _check_inputs(settings: ServerSettings) -> tuple[Path, Path, Path]:
         if not public_key.is_file():
             raise certs.CertError(f"node public key {public_key} does not exist")
         key_bytes(public_key)
+    key_names(settings.nodes)  # one name per key, one key per name
     nginx_binary()
     return ca, cert, key
 
@@ -320,8 +333,9 @@ def _write_cli_config(path: Path, port: int, ca: Path) -> None:
 def _run(settings: ServerSettings, env: dict[str, str], link_port: int, ca: Path,
          federation: _Federation) -> int:
     run_dir = (settings.state_dir / RUN_DIR).resolve()
+    names = (settings.state_dir / NODE_NAMES_FILE).resolve()
     overrides = (f"{CONFIG_FILE_KEY}='{settings.config_file.resolve()}' "
-                 f"output.dir='{run_dir}'")
+                 f"output.dir='{run_dir}' {NODE_NAMES_KEY}='{names}'")
     run = federation.start(subprocess.Popen(
         [_tool("flwr"), "run", str(APP_DIR), FEDERATION, "--stream", "--run-config", overrides],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0))

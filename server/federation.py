@@ -66,8 +66,8 @@ class RunDirError(RuntimeError):
 
 def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
                    simulated: bool = False,
-                   node_names: Callable[[int], str | None] | None = None
-                   ) -> list[dict[str, Any]]:
+                   node_names: Callable[[int], str | None] | None = None,
+                   ask_names: bool = True) -> list[dict[str, Any]]:
     """Run (or continue) the rounds of `config`; return the metrics rows of the whole run.
 
     `simulated`: the server's own randomness (client-level DP noise) follows `config.seed` so a
@@ -77,7 +77,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
     prepare_run_dir(run_dir, config, resume=resume)
     task = cached_task(config, held_out_only=not simulated)  # a server's data need not train
     write_label_names(run_dir, task.data.label_names)
-    roster = Roster(node_names)
+    roster = Roster(node_names, ask=ask_names)
     federation = config.federation
     client_level = config.privacy.client_level
     noise = ServerSideNoise(config, seeded=simulated) if client_level else None
@@ -86,11 +86,12 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
         fraction_evaluate=federation.fraction_evaluate, min_train_nodes=1,
         min_evaluate_nodes=1 if federation.fraction_evaluate > 0 else 0,
         min_available_nodes=federation.wait_for,
-        weighted_by_key=keys.UNIT_WEIGHT if client_level else keys.NUM_EXAMPLES,
+        # under DP every update weighs the same: no node sends its row count
+        weighted_by_key=keys.UNIT_WEIGHT if config.privacy.dp else keys.NUM_EXAMPLES,
         arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG)
     optimizer = server_optimizer(config.aggregation)
 
-    arrays, done, releases = dict(task.initial_adapter), 0, 0
+    arrays, done = dict(task.initial_adapter), 0
     no_evaluation: set[str] = set()  # nodes whose policy refused to share an evaluation
     if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
         check_fits(checkpoint, arrays, run_dir / CHECKPOINT_DIR)
@@ -100,7 +101,8 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
         if simulated:  # a virtual node's budget is the saved run's; a deployed node's may grow
             roster.retired.update(checkpoint.state["retired"])
         no_evaluation.update(checkpoint.state.get("no_evaluation", []))
-        releases = checkpoint.state.get("releases", 0)
+        if noise is not None:  # a checkpoint from before the release log counted them
+            noise.log.at_least(checkpoint.state.get("releases", 0))
     keep_rounds_up_to(run_dir, done)
 
     display = round_progress.current()
@@ -122,10 +124,8 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
             outcome = train_exchange(grid, strategy, server_round, arrays, settings, config)
         if outcome.arrays is not None:
             average = from_record(outcome.arrays)
-            if noise is not None:
-                if not config.secagg.enabled:  # under secure aggregation the clients noised it
-                    average = noise.privatise(average, outcome.clients, server_round)
-                releases += 1
+            if noise is not None and not config.secagg.enabled:  # else the clients noised it
+                average = noise.privatise(average, outcome.clients, server_round)  # accounted
             # the server optimiser sees only the (secure, noised) average: post-processing
             arrays = optimizer.step(arrays, average, server_round)
         eval_messages = [m for m in strategy.configure_evaluate(server_round, to_record(arrays),
@@ -148,7 +148,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
             "train_loss": _metric(outcome.metrics, keys.TRAIN_LOSS),
             "bytes_up": outcome.bytes_up,
             "bytes_down": outcome.bytes_down + _bytes(eval_messages),
-            **_privacy_columns(outcome, noise, releases),
+            **_privacy_columns(outcome, noise),
             **summarise_client_evaluation(eval_replies, roster),
             **({"clients_evaluation_refused": declined} if declined else {}),
             "seconds": time.perf_counter() - started,
@@ -160,7 +160,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
             for sample in sample_generations(task):
                 append_round(run_dir, {"round": server_round, **sample}, SAMPLES_FILE)
         state = {"strategy": strategy.state_dict(), "retired": sorted(roster.retired),
-                 "releases": releases, "no_evaluation": sorted(no_evaluation)}
+                 "no_evaluation": sorted(no_evaluation)}
         save_checkpoint(run_dir, Checkpoint(round=server_round, arrays=arrays, state=state,
                                             optimizer=optimizer.state_arrays()))
         display.round_done(row)
@@ -223,8 +223,7 @@ def abandoned_column(outcome: TrainOutcome) -> dict[str, str]:
     return {"round_abandoned": "; ".join(w for w in why if w) or "no client answered"}
 
 
-def _privacy_columns(outcome: TrainOutcome, noise: ServerSideNoise | None,
-                     releases: int) -> dict[str, Any]:
+def _privacy_columns(outcome: TrainOutcome, noise: ServerSideNoise | None) -> dict[str, Any]:
     columns: dict[str, Any] = {}
     if outcome.epsilon:
         columns["epsilon"] = outcome.epsilon
@@ -235,8 +234,12 @@ def _privacy_columns(outcome: TrainOutcome, noise: ServerSideNoise | None,
         columns["clients_refused"] = outcome.refused
     if outcome.rejected:
         columns["clients_rejected"] = outcome.rejected
+    if outcome.blamed:
+        columns["clients_blamed"] = outcome.blamed
+    if outcome.sum_refused:  # a client sent values out of bounds inside its masks
+        columns["sums_refused"] = 1
     if noise is not None:
-        columns["epsilon_client_level"] = noise.epsilon(releases)
+        columns["epsilon_client_level"] = noise.epsilon()
     return columns
 
 

@@ -19,6 +19,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.fleet_limits import NODES_PER_ADDRESS, RATE_PER_NODE, REQUESTS_PER_NODE, FleetLimits
+
 PROXY_DIR = "fleet-proxy"  # in the state directory: configuration, pid file, temporary files
 INSTALL_HINT = ("nginx is not installed; fedtune server runs it in front of the SuperLink so "
                 "that only the Fleet API faces the network (Debian: `apt-get install nginx`)")
@@ -37,6 +39,7 @@ class ProxySettings:
     server_cert: Path
     server_key: Path
     state_dir: Path
+    limits: FleetLimits
 
 
 def fleet_paths() -> list[str]:
@@ -56,39 +59,40 @@ def nginx_binary() -> str:
     return found
 
 
-MAX_BODY = "512m"  # one Fleet request: far above a LoRA adapter's objects
-MAX_CONNECTIONS_PER_PEER = 64
-
-
 def nginx_config(settings: ProxySettings, paths: list[str]) -> str:
-    """nginx.conf for the proxy: TLS on the public port, the listed POST routes, else 404."""
+    """nginx.conf for the proxy: TLS on the public port, the listed POST routes, else 404, and
+    limits sized to the run's real traffic (`server/fleet_limits.py`), each explained inline."""
     work = (settings.state_dir / PROXY_DIR).resolve()
     listen = f"[{settings.host}]" if ":" in settings.host else settings.host
-    upstream = f"https://127.0.0.1:{settings.link_port}"
     # A root master would hand requests to workers running as `nobody`, who could not write
     # the temporary files under the state directory: keep the workers as the server's own user.
     user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
     routes = "".join(
         f"        location = {path} {{\n"
         f"            limit_except POST {{ deny all; }}\n"
-        f"            proxy_pass {upstream}{path};\n"
+        f"            proxy_pass https://superlink{path};\n"
         f"        }}\n" for path in paths)
     return (
         f"{user}worker_processes 1;\npid {work}/nginx.pid;\n"
-        "events { worker_connections 1024; }\n"
+        "# Client and upstream connections together (a node's take 2 x 4); the file limit\n"
+        "# leaves room for temporary files.\n"
+        "worker_rlimit_nofile 8192;\nevents { worker_connections 4096; }\n"
         "http {\n"
-        f"    access_log {work}/access.log;\n"
+        "    log_format fleet '$remote_addr [$time_local] \"$request\" $status "
+        "$request_length $body_bytes_sent $request_time $upstream_status';\n"
+        f"    access_log {work}/access.log fleet;\n"
         f"    client_body_temp_path {work}/body;\n    proxy_temp_path {work}/proxy;\n"
         f"    fastcgi_temp_path {work}/fastcgi;\n    uwsgi_temp_path {work}/uwsgi;\n"
         f"    scgi_temp_path {work}/scgi;\n"
         "    server_tokens off;\n"
-        # Flower's HTTP Fleet API reads a whole body before it checks the node's signature:
-        # bound what an unauthenticated peer can make it hold, and how many connections
-        f"    client_max_body_size {MAX_BODY};\n"
-        "    limit_conn_zone $binary_remote_addr zone=per_peer:1m;\n"
-        f"    limit_conn per_peer {MAX_CONNECTIONS_PER_PEER};\n"
-        "    proxy_http_version 1.1;\n    proxy_request_buffering off;\n"
-        "    proxy_buffering off;\n    proxy_read_timeout 600s;\n    proxy_send_timeout 600s;\n"
+        f"{_limits(settings.limits)}"
+        "    # The SuperLink handles at most this many requests at once: every node's own fit\n"
+        f"    # ({REQUESTS_PER_NODE} each); beyond, nginx answers 502 and nodes retry.\n"
+        "    upstream superlink {\n"
+        f"        server 127.0.0.1:{settings.link_port} max_conns={settings.limits.upstream};\n"
+        "    }\n"
+        "    proxy_http_version 1.1;\n"
+        "    proxy_connect_timeout 5s;\n    proxy_send_timeout 60s;\n    proxy_read_timeout 60s;\n"
         # the loopback SuperLink must prove it holds the federation's server certificate
         f"    proxy_ssl_trusted_certificate {settings.ca_cert.resolve()};\n"
         "    proxy_ssl_verify on;\n    proxy_ssl_name localhost;\n"
@@ -101,6 +105,57 @@ def nginx_config(settings: ProxySettings, paths: list[str]) -> str:
         "        location / { return 404; }\n"
         "    }\n"
         "}\n")
+
+
+# What an outsider (no registered key) can make nginx and the SuperLink hold, each value
+# explained in the file itself. Flower's Fleet API reads a whole body before it checks the
+# node's signature, so what passes here is what the SuperLink holds.
+LIMITS = """\
+    # The run's largest legitimate request: one object a node pushes (an adapter array; under
+    # secure aggregation the whole adapter as one masked vector; at most a 5 MiB Flower chunk),
+    # {largest_object} bytes at 8 bytes a value (twice today's widest), plus 64 KiB of framing.
+    client_max_body_size {body_kib}k;
+    # nginx takes a whole body before the SuperLink sees the request: a slow or oversized body
+    # costs nginx (128 KiB of memory, the rest a temporary file), never the SuperLink. Its
+    # answers are buffered too, so no peer holds it by reading slowly.
+    proxy_request_buffering on;
+    client_body_buffer_size 128k;
+    proxy_buffering on;
+    # A node sends its headers in one write and its body at network speed: a peer that stalls
+    # this long is cut. nginx has no total body timeout; limit_conn bounds how many trickled
+    # bodies one address keeps open. Headers: at most 4 x 8 KiB.
+    client_header_timeout {header_timeout}s;
+    client_body_timeout {body_timeout}s;
+    large_client_header_buffers 4 8k;
+    send_timeout 30s;
+    # An idle node polls every 3 s; idle connections close after this, timed-out ones are
+    # reset so that their buffers are freed at once.
+    keepalive_timeout {keepalive_timeout}s;
+    reset_timedout_connection on;
+    # After refusing a body (413), nginx reads and drops what the peer still sends for at most
+    # this long, so that the peer sees the answer.
+    lingering_time 5s;
+    # Per address: up to {nodes} nodes (a site behind one NAT), each with at most {requests}
+    # requests at once and {node_rate} a second sustained; the burst lets each pull one
+    # message's {message_objects} objects and push as many, one request each.
+    limit_conn_zone $binary_remote_addr zone=per_address:1m;
+    limit_conn per_address {connections};
+    limit_req_zone $binary_remote_addr zone=requests:1m rate={rate}r/s;
+    limit_req zone=requests burst={burst} nodelay;
+    # 503: Flower's nodes retry 502, 503 and 504 with backoff (a 429 would make them give up).
+    limit_conn_status 503;
+    limit_req_status 503;
+"""
+
+
+def _limits(limits: FleetLimits) -> str:
+    return LIMITS.format(
+        largest_object=limits.largest_object, body_kib=limits.body_bytes // 1024,
+        header_timeout=limits.header_timeout, body_timeout=limits.body_timeout,
+        keepalive_timeout=limits.keepalive_timeout, nodes=NODES_PER_ADDRESS,
+        requests=REQUESTS_PER_NODE, node_rate=RATE_PER_NODE,
+        message_objects=limits.message_objects, connections=limits.connections,
+        rate=limits.rate, burst=limits.burst)
 
 
 def start_proxy(settings: ProxySettings, log_file: Path) -> subprocess.Popen:

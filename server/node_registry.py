@@ -6,14 +6,20 @@ through Flower's own client (the one its CLI wraps), whose `ListNodes` answer ca
 public key. Success is judged by listing the keys afterwards, never by an error's wording.
 An unregistered key stays in the SuperLink's database and cannot be registered again (checked on
 Flower 1.41: the Control API answers 412), so a revoked node comes back only with a new key.
+
+A node's name is its key file's stem (`hospital-a.pub` names `hospital-a`): the ServerApp names
+each node id by the key registered for it (`node_names`), never by what the node says.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 _UNREGISTERED = "unregistered"  # Flower's status of a revoked node
 
@@ -35,8 +41,11 @@ def key_bytes(public_key: Path) -> bytes:
 
     try:
         key = serialization.load_ssh_public_key(public_key.read_bytes())
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, UnsupportedAlgorithm) as error:
         raise RegistryError(f"node public key {public_key} is unreadable: {error}") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):  # Flower's nodes sign with ECDSA
+        raise RegistryError(f"node public key {public_key} is not an elliptic-curve key (a "
+                            "node makes one with `fedtune certs node`)")
     return public_key_to_bytes(key)
 
 
@@ -94,3 +103,31 @@ def sync_nodes(client, named: list[Path]) -> SyncReport:
         raise RegistryError(f"after registration the SuperLink lists {len(after)} node keys, "
                             f"expected {len(wanted)}; not registered: {missing or 'none'}")
     return report
+
+
+def key_names(named: list[Path]) -> dict[bytes, str]:
+    """{key as Flower stores it: the node's name, its file's stem}; RegistryError for a name or
+    a key given twice (two nodes could then act in one name)."""
+    names: dict[bytes, str] = {}
+    for path in named:
+        key = key_bytes(path)
+        if key in names or path.stem in names.values():
+            raise RegistryError(f"--node {path}: the name {path.stem!r} or its key is given "
+                                "twice; each node needs its own key and file name")
+        names[key] = path.stem
+    return names
+
+
+def node_names(client, named: list[Path]) -> dict[int, str]:
+    """{node id: name} of every registered key named by `--node`."""
+    names = key_names(named)
+    return {node_id: names[key] for key, (node_id, status) in listed_keys(client).items()
+            if key in names and status != _UNREGISTERED}
+
+
+def write_node_names(path: Path, names: dict[int, str]) -> None:
+    path.write_text(json.dumps({str(node_id): name for node_id, name in names.items()}))
+
+
+def read_node_names(path: str | Path) -> dict[int, str]:
+    return {int(node_id): str(name) for node_id, name in json.loads(Path(path).read_text()).items()}

@@ -2,9 +2,10 @@
 with its reason when malformed, so one bad client never stops the run or skews the average.
 
 A plain update must carry exactly the global adapter's tensors (names, shapes, float dtypes),
-finite values, an L2 change from the global adapter within `federation.max_update_norm`, and an
-integer example count in [1, MAX_EXAMPLES] (a claim of 10^12 examples would otherwise own the
-average). Under client-level DP the change must also be within the clipping norm.
+finite values, an L2 change from the global adapter within `federation.max_update_norm`, and,
+without DP, an integer example count in [1, MAX_EXAMPLES] (a claim of 10^12 examples would
+otherwise own the average). Under DP no count is sent (every update weighs the same: a node's
+row count is its own), and under client-level DP the change must be within the clipping norm.
 """
 
 from __future__ import annotations
@@ -52,18 +53,18 @@ def check_update(reply: Message, global_state: dict[str, np.ndarray],
             raise ReplyRejected(f"tensor {name} holds NaN or infinite values")
         squares += float(np.sum((value.astype(np.float64) - expected) ** 2))
     _check_norm(math.sqrt(squares), config)
-    _check_examples(content[keys.METRICS].get(keys.NUM_EXAMPLES))
+    if not config.privacy.dp:
+        _check_examples(content[keys.METRICS].get(keys.NUM_EXAMPLES))
 
 
 def expected_metrics(config: RunConfig) -> set[str]:
     """The metric keys a node sends with a plain update under this configuration."""
     privacy = config.privacy
-    names = {keys.NUM_EXAMPLES, keys.UNIT_WEIGHT}
-    if privacy.sample_level:
-        names.add(keys.EPSILON)
     if not privacy.dp:
-        names.add(keys.TRAIN_LOSS)
-    return names
+        return {keys.UNIT_WEIGHT, keys.NUM_EXAMPLES, keys.TRAIN_LOSS}
+    if privacy.sample_level:
+        return {keys.UNIT_WEIGHT, keys.EPSILON}
+    return {keys.UNIT_WEIGHT}
 
 
 def check_masked_metrics(reply: Message) -> None:

@@ -1,9 +1,11 @@
 """Stable client names behind Flower's node ids, so sampling and per-client records repeat.
 
-Node ids change when a simulation restarts or a node reconnects; the name a node reports (its
-partition in simulation, its configured name in deployment) does not. A deployed node is asked its
-name once (one `identify` query); a simulated one is named by the engine's record, no message
-(`simulations/node_names.py`), so naming costs nothing per node not sampled.
+Node ids change when a simulation restarts; a name does not. A simulated node is named by the
+engine's record (`simulations/node_names.py`); a node under `fedtune server` by the key it was
+registered with (its `--node` file's stem, `server/node_registry.py`): neither costs a message,
+and a deployed node cannot choose its name. Only where no such record exists (a bare `flwr run`)
+is a node asked its name (one `identify` query). A name is never taken from the node holding it:
+a second claim is refused, so one node cannot act, or refuse, in another's name.
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ from common import record_keys as keys
 class Roster:
     """Maps connected node ids to names; retired names are never sampled again."""
 
-    def __init__(self, known: Callable[[int], str | None] | None = None) -> None:
-        """`known`: names a node id without asking it (simulation), or None when it cannot."""
-        self._known = known
+    def __init__(self, known: Callable[[int], str | None] | None = None, *,
+                 ask: bool = True) -> None:
+        """`known`: names a node id without asking it, or None when it cannot; `ask`: whether
+        a node `known` cannot name is asked its name (False: it is left out, as a deployed
+        node whose key was not registered by name)."""
+        self._known, self._ask = known, ask
         self._node_of: dict[str, int] = {}
         self._name_of: dict[int, str] = {}
+        self._refused: dict[int, str] = {}  # node id -> a name it claimed that another holds
         self.retired: set[str] = set()
 
     def name_of(self, node_id: int) -> str:
@@ -48,8 +54,9 @@ class Roster:
         while True:
             connected = set(grid.get_node_ids())
             self._forget(set(self._name_of) - connected)
-            unknown = self._name_known(sorted(connected - set(self._name_of)))
-            if unknown:
+            unknown = self._name_known(sorted(connected - set(self._name_of)
+                                              - set(self._refused)))
+            if unknown and self._ask:
                 self._identify(grid, unknown, timeout)
             if len(self._node_of) >= wait_for:
                 return
@@ -91,8 +98,12 @@ class Roster:
             self._add(node_id, name)
 
     def _add(self, node_id: int, name: str) -> None:
-        if name in self._node_of:
-            self._forget({self._node_of[name]})  # the same client reconnected
+        holder = self._node_of.get(name)
+        if holder is not None and holder != node_id:  # refused, never an eviction
+            self._refused[node_id] = name
+            log(WARNING, "Node %d claims the name %s, which node %d holds: it is left out",
+                node_id, name, holder)
+            return
         self._node_of[name], self._name_of[node_id] = node_id, name
 
     def _forget(self, node_ids: set[int]) -> None:

@@ -27,7 +27,12 @@ from common.secagg.protocol import (
     routing_digest,
     two_thirds,
 )
-from common.secagg.signing import keys_statement, survivors_statement, verifies
+from common.secagg.signing import (
+    complaint_statement,
+    keys_statement,
+    survivors_statement,
+    verifies,
+)
 
 
 class SecAggAbort(RuntimeError):
@@ -139,6 +144,34 @@ class SecAggServer:
                                                    self.session), len(total))
                     total = total - pad if mask_sign(name, gone) > 0 else total + pad
         return total
+
+    def blame(self, complaints: Mapping[str, tuple[list[str], bytes]]) -> dict[str, str]:
+        """Step 3: {accused: why} from the complaints that came with masked inputs.
+
+        A valid complaint (signed by its author with its key from step 1, naming only clients
+        that delivered shares to it, and few enough that its author still met the threshold)
+        takes the accused's shares out of its author's delivery, since they are not in its
+        masks; the caller leaves the accused out of the round. An invalid one rejects its
+        author (`rejected`), whose masks would not match the delivery."""
+        cohort, blamed = self._cohort(), {}
+        for complainer, (accused, signature) in sorted(complaints.items()):
+            holders = self.holders.get(complainer, [])
+            statement = complaint_statement(self.session, self.server_round, complainer, accused)
+            if not verifies(cohort.public(complainer, "sig"), signature, statement):
+                self.rejected[complainer] = "its complaint carries no valid signature"
+            elif not set(accused) <= set(holders) - {complainer}:
+                self.rejected[complainer] = "its complaint names clients that sent it no shares"
+            elif len(holders) - len(accused) < cohort.threshold:
+                self.rejected[complainer] = ("its complaint leaves it fewer shares than the "
+                                             "threshold")
+            else:
+                self.holders[complainer] = [h for h in holders if h not in accused]
+                self.partners[complainer] = [p for p in self.partners[complainer]
+                                             if p not in accused]
+                for name in accused:
+                    blamed.setdefault(name, f"its shares to {complainer} do not open (signed "
+                                            "complaint)")
+        return blamed
 
     def survivors(self, masked: Mapping[str, np.ndarray], at_least: int = 0) -> list[str]:
         """Step 3 -> consistency: the survivor set to announce, or SecAggAbort when fewer than

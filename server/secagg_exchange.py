@@ -16,10 +16,10 @@ from common import record_keys as keys
 from common.adapter import from_record, to_record
 from common.config import RunConfig
 from common.secagg.plan import summation_for
-from common.secagg.protocol import vector_length
 from common.secagg.records import (
     RecordError,
     cohort_to_record,
+    complaint_from_record,
     keys_from_record,
     reveals_from_record,
     routing_to_record,
@@ -28,6 +28,8 @@ from common.secagg.records import (
     signature_from_record,
     signatures_to_record,
 )
+from common.secagg.summation import ImpossibleSum, vector_length
+from server.client_dp import ReleaseLog
 from server.replies import check_masked_metrics
 from server.secagg import SecAggAbort, SecAggServer
 from server.strategies.fedavg import SeededFedAvg
@@ -67,7 +69,8 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
     public = {name: value for name, value in public.items() if value is not None}
     metrics: dict[str, MetricRecord] = {}
     sums: dict[str, float] = {}
-    abandoned = ""
+    abandoned: Exception | None = None
+    blamed: dict[str, str] = {}
     try:
         cohort = protocol.make_cohort(public)
         replies = link.exchange(cohort.names, "secagg_shares", lambda _: RecordDict(
@@ -80,11 +83,10 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
         replies = link.exchange(sorted(inbox), "secagg_masked", lambda name: RecordDict(
             {keys.ARRAYS: arrays,
              keys.CONFIG: ConfigRecord({**base, **sealed_to_record(inbox[name], "from")})}))
-        masked = {}
-        for name, reply in replies.items():
-            vector = _masked_vector(protocol, name, reply, length)
-            if vector is not None:
-                masked[name], metrics[name] = vector, reply.content[keys.METRICS]
+        masked, metrics, blamed = _masked_inputs(protocol, replies, length)
+        for name in blamed:  # left out of this round, and never sampled again
+            strategy.roster.retire(name)
+            log(WARNING, "%s is left out for the rest of the run: %s", name, blamed[name])
         summation = summation_for(config, len(cohort.names))
         survivors = protocol.survivors(masked, summation.survivors)
         routing = protocol.routing(survivors)
@@ -97,22 +99,21 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
         signed = protocol.consistent(survivors, routing, {
             name: signature for name, signature in signatures.items() if signature is not None})
 
+        if summation.noise_std > 0:  # from here on the server may hold the noised sum
+            ReleaseLog(config.output.dir).record(server_round)
         replies = link.exchange(survivors, "secagg_unmask", lambda _: RecordDict(
             {keys.CONFIG: ConfigRecord({**agreed, **signatures_to_record(signed)})}))
         reveals = {name: _parse(protocol, "unmask shares", reveals_from_record, r, name) or []
                    for name, r in replies.items()}
         total = summation.encoding.decode(protocol.unmask(masked, reveals))
         global_state = from_record(arrays)
-        try:
-            change, sums = summation.average(total, global_state, len(survivors))
-        except ValueError as error:
-            raise SecAggAbort(str(error)) from None
+        change, sums = summation.average(total, global_state, len(survivors))
         new_arrays = to_record({k: (v + change[k]).astype(v.dtype)
                                 for k, v in global_state.items()})
-    except SecAggAbort as error:
+    except (SecAggAbort, ImpossibleSum) as error:
         log(WARNING, "Round %d abandoned, the global adapter stays as it was: %s",
             server_round, error)
-        new_arrays, metrics, abandoned = None, {}, str(error)
+        new_arrays, metrics, abandoned = None, {}, error
     log(INFO, "secure aggregation: %d of %d sampled clients summed", len(metrics), len(sampled))
     epsilon.update({name: float(m[keys.EPSILON]) for name, m in metrics.items()
                     if keys.EPSILON in m})
@@ -120,11 +121,14 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
     rejected = dict(protocol.rejected)  # a bad step-4 reply's input may still be in the sum
     return TrainOutcome(arrays=new_arrays, metrics=_mean_loss(sums), clients=len(metrics),
                         failures=len(sampled) - len(metrics) - len(exhausted) - len(by_policy)
-                        - len(set(rejected) - set(metrics)),
+                        - len((set(rejected) | set(blamed)) - set(metrics)),
                         bytes_up=link.bytes_up, bytes_down=link.bytes_down,
                         epsilon=dict(sorted(epsilon.items())), exhausted=exhausted,
                         refused=dict(sorted(by_policy.items())),
-                        rejected=dict(sorted(rejected.items())), abandoned=abandoned)
+                        rejected=dict(sorted(rejected.items())),
+                        blamed=dict(sorted(blamed.items())),
+                        abandoned="" if abandoned is None else str(abandoned),
+                        sum_refused=isinstance(abandoned, ImpossibleSum))
 
 
 class _Link:
@@ -171,6 +175,35 @@ def _masked_vector(protocol: SecAggServer, name: str, reply: Message,
         log(WARNING, "Masked input of %s refused: %s", name, error)
         return None
     return vector
+
+
+def _masked_inputs(protocol: SecAggServer, replies: dict[str, Message], length: int
+                   ) -> tuple[dict[str, np.ndarray], dict[str, MetricRecord], dict[str, str]]:
+    """Step 3: the masked vectors and metrics to go on with, and {accused: why} of the valid
+    complaints that came with them; the accused and the authors of invalid complaints are left
+    out."""
+    masked, metrics, complaints = {}, {}, {}
+    for name, reply in replies.items():
+        vector = _masked_vector(protocol, name, reply, length)
+        complaint = _complaint(protocol, name, reply) if vector is not None else None
+        if vector is not None and name not in protocol.rejected:
+            masked[name], metrics[name] = vector, reply.content[keys.METRICS]
+            if complaint is not None:
+                complaints[name] = complaint
+    blamed = protocol.blame(complaints)
+    for name in [*blamed, *protocol.rejected]:
+        masked.pop(name, None)
+        metrics.pop(name, None)
+    return masked, metrics, blamed
+
+
+def _complaint(protocol: SecAggServer, name: str,
+               reply: Message) -> tuple[list[str], bytes] | None:
+    """The signed complaint a masked reply carries (neighbours whose shares did not open), or
+    None; a malformed one rejects its sender."""
+    if keys.CONFIG not in reply.content.config_records:
+        return None
+    return _parse(protocol, "complaint", complaint_from_record, reply, name)
 
 
 def _parse(protocol: SecAggServer, what: str, parse, reply: Message, name: str, *args):

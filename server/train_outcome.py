@@ -26,7 +26,9 @@ class TrainOutcome:
     exhausted: list[str]  # clients that refused the round: their budget is spent
     refused: dict[str, str] = field(default_factory=dict)  # name -> rules its policy named
     rejected: dict[str, str] = field(default_factory=dict)  # name -> why its reply was dropped
-    abandoned: str = ""  # why the protocol gave the round up, where it did
+    blamed: dict[str, str] = field(default_factory=dict)  # name -> the complaint leaving it out
+    abandoned: str = ""  # why the round aggregated nothing, where it did not
+    sum_refused: bool = False  # ... because the decoded sum was impossible for honest inputs
 
 
 def refusal_status(reply: Message) -> str | None:

@@ -4,8 +4,8 @@ Why `flwr.simulation.run_simulation`, which Flower 1.41 calls deprecated ("use `
 `flwr run` starts the ServerApp in another process from the run config alone, so `fedtune
 simulate` would lose what only one process gives it: the typed `RunConfig` handed to the ServerApp
 as it is, the live progress display, and the node names read from the engine's own registration
-(`simulations/node_names.py`) instead of one message per virtual node. Flower 1.42, where it may
-be removed, is excluded by pyproject's `flwr<1.42`; `tests/simulations/test_engine.py` fails when
+(`simulations/node_names.py`) instead of one message per virtual node. Flower 1.42 still has it
+(pyproject admits 1.41 and 1.42, `flwr<1.43`); `tests/simulations/test_engine.py` fails when
 the function or its signature changes. `flwr run .` remains available (docs/simulation.md).
 """
 

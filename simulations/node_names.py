@@ -6,10 +6,11 @@ one `identify` query per node. A simulated node's name follows from its partitio
 nodes, in this process: recording that assignment names 50,000 virtual nodes at no cost per node,
 so a round's time follows the sample, not the population.
 
-Flower 1.41 keeps the assignment (node id -> partition id) inside `start_vce`; the only place it
-leaves is the return value of `vce_api._register_nodes`, which is wrapped here while a simulation
-runs. `tests/simulations/test_node_names.py` fails if Flower renames or changes that function;
-any node the record does not name is still asked (`Roster`), so a miss costs time, not names.
+Flower 1.41 and 1.42 keep the assignment (node id -> partition id) inside `start_vce`; the only
+place it leaves is the return value of `vce_api._register_nodes` (the same in both), which is
+wrapped here while a simulation runs. `tests/simulations/test_engine.py` fails if Flower renames
+or changes that function; any node the record does not name is still asked (`Roster`), so a miss
+costs time, not names.
 """
 
 from __future__ import annotations

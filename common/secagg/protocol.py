@@ -7,11 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 
-import numpy as np
-
 from common.secagg import channel
 from common.secagg.graph import neighbours
-from common.secagg.ring import Encoding
 
 
 @dataclass(frozen=True)
@@ -132,66 +129,3 @@ def pairwise_seed(own_s_key: bytes, peer_s_public: bytes, session: bytes) -> byt
     client's rebuilt key)."""
     return channel.shared_key(channel.private_from_bytes(own_s_key), peer_s_public,
                               channel.MASK_PURPOSE, session)
-
-
-TOTALS = ("examples", "loss-sum")  # a client's scalars that the server may learn only summed
-MAX_LOSS = 20.0  # a client's mean loss counts at most this much in the summed loss (ln 150 = 5)
-
-
-@dataclass(frozen=True)
-class Summation:
-    """What one round sums, fixed by the run configuration and the cohort size, so every client
-    and the server derive the same (`summation_for`): each client sends
-
-        [w x clip(delta, bound) ..., w, e, e x l]
-
-    with delta its change of the adapter (plus its share of the Gaussian noise under client-level
-    DP), e = min(examples, max_examples) / max_examples, w = e (1 when unweighted, as under
-    client-level DP) and l = min(loss, MAX_LOSS) / MAX_LOSS. Every entry is within the bound,
-    so the cohort's 32-bit encodings cannot overflow."""
-
-    clients: int  # the cohort size
-    bound: float  # largest |change| of one adapter value that is summed exactly
-    max_examples: int  # examples that give a client full weight
-    weighted: bool = True  # False: every client counts once (client-level DP)
-    noise_std: float = 0.0  # each client's share of the noise (client-level DP), per value
-    survivors: int = 0  # the fewest masked inputs any sum is revealed for (noise is sized for it)
-
-    @property
-    def encoding(self) -> Encoding:
-        return Encoding(self.clients, max(self.bound, 1.0))
-
-    def to_vector(self, delta: dict[str, np.ndarray], examples: int, loss: float) -> np.ndarray:
-        """The client's input: weighted, clipped change (sorted by name), weight, totals."""
-        e = min(examples, self.max_examples) / self.max_examples
-        w = e if self.weighted else 1.0
-        if not self.weighted:  # client level: counts and losses would be released un-noised
-            e, loss = 0.0, 0.0
-        parts = [w * np.clip(np.asarray(delta[k], dtype=np.float64).ravel(), -self.bound,
-                             self.bound) for k in sorted(delta)]
-        loss_share = min(max(float(loss), 0.0), MAX_LOSS) / MAX_LOSS
-        return np.concatenate([*parts, [w, e, e * loss_share]])
-
-    def average(self, total: np.ndarray, like: dict[str, np.ndarray],
-                summed: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """(the weighted average change, shaped as `like`; the summed `TOTALS`) from the
-        decoded sum of `summed` inputs; ValueError when its weight or totals are out of range
-        (a client sent a malformed input inside its masks)."""
-        weight, slack = total[-3], summed * self.encoding.error_bound(1)
-        if not (0 < weight <= summed + slack and -slack <= total[-2] <= summed + slack):
-            raise ValueError(f"the sum's weight {weight:.6g} or example share {total[-2]:.6g} "
-                             f"is impossible for {summed} inputs")
-        if not self.weighted:
-            weight = summed  # known to the server: no client can shrink the divisor
-        state, offset = {}, 0
-        for key in sorted(like):
-            template = np.asarray(like[key])
-            chunk = total[offset:offset + template.size] / weight
-            state[key] = chunk.reshape(template.shape)
-            offset += template.size
-        return state, {"examples": float(total[-2] * self.max_examples),
-                       "loss-sum": float(total[-1] * self.max_examples * MAX_LOSS)}
-
-
-def vector_length(like: dict[str, np.ndarray]) -> int:
-    return sum(int(np.asarray(v).size) for v in like.values()) + 1 + len(TOTALS)

@@ -73,6 +73,22 @@ def signatures_from_record(record: ConfigRecord) -> dict[str, bytes]:
     return dict(zip(names, signatures, strict=True))
 
 
+def complaint_to_record(accused: list[str], signature: bytes) -> dict:
+    """A step-3 reply's complaint: the neighbours whose shares did not open, signed."""
+    return {"accused": sorted(accused), "complaint": signature}
+
+
+def complaint_from_record(record: ConfigRecord) -> tuple[list[str], bytes] | None:
+    """(accused, signature) of a complaint, None when the record holds none."""
+    if "accused" not in record and "complaint" not in record:
+        return None
+    accused = record.get("accused", [])
+    if not isinstance(accused, list) or not all(isinstance(a, str) for a in accused) \
+            or len(set(accused)) != len(accused):
+        raise RecordError("a complaint must name distinct clients")
+    return list(accused), _bytes(record, "complaint")
+
+
 def sealed_to_record(sealed: dict[str, bytes], prefix: str) -> dict:
     """{name: ciphertext} as two aligned lists under `<prefix>-names` and `<prefix>-sealed`."""
     return {f"{prefix}-names": list(sealed), f"{prefix}-sealed": list(sealed.values())}

@@ -18,6 +18,7 @@ from common.secagg.protocol import fields
 
 KEYS_PURPOSE = b"fedtune secagg round keys v1"
 SURVIVORS_PURPOSE = b"fedtune secagg survivors v1"
+COMPLAINT_PURPOSE = b"fedtune secagg complaint v1"
 _OPENSSH = (serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
 
 
@@ -97,6 +98,13 @@ def survivors_statement(session: bytes, server_round: int, survivors: list[str],
     digest of who delivered shares to whom (`routing_digest`)."""
     return fields(SURVIVORS_PURPOSE, session, str(server_round).encode(), routing,
                   *(name.encode() for name in sorted(survivors)))
+
+
+def complaint_statement(session: bytes, server_round: int, complainer: str,
+                        accused: list[str]) -> bytes:
+    """What a complaint covers: this round, who complains, and whose shares to it did not open."""
+    return fields(COMPLAINT_PURPOSE, session, str(server_round).encode(), complainer.encode(),
+                  *(name.encode() for name in sorted(accused)))
 
 
 def read_peers(directory: str | Path) -> dict[str, bytes]:

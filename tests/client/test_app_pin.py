@@ -60,3 +60,14 @@ def test_a_run_whose_names_would_steer_the_app_folder_is_refused(monkeypatch):
         assert node._verify_fab(seen["get_fab"]("h", run_id), {}) is approved
     assert not safe_run_names("../x", "1.0") and not safe_run_names("a/b", "1.0/..")
     assert safe_run_names("fedtune/fedtune", "0.1.0")
+
+
+def test_a_flower_version_whose_internals_were_not_checked_is_refused(monkeypatch):
+    import flwr
+    import pytest
+
+    from client.app_pin import PinError
+
+    monkeypatch.setattr(flwr, "__version__", "1.43.0")
+    with pytest.raises(PinError, match=r"written for Flower 1\.41\.\* or 1\.42\.\*, this is 1\.43"):
+        install_pin(frozenset({"0" * 64}))

@@ -119,7 +119,8 @@ def test_noise_has_the_calibrated_standard_deviation(model, loader):
 
 def test_train_private_takes_exactly_its_steps_and_returns_a_clean_model(model, loader):
     before = trainable_state(model)
-    plan = DPRoundPlan(GaussianEvent(1.0, 1 / len(loader), 7), delta=1e-3, max_grad_norm=1.0)
+    plan = DPRoundPlan(GaussianEvent(1.0, 1 / len(loader), 7), delta=1e-3, max_grad_norm=1.0,
+                      expected_batch=8.0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     stats = train_private(model, loader, optimizer, plan, loss_fn=LOSS, device=torch.device("cpu"),
                           noise_generator=torch.Generator().manual_seed(0), physical_batch=64)
@@ -140,7 +141,8 @@ def _train_copy(model, loader, physical_batch: int) -> tuple[dict, list[int]]:
     loader = torch.utils.data.DataLoader(loader.dataset, batch_size=16,
                                          collate_fn=loader.collate_fn,
                                          generator=torch.Generator().manual_seed(3))
-    plan = DPRoundPlan(GaussianEvent(0.8, 16 / 40, 4), delta=1e-3, max_grad_norm=0.5)
+    plan = DPRoundPlan(GaussianEvent(0.8, 16 / 40, 4), delta=1e-3, max_grad_norm=0.5,
+                      expected_batch=16.0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     stats = train_private(model, loader, optimizer, plan, loss_fn=LOSS, device=torch.device("cpu"),
                           noise_generator=torch.Generator().manual_seed(5),
@@ -170,7 +172,8 @@ def test_a_round_cut_short_leaves_nothing_on_the_cached_model(model, loader):
             raise RuntimeError("CUDA out of memory")
         return loss
 
-    plan = DPRoundPlan(GaussianEvent(0.8, 16 / 40, 4), delta=1e-3, max_grad_norm=0.5)
+    plan = DPRoundPlan(GaussianEvent(0.8, 16 / 40, 4), delta=1e-3, max_grad_norm=0.5,
+                      expected_batch=16.0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     with pytest.raises(RuntimeError, match="out of memory"):
         train_private(model, loader, optimizer, plan, loss_fn=out_of_memory_on_the_second_chunk,
@@ -200,7 +203,8 @@ def test_empty_poisson_batches_still_take_a_noise_step(model, loader, monkeypatc
     single = torch.utils.data.DataLoader(loader.dataset, batch_size=1,
                                          collate_fn=loader.collate_fn,
                                          generator=torch.Generator().manual_seed(0))
-    plan = DPRoundPlan(GaussianEvent(1.0, 1 / 40, 12), delta=1e-3, max_grad_norm=1.0)
+    plan = DPRoundPlan(GaussianEvent(1.0, 1 / 40, 12), delta=1e-3, max_grad_norm=1.0,
+                      expected_batch=1.0)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     stats = train_private(model, single, optimizer, plan, loss_fn=LOSS, device=torch.device("cpu"),
                           noise_generator=torch.Generator().manual_seed(0), physical_batch=64)
@@ -214,10 +218,10 @@ def test_plan_spreads_the_target_over_every_planned_round():
     config = RunConfig.from_mapping({"privacy.dp": True, "privacy.epsilon": 3.0,
                                      "federation.rounds": 4, "train.batch_size": 10,
                                      "train.local_epochs": 1, "privacy.accountant": "rdp"})
-    plan = plan_round(config, records=100)
-    assert plan.event.sample_rate == 0.1 and plan.event.steps == 10
+    plan = plan_round(config, planning_rows=100)
+    assert plan.event.sample_rate == 0.1 and plan.event.steps == 10 and plan.expected_batch == 10
     assert plan.delta == pytest.approx(1e-3)
-    whole_run = epsilon_spent([plan.event] * 4, plan.delta)
+    whole_run = epsilon_spent([plan.event] * 4, plan.delta, "rdp")
     assert 2.95 <= whole_run <= 3.0
     # noise for four rounds, not for one: one round alone would have needed far less
-    assert plan.event.noise_multiplier > 1.2 * noise_for_target(3.0, plan.delta, 0.1, 10)
+    assert plan.event.noise_multiplier > 1.2 * noise_for_target(3.0, plan.delta, 0.1, 10, "rdp")

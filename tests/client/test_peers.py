@@ -42,3 +42,30 @@ def test_start_up_refuses_peers_without_this_nodes_own_key(tmp_path):
     (peers / "hospital-a.pub").write_text("not a key\n")
     with pytest.raises(certs.CertError, match="not an OpenSSH public key"):
         check_peers(settings)
+
+
+def settings_for(tmp_path, **policy):
+    from client.deploy import ClientSettings
+    from client.policy import NodePolicy
+
+    private, _ = certs.node_key(tmp_path / "keys", "hospital-a")
+    return ClientSettings(server="127.0.0.1:9092", root_cert=tmp_path / "ca.pem",
+                          node_key=private, data=tmp_path, ledger=tmp_path / "ledger",
+                          name="hospital-a", policy=NodePolicy(require_dp=False, **policy))
+
+
+def test_a_node_starts_only_with_its_consortiums_keys_pinned_or_a_loud_waiver(tmp_path, capsys):
+    with pytest.raises(certs.CertError, match=r"peers: give --peers DIR.*--allow-unpinned-peers"):
+        check_peers(settings_for(tmp_path / "default"))
+    check_peers(settings_for(tmp_path / "waived", require_peers=False))
+    assert "WARNING: --allow-unpinned-peers" in capsys.readouterr().err
+
+
+def test_a_bundle_from_certs_consortium_is_what_a_node_pins(tmp_path, capsys):
+    from common.consortium import bundle
+
+    settings = settings_for(tmp_path, peers=str(tmp_path / "peers"))
+    _, other = certs.node_key(tmp_path / "keys", "hospital-b")
+    made = bundle(tmp_path / "peers", [tmp_path / "keys" / "hospital-a.pub", other])
+    check_peers(settings)
+    assert f"2 node keys, bundle sha256:{made.digest}" in capsys.readouterr().out

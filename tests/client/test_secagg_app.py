@@ -34,3 +34,76 @@ def test_a_run_configuration_changed_after_step_1_is_refused(message_identity):
     drifted = RunConfig.from_mapping({**settings, "secagg.dropout_tolerance": 0.0})
     with pytest.raises(SecAggViolation, match="configuration changed within the round"):
         secagg_shares(message(drifted, session), context)
+
+
+def deployed(tmp_path, toy_data_dir, **policy) -> tuple[Context, dict]:
+    """A deployed hospital-a: its node key, its data, the consortium's bundle of a and b."""
+    from common import certs
+    from common.consortium import bundle
+
+    keys = {n: certs.node_key(tmp_path / "keys", n) for n in ("hospital-a", "hospital-b")}
+    peers = bundle(tmp_path / "peers", [public for _, public in keys.values()]).directory
+    node_config = {"data-path": str(toy_data_dir), "ledger-dir": str(tmp_path / "ledger"),
+                   "name": "hospital-a", "node-key": str(keys["hospital-a"][0]),
+                   "budget-epsilon": 100.0, "peers": str(peers), **policy}
+    node_config = {k: v for k, v in node_config.items() if v is not None}
+    context = Context(run_id=1, node_id=0, node_config=node_config, state=RecordDict(),
+                      run_config={})
+    return context, keys
+
+
+def secure_dp_config(model: str) -> RunConfig:
+    return RunConfig.from_mapping({"model.name": model, "secagg.enabled": True,
+                                   "privacy.dp": True, "privacy.noise_multiplier": 1.0,
+                                   "federation.num_clients": 3, "train.batch_size": 8,
+                                   "privacy.planning_rows": 60})
+
+
+def refused_rules(reply: Message) -> str:
+    config = reply.content[keys.CONFIG]
+    assert config[keys.STATUS] == keys.POLICY_REFUSED  # counted in clients_refused
+    return str(config[keys.REASON])
+
+
+def test_a_default_deployed_node_refuses_a_cohort_member_the_server_made_up(
+        message_identity, tmp_path, toy_data_dir, tiny_model_dir):
+    from client.secagg import SecAggClient
+    from common.secagg.records import cohort_to_record, keys_from_record
+    from common.secagg.signing import Signer
+    from server.secagg import SecAggServer
+
+    context, node_keys = deployed(tmp_path, toy_data_dir, models=str(tiny_model_dir))
+    config = secure_dp_config(str(tiny_model_dir))
+    server = SecAggServer(server_round=1)
+    reply = secagg_keys(message(config, server.session), context)
+    own = keys_from_record(reply.content[keys.CONFIG])
+    real_b = SecAggClient("hospital-b", server.session, 1,
+                          Signer.from_file(node_keys["hospital-b"][0]))
+    invented = SecAggClient("hospital-x", server.session, 1)  # keys of the server's own
+    cohort = server.make_cohort({"hospital-a": own, "hospital-b": real_b.signed_keys(),
+                                 "hospital-x": invented.signed_keys()})
+    shares = secagg_shares(message(config, server.session, **cohort_to_record(cohort)), context)
+    assert "peers: the signing key of hospital-x is not the one this node pins" in \
+        refused_rules(shares)
+    assert keys.CONFIG in shares.content.config_records and not \
+        shares.content.config_records[keys.CONFIG].get("to-sealed")  # no share left the node
+
+
+def test_a_deployed_node_without_pinned_peers_refuses_unless_waived_and_never_at_client_level(
+        message_identity, tmp_path, toy_data_dir, tiny_model_dir):
+    context, _ = deployed(tmp_path, toy_data_dir, models=str(tiny_model_dir), peers=None)
+    config = secure_dp_config(str(tiny_model_dir))
+    assert "peers: this node uses secure aggregation only with its consortium's keys" in \
+        refused_rules(secagg_keys(message(config, b"s" * 16), context))
+    waived, _ = deployed(tmp_path / "w", toy_data_dir, models=str(tiny_model_dir), peers=None,
+                         **{"require-peers": False})
+    reply = secagg_keys(message(config, b"s" * 16), waived)
+    assert keys.STATUS not in reply.content[keys.CONFIG]  # its keys: it takes part
+    client_level = RunConfig.from_mapping({
+        "model.name": str(tiny_model_dir), "secagg.enabled": True, "privacy.dp": True,
+        "privacy.level": "client", "privacy.noise_multiplier": 1.0, "federation.num_clients": 3,
+        "privacy.planning_rows": 60})
+    both, _ = deployed(tmp_path / "c", toy_data_dir, models=str(tiny_model_dir), peers=None,
+                       **{"require-peers": False, "require-dp": False})
+    assert "peers: client-level DP under secure aggregation needs" in \
+        refused_rules(secagg_keys(message(client_level, b"t" * 16), both))

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -5,14 +7,18 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from common.adapter import (
+    EMBEDDED_HUB_ID,
     AdapterError,
     add_lora,
     from_record,
+    load_saved_adapter,
     load_trainable_state,
+    public_name,
     to_record,
     trainable_state,
 )
 from common.config import LoraSettings
+from common.model import resolve_model_path
 
 
 @pytest.fixture()
@@ -86,3 +92,32 @@ def test_ffa_lora_trains_and_sends_b_only_and_every_process_draws_the_same_a(tin
     a_values = [{n: p.detach().clone() for n, p in m.named_parameters() if "lora_A" in n}
                 for m in models]
     assert a_values[0] and all(torch.equal(a_values[0][n], a_values[1][n]) for n in a_values[0])
+
+
+def test_the_saved_adapter_names_its_base_model(lora_model, tiny_model_dir, tmp_path):
+    lora_model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(tiny_model_dir)
+    # the embedded model is named by its hub id, not by its path inside site-packages
+    assert public_name(resolve_model_path("embedded")) == EMBEDDED_HUB_ID
+    assert public_name("gpt2") == "gpt2"
+
+
+def test_a_saved_adapter_loads_back_checked_like_any_state(lora_model, tiny_model_dir,
+                                                            tmp_path):
+    # Prepare
+    load_trainable_state(lora_model, {k: np.full_like(v, 0.25)
+                                      for k, v in trainable_state(lora_model).items()})
+    lora_model.save_pretrained(tmp_path / "adapter")
+    torch.manual_seed(1)
+    fresh = add_lora(AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=3), LoraSettings(r=4), "classification")
+    wider = add_lora(AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=3), LoraSettings(r=8), "classification")
+    # Execute, Assert
+    load_saved_adapter(fresh, tmp_path / "adapter")
+    assert all(np.all(v == 0.25) for v in trainable_state(fresh).values())
+    with pytest.raises(AdapterError, match="has shape"):
+        load_saved_adapter(wider, tmp_path / "adapter")
+    with pytest.raises(AdapterError, match="unreadable"):
+        load_saved_adapter(fresh, tmp_path / "absent")

@@ -52,6 +52,15 @@ def test_label_beyond_labels_json_is_refused(tmp_path):
         load_data(DataConfig(path=str(tmp_path)), seed=0)
 
 
+@pytest.mark.parametrize("declared", [{}, {"0": "only"}])
+def test_a_labels_json_that_declares_no_label_set_is_refused(tmp_path, declared):
+    # an empty labels.json would let the head's width follow the rows' largest label again
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 5}])
+    (tmp_path / "labels.json").write_text(json.dumps(declared))
+    with pytest.raises(DataError, match="at least two labels"):
+        load_data(DataConfig(path=str(tmp_path)), seed=0)
+
+
 def test_missing_path_is_named(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_data(DataConfig(path=str(tmp_path / "nowhere")), seed=0)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from common.adapter import add_lora, trainable_state
 from common.config import ConfigError, LoraSettings, ModelConfig
@@ -66,6 +66,18 @@ def test_a_saved_adapter_reloads_onto_a_fresh_mean_pooling_classifier(tiny_model
     saved, loaded = trainable_state(model), dict(reloaded.named_parameters())
     for name, value in saved.items():
         torch.testing.assert_close(loaded[name].detach(), torch.from_numpy(value))
+
+
+def test_its_adapter_fails_loudly_on_a_standard_head_that_reads_the_first_token(
+        tiny_model_dir, tmp_path):
+    # Prepare: an adapter of the mean-pooling head, as a run saves it
+    model = add_lora(load_classifier(str(tiny_model_dir), 3, "mean"), LoraSettings(r=4),
+                     "classification")
+    model.save_pretrained(tmp_path / "adapter")
+    standard = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    # Execute, Assert: PEFT finds none of its modules there, instead of loading half of it
+    with pytest.raises(ValueError, match="target"):
+        PeftModel.from_pretrained(standard, tmp_path / "adapter")
 
 
 def test_an_unknown_pooling_is_refused_by_name():

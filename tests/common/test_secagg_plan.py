@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from common.config import RunConfig
-from common.secagg.plan import NOISE_TAIL, summation_for, survivors_needed
+from common.secagg.plan import honest_minimum, summation_for, survivors_needed
+from common.secagg.summation import NOISE_TAIL
 from server.secagg import SecAggAbort, SecAggServer
 
 CLIENT_LEVEL = {"privacy.dp": True, "privacy.level": "client", "privacy.clip_norm": 0.5,
@@ -23,16 +24,31 @@ def test_plain_summation_weights_by_examples_within_the_bound():
     assert np.abs(vector).max() <= summation.encoding.bound
 
 
-def test_the_noise_shares_of_the_fewest_survivors_add_up_to_the_full_noise():
+def test_the_noise_shares_of_the_fewest_honest_survivors_add_up_to_the_full_noise():
     config = RunConfig.from_mapping(CLIENT_LEVEL)
     summation = summation_for(config, 10)
     r = survivors_needed(config, 10)
-    assert r == summation.survivors == 8 and not summation.weighted
-    assert summation.noise_std == pytest.approx(1.2 * 0.5 / np.sqrt(r))
+    honest = honest_minimum(config, 10)  # 8 survivors, 3 of them perhaps colluders
+    assert (r, honest) == (8, 5) and summation.survivors == r and not summation.weighted
+    assert summation.noise_std == pytest.approx(1.2 * 0.5 / np.sqrt(honest))
     assert summation.bound == pytest.approx(0.5 + NOISE_TAIL * summation.noise_std)
     rng = np.random.default_rng(0)
-    sums = rng.normal(0.0, summation.noise_std, size=(r, 200_000)).sum(axis=0)
+    sums = rng.normal(0.0, summation.noise_std, size=(honest, 200_000)).sum(axis=0)
     assert sums.std() == pytest.approx(1.2 * 0.5, rel=0.01)  # z C, as the accountant assumes
+
+
+def test_under_any_dp_every_update_weighs_the_same_and_sends_no_count():
+    for settings in ({"privacy.dp": True}, CLIENT_LEVEL):
+        summation = summation_for(RunConfig.from_mapping(settings), 10)
+        vector = summation.to_vector({"a": np.array([0.25])}, examples=50_000, loss=0.7)
+        assert not summation.weighted
+        np.testing.assert_allclose(vector[-3:], [1.0, 0.0, 0.0])
+
+
+def test_an_honest_change_is_clipped_to_the_norm_then_the_bound():
+    summation = summation_for(RunConfig.from_mapping({"federation.max_update_norm": 1.0}), 10)
+    vector = summation.to_vector({"a": np.array([3.0, 4.0])}, examples=100_000, loss=0.0)
+    np.testing.assert_allclose(vector[:2], [0.6, 0.8])
 
 
 def test_the_server_reveals_nothing_for_fewer_survivors_than_the_noise_needs():

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from common import certs
+from common.consortium import bundle
 from common.process_tree import descendants, stop_pids
 from server.metrics_log import read_rounds
 from tests.conftest import write_jsonl
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.slow
 # Node policies as `fedtune client` flags: one that lets a non-private run through, and the
 # strict defaults with a budget.
 PERMISSIVE = ("--allow-no-dp", "--allow-no-secagg", "--share-evaluation")
-STRICT = ("--budget-epsilon", "8", "--share-evaluation")
+STRICT = ("--budget-epsilon", "16", "--share-evaluation")  # one run may take half
 
 
 def free_port() -> int:
@@ -41,6 +42,7 @@ class Federation:
                  min_clients: int = 0, timeout: float = 120.0, extra: str = "",
                  policy: tuple[str, ...] = PERMISSIVE) -> None:
         self.root, self.port, self.procs = root, free_port(), []
+        self.model_dir = model_dir  # every node allows the run's model (--models)
         self.policy = policy  # every node's policy flags, unless a client is given its own
         certs.init(root / "certs", ["localhost"])
         words = ["alpha", "bravo", "charlie"]
@@ -53,6 +55,8 @@ class Federation:
             write_jsonl(data / "test.jsonl", part[:30])
             (data / "labels.json").write_text('{"0": "a", "1": "b", "2": "c"}')
             certs.node_key(root / "keys", f"hospital-{name}")
+        # the operator bundles the nodes' public keys; every node pins them (--peers)
+        self.peers = bundle(root / "peers", sorted((root / "keys").glob("hospital-*.pub")))
         self.config = root / "run.toml"
         self.config.write_text(
             f'[model]\nname = "{model_dir}"\nmax_length = 32\n[data]\npath = "{root / "data-c"}"\n'
@@ -88,6 +92,8 @@ class Federation:
                           "--node-key", self.root / "keys" / f"hospital-{name}.key",
                           "--data", self.root / f"data-{name}", "--ledger",
                           self.root / f"ledger-{name}", "--port", port or free_port(),
+                          "--peers", self.peers.directory, "--models", self.model_dir,
+                          "--planning-rows", "40",  # each node's public planning row count
                           *(self.policy if policy is None else policy), home=f"flwr-{name}")
 
     def log(self, name: str) -> str:
@@ -149,7 +155,7 @@ def _run_with_intruders(federation: Federation, tmp_path: Path) -> None:
                      "--root-cert", tmp_path / "certs" / "ca.pem", "--node-key",
                      tmp_path / "keys" / "rogue.key", "--data", tmp_path / "data-a",
                      "--ledger", tmp_path / "ledger-rogue", "--port", free_port(), *STRICT,
-                     home="flwr-rogue")
+                     "--allow-unpinned-peers", home="flwr-rogue")
     for name in "abd":
         federation.client(name)
     assert server.wait(timeout=600) == 0, federation.log("server.log")[-3000:]
@@ -183,13 +189,16 @@ def test_a_client_killed_mid_round_does_not_stop_the_run(tmp_path, tiny_model_di
     (["--server", "no-port"], "HOST:PORT"),
     (["--server", "127.0.0.1:1", "--wait-server", "2"], "unreachable"),
     (["--budget-epsilon", None], "give --budget-epsilon (or waive DP explicitly"),
-    (["--max-delta", "1.5"], "max-delta"),
+    (["--delta", "1.5"], "delta"),
+    (["--max-delta", "1e-6"], "unrecognized arguments: --max-delta"),
     (["--policy", "missing.toml"], "does not exist"),
+    (["--peers", None], "peers: give --peers DIR"),
+    (["--name", "hospital-z"], "peers: peers has no hospital-z.pub matching"),
 ])
 def test_bad_client_input_is_one_line_and_exit_2(federation, args, message):
     base = {"--server": f"127.0.0.1:{federation.port}", "--root-cert": "certs/ca.pem",
             "--node-key": "keys/hospital-a.key", "--data": "data-a", "--ledger": "ledger-a",
-            "--budget-epsilon": "8"}
+            "--budget-epsilon": "8", "--peers": "peers"}
     base.update(dict(zip(args[::2], args[1::2], strict=True)))
     flags = [str(x) for k, v in base.items() if v is not None for x in (k, v)]
     done = subprocess.run([sys.executable, "-m", "fedtune_cli", "client", *flags],

@@ -42,12 +42,11 @@ def assert_refused(federation: Federation, row: dict, rule: str) -> None:
 
 @pytest.mark.parametrize(("extra", "permissive", "rule"), [
     ("[privacy]\ndp = false\n", ("--allow-no-dp", "--allow-no-secagg"), "require-dp"),
-    (DP + "delta = 0.5\n", (*DEFAULT, "--allow-no-secagg", "--max-delta", "0.5",
-                            "--min-noise-multiplier", "0.1"), "max-delta"),
+    (DP, ("--budget-epsilon", "16", "--allow-no-secagg"), "max-epsilon-per-run"),
     ("[privacy]\ndp = true\nnoise_multiplier = 0.1\n",
      ("--budget-epsilon", "1000", "--allow-no-secagg", "--min-noise-multiplier", "0.05"),
      "min-noise-multiplier"),
-], ids=["dp-off", "delta-0.5", "noise-below-floor"])
+], ids=["dp-off", "run-above-half-the-budget", "noise-below-floor"])
 def test_a_default_node_refuses_what_its_policy_forbids_and_a_permissive_one_trains(
         tmp_path, tiny_model_dir, extra, permissive, rule):
     federation = Federation(tmp_path, tiny_model_dir, rounds=1, extra=extra)
@@ -91,8 +90,8 @@ def test_deployed_client_level_noise_cannot_be_regenerated_from_the_run_configur
     federation = Federation(tmp_path, tiny_model_dir, rounds=1,
                             extra='[privacy]\ndp = true\nlevel = "client"\nepsilon = 8.0\n')
     try:
-        # epsilon 8 in one release is z = 0.35: below the default floor, which applies to
-        # client-level noise too, so the permissive node lowers it
+        # the floor applies to client-level noise too (epsilon 8 in one release at delta 1e-5
+        # is z = 0.60, above it; the permissive node lowers it anyway)
         row = run_two_node_federation(federation, ("--allow-no-dp", "--allow-no-secagg",
                                                    "--min-noise-multiplier", "0.3"))
     finally:

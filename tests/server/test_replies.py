@@ -67,7 +67,7 @@ def test_each_malformed_update_is_rejected_with_its_reason(bad, reason):
 def test_under_client_level_dp_an_update_beyond_the_clip_norm_is_rejected():
     config = RunConfig.from_mapping({"privacy.dp": True, "privacy.level": "client",
                                      "privacy.clip_norm": 0.1})
-    metrics = {keys.NUM_EXAMPLES: 40, keys.UNIT_WEIGHT: 1}
+    metrics = {keys.UNIT_WEIGHT: 1}  # under DP no count leaves a node
     check_update(reply(metrics=metrics, shift=0.01), GLOBAL, config)  # norm 0.059: clipped
     with pytest.raises(ReplyRejected, match="clip norm"):
         check_update(reply(metrics=metrics, shift=0.1), GLOBAL, config)  # norm 0.59

@@ -112,3 +112,37 @@ def test_waiting_for_clients_is_one_line_per_change(monkeypatch):
     Roster().refresh(grid, wait_for=2, timeout=60)
     assert lines == ["Waiting for clients: 0 of 2 connected",
                      "Waiting for clients: 1 of 2 connected"]
+
+
+def refusal_from(node_id: int, reason: str) -> Message:
+    query = Message(RecordDict(), dst_node_id=node_id, message_type=MessageType.TRAIN)
+    query.metadata.__dict__["_message_id"] = f"q{node_id}"
+    reply = Message(RecordDict({keys.CONFIG: ConfigRecord({
+        keys.STATUS: keys.POLICY_REFUSED, keys.REASON: reason})}), reply_to=query)
+    reply.metadata.__dict__["_src_node_id"] = node_id
+    return reply
+
+
+def test_a_second_claim_of_a_name_is_refused_and_the_honest_node_keeps_training():
+    from server.train_outcome import retire_refusing
+
+    grid = FakeGrid({11: "hospital-a", 12: "hospital-b"})
+    roster = Roster()
+    roster.refresh(grid, wait_for=2, timeout=5)
+    grid.names[13] = "hospital-a"  # a registered node answering with another's name
+    roster.refresh(grid, wait_for=2, timeout=5)
+    roster.refresh(grid, wait_for=2, timeout=5)
+    assert roster.active() == [("hospital-a", 11), ("hospital-b", 12)]  # no eviction
+    assert [m.metadata.dst_node_id for m in grid.sent].count(13) == 1  # asked once, refused
+    # a refusal it sends in that name retires no one who trains
+    retire_refusing(roster, [refusal_from(13, "require-dp")])
+    assert ("hospital-a", 11) in roster.active()
+
+
+def test_a_deployed_roster_names_nodes_by_their_registered_key_alone():
+    grid = FakeGrid({11: "hospital-a", 12: "someone-else", 13: "hospital-a"})
+    registered = {11: "hospital-a", 12: "hospital-b"}  # node id -> key file stem
+    roster = Roster(registered.get, ask=False)
+    roster.refresh(grid, wait_for=2, timeout=5)
+    assert roster.active() == [("hospital-a", 11), ("hospital-b", 12)]
+    assert grid.sent == []  # nobody is asked: a node cannot choose its name

@@ -6,11 +6,13 @@ import dataclasses
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord
 
 from client import secagg as secagg_client
 from client.secagg import SecAggClient, SecAggViolation
 from common.secagg import ring
-from common.secagg.protocol import Summation, routing_problem
+from common.secagg.protocol import routing_problem
+from common.secagg.summation import ImpossibleSum, Summation
 from server.secagg import SecAggAbort, SecAggServer
 
 
@@ -288,17 +290,90 @@ def test_a_withheld_delivery_is_refused_before_training():
         target.sign_survivors(survivors, round_.server.routing(survivors))
 
 
-def test_tampered_shares_are_refused_before_training():
-    round_ = Round(4)
+def flipped(ciphertext: bytes) -> bytes:
+    return ciphertext[:-1] + bytes([ciphertext[-1] ^ 1])
+
+
+def test_shares_that_do_not_open_are_named_and_too_many_refused_before_training():
+    round_ = Round(4)  # 4 holders each, threshold 3: one share may fail to open
     cohort = round_.cohort()
     inbox = round_.server.route({m: c.share_secrets(cohort) for m, c in round_.clients.items()})
-    share = inbox["client-00"]["client-01"]
-    tampered = {**inbox["client-00"], "client-01": share[:-1] + bytes([share[-1] ^ 1])}
-    with pytest.raises(SecAggViolation, match="client-01 do not open"):
-        round_.clients["client-00"].check_shares(tampered)
-    swapped = {**inbox["client-00"], "client-01": inbox["client-02"]["client-01"]}  # misrouted
-    with pytest.raises(SecAggViolation, match="client-01 do not open"):
-        round_.clients["client-00"].check_shares(swapped)
+    delivery = inbox["client-00"]
+    tampered = {**delivery, "client-01": flipped(delivery["client-01"])}
+    assert round_.clients["client-00"].check_shares(tampered) == ["client-01"]
+    swapped = {**delivery, "client-01": inbox["client-02"]["client-01"]}  # misrouted
+    assert round_.clients["client-00"].check_shares(swapped) == ["client-01"]
+    two = {**tampered, "client-02": flipped(delivery["client-02"])}
+    with pytest.raises(SecAggViolation, match=r"2 do not open: \['client-01', 'client-02'\]"):
+        round_.clients["client-00"].check_shares(two)
+    own = {**delivery, "client-00": flipped(delivery["client-00"])}
+    with pytest.raises(SecAggViolation, match="client-00 do not open"):
+        round_.clients["client-00"].check_shares(own)
+
+
+def test_a_share_sealed_for_another_holder_does_not_open_as_this_ones():
+    round_ = Round(4)
+    cohort = round_.cohort()
+    sender = round_.clients["client-01"]
+    sealed = sender.share_secrets(cohort)
+    inbox = round_.server.route({"client-01": sealed, **{
+        m: c.share_secrets(cohort) for m, c in round_.clients.items() if m != "client-01"}})
+    plaintext = secagg_client.channel.open_sealed(
+        sender._share_key(cohort, "client-00"), inbox["client-00"]["client-01"],
+        sender._context("client-01", "client-00"))
+    wrong_x = (9).to_bytes(4, "big") + plaintext[4:]  # well sealed, but another holder's index
+    inbox["client-00"]["client-01"] = secagg_client.channel.seal(
+        sender._share_key(cohort, "client-00"), wrong_x, sender._context("client-01", "client-00"))
+    assert round_.clients["client-00"].check_shares(inbox["client-00"]) == ["client-01"]
+
+
+def test_a_neighbour_whose_shares_do_not_open_is_blamed_and_the_round_completes_without_it():
+    from common.secagg.records import complaint_from_record
+
+    n = 7  # 7 holders each, threshold 5
+    round_ = Round(n)
+    cohort = round_.cohort()
+    sealed = {m: c.share_secrets(cohort) for m, c in round_.clients.items()}
+    sealed["client-03"]["client-00"] = flipped(sealed["client-03"]["client-00"])
+    inbox = round_.server.route(sealed)
+    vectors = random_vectors(n)
+    masked, complaints = {}, {}
+    for name, client in round_.clients.items():
+        client.check_shares(inbox[name], min_delivered=0.8)
+        masked[name] = client.mask(inbox[name], vectors[name], round_.encoding, RNG)
+        if (complaint := client.complaint()) is not None:
+            complaints[name] = complaint_from_record(ConfigRecord(complaint))
+    assert list(complaints) == ["client-00"] and complaints["client-00"][0] == ["client-03"]
+    blamed = round_.server.blame(complaints)
+    assert blamed == {"client-03": "its shares to client-00 do not open (signed complaint)"}
+    del masked["client-03"]  # left out of the round (the exchange does this, and retires it)
+    survivors = round_.server.survivors(masked)
+    routing = round_.server.routing(survivors)
+    signed = round_.server.consistent(survivors, routing, {
+        m: round_.clients[m].sign_survivors(survivors, routing) for m in survivors})
+    reveals = {m: round_.clients[m].reveal(survivors, routing, signed) for m in survivors}
+    total = round_.encoding.decode(round_.server.unmask(masked, reveals))
+    np.testing.assert_allclose(total, sum(vectors[m] for m in survivors),
+                               atol=round_.encoding.error_bound())
+
+
+def test_a_complaint_that_is_forged_or_names_strangers_rejects_its_author():
+    round_ = Round(7)
+    cohort = round_.cohort()
+    round_.server.route({m: c.share_secrets(cohort) for m, c in round_.clients.items()})
+    client = round_.clients["client-01"]
+    client.accused = ["client-02"]
+    accused, signature = client.complaint()["accused"], client.complaint()["complaint"]
+    assert round_.server.blame({"client-04": (accused, signature)}) == {}  # not its signature
+    assert "no valid signature" in round_.server.rejected["client-04"]
+    client.accused = ["client-02", "client-03", "client-04"]  # 4 left of 7: below t = 5
+    record = client.complaint()
+    assert round_.server.blame({"client-01": (record["accused"], record["complaint"])}) == {}
+    assert "fewer shares than the threshold" in round_.server.rejected["client-01"]
+    client.accused = ["stranger"]
+    record = client.complaint()
+    assert round_.server.blame({"client-01": (record["accused"], record["complaint"])}) == {}
+    assert "sent it no shares" in round_.server.rejected["client-01"]
 
 
 def test_masking_a_checked_delivery_decrypts_each_share_once(monkeypatch):
@@ -323,16 +398,12 @@ def test_masking_a_delivery_other_than_the_checked_one_checks_it():
     inbox = round_.server.route({m: c.share_secrets(cohort) for m, c in round_.clients.items()})
     target, delivery = round_.clients["client-00"], inbox["client-00"]
     target.check_shares(delivery)
-    share = delivery["client-01"]
-    tampered = {**delivery, "client-01": share[:-1] + bytes([share[-1] ^ 1])}
-    with pytest.raises(SecAggViolation, match="client-01 do not open"):
-        mask_zeros(target, tampered)
-    delivery["client-01"] = tampered["client-01"]  # changed in place after the check
-    with pytest.raises(SecAggViolation, match="client-01 do not open"):
-        mask_zeros(target, delivery)
     too_few = {m: delivery[m] for m in sorted(delivery)[:2]}
     with pytest.raises(SecAggViolation, match="are needed"):
         mask_zeros(target, too_few)
+    delivery["client-01"] = flipped(delivery["client-01"])  # changed in place after the check
+    mask_zeros(target, delivery)
+    assert target.accused == ["client-01"] and "client-01" not in target.partners
 
 
 def test_the_graph_is_the_cohorts_not_the_servers():
@@ -345,17 +416,89 @@ def test_the_graph_is_the_cohorts_not_the_servers():
         client.share_secrets(dataclasses.replace(cohort, neighbours=2, threshold=3))
 
 
-def test_a_sum_whose_weight_no_honest_inputs_give_is_refused():
-    summation = Summation(5, bound=1.0, max_examples=100, weighted=False)
-    like = {"a": np.zeros(2)}
-    total = np.array([0.5, 0.5, 5.0, 0.0, 0.0])
-    change, _ = summation.average(total, like, summed=5)
-    np.testing.assert_allclose(change["a"], [0.1, 0.1])
-    shrunk = np.array([0.5, 0.5, 1e-9, 0.0, 0.0])  # a client sent weight -(n - 1) + tiny
-    change, _ = summation.average(shrunk, like, summed=5)  # divided by the 5 summed anyway
-    np.testing.assert_allclose(change["a"], [0.1, 0.1])
-    with pytest.raises(ValueError, match="impossible for 5 inputs"):
-        summation.average(np.array([0.5, 0.5, 50.0, 0.0, 0.0]), like, summed=5)
+class Rogue(ring.Encoding):
+    """A malicious client's encoding: whatever ring values it likes, inside its masks."""
+
+    def __init__(self, honest: ring.Encoding, values: np.ndarray) -> None:
+        super().__init__(honest.clients, honest.bound)
+        object.__setattr__(self, "values", values)
+
+    def encode(self, values, rng):
+        return self.values
+
+
+def malicious_round(rogue: np.ndarray, summation: Summation,
+                    honest: dict[str, np.ndarray]) -> np.ndarray:
+    """The decoded sum of the honest clients' vectors and `rogue` ring values from client-03,
+    all through the protocol's masks."""
+    round_ = Round(4, bound=summation.encoding.bound)
+    cohort = round_.cohort()
+    inbox = round_.server.route({m: c.share_secrets(cohort) for m, c in round_.clients.items()})
+    masked = {m: round_.clients[m].mask(inbox[m], honest[m], summation.encoding, RNG)
+              for m in names(3)}
+    masked["client-03"] = round_.clients["client-03"].mask(
+        inbox["client-03"], np.zeros(len(rogue)), Rogue(summation.encoding, rogue), RNG)
+    survivors = round_.server.survivors(masked)
+    routing = round_.server.routing(survivors)
+    signed = round_.server.consistent(survivors, routing, {
+        m: round_.clients[m].sign_survivors(survivors, routing) for m in survivors})
+    reveals = {m: round_.clients[m].reveal(survivors, routing, signed) for m in survivors}
+    return summation.encoding.decode(round_.server.unmask(masked, reveals))
+
+
+def ring_values(summation: Summation, values: np.ndarray) -> np.ndarray:
+    """Real values as ring elements, unchecked: nothing stops a malicious client's."""
+    scaled = np.round(np.asarray(values) * summation.encoding.scale).astype(np.int64)
+    return (scaled % 2**32).astype(ring.DTYPE)
+
+
+LENGTH = 64  # adapter values; the vector adds weight, example share and loss share
+ATTACKS = {  # what client-03 puts inside its masks, in real units (before the ring)
+    # the issue's construction: the weight cancelled to 1e-4 and values near the ring's largest
+    # (3.97 for 4 clients), so that the average would move by about 3e4 per value
+    "tiny-weight-huge-values": lambda h: np.r_[np.full(LENGTH, 3.0), -h + 1e-4, -h, 0.0],
+    "negative-weight": lambda h: np.r_[np.full(LENGTH, 0.5), -1.0, -1.0, 0.0],
+    "huge-values": lambda h: np.r_[np.full(LENGTH, -3.5), 1.0, 1.0, 0.0],
+    "wrapped-values": lambda h: np.r_[np.full(LENGTH, 4.0e3), 1.0, 1.0, 0.0],  # mod 2^32
+    # in range per value, beyond the bound for its weight, and a norm far past any honest one
+    "full-weight-at-the-edge": lambda h: np.r_[np.full(LENGTH, 1.0), 1.0, 1.0, 0.0],
+    "norm-at-the-edge": lambda h: np.r_[np.full(LENGTH, 0.9 / LENGTH**0.5), 1.0, 1.0, 0.0],
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_a_malicious_client_leaves_the_average_within_the_bound_or_the_round_dropped(attack):
+    # three honest clients of 2,000 examples (weight 0.02 each) and one malicious one
+    summation = Summation(4, bound=1.0, max_examples=100_000, norm=1.0)
+    rng = np.random.default_rng(5)
+    changes = {m: {"a": rng.normal(scale=0.01, size=LENGTH)} for m in names(3)}
+    honest = {m: summation.to_vector(changes[m], 2_000, 0.0) for m in names(3)}
+    like = {"a": np.zeros(LENGTH)}
+    honest_weight = 3 * 0.02
+    total = malicious_round(ring_values(summation, ATTACKS[attack](honest_weight)), summation,
+                            honest)
+    try:
+        change, _ = summation.average(total, like, summed=4)
+    except ImpossibleSum as error:
+        assert "impossible for honest ones" in str(error)
+        return
+    # what passes is within the documented bound: each value within `bound`, the change's L2
+    # norm within `norm`
+    assert np.abs(change["a"]).max() <= summation.bound
+    assert np.linalg.norm(change["a"]) <= summation.norm + 1e-12
+    assert attack not in {"tiny-weight-huge-values", "negative-weight", "huge-values"}
+
+
+def test_the_honest_clients_alone_pass_the_check_unchanged():
+    summation = Summation(4, bound=1.0, max_examples=100_000, norm=1.0)
+    rng = np.random.default_rng(5)
+    changes = {m: {"a": rng.normal(scale=0.01, size=LENGTH)} for m in names(3)}
+    honest = {m: summation.to_vector(changes[m], 2_000, 0.0) for m in names(3)}
+    zero = ring_values(summation, np.r_[np.zeros(LENGTH), 1e-5, 1e-5, 0.0])  # one example
+    total = malicious_round(zero, summation, honest)
+    change, _ = summation.average(total, {"a": np.zeros(LENGTH)}, summed=4)
+    plain = sum(0.02 * changes[m]["a"] for m in names(3)) / (0.06 + 1e-5)
+    np.testing.assert_allclose(change["a"], plain, atol=1e-5)
 
 
 def test_out_of_order_and_substituted_keys_are_refused():
@@ -394,7 +537,7 @@ def test_pinned_peers_refuse_a_cohort_with_a_key_the_node_does_not_know():
     impostor = SecAggClient("client-03", round_.server.session, 1)  # the server's own keys
     keys = {**round_.keys(), "client-03": impostor.signed_keys()}
     other = SecAggServer(server_round=1, session=round_.server.session)
-    with pytest.raises(SecAggViolation, match="peers: client-03"):
+    with pytest.raises(SecAggViolation, match="peers: the signing key of client-03 is not"):
         round_.clients["client-01"].share_secrets(other.make_cohort(keys), pinned)
 
 
@@ -461,3 +604,29 @@ def test_degenerate_public_keys_are_left_out_of_the_cohort_not_the_round(bad):
     assert "client-03" not in cohort.names and "client-03" in round_.server.rejected
     for name in cohort.names:  # the others share and mask as usual
         round_.clients[name].share_secrets(cohort)
+
+
+def test_a_third_of_the_cohort_withholding_its_noise_leaves_the_accounted_noise_in_the_sum():
+    # 15 clients, 3 drop out (the tolerated fifth), 5 of the 12 survivors collude with the
+    # server and leave their noise shares out: the 7 honest shares still add up to z C
+    from common.config import RunConfig
+    from common.secagg.plan import summation_for
+
+    z, clip, n, length = 1.1, 0.5, 15, 20_000
+    config = RunConfig.from_mapping({"privacy.dp": True, "privacy.level": "client",
+                                     "privacy.clip_norm": clip, "privacy.noise_multiplier": z,
+                                     "federation.num_clients": n, "secagg.enabled": True})
+    summation = summation_for(config, n)
+    rng = np.random.default_rng(11)
+    dropped, colluders = names(n)[:3], names(n)[3:8]
+    vectors = {}
+    for name in names(n):
+        share = 0.0 if name in colluders else rng.normal(0.0, summation.noise_std, size=length)
+        vectors[name] = summation.to_vector({"a": np.zeros(length) + share}, 1, 0.0)
+    round_ = Round(n, bound=summation.encoding.bound)
+    round_.encoding = summation.encoding
+    total = round_.run(vectors, drop_before_masking=dropped)
+    assert total[-3] == pytest.approx(n - len(dropped))  # 12 summed: all the noise needs
+    released = total[:-3]
+    assert released.std() >= 0.98 * z * clip  # what the accountant assumes (std error 0.5%)
+    assert released.std() == pytest.approx(z * clip, rel=0.02)

@@ -87,3 +87,28 @@ def test_a_masked_reply_missing_its_vector_or_metrics_is_rejected(bad, reason):
     assert _masked_vector(protocol, "client-3", reply(**bad), 4) is None
     assert protocol.rejected["client-3"].startswith("masked input: ")
     assert reason in protocol.rejected["client-3"]
+
+
+def test_a_valid_complaint_leaves_the_accused_out_and_a_forged_one_its_author():
+    from client.secagg import SecAggClient
+    from server.secagg_exchange import _masked_inputs
+
+    protocol = SecAggServer(1)
+    clients = {f"client-0{i}": SecAggClient(f"client-0{i}", protocol.session, 1)
+               for i in range(7)}
+    cohort = protocol.make_cohort({n: c.signed_keys() for n, c in clients.items()})
+    protocol.route({n: c.share_secrets(cohort) for n, c in clients.items()})
+    protocol.check_masked = lambda name, vector, length: None
+    clients["client-00"].accused = ["client-01"]
+    clients["client-02"].accused = ["client-03"]
+    forged = {**clients["client-02"].complaint(), "complaint": b"\0" * 64}
+    replies = {n: reply(arrays=VECTOR, metrics=MetricRecord({keys.UNIT_WEIGHT: 1})) for n in
+               clients}
+    replies["client-00"].content[keys.CONFIG] = ConfigRecord(clients["client-00"].complaint())
+    replies["client-02"].content[keys.CONFIG] = ConfigRecord(forged)
+    masked, metrics, blamed = _masked_inputs(protocol, replies, 4)
+    assert blamed == {"client-01": "its shares to client-00 do not open (signed complaint)"}
+    assert sorted(masked) == sorted(metrics) == ["client-00", "client-03", "client-04",
+                                                 "client-05", "client-06"]
+    assert protocol.rejected == {"client-02": "its complaint carries no valid signature"}
+    assert "client-01" not in protocol.holders["client-00"]  # its shares are not in the masks

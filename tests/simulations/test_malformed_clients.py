@@ -94,6 +94,22 @@ def masked(content, change):
     return records(content, arrays=ArrayRecord({"masked": Array(change(vector))}))
 
 
+def rogue(vector):
+    """About 3 (a quarter of the ring) added to every adapter value inside the masks, the
+    weight and totals left as sent: a sum no honest inputs could give."""
+    vector = vector.copy()
+    vector[:-3] += np.uint32(2**30)
+    return vector
+
+
+def unopenable(content):
+    """The first share ciphertext (to another client: names sort, and client-1 sends it)
+    altered so that it fails authentication."""
+    sealed = list(content["config"]["to-sealed"])
+    sealed[0] = sealed[0][:-1] + bytes([sealed[0][-1] ^ 1])
+    return with_config(content, **{"to-sealed": sealed})
+
+
 CORRUPT = {  # kind -> (the message type whose reply it corrupts, how)
     "missing-metric": ("train", lambda c: with_metrics(c, **{"train-loss": None})),
     "metric-type": ("train", lambda c: with_metrics(c, **{"train-loss": [0.5, 0.5]})),
@@ -124,6 +140,8 @@ CORRUPT = {  # kind -> (the message type whose reply it corrupts, how)
     "masked-missing": ("train.secagg_masked", lambda c: records(c, arrays=None)),
     "masked-no-metrics": ("train.secagg_masked", lambda c: records(c, metrics=None)),
     "masked-bad-metric": ("train.secagg_masked", lambda c: with_metrics(c, epsilon=[1.0, 2.0])),
+    "unopenable-share": ("train.secagg_shares", unopenable),
+    "rogue-ring": ("train.secagg_masked", lambda c: masked(c, rogue)),
     "bad-reveal": ("train.secagg_unmask", lambda c: with_config(c, **{
         "owners": list(c["config"]["owners"])[:-1]})),
 }
@@ -170,6 +188,8 @@ SECURE = {
     4: {"client-1": "masked-length", "client-2": "masked-missing"},
     5: {"client-1": "masked-no-metrics", "client-2": "masked-bad-metric"},
     6: {"client-1": "bad-reveal"},
+    7: {"client-1": "unopenable-share"},  # blamed by client-0, then never sampled again
+    8: {"client-2": "rogue-ring"},
 }
 
 REASON = {  # kind -> what its reason must say
@@ -199,11 +219,17 @@ REASON = {  # kind -> what its reason must say
     "masked-no-metrics": r"masked input: .*'metrics'",
     "masked-bad-metric": r"masked input: .*epsilon",
     "bad-reveal": r"unmask shares: .*columns differ",
+    "unopenable-share": r"its shares to client-0 do not open \(signed complaint\)",
+    "rogue-ring": r"impossible for honest ones",
 }
 
 # A client whose step-4 reveal is malformed has its masked input in the sum already: it is
 # counted among the clients summed as well as rejected.
 SUMMED_ANYWAY = {"bad-reveal"}
+# Named in `clients_blamed` (its neighbour's signed complaint) rather than `clients_rejected`.
+BLAMED = {"unopenable-share"}
+# Values out of bounds inside the masks: no one can be named, the sum is refused and counted.
+REFUSED_SUM = {"rogue-ring"}
 
 
 def run(plan: dict[int, dict[str, str]], out: Path, model: Path, data: Path,
@@ -235,14 +261,23 @@ def test_malformed_replies_are_rejected_and_the_rounds_go_on(secure, plan, tiny_
     rows = read_rounds(out)
     assert [row["round"] for row in rows] == list(plan), done.stderr[-3000:]
     assert checkpoint_rounds(out) == list(plan)
+    retired = 0
     for row in rows:
         bad = plan[row["round"]]
-        rejected = row.get("clients_rejected", {})
-        assert sorted(rejected) == sorted(bad), (row["round"], rejected)
+        rejected, blamed = row.get("clients_rejected", {}), row.get("clients_blamed", {})
+        named = {n for n, kind in bad.items() if kind not in REFUSED_SUM}
+        assert sorted(rejected) == sorted(n for n in named if bad[n] not in BLAMED), row
+        assert sorted(blamed) == sorted(n for n in named if bad[n] in BLAMED), row
         for name, kind in bad.items():
-            assert re.search(REASON[kind], rejected[name]), (kind, rejected[name])
+            reason = row["round_abandoned"] if kind in REFUSED_SUM else \
+                (blamed if kind in BLAMED else rejected)[name]
+            assert re.search(REASON[kind], reason), (kind, reason)
+        if REFUSED_SUM & set(bad.values()):
+            assert row["sums_refused"] == 1 and row["clients"] == 0, row
+            continue
         summed = [name for name, kind in bad.items() if kind in SUMMED_ANYWAY]
-        assert row["clients"] == CLIENTS - len(bad) + len(summed), row
+        assert row["clients"] == CLIENTS - retired - len(bad) + len(summed), row
+        retired += len(blamed)
         assert row["clients_failed"] == 0, row
         assert "epsilon" not in row  # no DP: an epsilon could only come from a rejected reply
     for value in latest_checkpoint(out).arrays.values():

@@ -107,11 +107,11 @@ def test_under_secagg_the_server_receives_no_per_client_count_or_loss(tiny_model
 TOTALS = """
 import json, sys
 from common.config import RunConfig
-from common.secagg import protocol
+from common.secagg import summation
 from simulations.engine import simulate
 
 totals = []
-original = protocol.Summation.average
+original = summation.Summation.average
 
 def recording(self, total, like, summed):  # the server's decoded sum: the most it holds
     totals.append({"changes": total[:-3].tolist(), "summed": summed,
@@ -119,7 +119,7 @@ def recording(self, total, like, summed):  # the server's decoded sum: the most 
                    "survivors": self.survivors})
     return original(self, total, like, summed)
 
-protocol.Summation.average = recording
+summation.Summation.average = recording
 simulate(RunConfig.from_mapping(json.loads(sys.argv[1])), num_workers=1)
 print("TOTALS=" + json.dumps(totals))
 """
@@ -143,13 +143,14 @@ def test_client_level_dp_under_secagg_the_server_never_holds_an_unnoised_sum(
     for total in totals:
         summed, changes = total["summed"], np.asarray(total["changes"])
         assert summed == clients and total["weight"] == pytest.approx(clients, abs=1e-3)
-        survivors = total["survivors"]  # 4 of 5: the noise is sized to tolerate one dropout
-        assert survivors == 4 and total["noise_std"] == pytest.approx(z * clip / 2)
+        # 4 of 5 survivors (one dropout tolerated), one of them perhaps a colluder: the noise
+        # is sized for 3 honest shares
+        assert total["survivors"] == 4 and total["noise_std"] == pytest.approx(z * clip / 3**.5)
         # each client's clipped change has norm <= clip, so an un-noised sum has an RMS of at
-        # most clients x clip / sqrt(d); the noise of 5 shares sized for 4 has RMS z clip
-        # sqrt(5/4), far above it
+        # most clients x clip / sqrt(d); the noise of 5 shares sized for 3 has RMS z clip
+        # sqrt(5/3), far above it
         unnoised_rms_at_most = clients * clip / np.sqrt(changes.size)
-        expected = z * clip * np.sqrt(clients / survivors)
+        expected = z * clip * np.sqrt(clients / 3)
         rms = float(np.sqrt(np.mean(changes**2)))
         assert rms > 10 * unnoised_rms_at_most
         assert rms == pytest.approx(expected, rel=0.1)

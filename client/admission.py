@@ -1,0 +1,210 @@
+"""Whether this node answers a request: decided from the request and the node's own settings
+(its policy, its ledger's history of public events) only, never from its rows.
+
+A refusal names each broken rule with the server's values. Because nothing here reads a row or
+the row count, no sequence of requests (however many are refused, however many admitted) tells
+the server anything about the data; once admitted, a round answers with a release of the same
+shape whatever the data (`client/local_round.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from client.dp_sgd import DPRoundPlan, plan_round
+from client.ledger import Ledger
+from client.node import Node
+from client.policy import (
+    BUDGET,
+    LABELS_JSON,
+    MAX_ADAPTER_VALUE,
+    MAX_LENGTH,
+    MAX_LORA_RANK,
+    MAX_PHYSICAL_BATCH,
+    MAX_STEPS,
+    MIN_NOISE,
+    MODELS,
+    PLANNING_ROWS,
+    REQUIRE_DP,
+    REQUIRE_SECAGG,
+    ROUND_CAP,
+    RUN_CAP,
+    TASK,
+    NodePolicy,
+)
+from client.request import Request
+from common.adapter import fit_problem
+from common.client_dp import client_level_plan
+from common.config import CLASSIFICATION, RunConfig
+from common.privacy import PrivacyError, default_delta, epsilon_spent
+from common.task import Task
+
+ADAPTER = "adapter"  # the received adapter does not fit this node's model or limits
+
+
+@dataclass(frozen=True)
+class Admission:
+    """An admitted round: its DP-SGD plan and ledger (None without sample-level DP)."""
+
+    plan: DPRoundPlan | None = None
+    ledger: Ledger | None = None
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The rules a request breaks; `spent` set when the budget, not a rule, refuses it."""
+
+    rules: list[str]
+    spent: float | None = None
+
+
+def admit(request: Request, *, secure: bool, answered: bool = False,
+          trains: bool = True) -> Admission | Refused:
+    """Check everything a train request asks before any row is read. `answered`: the node
+    already released this very request (a restarted server asking again), so it costs
+    nothing more and only its rules are checked, not the budget. `trains`: the message
+    carries the adapter to train (secure aggregation's step 1 carries none yet)."""
+    config, policy, node = request.config, request.node.policy, request.node
+    broken = request_violations(policy, config, node, secure=secure)
+    if any(rule.startswith((MODELS, TASK, LABELS_JSON)) for rule in broken):
+        return Refused(broken)  # the model is not one this node loads: nothing more to check
+    broken += model_violations(policy, config, request.task)
+    if trains:
+        broken += adapter_violations(policy, request.task, request.adapter)
+    if not config.privacy.sample_level:
+        return Refused(broken) if broken else Admission()
+    return _dp_admission(request, answered, broken)
+
+
+def request_violations(policy: NodePolicy, config: RunConfig, node: Node, *,
+                       secure: bool) -> list[str]:
+    """Rules the server's request breaks, read from the request alone.
+
+    `secure` is whether this message is a step of secure aggregation, whatever the run
+    configuration claims."""
+    broken = []
+    model, train = config.model, config.training
+    if node.task is not None and model.task != node.task:
+        broken.append(f"{TASK}: this node's data is for {node.task}, the server asked "
+                      f"{model.task}")
+    if model.task == CLASSIFICATION and not node.declares_labels:
+        broken.append(f"{LABELS_JSON}: this node trains a classifier only over the label set its "
+                      "labels.json declares")
+    if model.name not in policy.models:
+        broken.append(f"{MODELS}: this node loads only {', '.join(policy.models)}, the server "
+                      f"asked {model.name!r}")
+    privacy = config.privacy
+    if policy.require_dp and not privacy.sample_level:
+        asked = "privacy.dp = false" if not privacy.dp else f"privacy.level = {privacy.level!r}"
+        broken.append(f"{REQUIRE_DP}: this node trains only with sample-level DP-SGD, the "
+                      f"server asked {asked}")
+    if privacy.client_level and (z := client_level_plan(config)[0].noise_multiplier) < \
+            policy.min_noise_multiplier:
+        broken.append(f"{MIN_NOISE}: the client-level noise multiplier {z:.3g} is below this "
+                      f"node's floor, {policy.min_noise_multiplier:g}")
+    if policy.require_secagg and not secure:
+        broken.append(f"{REQUIRE_SECAGG}: this node sends updates only through secure "
+                      "aggregation, the server asked for a plain update")
+    limits = ((MAX_LENGTH, "model.max_length", model.max_length, policy.max_length),
+              (MAX_PHYSICAL_BATCH, "train.physical_batch", train.physical_batch,
+               policy.max_physical_batch),
+              (MAX_STEPS, "train.local_steps", train.local_steps, policy.max_steps),
+              (MAX_LORA_RANK, "lora.r", config.lora.r, policy.max_lora_rank))
+    broken += [f"{rule}: the server asked {name} = {asked}, above this node's {limit}"
+               for rule, name, asked, limit in limits if asked > limit]
+    return broken
+
+
+def model_violations(policy: NodePolicy, config: RunConfig, task: Task) -> list[str]:
+    """What the request asks beyond the loaded model (its positions)."""
+    base = task.model.get_base_model().config
+    positions = getattr(base, "max_position_embeddings", None) or getattr(base, "n_positions",
+                                                                        None)
+    if isinstance(positions, int) and config.model.max_length > positions:
+        return [f"{MAX_LENGTH}: the server asked model.max_length = {config.model.max_length}, "
+                f"above the model's {positions} positions"]
+    return []
+
+
+def adapter_violations(policy: NodePolicy, task: Task,
+                       adapter: dict[str, np.ndarray]) -> list[str]:
+    """What keeps the received adapter from this node's model and limits: names, shapes, float
+    values that are finite and within `max-adapter-value`."""
+    expected = {name: tuple(p.shape) for name, p in task.model.named_parameters()
+                if p.requires_grad}
+    if problem := fit_problem(expected, adapter):
+        return [f"{ADAPTER}: {problem}"]
+    for name, value in adapter.items():
+        if value.dtype.kind != "f":
+            return [f"{ADAPTER}: tensor {name} is {value.dtype}, not floating point"]
+        if not np.isfinite(value).all():
+            return [f"{ADAPTER}: tensor {name} holds NaN or infinite values"]
+        largest = float(np.abs(value).max(initial=0.0))
+        if largest > policy.max_adapter_value:
+            return [f"{MAX_ADAPTER_VALUE}: tensor {name} holds {largest:.3g}, above this node's "
+                    f"{policy.max_adapter_value:g}"]
+    return []
+
+
+def planning(request: Request) -> tuple[int | None, float]:
+    """(planning rows, delta) of this node's DP-SGD: a deployed node's from its policy (or the
+    server's planning rows), never from its data; a simulated node plans with its own row
+    count (the researcher is both sides) unless the run sets one."""
+    config, node = request.config, request.node
+    if node.simulated:
+        rows = len(request.rows[0])
+        return config.privacy.planning_rows or rows, \
+            config.privacy.delta or default_delta(request.records())
+    return node.policy.planning_rows or config.privacy.planning_rows or None, node.policy.delta
+
+
+def _dp_admission(request: Request, answered: bool, broken: list[str]) -> Admission | Refused:
+    """Add the DP-SGD plan's broken rules to `broken` (every rule is named at once), then the
+    budget."""
+    config, policy = request.config, request.node.policy
+    planning_rows, delta = planning(request)
+    if planning_rows is None:
+        return Refused([*broken, f"{PLANNING_ROWS}: this node plans DP-SGD only for a public "
+                        "row count: the server sent no privacy.planning_rows and the node's "
+                        "policy sets none"])
+    try:
+        ledger = request.ledger(delta)
+        plan = plan_round(config, planning_rows, delta, ledger.accountant)
+    except PrivacyError as error:
+        return Refused([*broken, f"privacy.epsilon: {error}"])
+    if answered:
+        return Refused(broken) if broken else Admission(None, ledger)
+    broken = broken + plan_violations(policy, plan, ledger, config, request.server_round,
+                                      request.run)
+    if broken:
+        return Refused(broken)
+    if ledger.epsilon_after(plan.event) > policy.budget():
+        return Refused([f"{BUDGET}: exhausted"], spent=ledger.spent())
+    return Admission(plan, ledger)
+
+
+def plan_violations(policy: NodePolicy, plan: DPRoundPlan, ledger: Ledger, config: RunConfig,
+                    server_round: int, run: str) -> list[str]:
+    """Rules this round's DP-SGD plan breaks: the noise floor, the steps, and the caps on one
+    round and on one run (all computed from public values)."""
+    event, broken = plan.event, []
+    if event.noise_multiplier < policy.min_noise_multiplier:
+        broken.append(f"{MIN_NOISE}: this round's noise multiplier {event.noise_multiplier:.3g} "
+                      f"is below this node's floor, {policy.min_noise_multiplier:g}")
+    if event.steps > policy.max_steps:
+        broken.append(f"{MAX_STEPS}: the round asks {event.steps} steps, above this node's "
+                      f"{policy.max_steps}")
+    one_round = epsilon_spent([event], plan.delta, ledger.accountant)
+    if one_round > policy.round_cap():
+        broken.append(f"{ROUND_CAP}: one round of this plan costs epsilon {one_round:.3g}, above "
+                      f"this node's {policy.round_cap():g}")
+    remaining = max(1, config.federation.rounds - server_round + 1)
+    earlier = [e.event for e in ledger.entries if e.run == run]
+    planned = epsilon_spent(earlier + [event] * remaining, plan.delta, ledger.accountant)
+    if planned > policy.run_cap() and not math.isclose(planned, policy.run_cap()):
+        broken.append(f"{RUN_CAP}: this run plans epsilon {planned:.3g} over its rounds, above "
+                      f"this node's {policy.run_cap():g}")
+    return broken

@@ -1,0 +1,84 @@
+"""A deployed node's per-round state, on its own disk beside its ledgers.
+
+Two things must not depend on the server, nor on Flower saving a node's context:
+- secure aggregation's secrets and step, so one round masks at most one update with its pads (a
+  context that Flower fails to save after the reply left would otherwise roll back and let a
+  repeated step 3 mask a second update with the same pads: the server would learn their
+  difference);
+- what the node released in a round, so a server that restarts and asks the same round again
+  (same run, round, adapter and configuration) gets the same release, and the node's ledger does
+  not pay for that round twice.
+Files are written atomically; names are digests, never the server's strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.atomic_file import write_atomic
+
+
+@dataclass(frozen=True)
+class Release:
+    """What one admitted round produced before the reply is built: the adapter state (plain) or
+    the change to sum (secure aggregation), the rows it trained on and its loss."""
+
+    arrays: dict[str, np.ndarray]
+    examples: int
+    loss: float
+
+
+def release_key(run: str, server_round: int, adapter: dict[str, np.ndarray], config_json: str,
+                kind: str) -> str:
+    """The identity of a round's request: the same key means the same question asked again."""
+    digest = hashlib.sha256()
+    for part in (run, str(server_round), config_json, kind):
+        digest.update(len(part.encode()).to_bytes(8, "big") + part.encode())
+    for name in sorted(adapter):
+        value = np.ascontiguousarray(adapter[name])
+        digest.update(name.encode() + str(value.dtype).encode() + str(value.shape).encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+class NodeState:
+    """Per-round files of one deployed node under `directory`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def secagg(self, session: bytes) -> bytes | None:
+        """This node's secure-aggregation state for `session`, if it has one."""
+        path = self._path("secagg", session.hex())
+        return path.read_bytes() if path.exists() else None
+
+    def keep_secagg(self, session: bytes, state: bytes) -> None:
+        write_atomic(self._path("secagg", session.hex()), state)
+
+    def release(self, key: str) -> Release | None:
+        """The release recorded under `key`, if the node made one."""
+        path = self._path("release", key)
+        if not path.exists():
+            return None
+        with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as stored:
+            meta = json.loads(str(stored["__meta__"]))
+            arrays = {name: stored[name] for name in meta["names"]}
+        return Release(arrays, int(meta["examples"]), float(meta["loss"]))
+
+    def keep_release(self, key: str, release: Release) -> None:
+        buffer = io.BytesIO()
+        meta = {"names": sorted(release.arrays), "examples": release.examples,
+                "loss": release.loss}
+        np.savez(buffer, __meta__=np.array(json.dumps(meta)),
+                 **{name: np.asarray(v) for name, v in release.arrays.items()})
+        write_atomic(self._path("release", key), buffer.getvalue())
+
+    def _path(self, kind: str, name: str) -> Path:
+        digest = hashlib.sha256(f"{kind}:{name}".encode()).hexdigest()[:40]
+        return self.directory / f"{kind}-{digest}"

@@ -1,0 +1,44 @@
+"""An evaluation answer is a query the server chooses: shared only where the node's policy says,
+then noised and spent from the same ledger as its training rounds."""
+
+from __future__ import annotations
+
+import json
+
+from client import app as client_app
+from common import record_keys as keys
+from tests.client.conftest import ledger_rounds, node_context, refusal_reason, request, run_config
+
+
+def test_evaluation_is_shared_only_where_the_policy_says_so_and_then_spent_from_the_ledger(
+        tiny_model_dir, toy_data_dir, tmp_path):
+    config = run_config(tiny_model_dir, toy_data_dir)
+    ledger = tmp_path / "ledger"
+    closed = node_context(tiny_model_dir, toy_data_dir, ledger, **{"budget-epsilon": 8.0})
+    assert "share-evaluation" in refusal_reason(
+        client_app.evaluate_global(request(config, "evaluate"), closed))
+    assert ledger_rounds(ledger) == []
+    shared = node_context(tiny_model_dir, toy_data_dir, ledger, **{
+        "budget-epsilon": 8.0, "share-evaluation": True, "evaluation-noise": 5.0})
+    answers = [client_app.evaluate_global(request(config, "evaluate"), shared)
+               .content[keys.METRICS] for _ in range(2)]
+    for metrics in answers:
+        assert set(metrics) == {keys.NUM_EXAMPLES, keys.ACCURACY}  # no un-noised loss
+        assert 0.0 <= float(metrics[keys.ACCURACY]) <= 1.0
+    entries = ledger_rounds(ledger)
+    assert [e["kind"] for e in entries] == ["evaluation", "evaluation"]
+    assert entries[1]["epsilon"] > entries[0]["epsilon"] > 0
+    # the noise is the node's own: two answers to one question differ
+    assert answers[0][keys.ACCURACY] != answers[1][keys.ACCURACY] or \
+        answers[0][keys.NUM_EXAMPLES] != answers[1][keys.NUM_EXAMPLES]
+
+
+def test_an_evaluation_past_the_budget_is_refused_with_what_was_spent(
+        tiny_model_dir, toy_data_dir, tmp_path):
+    config = run_config(tiny_model_dir, toy_data_dir)
+    context = node_context(tiny_model_dir, toy_data_dir, tmp_path / "ledger", **{
+        "budget-epsilon": 0.5, "share-evaluation": True, "evaluation-noise": 2.0,
+        "max-epsilon-per-round": 100.0})
+    reply = client_app.evaluate_global(request(config, "evaluate"), context)
+    assert reply.content[keys.CONFIG][keys.STATUS] == keys.BUDGET_EXHAUSTED
+    assert json.dumps(dict(reply.content[keys.METRICS]))  # the ledger's total, nothing else

@@ -1,0 +1,64 @@
+"""fedtune_cli.py: bad input is one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from common import certs
+from fedtune_cli import main
+
+
+def server_flags(tmp_path, node_key, config) -> list[str]:
+    certs.init(tmp_path / "certs", ["localhost"])
+    return ["server", "--certs", str(tmp_path / "certs"), "--state", str(tmp_path / "state"),
+            "--config", str(config), "--node", str(node_key), "--host", "127.0.0.1"]
+
+
+def ssh_key(tmp_path, kind: str):
+    """A `.pub` in OpenSSH's one-line form, of a type Flower's node authentication cannot use."""
+    path = tmp_path / f"{kind}.pub"
+    if kind == "unknown":  # a type no library knows
+        path.write_text("ssh-foo AAAAB3NzaC1yc2EAAAADAQABAAABAQC7 someone@somewhere\n")
+        return path
+    key = (ed25519.Ed25519PrivateKey.generate() if kind == "ed25519"
+           else rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    path.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                   serialization.PublicFormat.OpenSSH))
+    return path
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("unknown", "is unreadable: Unsupported key type"),
+    ("ed25519", "is not an elliptic-curve key"),
+    ("rsa", "is not an elliptic-curve key"),
+])
+def test_a_node_key_fedtune_cannot_use_is_one_line_and_exit_2(tmp_path, capsys, kind, message):
+    config = tmp_path / "run.toml"
+    config.write_text("[federation]\nrounds = 1\n")
+
+    code = main(server_flags(tmp_path, ssh_key(tmp_path, kind), config))
+
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and f"{kind}.pub" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "state" / "superlink.log").exists()  # refused before Flower started
+
+
+@pytest.mark.parametrize("command", ["server", "simulate"])
+def test_a_negative_seed_is_one_line_and_exit_2(tmp_path, capsys, command):
+    config = tmp_path / "run.toml"
+    config.write_text("seed = -1\n[federation]\nrounds = 1\n")
+    if command == "server":
+        node = certs.node_key(tmp_path / "keys", "hospital-a")[1]
+        flags = server_flags(tmp_path, node, config)
+    else:
+        flags = ["simulate", "--config", str(config), "--out", str(tmp_path / "run")]
+
+    code = main(flags)
+
+    err = capsys.readouterr().err
+    assert code == 2 and "`seed` must be in [0, 2**63), got -1" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "state" / "superlink.log").exists()
