@@ -359,7 +359,9 @@ def node_env(policy: NodePolicy) -> dict[str, str]:
 def _describe(policy: NodePolicy) -> str:
     """The policy as the node runs it, defaults spelled out (not their 0 or empty markers)."""
     shown = {**policy.to_node_config(),
-             "max-delta": policy.max_delta or "1/(10 n) for this node's n rows",
+             "planning-rows": policy.planning_rows or "the server's privacy.planning_rows",
+             "max-epsilon-per-round": policy.max_epsilon_per_round or "half the budget",
+             "max-epsilon-per-run": policy.max_epsilon_per_run or "half the budget",
              "accountant": policy.accountant or "the ledger's own (prv for a new one)",
              "peers": policy.peers or "none"}
     return ", ".join(f"{key}={value}" for key, value in shown.items())

@@ -19,8 +19,8 @@ INFO:     Shutting down
 
 def test_the_printed_policy_spells_out_its_defaults():
     shown = _describe(NodePolicy(budget_epsilon=8))
-    assert "max-delta=1/(10 n) for this node's n rows" in shown
-    assert "max-delta=0.0" not in shown and "accountant=," not in shown
+    assert "max-epsilon-per-run=half the budget" in shown and "delta=1e-05" in shown
+    assert "planning-rows=0," not in shown and "accountant=," not in shown
     assert "budget-epsilon=8" in shown and "peers=none" in shown
 
 

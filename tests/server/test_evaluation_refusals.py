@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from client.policy import refusal
+from client.replies import refusal
 from common import record_keys as keys
 from server.evaluation import evaluation_refusals, summarise_client_evaluation
 from server.roster import Roster
