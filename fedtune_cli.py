@@ -298,10 +298,11 @@ def run(args: argparse.Namespace) -> None:
         rows = simulate(config, resume=bool(args.resume), num_workers=args.workers,
                         verbose=args.verbose)
     if rows:
-        last = rows[-1]
-        perplexity = f"  perplexity: {last['perplexity']:.3f}" if "perplexity" in last else ""
-        print(f"run directory: {config.output.dir}  final accuracy: {last['accuracy']:.4f}"
-              f"{perplexity}")
+        from server.run_summary import shortfall, summary_line
+
+        print(summary_line(config.output.dir, rows))
+        if (problem := shortfall(rows, config.federation.rounds)) is not None:
+            print(f"fedtune: warning: {problem}", file=sys.stderr)
     if config.audit.enabled:
         from simulations.audit import audit_run
         from simulations.report import audit_line

@@ -1,8 +1,9 @@
 """`fedtune client`: a real Flower SuperNode that trains on this machine's data directory.
 
-Everything is checked before Flower starts (certificate, key, data, ledger directory) so that a
-mistake is one clear line. A SuperNode the SuperLink turns away at start-up gives up; `join`
-starts it again with a back-off, so nodes may start before the server has registered them.
+Everything is checked before Flower starts (certificate, key, data, ledger directory, the local
+port) so that a mistake is one clear line. The command owns its SuperNode: one that exits (the
+server restarted, or turned it away) is started again with a back-off, so nodes may start
+before the server has registered them; a stop request stops it and everything it started.
 """
 
 from __future__ import annotations
@@ -14,20 +15,30 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.ledger_watch import LedgerWatch
 from client.node import keyed_held_out
 from client.policy import NodePolicy, PolicyError
 from common import certs
 from common.app_bundle import app_digest, check_digest
 from common.config import CAUSAL_LM, CLASSIFICATION, DataConfig
-from common.console import keep_line
+from common.console import filtered
 from common.consortium import pinned_digest
 from common.data import LABELS_FILE, DataError, load_data, training_records, training_rows
+from common.ports import PortBusy, check_free
+from common.process_tree import (
+    StopRequested,
+    become_subreaper,
+    ignore_signals,
+    stop_on_signals,
+    stop_tree,
+)
 from common.secagg.signing import Signer, SigningError, read_peers
-from common.tool_path import stop_child, tool_env
+from common.tool_path import tool_env
 
 
 @dataclass(frozen=True)
@@ -157,9 +168,6 @@ def pinned_command(settings: ClientSettings, supernode: list[str]) -> list[str]:
     return [sys.executable, "-P", "-m", "client.app_pin", *approve, "--", *supernode[1:]]
 
 
-REFUSED = "Failed to activate SuperNode"  # Flower's message when the SuperLink turns it away
-
-
 def probe_server(settings: ClientSettings) -> None:
     """Wait for the server to answer, then check its certificate against our root certificate."""
     host, _, port = settings.server.rpartition(":")
@@ -182,30 +190,161 @@ def probe_server(settings: ClientSettings) -> None:
 
 
 def join(settings: ClientSettings) -> int:
-    """Run the SuperNode; while the SuperLink refuses it (not registered yet, or restarting),
-    start it again with a back-off. Flower's own SuperNode retries a lost connection but gives
-    up, without exiting, when activation is refused."""
+    """Run the SuperNode and keep it running: started again with a back-off whenever it exits
+    (the server restarted, or turned it away); stopped with this command (SIGTERM, Ctrl-C).
+
+    Flower's SuperNode retries a lost connection by itself, but exits when the server no longer
+    knows it (401 after the server started a new state directory or revoked its key) and when
+    its activation is refused (its key is not registered): then it is started again, and after
+    `wait_server` seconds of refusals this command gives up (exit 1) saying what to do."""
     command = pinned_command(settings, supernode_command(settings))
+    check_free("127.0.0.1", settings.port, "--port")
     print(f"fedtune: node policy: {_describe(settings.policy)}", flush=True)
     if not settings.policy.planning_rows:
         print("fedtune: no --planning-rows: DP-SGD rounds plan with the server's "
               "privacy.planning_rows, and are refused without one (the planning row count is "
               "public; this node's own row count is never used or sent)", flush=True)
     probe_server(settings)
-    delay = 2.0
+    become_subreaper()
+    watch = LedgerWatch(settings.ledger, settings.policy.budget_epsilon)
+    with stop_on_signals():
+        try:
+            return _supervise(command, settings, watch)
+        except StopRequested as requested:
+            stop = requested
+        finally:
+            ignore_signals()
+            stop_tree([], orphans=True)
+    print(f"fedtune: stopped ({stop}); the SuperNode is stopped", file=sys.stderr, flush=True)
+    return 130 if stop.signum == signal.SIGINT else 0
+
+
+def _supervise(command: list[str], settings: ClientSettings, watch: LedgerWatch) -> int:
+    delay, refused_since, refusals = RESTART_DELAY, 0.0, 0
     while True:
-        # same process group as this wrapper: stopping the wrapper's group stops the node
-        node = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=node_env(settings.policy))
-        signal.signal(signal.SIGTERM, lambda *_, node=node: stop_child(node))
-        refused = _relay_until_refused(node, settings.verbose)
-        if not refused:
-            return node.wait()
-        stop_child(node)
-        print(f"fedtune: {settings.server} refused this node (not registered yet?); retrying "
-              f"in {delay:.0f}s", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        ended = _run_supernode(command, settings.verbose, watch,
+                               node_env(settings.policy))
+        if ended.port_busy:
+            raise PortBusy(f"port {settings.port} on 127.0.0.1 is already in use (another node "
+                           "on this machine?); choose another --port")
+        if ended.refused:  # given up after `wait_server` seconds and a second refusal at least
+            refused_since, refusals = refused_since or started, refusals + 1
+            if refusals > 1 and time.monotonic() - refused_since >= settings.wait_server:
+                print(f"fedtune: error: {unknown_node(settings)}", file=sys.stderr, flush=True)
+                return 1
+            why = "refused this node's key (not registered yet?)"
+        else:
+            refused_since, refusals = 0.0, 0
+            if time.monotonic() - started > MAX_RESTART_DELAY:  # it ran: a fresh back-off
+                delay = RESTART_DELAY
+            why = ("no longer knows this node (401: a new server state directory, or its key "
+                   "was revoked)" if ended.unauthorized
+                   else f"ended the SuperNode (exit code {ended.code})")
+        print(f"fedtune: {settings.server} {why}; starting the SuperNode again in "
+              f"{delay:.0f}s", file=sys.stderr, flush=True)
         time.sleep(delay)
-        delay = min(delay * 2, 60.0)
+        delay = min(delay * 2, MAX_RESTART_DELAY)
+
+
+def unknown_node(settings: ClientSettings) -> str:
+    """What to do when the server keeps refusing this node's key."""
+    return (f"the server does not know this node: {settings.server} refused its key "
+            f"{settings.node_key} for {settings.wait_server:.0f}s. Send "
+            f"{settings.node_key.with_suffix('.pub').name} to the operator, who names it with "
+            "`fedtune server --node` and restarts the server, then start this node again (a "
+            "revoked key is never accepted again: make a new one with `fedtune certs node`)")
+
+
+RESTART_DELAY, MAX_RESTART_DELAY = 2.0, 60.0  # seconds between SuperNode starts: doubling
+# Flower's SuperNode output that tells how it ended
+REFUSED = "Failed to activate SuperNode"  # the SuperLink turned its key away
+UNAUTHORIZED = "401 Unauthorized"  # the SuperLink no longer knows its node id
+PORT_BUSY = "error while attempting to bind on address"  # its local API's --port
+RETRYING = "Connection attempt failed"  # the server is unreachable; it retries
+CHAINED = ("During handling of the above exception", "The above exception was the direct")
+
+
+@dataclass
+class SupernodeEnd:
+    """How one SuperNode process ended, read from its output."""
+
+    code: int = 0
+    refused: bool = False
+    unauthorized: bool = False
+    port_busy: bool = False
+
+
+def _run_supernode(command: list[str], verbose: bool, watch: LedgerWatch,
+                   env: dict[str, str]) -> SupernodeEnd:
+    """Run the SuperNode until it exits, relaying its output; then stop what it left running
+    (its SuperExec and ClientApps hold its output pipe open). It stays in this command's
+    process group, so a signal to the group (a service manager's, a crashed supervisor's)
+    reaches it too."""
+    node = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    ended = SupernodeEnd()
+    relay = threading.Thread(target=_relay, args=(node, verbose, ended, watch), daemon=True)
+    relay.start()
+    try:
+        ended.code = node.wait()
+    finally:
+        stop_tree([node], orphans=True)
+        relay.join(timeout=10)
+    return ended
+
+
+def _relay(node: subprocess.Popen, verbose: bool, ended: SupernodeEnd,
+           watch: LedgerWatch) -> None:
+    """Copy the SuperNode's output to ours (its DEBUG lines and library warnings only when
+    `verbose`; colour codes only to a terminal), noting how it ends, and after each of its
+    lines the rounds its ledger recorded."""
+    assert node.stdout is not None
+    plain, brief = not sys.stdout.isatty(), _Brief(verbose)
+    for raw in node.stdout:
+        text = raw.decode(errors="replace")
+        ended.refused |= REFUSED in text
+        ended.unauthorized |= UNAUTHORIZED in text
+        ended.port_busy |= PORT_BUSY in text
+        for line in filtered([raw], verbose, plain=plain):
+            if (shown := brief.line(line.decode(errors="replace"))) is not None:
+                _write(shown.encode())
+        for line in watch.new_rounds():
+            _write(line.encode())
+
+
+class _Brief:
+    """Unless --verbose: a traceback of the SuperNode (Flower ends it with one when the server
+    turns it away) shortened to its last line, and a streak of "Connection attempt failed"
+    retries (every few seconds while the server is down) shown once."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose, self.in_traceback, self.retrying = verbose, False, False
+
+    def line(self, text: str) -> str | None:
+        if self.verbose:
+            return text
+        if text.startswith("Traceback (most recent call last)"):
+            self.in_traceback = True
+            return None
+        if self.in_traceback:
+            if text[:1].isspace() or not text.strip() or text.startswith(CHAINED):
+                return None
+            self.in_traceback = False
+            return f"SuperNode error: {text}"
+        retry = RETRYING in text
+        if retry and self.retrying:
+            return None
+        self.retrying = retry
+        return f"{text.rstrip()} (and again until it connects)\n" if retry else text
+
+
+_output = threading.Lock()
+
+
+def _write(line: bytes) -> None:
+    with _output:
+        sys.stdout.buffer.write(line if line.endswith(b"\n") else line + b"\n")
+        sys.stdout.flush()
 
 
 def node_env(policy: NodePolicy) -> dict[str, str]:
@@ -218,17 +357,11 @@ def node_env(policy: NodePolicy) -> dict[str, str]:
 
 
 def _describe(policy: NodePolicy) -> str:
-    return ", ".join(f"{key}={value}" for key, value in policy.to_node_config().items())
-
-
-def _relay_until_refused(node: subprocess.Popen, verbose: bool = False) -> bool:
-    """Copy the SuperNode's output to ours (its DEBUG lines and library warnings only when
-    `verbose`); True as soon as it reports a refused activation."""
-    assert node.stdout is not None
-    for raw in node.stdout:
-        if keep_line(raw.decode(errors="replace"), verbose):
-            sys.stdout.buffer.write(raw)
-            sys.stdout.flush()
-        if REFUSED.encode() in raw:
-            return True
-    return False
+    """The policy as the node runs it, defaults spelled out (not their 0 or empty markers)."""
+    shown = {**policy.to_node_config(),
+             "planning-rows": policy.planning_rows or "the server's privacy.planning_rows",
+             "max-epsilon-per-round": policy.max_epsilon_per_round or "half the budget",
+             "max-epsilon-per-run": policy.max_epsilon_per_run or "half the budget",
+             "accountant": policy.accountant or "the ledger's own (prv for a new one)",
+             "peers": policy.peers or "none"}
+    return ", ".join(f"{key}={value}" for key, value in shown.items())

@@ -9,6 +9,7 @@ researcher is both sides.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -18,15 +19,18 @@ from client.admission import (
     Refused,
     adapter_violations,
     model_violations,
+    planning,
     request_violations,
 )
-from client.policy import BUDGET, ROUND_CAP, SHARE_EVALUATION, NodePolicy
+from client.dp_sgd import plan_round
+from client.ledger import Ledger
+from client.policy import BUDGET, ROUND_CAP, RUN_CAP, SHARE_EVALUATION, NodePolicy
 from client.replies import evaluation_metrics
 from client.request import Request
 from common import record_keys as keys
 from common.adapter import load_trainable_state
 from common.config import CAUSAL_LM
-from common.privacy import GaussianEvent, epsilon_spent
+from common.privacy import GaussianEvent, PrivacyError, epsilon_spent
 
 
 def evaluation_event(policy: NodePolicy) -> GaussianEvent | None:
@@ -63,7 +67,29 @@ def admit_evaluation(request: Request) -> Refused | None:
                         f"this node's {policy.round_cap():g}"])
     if ledger.epsilon_after(event) > policy.budget():
         return Refused([f"{BUDGET}: exhausted"], spent=ledger.spent())
+    with_training = _run_with_answer(request, ledger, event)
+    if with_training > policy.run_cap() and not math.isclose(with_training, policy.run_cap()):
+        return Refused([f"{RUN_CAP}: this answer and the run's planned training would cost "
+                        f"epsilon {with_training:.3g}, above this node's {policy.run_cap():g} "
+                        "(training goes on; a run cap above the run's epsilon leaves room for "
+                        "evaluation answers)"])
     return None
+
+
+def _run_with_answer(request: Request, ledger: Ledger, event: GaussianEvent) -> float:
+    """What this run would cost with this answer: what it spent so far, the answer, and every
+    training round still planned after this one. Training comes first: the run cap is shared,
+    and an answer that would crowd out a planned round is refused instead."""
+    config, delta = request.config, request.node.policy.delta
+    history = [e.event for e in ledger.entries if e.run == request.run] + [event]
+    remaining = config.federation.rounds - request.server_round
+    planning_rows = planning(request)[0]
+    # a plan with no noise reaching the run's epsilon is refused when asked: it costs nothing
+    with contextlib.suppress(PrivacyError):
+        if config.privacy.sample_level and remaining > 0 and planning_rows:
+            plan = plan_round(config, planning_rows, delta, ledger.accountant)
+            history += [plan.event] * remaining
+    return epsilon_spent(history, delta, ledger.accountant)
 
 
 def answer(request: Request) -> Message:

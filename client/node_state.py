@@ -5,6 +5,9 @@ Two things must not depend on the server, nor on Flower saving a node's context:
   context that Flower fails to save after the reply left would otherwise roll back and let a
   repeated step 3 mask a second update with the same pads: the server would learn their
   difference);
+- which session masked a round's update, so a server cannot ask the same round again in a new
+  session with one member left out and learn that member's update from the two sums (a node
+  masks one update per run and round, once);
 - what the node released in a round, so a server that restarts and asks the same round again
   (same run, round, adapter and configuration) gets the same release, and the node's ledger does
   not pay for that round twice.
@@ -61,6 +64,14 @@ class NodeState:
     def keep_secagg(self, session: bytes, state: bytes) -> None:
         write_atomic(self._path("secagg", session.hex()), state)
 
+    def masked_in(self, run: str, server_round: int) -> bytes | None:
+        """The session in which this node masked its update for `run`'s `server_round`."""
+        path = self._path("masked", _round_name(run, server_round))
+        return path.read_bytes() if path.exists() else None
+
+    def keep_masked(self, run: str, server_round: int, session: bytes) -> None:
+        write_atomic(self._path("masked", _round_name(run, server_round)), session)
+
     def release(self, key: str) -> Release | None:
         """The release recorded under `key`, if the node made one."""
         path = self._path("release", key)
@@ -82,3 +93,7 @@ class NodeState:
     def _path(self, kind: str, name: str) -> Path:
         digest = hashlib.sha256(f"{kind}:{name}".encode()).hexdigest()[:40]
         return self.directory / f"{kind}-{digest}"
+
+
+def _round_name(run: str, server_round: int) -> str:
+    return hashlib.sha256(f"{len(run)}:{run}:{server_round}".encode()).hexdigest()

@@ -84,6 +84,8 @@ def mask(request: Request) -> Message | Refused:
     this client's share of the noise, so no sum the server sees is un-noised."""
     client = _resume(request)
     client.expect("shares")  # a replayed or repeated step 3 is refused before any training
+    if (other := _masked_elsewhere(request, client.session)) is not None:
+        return other
     kept = recall(request, SECURE)
     # step 3 carries its own request: checked again, never assumed
     verdict = admit(request, secure=True, answered=kept is not None)
@@ -100,6 +102,8 @@ def mask(request: Request) -> Message | Refused:
     masked = client.mask(received, vector, summation.encoding,
                          np.random.default_rng(request.seeds.rounding))
     _keep(request, client)  # on the node's disk before the masked input leaves
+    if (store := request.state()) is not None:
+        store.keep_masked(request.run, request.server_round, client.session)
     epsilon = verdict.ledger.spent() if verdict.ledger is not None else None
     metrics = train_metrics(examples=release.examples, loss=release.loss,
                             dp=request.config.privacy.dp, secure=True, epsilon=epsilon)
@@ -145,6 +149,17 @@ def _noised_change(request: Request, admission: Admission, summation: Summation)
         change = {k: v + rng.normal(0.0, summation.noise_std, size=v.shape)
                   for k, v in change.items()}
     return Release(change, update.examples, 0.0 if request.config.privacy.dp else update.loss)
+
+
+def _masked_elsewhere(request: Request, session: bytes) -> Refused | None:
+    """A refusal where this node already masked this run's round in another session: two sums
+    whose cohorts differ by one member would give the server that member's update."""
+    store = request.state()
+    masked = store.masked_in(request.run, request.server_round) if store is not None else None
+    if masked is None or masked == session:
+        return None
+    return Refused([f"secagg: this node already sent round {request.server_round} of this run "
+                    "masked in another session; it masks one update per round, once"])
 
 
 def _fewest(request: Request, client: SecAggClient) -> int:

@@ -12,15 +12,22 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
 
 FLOWER_LOGGER = "flwr"
 QUIET_WORKERS = "FEDTUNE_QUIET_WORKERS"  # set for its Ray workers by a non-verbose simulation
+# set by a non-verbose command for the app processes Flower starts under it (a deployed
+# ServerApp or ClientApp): they then print Flower's own records from WARNING up only
+QUIET_APPS = "FEDTUNE_QUIET_APPS"
 # A relayed line (a SuperNode's or `flwr run --stream`'s output) dropped unless --verbose.
 _NOISE = re.compile(r"DEBUG|Warning:|warnings\.warn\(|DEPRECATED|deprecated feature|"
                     r"It will be removed|^\s*$|entirely in future versions", re.IGNORECASE)
+# Flower's `log(INFO, "")`, a line with a level and nothing else: never shown
+_EMPTY_RECORD = re.compile(r"^\s*(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*$")
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
 _console = Console(stderr=True)
 _configured = False  # configure() ran in this process: the command's own, not a worker
@@ -45,6 +52,7 @@ def configure(verbose: bool) -> None:
             flower.removeHandler(handler)
     handler = RichHandler(console=_console, show_time=verbose, show_path=False,
                           level=logging.DEBUG if verbose else logging.WARNING)
+    os.environ[QUIET_APPS] = "0" if verbose else "1"  # read by the app processes under it
     if not verbose:
         handler.addFilter(_drop_deprecation_banners)
         warnings.filterwarnings("ignore")
@@ -56,11 +64,29 @@ def configure(verbose: bool) -> None:
 
 
 def quiet_worker() -> None:
-    """In a simulation's Ray worker of a non-verbose command, keep Flower's errors only: its
-    warnings there (an actor "Manually terminating" at shutdown) reach the console through Ray
-    whenever the worker's output is relayed before the run ends."""
-    if os.environ.get(QUIET_WORKERS) == "1" and not _configured:
-        logging.getLogger(FLOWER_LOGGER).setLevel(logging.ERROR)
+    """In an app process a command started (a simulation's Ray worker, a deployed ServerApp or
+    ClientApp; never the command's own process): Flower's records once, not a second time
+    through the root logger that opacus configures when it is imported. Under a non-verbose
+    command, a simulation's workers keep Flower's errors alone (their warnings, an actor
+    "Manually terminating" at shutdown, reach the console through Ray whenever the worker's
+    output is relayed before the run ends) and a deployed app drops Flower's own DEBUG and
+    INFO records (blank lines, each message received and sent) but keeps fedtune's."""
+    if _configured:
+        return
+    flower = logging.getLogger(FLOWER_LOGGER)
+    flower.propagate = False
+    if os.environ.get(QUIET_WORKERS) == "1":
+        flower.setLevel(logging.ERROR)
+    elif os.environ.get(QUIET_APPS) == "1" and _fedtune_or_warning not in flower.filters:
+        flower.addFilter(_fedtune_or_warning)
+
+
+def _fedtune_or_warning(record: logging.LogRecord) -> bool:
+    """A record of fedtune's own code at any level, or of Flower's from WARNING up."""
+    import flwr
+
+    return record.levelno >= logging.WARNING or \
+        not record.pathname.startswith(str(Path(flwr.__file__).parent))
 
 
 def _drop_deprecation_banners(record: logging.LogRecord) -> bool:
@@ -71,11 +97,14 @@ def _drop_deprecation_banners(record: logging.LogRecord) -> bool:
 
 def keep_line(line: str, verbose: bool) -> bool:
     """Whether a relayed line of a Flower tool's output reaches the console."""
-    return verbose or not _NOISE.search(line)
+    line = _COLOUR.sub("", line)
+    return not _EMPTY_RECORD.match(line) and (verbose or not _NOISE.search(line))
 
 
-def filtered(lines: Iterable[bytes], verbose: bool) -> Iterator[bytes]:
-    """The lines of a child process's output a person should see."""
+def filtered(lines: Iterable[bytes], verbose: bool, *, plain: bool = False) -> Iterator[bytes]:
+    """The lines of a child process's output a person should see; `plain` (output that is no
+    terminal: a file, a pipe, a service's journal): without colour codes."""
     for raw in lines:
-        if keep_line(raw.decode(errors="replace"), verbose):
-            yield raw
+        text = raw.decode(errors="replace")
+        if keep_line(text, verbose):
+            yield _COLOUR.sub("", text).encode() if plain else raw

@@ -78,9 +78,11 @@ class LabelledData:
         return len(self.label_names)
 
 
-def load_data(config: DataConfig, seed: int, task: str = CLASSIFICATION) -> LabelledData:
+def load_data(config: DataConfig, seed: int, task: str = CLASSIFICATION, *,
+              held_out_only: bool = False) -> LabelledData:
     """Read the source named by `config.path` as rows of `task`; carve a seeded test split when
-    it has none."""
+    it has none. `held_out_only` (a deployed server's data, which never trains): a directory
+    may hold its test split alone, and the training split is then empty."""
     path = config.path
     convert = _to_lm_examples if task == CAUSAL_LM else _to_examples
     if path == BUILTIN_DATA:
@@ -93,7 +95,7 @@ def load_data(config: DataConfig, seed: int, task: str = CLASSIFICATION) -> Labe
         return _load_hub(path[3:], config, seed, convert)
     source = Path(path)
     if source.is_dir():
-        return _load_directory(source, config, seed, convert)
+        return _load_directory(source, config, seed, convert, held_out_only)
     if source.is_file() and source.suffix.lower() == ".csv":
         rows = _read_csv(source)
         return _finish(convert(rows, config, str(source)), None, None, config, seed)
@@ -139,12 +141,17 @@ def training_rows(config: DataConfig, task: str = CLASSIFICATION) -> Examples:
 
 
 def _load_directory(directory: Path, config: DataConfig, seed: int,
-                    convert: Any) -> LabelledData:
+                    convert: Any, held_out_only: bool = False) -> LabelledData:
     train_file = _first_existing(directory, TRAIN_NAMES)
-    if train_file is None:
-        raise DataError(f"data directory {directory} has no {' or '.join(TRAIN_NAMES)}")
-    train = convert(_read_jsonl(train_file), config, str(train_file))
     test_file = _first_existing(directory, TEST_NAMES)
+    if train_file is None and held_out_only and test_file is not None:
+        test = convert(_read_jsonl(test_file), config, str(test_file))
+        names = _label_names([test], _read_label_names(directory / LABELS_FILE))
+        return LabelledData(train=test.subset([]), test=test, label_names=names)
+    if train_file is None:
+        wanted = " or ".join(TRAIN_NAMES + (TEST_NAMES if held_out_only else ()))
+        raise DataError(f"data directory {directory} has no {wanted}")
+    train = convert(_read_jsonl(train_file), config, str(train_file))
     test = None
     if test_file is not None:
         test = convert(_read_jsonl(test_file), config, str(test_file))
@@ -181,15 +188,23 @@ def _finish(train: Examples, test: Examples | None, names: list[str] | None,
         order = np.random.default_rng(seed).permutation(len(train))
         cut = max(1, round(len(train) * config.test_fraction))
         train, test = train.subset(np.sort(order[cut:])), train.subset(np.sort(order[:cut]))
-    if train.responses is None:
-        highest = int(max(train.labels.max(), test.labels.max()))
-        names = names or [str(i) for i in range(highest + 1)]
-        if highest >= len(names):
-            raise DataError(f"label {highest} is out of range: labels.json names {len(names)} "
-                            f"labels")
+    names = _label_names([train, test], names)
     if len(train) < 2:
         raise DataError(f"the training split has {len(train)} rows; at least 2 are needed")
-    return LabelledData(train=train, test=test, label_names=names or [])
+    return LabelledData(train=train, test=test, label_names=names)
+
+
+def _label_names(splits: list[Examples], names: list[str] | None) -> list[str]:
+    """labels.json's names (else "0".."K") after checking every label is among them; none for
+    a causal LM."""
+    if splits[0].responses is not None:
+        return names or []
+    highest = int(max(split.labels.max() for split in splits))
+    names = names or [str(i) for i in range(highest + 1)]
+    if highest >= len(names):
+        raise DataError(f"label {highest} is out of range: labels.json names {len(names)} "
+                        f"labels")
+    return names
 
 
 def _to_examples(rows: Any, config: DataConfig, where: str) -> Examples:

@@ -97,10 +97,11 @@ class Task:
         return self.objective.evaluate(self.model, loader, self.device)
 
 
-def build_task(config: RunConfig) -> Task:
-    """Load data and model; the LoRA (and head) initialisation follows `config.seed`."""
+def build_task(config: RunConfig, *, held_out_only: bool = False) -> Task:
+    """Load data and model; the LoRA (and head) initialisation follows `config.seed`.
+    `held_out_only`: the data may be a test split alone (a deployed server's)."""
     task = config.model.task
-    data = load_data(config.data, config.seed, task)
+    data = load_data(config.data, config.seed, task, held_out_only=held_out_only)
     tokenizer = load_tokenizer(config.model.name)
     device = pick_device()
     model = build_model(config, data.num_labels)
@@ -122,14 +123,14 @@ def build_model(config: RunConfig, num_labels: int) -> PeftModel:
     return add_lora(base, config.lora, config.model.task)
 
 
-def cached_task(config: RunConfig) -> Task:
+def cached_task(config: RunConfig, *, held_out_only: bool = False) -> Task:
     """The process-wide task for this configuration (one model per worker process)."""
-    return _cached_task(_task_key(config))
+    return _cached_task(_task_key(config), held_out_only)
 
 
 @lru_cache(maxsize=1)
-def _cached_task(key: str) -> Task:
-    return build_task(RunConfig.from_mapping(json.loads(key)))
+def _cached_task(key: str, held_out_only: bool = False) -> Task:
+    return build_task(RunConfig.from_mapping(json.loads(key)), held_out_only=held_out_only)
 
 
 def _task_key(config: RunConfig) -> str:

@@ -7,7 +7,6 @@ So child processes get this interpreter's bin directory first on PATH."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,15 +23,3 @@ def tool_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     rest = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir]
     env["PATH"] = os.pathsep.join([bin_dir, *rest])
     return env
-
-
-def stop_child(process: subprocess.Popen, grace: float = 15.0) -> None:
-    """Terminate a child process, then kill it if it is still there after `grace` seconds."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()

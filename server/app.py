@@ -10,9 +10,12 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common import console
 from common.config import ConfigError, RunConfig, with_run_dir
 from server.federation import CONFIG_FILE, run_federation
 from server.node_registry import read_node_names
+
+console.quiet_worker()  # in a deployed ServerApp's process: Flower's records once, less noise
 
 CONFIG_FILE_KEY = "config-file"  # run-config key: a TOML file on the server's disk
 NODE_NAMES_KEY = "node-names-file"  # run-config key: {node id: name} of the registered keys

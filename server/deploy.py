@@ -7,12 +7,16 @@ listens on 127.0.0.1 and nginx publishes its Fleet routes alone on `--host:--por
 and register nodes. State lives in one directory: the SuperLink's database and logs, Flower's CLI
 configuration, the proxy's files, and the run directory (`run/`) with checkpoints and metrics,
 so a restarted server resumes (with the configuration it started with: `server/config_guard.py`).
+The command owns what it starts: one server per state directory (a lock), a stop request stops
+every process of the federation, and a start first stops what a killed predecessor left.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,15 +24,29 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import certs
+from common import certs, ports
 from common.app_bundle import APP_DIR, app_digest
 from common.config import RunConfig
 from common.console import filtered
-from common.tool_path import stop_child, tool_env
+from common.data import load_data
+from common.ports import PortBusy, check_free
+from common.process_tree import (
+    StopRequested,
+    become_subreaper,
+    descendants,
+    ignore_signals,
+    mentioning,
+    stop_on_signals,
+    stop_pids,
+    stop_tree,
+)
+from common.tool_path import tool_env
 from server.app import CONFIG_FILE_KEY, NODE_NAMES_KEY, refuse_audit
+from server.checkpoint import checkpoint_rounds
 from server.config_guard import ConfigChangeError, check_restart
 from server.fleet_limits import fleet_limits
 from server.fleet_proxy import ProxyError, ProxySettings, nginx_binary, start_proxy
+from server.metrics_log import METRICS_FILE, read_rounds
 from server.node_registry import (
     RegistryError,
     control_client,
@@ -38,17 +56,20 @@ from server.node_registry import (
     sync_nodes,
     write_node_names,
 )
+from server.run_summary import shortfall, summary_line
 
 RUN_DIR = "run"
 NODE_NAMES_FILE = "node-names.json"  # {node id: name} the ServerApp names nodes by
 FEDERATION = "fedtune"
+LOCK_FILE = "server.lock"  # held by the running `fedtune server` of a state directory
+CHILDREN = ("flower-superlink", "nginx", "flwr run")  # what it starts, naming the state directory
 
 
 class DeployError(RuntimeError):
     """The deployment cannot start as asked (files, ports, Flower's own tools)."""
 
 
-START_ERRORS = (DeployError, ProxyError, RegistryError, ConfigChangeError)  # exit 2
+START_ERRORS = (DeployError, ProxyError, RegistryError, ConfigChangeError, PortBusy)  # exit 2
 
 
 @dataclass(frozen=True)
@@ -66,44 +87,152 @@ class ServerSettings:
 
 def serve(settings: ServerSettings) -> int:
     """Start the SuperLink and its Fleet proxy, make the registered node keys exactly the named
-    ones, run the federation; return its exit code."""
+    ones, run the federation; return its exit code.
+
+    This process owns everything it starts: SIGTERM or SIGINT stops the run in the SuperLink,
+    then the SuperLink, the ServerApp and nginx (`common/process_tree.py`); the run resumes
+    from its last checkpoint when the server is started again."""
     ca, cert, key = _check_inputs(settings)
-    _guard_config(settings)
-    limits = fleet_limits(RunConfig.from_toml(settings.config_file))  # the proxy's, from the run
+    lock = _lock_state(settings.state_dir)
+    try:
+        config = _guard_config(settings)
+        _check_data(config)
+        _stop_leftovers(settings.state_dir)
+        check_free(settings.host, settings.port, "--port")
+        if settings.local_port:
+            check_free("127.0.0.1", settings.local_port, "--local-port")
+        become_subreaper()
+        federation = _Federation()
+        with stop_on_signals():
+            try:
+                return _start_and_run(settings, config, federation, ca, cert, key)
+            except StopRequested as requested:
+                stop = requested
+            finally:
+                ignore_signals()  # a second Ctrl-C must not cut the clean-up short
+                federation.stop()
+        return _stopped(stop, settings.state_dir / RUN_DIR)
+    finally:
+        os.close(lock)
+
+
+def _lock_state(state: Path) -> int:
+    """Hold the state directory for this server's lifetime: a second server on it is an error
+    (the lock is released however this process ends, even killed)."""
+    state.mkdir(parents=True, exist_ok=True)
+    lock = os.open(state / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise DeployError(f"another fedtune server is running on {state}; stop it first") \
+            from None
+    return lock
+
+
+def _stop_leftovers(state: Path) -> None:
+    """Stop what a killed server (SIGKILL, the OOM killer) left running on this state
+    directory: its SuperLink (with the ServerApp below it), nginx and `flwr run` would go on
+    with the run, and hold its port. The lock says no live server owns them."""
+    found = mentioning(str(state.resolve()) + os.sep, CHILDREN)  # not a sibling state-2
+    pids = [pid for root in found for pid in (root, *descendants(root))]
+    if pids:
+        stop_pids(pids)
+        print(f"fedtune: stopped {len(found)} processes an earlier fedtune server left running "
+              f"on {state} (pids {', '.join(map(str, found))})", file=sys.stderr, flush=True)
+
+
+class _Federation:
+    """The processes `fedtune server` started, and the SuperLink's address once it listens."""
+
+    def __init__(self) -> None:
+        self.processes: list[subprocess.Popen] = []
+        self.control: tuple[str, Path] | None = None  # (address, CA) of the Control API
+
+    def start(self, process: subprocess.Popen) -> subprocess.Popen:
+        self.processes.append(process)
+        return process
+
+    def stop(self) -> None:
+        """Stop the SuperLink's unfinished runs (so nodes get no more of their messages), then
+        every process of the federation."""
+        if self.control is not None and any(p.poll() is None for p in self.processes):
+            _stop_runs(*self.control)
+        stop_tree(self.processes, orphans=True)
+
+
+def _start_and_run(settings: ServerSettings, config: RunConfig, federation: _Federation,
+                   ca: Path, cert: Path, key: Path) -> int:
+    limits = fleet_limits(config)  # the proxy's, from the run
     state = settings.state_dir
     (state / "flwr-home").mkdir(parents=True, exist_ok=True)
     env = tool_env({**os.environ, "FLWR_HOME": str((state / "flwr-home").resolve())})
     link_port = settings.local_port or _free_loopback_port()
     link_log = (state / "superlink.log").open("ab")
-    superlink = subprocess.Popen(
+    superlink = federation.start(subprocess.Popen(
         [_tool("flower-superlink"), "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert),
          "--ssl-keyfile", str(key), "--enable-supernode-auth",
-         "--database", str(state / "superlink.db"), "--host", "127.0.0.1",
+         "--database", str((state / "superlink.db").resolve()), "--host", "127.0.0.1",
          "--port", str(link_port), "--disable-runtime-dependency-installation"],
-        stdout=link_log, stderr=subprocess.STDOUT, env=env)
-    proxy: subprocess.Popen | None = None
+        stdout=link_log, stderr=subprocess.STDOUT, env=env, process_group=0))
+    _wait_listening(superlink, "127.0.0.1", link_port, "flower-superlink",
+                    state / "superlink.log")
+    federation.control = (f"127.0.0.1:{link_port}", ca)
+    _write_cli_config(state / "flwr-home" / "config.toml", link_port, ca)
+    client = control_client(f"127.0.0.1:{link_port}", ca)
+    try:  # before the public port opens: a revoked key never gets a window
+        synced = sync_nodes(client, settings.nodes)
+        write_node_names(state / NODE_NAMES_FILE, node_names(client, settings.nodes))
+    finally:
+        client.close()
+    proxy = federation.start(start_proxy(
+        ProxySettings(settings.host, settings.port, link_port, ca, cert, key, state, limits),
+        state / "fleet-proxy.log"))
+    _wait_listening(proxy, _probe_host(settings.host), settings.port, "nginx (Fleet proxy)",
+                    state / "fleet-proxy.log")
+    print(f"fedtune: SuperLink ready; Fleet API on {settings.host}:{settings.port} (TLS, "
+          f"registered nodes only); Control and Runtime APIs on 127.0.0.1:{link_port}; "
+          f"node keys: {len(synced.registered)} registered, {len(synced.kept)} kept, "
+          f"{len(synced.unregistered)} unregistered; app sha256:{app_digest()}", flush=True)
+    code = _run(settings, env, link_port, ca, federation)
+    return _finished(code, state / RUN_DIR, config.federation.rounds)
+
+
+def _stopped(stop: StopRequested, run_dir: Path) -> int:
+    """One line for a stop the operator asked for; 0 for SIGTERM (a service manager's stop),
+    130 for SIGINT (Ctrl-C)."""
+    done = checkpoint_rounds(run_dir.resolve())
+    resume = (f"started again, the run resumes after round {done[-1]}" if done
+              else "no round was completed yet")
+    print(f"fedtune: stopped ({stop}); {resume}", file=sys.stderr, flush=True)
+    return 130 if stop.signum == signal.SIGINT else 0
+
+
+def _finished(code: int, run_dir: Path, rounds: int) -> int:
+    """The summary line of a run that ended; exit 1 when its last round trained nothing."""
+    rows = read_rounds(run_dir.resolve()) if (run_dir / METRICS_FILE).exists() else []
+    if rows:
+        print(summary_line(run_dir, rows), flush=True)
+    if code == 0 and (problem := shortfall(rows, rounds)) is not None:
+        print(f"fedtune: error: {problem}", file=sys.stderr, flush=True)
+        return 1
+    return code
+
+
+def _stop_runs(address: str, ca: Path) -> None:
+    """Ask the SuperLink to stop every run not finished yet; best effort, it is going down."""
+    from flwr.proto.control_pb2 import ListRunsRequest, StopRunRequest
+
     try:
-        _wait_for_port("127.0.0.1", link_port, superlink, "flower-superlink", "superlink.log")
-        _write_cli_config(state / "flwr-home" / "config.toml", link_port, ca)
-        client = control_client(f"127.0.0.1:{link_port}", ca)
-        try:  # before the public port opens: a revoked key never gets a window
-            synced = sync_nodes(client, settings.nodes)
-            write_node_names(state / NODE_NAMES_FILE, node_names(client, settings.nodes))
+        client = control_client(address, ca)
+        try:
+            for run in client.ListRuns(ListRunsRequest()).run_dict.values():
+                if run.status.status != "finished":
+                    client.StopRun(StopRunRequest(run_id=run.run_id))
         finally:
             client.close()
-        proxy = start_proxy(ProxySettings(settings.host, settings.port, link_port, ca, cert, key,
-                                          state, limits), state / "fleet-proxy.log")
-        _wait_for_port(_probe_host(settings.host), settings.port, proxy, "nginx (Fleet proxy)",
-                       "fleet-proxy.log")
-        print(f"fedtune: SuperLink ready; Fleet API on {settings.host}:{settings.port} (TLS, "
-              f"registered nodes only); Control and Runtime APIs on 127.0.0.1:{link_port}; "
-              f"node keys: {len(synced.registered)} registered, {len(synced.kept)} kept, "
-              f"{len(synced.unregistered)} unregistered; app sha256:{app_digest()}", flush=True)
-        return _run(settings, env, link_port, ca)
-    finally:
-        for process in (proxy, superlink):
-            if process is not None:
-                stop_child(process, grace=20)
+    except Exception:  # the processes are stopped next, whatever happens here
+        pass
 
 
 def _check_inputs(settings: ServerSettings) -> tuple[Path, Path, Path]:
@@ -123,7 +252,7 @@ def _check_inputs(settings: ServerSettings) -> tuple[Path, Path, Path]:
     return ca, cert, key
 
 
-def _guard_config(settings: ServerSettings) -> None:
+def _guard_config(settings: ServerSettings) -> RunConfig:
     """A restart must not change the run's configuration unless the operator says so."""
     config = RunConfig.from_toml(settings.config_file)  # a bad one fails here, not in Flower
     refuse_audit(config)
@@ -133,6 +262,13 @@ def _guard_config(settings: ServerSettings) -> None:
     if changed:
         print(f"fedtune: the run continues with the changed configuration ({', '.join(changed)}); "
               f"the replaced one is kept in {run_dir}", flush=True)
+    return config
+
+
+def _check_data(config: RunConfig) -> None:
+    """The server's data (its held-out split and labels; a training split is not needed) read
+    once before anything starts, so a problem is one line (DataError), not a failed run."""
+    load_data(config.data, config.seed, config.model.task, held_out_only=True)
 
 
 def _tool(name: str) -> str:
@@ -154,19 +290,38 @@ def _probe_host(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
-def _wait_for_port(host: str, port: int, process: subprocess.Popen, name: str, log: str,
-                   timeout: float = 60) -> None:
+def _wait_listening(process: subprocess.Popen, host: str, port: int, name: str, log: Path,
+                    timeout: float = 60) -> None:
+    """Wait until `process` itself listens on `port` (not another process that held the port
+    already); its exit or a timeout is a DeployError quoting its log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise DeployError(f"{name} exited with code {process.returncode}; see {log} in the "
-                              "state directory")
-        try:
-            socket.create_connection((host, port), timeout=2).close()
+            raise DeployError(f"{name} exited with code {process.returncode}: "
+                              f"{_last_line(log)}")
+        if _listening(process.pid, host, port):
             return
-        except OSError:
-            time.sleep(0.5)
-    raise DeployError(f"{name} did not listen on {host}:{port} within {timeout:.0f}s")
+        time.sleep(0.25)
+    raise DeployError(f"{name} did not listen on {host}:{port} within {timeout:.0f}s; see {log}")
+
+
+def _listening(pid: int, host: str, port: int) -> bool:
+    if ports.inspectable():
+        return ports.listens(pid, port)
+    try:  # no /proc: whoever answers is taken for it
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def _last_line(log: Path) -> str:
+    """The last line of a child's log (its error), and where the rest is."""
+    try:
+        lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        lines = []
+    return f"{lines[-1].strip()} (in {log})" if lines else f"see {log}"
 
 
 def _write_cli_config(path: Path, port: int, ca: Path) -> None:
@@ -175,16 +330,18 @@ def _write_cli_config(path: Path, port: int, ca: Path) -> None:
                     f'address = "127.0.0.1:{port}"\nroot-certificates = "{ca.resolve()}"\n')
 
 
-def _run(settings: ServerSettings, env: dict[str, str], link_port: int, ca: Path) -> int:
+def _run(settings: ServerSettings, env: dict[str, str], link_port: int, ca: Path,
+         federation: _Federation) -> int:
     run_dir = (settings.state_dir / RUN_DIR).resolve()
     names = (settings.state_dir / NODE_NAMES_FILE).resolve()
     overrides = (f"{CONFIG_FILE_KEY}='{settings.config_file.resolve()}' "
                  f"output.dir='{run_dir}' {NODE_NAMES_KEY}='{names}'")
-    run = subprocess.Popen([_tool("flwr"), "run", str(APP_DIR), FEDERATION, "--stream",
-                            "--run-config", overrides], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT)
+    run = federation.start(subprocess.Popen(
+        [_tool("flwr"), "run", str(APP_DIR), FEDERATION, "--stream", "--run-config", overrides],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0))
     assert run.stdout is not None
-    for line in filtered(run.stdout, settings.verbose):  # the run's log, less its noise
+    plain = not sys.stdout.isatty()
+    for line in filtered(run.stdout, settings.verbose, plain=plain):  # the run's log, less noise
         sys.stdout.buffer.write(line)
         sys.stdout.flush()
     return run.wait() or _run_outcome(f"127.0.0.1:{link_port}", ca)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from logging import WARNING
+from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from common.task import Task
 from common.training import EvalStats
 from server.replies import MAX_EXAMPLES
 from server.roster import Roster
+from server.train_outcome import refusal_status
 
 
 def evaluate_centrally(task: Task, arrays: dict[str, np.ndarray]) -> EvalStats:
@@ -48,6 +49,19 @@ def sample_generations(task: Task, count: int = 3,
                         "generated": generate(task.model, collator, prompt,
                                               max_new_tokens=max_new_tokens, device=task.device)})
     return samples
+
+
+def evaluation_refusals(replies: Iterable[Message], roster: Roster) -> dict[str, str]:
+    """{name: rules} of the nodes whose policy refused to evaluate (`share-evaluation` off, the
+    default of a deployed node): logged and recorded once, then they are not asked again."""
+    declined = {}
+    for reply in replies:
+        if refusal_status(reply) == keys.POLICY_REFUSED:
+            name = roster.name_of(reply.metadata.src_node_id)
+            declined[name] = str(reply.content[keys.CONFIG].get(keys.REASON, ""))
+            log(INFO, "%s does not share evaluations (its node policy); it is not asked again",
+                name)
+    return dict(sorted(declined.items()))
 
 
 def summarise_client_evaluation(replies: Iterable[Message], roster: Roster) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from server.checkpoint import (
 from server.client_dp import ServerSideNoise
 from server.evaluation import (
     evaluate_centrally,
+    evaluation_refusals,
     sample_generations,
     summarise_client_evaluation,
     task_columns,
@@ -74,7 +75,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
     client receives the seed."""
     run_dir = Path(config.output.dir)
     prepare_run_dir(run_dir, config, resume=resume)
-    task = cached_task(config)
+    task = cached_task(config, held_out_only=not simulated)  # a server's data need not train
     write_label_names(run_dir, task.data.label_names)
     roster = Roster(node_names, ask=ask_names)
     federation = config.federation
@@ -91,12 +92,15 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
     optimizer = server_optimizer(config.aggregation)
 
     arrays, done = dict(task.initial_adapter), 0
+    no_evaluation: set[str] = set()  # nodes whose policy refused to share an evaluation
     if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
         check_fits(checkpoint, arrays, run_dir / CHECKPOINT_DIR)
         arrays, done = checkpoint.arrays, checkpoint.round
         strategy.load_state_dict(checkpoint.state["strategy"])
         optimizer.load_state_arrays(checkpoint.optimizer)
-        roster.retired.update(checkpoint.state["retired"])
+        if simulated:  # a virtual node's budget is the saved run's; a deployed node's may grow
+            roster.retired.update(checkpoint.state["retired"])
+        no_evaluation.update(checkpoint.state.get("no_evaluation", []))
         if noise is not None:  # a checkpoint from before the release log counted them
             noise.log.at_least(checkpoint.state.get("releases", 0))
     keep_rounds_up_to(run_dir, done)
@@ -124,9 +128,13 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
                 average = noise.privatise(average, outcome.clients, server_round)  # accounted
             # the server optimiser sees only the (secure, noised) average: post-processing
             arrays = optimizer.step(arrays, average, server_round)
-        eval_messages = list(strategy.configure_evaluate(server_round, to_record(arrays),
-                                                         settings, grid))
-        eval_replies = grid.send_and_receive(eval_messages, timeout=federation.timeout)
+        eval_messages = [m for m in strategy.configure_evaluate(server_round, to_record(arrays),
+                                                                settings, grid)
+                         if roster.name_of(m.metadata.dst_node_id) not in no_evaluation]
+        eval_replies = list(grid.send_and_receive(eval_messages, timeout=federation.timeout)
+                            if eval_messages else [])
+        declined = evaluation_refusals(eval_replies, roster)
+        no_evaluation.update(declined)
         display.exchange("evaluating on the test split")
         central = evaluate_centrally(task, arrays)
         row = {
@@ -135,12 +143,14 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
             "loss": central.loss,
             **task_columns(central),
             "clients": outcome.clients,
+            **abandoned_column(outcome),
             "clients_failed": outcome.failures,
             "train_loss": _metric(outcome.metrics, keys.TRAIN_LOSS),
             "bytes_up": outcome.bytes_up,
             "bytes_down": outcome.bytes_down + _bytes(eval_messages),
             **_privacy_columns(outcome, noise),
             **summarise_client_evaluation(eval_replies, roster),
+            **({"clients_evaluation_refused": declined} if declined else {}),
             "seconds": time.perf_counter() - started,
         }
         append_round(run_dir, row)
@@ -149,7 +159,8 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
         if config.model.task == CAUSAL_LM:
             for sample in sample_generations(task):
                 append_round(run_dir, {"round": server_round, **sample}, SAMPLES_FILE)
-        state = {"strategy": strategy.state_dict(), "retired": sorted(roster.retired)}
+        state = {"strategy": strategy.state_dict(), "retired": sorted(roster.retired),
+                 "no_evaluation": sorted(no_evaluation)}
         save_checkpoint(run_dir, Checkpoint(round=server_round, arrays=arrays, state=state,
                                             optimizer=optimizer.state_arrays()))
         display.round_done(row)
@@ -195,6 +206,23 @@ def train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
                         rejected=dict(sorted(rejected.items())))
 
 
+def abandoned_column(outcome: TrainOutcome) -> dict[str, str]:
+    """`round_abandoned`, saying why, for a round that aggregated no update (the global adapter
+    stays as it was); nothing for a round that trained."""
+    if outcome.arrays is not None:
+        return {}
+    why = [outcome.abandoned]  # the protocol's own reason, where it gave the round up
+    if outcome.exhausted:
+        why.append(f"budget spent: {', '.join(outcome.exhausted)}")
+    if outcome.refused:
+        why.append(f"refused by node policy: {', '.join(outcome.refused)}")
+    if outcome.rejected:
+        why.append(f"rejected: {', '.join(outcome.rejected)}")
+    if outcome.failures and not outcome.abandoned:
+        why.append(f"{outcome.failures} failed or did not answer")
+    return {"round_abandoned": "; ".join(w for w in why if w) or "no client answered"}
+
+
 def _privacy_columns(outcome: TrainOutcome, noise: ServerSideNoise | None) -> dict[str, Any]:
     columns: dict[str, Any] = {}
     if outcome.epsilon:
@@ -208,8 +236,6 @@ def _privacy_columns(outcome: TrainOutcome, noise: ServerSideNoise | None) -> di
         columns["clients_rejected"] = outcome.rejected
     if outcome.blamed:
         columns["clients_blamed"] = outcome.blamed
-    if outcome.abandoned:
-        columns["round_abandoned"] = outcome.abandoned
     if outcome.sum_refused:  # a client sent values out of bounds inside its masks
         columns["sums_refused"] = 1
     if noise is not None:

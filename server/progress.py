@@ -16,6 +16,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.console import console as shared_console
@@ -75,7 +76,7 @@ class RoundProgress:
 
     def round_done(self, row: dict[str, Any]) -> None:
         """Print the round's line above the display and keep its figures on the bar."""
-        self.console.print(round_line(row, self.rounds), highlight=False)
+        self.console.print(round_line(row, self.rounds), highlight=False, soft_wrap=True)
         accuracy = f"accuracy {row['accuracy']:.3f}"
         epsilon = _epsilon(row)
         self._last = f"last: {accuracy}" + (f"  ε {epsilon:.2f}" if epsilon is not None else "")
@@ -169,6 +170,8 @@ def round_line(row: dict[str, Any], rounds: int) -> str:
     loss_text = f"  loss {row['loss']:.3f}" + (f"  perplexity [bold]{perplexity:.2f}[/]"
                                                if perplexity is not None else "")
     clients = f"  clients {row['clients']}" if "clients" in row else ""
+    if "round_abandoned" in row:  # the adapter did not change: say why, not just "clients 0"
+        clients = f"  [bold red]abandoned[/] ({escape(row['round_abandoned'])})"
     return (f"[bold cyan]round {row['round']}/{rounds}[/]{clients}"
             f"  accuracy [bold]{row['accuracy']:.3f}[/]{loss_text}"
             f"{worst_text}{epsilon_text}  {row['seconds']:.1f}s")

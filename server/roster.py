@@ -50,7 +50,7 @@ class Roster:
 
         Retired clients count as connected: a node that spent its budget is still there.
         """
-        waited = 0.0
+        waited, shown = 0.0, -1
         while True:
             connected = set(grid.get_node_ids())
             self._forget(set(self._name_of) - connected)
@@ -60,8 +60,9 @@ class Roster:
                 self._identify(grid, unknown, timeout)
             if len(self._node_of) >= wait_for:
                 return
-            if waited % 10 == 0:
-                log(INFO, "Waiting for clients: %d of %d connected", len(self._node_of), wait_for)
+            if len(self._node_of) != shown:  # one line each time the count changes
+                shown = len(self._node_of)
+                log(INFO, "Waiting for clients: %d of %d connected", shown, wait_for)
             if waited >= timeout:
                 raise TimeoutError(f"only {len(self._node_of)} of {wait_for} clients connected "
                                    f"within {timeout:.0f}s")

@@ -27,7 +27,7 @@ class TrainOutcome:
     refused: dict[str, str] = field(default_factory=dict)  # name -> rules its policy named
     rejected: dict[str, str] = field(default_factory=dict)  # name -> why its reply was dropped
     blamed: dict[str, str] = field(default_factory=dict)  # name -> the complaint leaving it out
-    abandoned: str = ""  # secure aggregation: why the round was abandoned, if it was
+    abandoned: str = ""  # why the round aggregated nothing, where it did not
     sum_refused: bool = False  # ... because the decoded sum was impossible for honest inputs
 
 

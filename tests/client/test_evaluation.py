@@ -42,3 +42,27 @@ def test_an_evaluation_past_the_budget_is_refused_with_what_was_spent(
     reply = client_app.evaluate_global(request(config, "evaluate"), context)
     assert reply.content[keys.CONFIG][keys.STATUS] == keys.BUDGET_EXHAUSTED
     assert json.dumps(dict(reply.content[keys.METRICS]))  # the ledger's total, nothing else
+
+
+def test_an_answer_that_would_crowd_out_planned_training_is_refused_and_training_goes_on(
+        tiny_model_dir, toy_data_dir, tmp_path):
+    # a two-round run planned at the node's whole run cap: round 1's answer would leave round 2
+    # above the cap, so the node declines to evaluate and still trains round 2
+    config = run_config(tiny_model_dir, toy_data_dir, **{"federation.rounds": 2})
+    ledger = tmp_path / "ledger"
+    context = node_context(tiny_model_dir, toy_data_dir, ledger, **{
+        "budget-epsilon": 16.0, "share-evaluation": True, "evaluation-noise": 5.0,
+        "require-secagg": False})
+    assert keys.ARRAYS in client_app.train(request(config), context).content.array_records
+    assert "max-epsilon-per-run" in refusal_reason(
+        client_app.evaluate_global(request(config, "evaluate"), context))
+    second = client_app.train(request(config, **{keys.SERVER_ROUND: 2}), context)
+    assert keys.ARRAYS in second.content.array_records
+    assert [e["kind"] for e in ledger_rounds(ledger)] == ["dp-sgd", "dp-sgd"]
+    # with room for it (a run cap above the run's epsilon) the answer is given and spent
+    roomy = node_context(tiny_model_dir, toy_data_dir, tmp_path / "roomy", **{
+        "budget-epsilon": 20.0, "share-evaluation": True, "evaluation-noise": 5.0,
+        "require-secagg": False})
+    client_app.train(request(config), roomy)
+    assert keys.METRICS in client_app.evaluate_global(request(config, "evaluate"), roomy).content
+    assert [e["kind"] for e in ledger_rounds(tmp_path / "roomy")] == ["dp-sgd", "evaluation"]

@@ -127,3 +127,20 @@ def test_a_row_a_crafted_adapter_overflows_changes_no_masked_reply(tiny_model_di
     assert kinds["plain"] == kinds["triggered"]
     assert kinds["plain"][0] == (keys.ARRAYS,)
     assert np.dtype(kinds["plain"][-2]).kind == "u"  # a ring vector, not an error
+
+
+def test_a_round_masked_in_one_session_is_not_masked_again_in_another(tiny_model_dir, tmp_path):
+    # a server that runs round 1 again in a fresh session (with one member left out, say) would
+    # learn that member's update from the difference of the two sums: a node masks it once
+    datas = [data_dir(tmp_path / f"data-{i}", toy_rows(30, offset=30 * i)) for i in range(3)]
+    config = secure_config(tiny_model_dir, datas[0])
+    nodes = contexts(tiny_model_dir, datas, tmp_path)
+    first = up_to_step_three(config, nodes, SecAggServer(server_round=1))
+    for name in NODES:
+        assert keys.ARRAYS in step_three(config, nodes, name, first).content.array_records
+    second = up_to_step_three(config, nodes, SecAggServer(server_round=1))
+    for name in NODES:
+        reply = step_three(config, nodes, name, second)
+        assert "masked in another session" in reply.content[keys.CONFIG][keys.REASON]
+        assert not reply.content.array_records
+        assert len(ledger_rounds(tmp_path / f"ledger-{name}")) == 1

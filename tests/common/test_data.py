@@ -64,3 +64,27 @@ def test_a_labels_json_that_declares_no_label_set_is_refused(tmp_path, declared)
 def test_missing_path_is_named(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_data(DataConfig(path=str(tmp_path / "nowhere")), seed=0)
+
+
+def test_a_servers_held_out_split_may_stand_alone(tmp_path):
+    write_jsonl(tmp_path / "test.jsonl", [{"text": f"t{i}", "label": i % 3} for i in range(6)])
+    (tmp_path / "labels.json").write_text(json.dumps({"0": "a", "1": "b", "2": "c"}))
+    config = DataConfig(path=str(tmp_path))
+
+    data = load_data(config, seed=0, held_out_only=True)
+
+    assert len(data.test) == 6 and len(data.train) == 0
+    assert data.label_names == ["a", "b", "c"]
+    with pytest.raises(DataError, match=r"has no train\.jsonl"):
+        load_data(config, seed=0)  # simulation and the baseline still need training rows
+
+
+def test_a_held_out_split_is_checked_like_any_other(tmp_path):
+    write_jsonl(tmp_path / "test.jsonl", [{"text": "t", "label": 3}])
+    (tmp_path / "labels.json").write_text(json.dumps({"0": "a", "1": "b"}))
+
+    with pytest.raises(DataError, match="label 3 is out of range"):
+        load_data(DataConfig(path=str(tmp_path)), seed=0, held_out_only=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"has no train\.jsonl or .*test\.jsonl"):
+        load_data(DataConfig(path=str(tmp_path / "empty")), seed=0, held_out_only=True)

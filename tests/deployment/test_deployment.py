@@ -16,6 +16,7 @@ import pytest
 
 from common import certs
 from common.consortium import bundle
+from common.process_tree import descendants, stop_pids
 from server.metrics_log import read_rounds
 from tests.conftest import write_jsonl
 
@@ -25,7 +26,8 @@ pytestmark = pytest.mark.slow
 # Node policies as `fedtune client` flags: one that lets a non-private run through, and the
 # strict defaults with a budget.
 PERMISSIVE = ("--allow-no-dp", "--allow-no-secagg", "--share-evaluation")
-STRICT = ("--budget-epsilon", "16", "--share-evaluation")  # one run may take half
+# one run may take half the budget: the run's epsilon 8 and room for noised evaluation answers
+STRICT = ("--budget-epsilon", "20", "--share-evaluation")
 
 
 def free_port() -> int:
@@ -45,9 +47,10 @@ class Federation:
         self.policy = policy  # every node's policy flags, unless a client is given its own
         certs.init(root / "certs", ["localhost"])
         words = ["alpha", "bravo", "charlie"]
-        rows = [{"text": f"{words[i % 3]} item {i}", "label": i % 3} for i in range(200)]
-        for name, part in [("a", rows[:50]), ("b", rows[50:100]), ("c", rows[100:150]),
-                           ("d", rows[150:])]:
+        rows = [{"text": f"{words[i % 3]} item {i}", "label": i % 3} for i in range(400)]
+        # 100 rows a node: some 20 held out, so a noised count (std 5) is never taken for none
+        for name, part in [("a", rows[:100]), ("b", rows[100:200]), ("c", rows[200:300]),
+                           ("d", rows[300:])]:
             data = root / f"data-{name}"
             data.mkdir()
             write_jsonl(data / "train.jsonl", part)
@@ -76,19 +79,21 @@ class Federation:
         self.procs.append(proc)
         return proc
 
-    def server(self, *nodes: str) -> subprocess.Popen:
+    def server(self, *nodes: str, log: str = "server.log") -> subprocess.Popen:
         keys = [a for n in nodes for a in ("--node", self.root / "keys" / f"hospital-{n}.pub")]
-        return self.start("server.log", "server", "--certs", self.root / "certs", "--state",
+        return self.start(log, "server", "--certs", self.root / "certs", "--state",
                           self.state, "--config", self.config, "--port", self.port, *keys,
                           "--host", "127.0.0.1", home="flwr-server")
 
     def client(self, name: str, *, root_cert: Path | None = None,
-               policy: tuple[str, ...] | None = None) -> subprocess.Popen:
-        return self.start(f"client-{name}.log", "client", "--server", f"127.0.0.1:{self.port}",
+               policy: tuple[str, ...] | None = None, port: int | None = None,
+               log: str | None = None) -> subprocess.Popen:
+        return self.start(log or f"client-{name}.log", "client", "--server",
+                          f"127.0.0.1:{self.port}",
                           "--root-cert", root_cert or self.root / "certs" / "ca.pem",
                           "--node-key", self.root / "keys" / f"hospital-{name}.key",
                           "--data", self.root / f"data-{name}", "--ledger",
-                          self.root / f"ledger-{name}", "--port", free_port(),
+                          self.root / f"ledger-{name}", "--port", port or free_port(),
                           "--peers", self.peers.directory, "--models", self.model_dir,
                           "--planning-rows", "40",  # each node's public planning row count
                           *(self.policy if policy is None else policy), home=f"flwr-{name}")
@@ -97,9 +102,10 @@ class Federation:
         return (self.root / name).read_text(errors="replace")
 
     def stop(self) -> None:
+        """Everything the commands started, their children in other sessions too."""
         for proc in self.procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                stop_pids([proc.pid, *descendants(proc.pid)], grace=30)
                 proc.wait()
 
 
@@ -131,10 +137,11 @@ def test_nodes_over_tls_with_authentication_complete_a_private_secure_run(tmp_pa
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["clients"] == 3 for r in rows)
     assert sorted(rows[-1]["client_accuracy"]) == ["hospital-a", "hospital-b", "hospital-d"]
-    assert "epsilon" not in rows[-1]  # under secure aggregation it would tell the data's size
-    for name in "abd":  # each ledger on its own node's disk, within its budget
+    # reported under DP: planned from public row counts, it tells nothing of a node's size
+    assert 0 < rows[-1]["epsilon_max"] <= 10.0
+    for name in "abd":  # each ledger on its own node's disk, within its run cap (half of 20)
         (ledger,) = (tmp_path / f"ledger-{name}").glob("ledger-*.json")
-        assert 0 < json.loads(ledger.read_text())["epsilon"] <= 8.0
+        assert 0 < json.loads(ledger.read_text())["epsilon"] <= 10.0
     wrong_ca = federation.log("client-c.log")
     assert "does not vouch for" in wrong_ca and "Traceback" not in wrong_ca
     assert "hospital-c" not in json.dumps(rows)
@@ -157,25 +164,6 @@ def _run_with_intruders(federation: Federation, tmp_path: Path) -> None:
     assert server.wait(timeout=600) == 0, federation.log("server.log")[-3000:]
 
 
-def test_a_restarted_server_resumes_from_its_checkpoint(federation):
-    server = federation.server("a", "b")
-    federation.client("a")
-    federation.client("b")
-    wait_for(lambda: "SuperLink ready" in federation.log("server.log"), 60, "the server")
-    metrics = federation.state / "run" / "metrics.jsonl"
-    wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 300, "round 1")
-    os.killpg(server.pid, signal.SIGKILL)  # the whole server: SuperLink and ServerApp
-    server.wait()
-    assert [r["round"] for r in read_rounds(federation.state / "run")] == [1]
-
-    restarted = federation.server("a", "b")  # same state directory; nodes reconnect by themselves
-    assert restarted.wait(timeout=420) == 0, federation.log("server.log")[-3000:]
-    rows = read_rounds(federation.state / "run")
-    assert [r["round"] for r in rows] == [1, 2]  # nothing lost, nothing repeated
-    assert sorted((federation.state / "run" / "checkpoints").iterdir())[-1].name == \
-        "round-0002.pt"
-
-
 def test_a_client_killed_mid_round_does_not_stop_the_run(tmp_path, tiny_model_dir):
     federation = Federation(tmp_path, tiny_model_dir, clients=3, min_clients=2, timeout=45.0)
     try:
@@ -183,10 +171,11 @@ def test_a_client_killed_mid_round_does_not_stop_the_run(tmp_path, tiny_model_di
         federation.client("a")
         federation.client("b")
         doomed = federation.client("c")
-        # killed once the round has begun with it (it answered the server's roll call), before
-        # its update: the server must give up on it after the timeout and go on
-        wait_for(lambda: "Sent successfully" in federation.log("client-c.log"), 300,
-                 "hospital-c to answer the roll call")
+        # killed once round 1 has begun with it (its SuperNode received the round's message
+        # and starts the app; the app takes seconds to load), before its update: the server
+        # must give up on it after the timeout and go on
+        wait_for(lambda: "Start `flwr-clientapp` process" in federation.log("client-c.log"),
+                 300, "hospital-c to receive round 1")
         os.killpg(doomed.pid, signal.SIGKILL)
         assert server.wait(timeout=600) == 0, federation.log("server.log")[-3000:]
     finally:

@@ -75,8 +75,9 @@ def make_deployment(root: Path) -> dict[str, str]:
     for name in ("a", "b"):
         certs.node_key(root / "keys", f"hospital-{name}")
     words = ["alpha", "bravo", "charlie"]
-    rows = [{"text": f"{words[i % 3]} item {i}", "label": i % 3} for i in range(150)]
-    for name, part in [("a", rows[:50]), ("b", rows[50:100]), ("server", rows[100:])]:
+    rows = [{"text": f"{words[i % 3]} item {i}", "label": i % 3} for i in range(450)]
+    # 150 rows a node: some 30 held out, so a noised count (std 5) is never taken for none
+    for name, part in [("a", rows[:150]), ("b", rows[150:300]), ("server", rows[300:])]:
         data = root / f"data-{name}"
         data.mkdir()
         write_jsonl(data / "train.jsonl", part)

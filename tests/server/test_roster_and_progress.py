@@ -85,6 +85,35 @@ def test_the_watched_grid_counts_each_reply_and_returns_them_all():
     assert progress.watch(grid) is grid
 
 
+def test_an_abandoned_round_says_so_in_its_line():
+    progress = RoundProgress(Console(file=(out := io.StringIO()), width=200))
+    progress.round_started(3, 3)
+    progress.round_done({"round": 3, "accuracy": 0.222, "loss": 1.1, "clients": 0,
+                         "round_abandoned": "only 2 clients sent keys; 3 are needed [min-cohort]",
+                         "seconds": 4.0})
+    line = out.getvalue().strip()
+    assert line.startswith("round 3/3  abandoned (only 2 clients sent keys; 3 are needed "
+                           "[min-cohort])  accuracy 0.222")
+    assert "clients 0" not in line
+
+
+def test_waiting_for_clients_is_one_line_per_change(monkeypatch):
+    grid, slept, lines = FakeGrid({}), [], []
+    arrivals = {5: (1, "a"), 12: (2, "b")}  # after so many seconds of waiting, a node connects
+
+    def sleep(_seconds: float) -> None:
+        slept.append(1)
+        if len(slept) in arrivals:
+            node_id, name = arrivals[len(slept)]
+            grid.names[node_id] = name
+
+    monkeypatch.setattr("server.roster.time.sleep", sleep)
+    monkeypatch.setattr("server.roster.log", lambda _level, text, *args: lines.append(text % args))
+    Roster().refresh(grid, wait_for=2, timeout=60)
+    assert lines == ["Waiting for clients: 0 of 2 connected",
+                     "Waiting for clients: 1 of 2 connected"]
+
+
 def refusal_from(node_id: int, reason: str) -> Message:
     query = Message(RecordDict(), dst_node_id=node_id, message_type=MessageType.TRAIN)
     query.metadata.__dict__["_message_id"] = f"q{node_id}"

@@ -49,6 +49,7 @@ def test_only_a_non_verbose_commands_workers_keep_flowers_errors_alone(monkeypat
 
     flower = logging.getLogger(console.FLOWER_LOGGER)
     monkeypatch.setattr(flower, "level", logging.DEBUG)  # restored after the test
+    monkeypatch.setattr(flower, "propagate", flower.propagate)
     monkeypatch.setattr(console, "_configured", False)
     monkeypatch.delenv(console.QUIET_WORKERS, raising=False)
     console.quiet_worker()  # a deployed node, or a verbose run's worker: untouched
