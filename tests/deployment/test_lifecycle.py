@@ -179,3 +179,49 @@ def _console_is_one_line_per_event(log: str) -> None:
     assert sum(x.startswith("round 2/2") for x in lines) == 1
     waiting = [x for x in lines if "Waiting for clients" in x]
     assert len(waiting) == len(set(waiting)) <= 3
+
+
+SECURE = DP + "[secagg]\nenabled = true\n"
+
+
+def test_a_node_added_as_documented_trains_with_pinned_peers(tmp_path, tiny_model_dir):
+    # docs/deployment.md, "Add a node": a consortium of three, then hospital-d
+    federation = Federation(tmp_path, tiny_model_dir, clients=3, rounds=1, extra=SECURE,
+                            policy=("--budget-epsilon", "24"))  # cap 12: room to extend
+    keys = tmp_path / "keys"
+    founders = [keys / f"hospital-{n}.pub" for n in "abc"]
+    assert run_cli(federation, "certs", "consortium", federation.peers.directory, "--force",
+                   *founders, home="flwr-operator").returncode == 0
+    try:
+        first = federation.server("a", "b", "c", log="server-1.log")
+        nodes = [federation.client(n) for n in "abc"]
+        assert first.wait(timeout=900) == 0, federation.log("server-1.log")[-3000:]
+        # 2. the operator bundles every key again, the new one included
+        bundled = run_cli(federation, "certs", "consortium", federation.peers.directory,
+                          "--force", *founders, keys / "hospital-d.pub", home="flwr-operator")
+        assert bundled.returncode == 0, bundled.stderr
+        # 3. every existing node restarts with the new bundle
+        for node in nodes:
+            node.send_signal(signal.SIGTERM)
+            assert node.wait(timeout=60) == 0
+        for name in "abc":
+            federation.client(name, log=f"client-{name}-2.log")
+        # 4. the server's command gains hospital-d (here the run also waits for four nodes);
+        # 5. the new node joins
+        set_rounds(federation, 2)
+        text = federation.config.read_text()
+        federation.config.write_text(text.replace("num_clients = 3", "num_clients = 4"))
+        federation.client("d")
+        again = federation.start(
+            "server-2.log", "server", "--certs", tmp_path / "certs", "--state", federation.state,
+            "--config", federation.config, "--port", federation.port, "--host", "127.0.0.1",
+            *[a for n in "abcd" for a in ("--node", keys / f"hospital-{n}.pub")],
+            "--accept-config-change", home="flwr-server")
+        assert again.wait(timeout=900) == 0, federation.log("server-2.log")[-3000:]
+    finally:
+        federation.stop()
+    rows = read_rounds(federation.state / "run")
+    assert [(r["round"], r["clients"]) for r in rows] == [(1, 3), (2, 4)]
+    assert "round_abandoned" not in rows[-1]
+    (ledger,) = (tmp_path / "ledger-d").glob("ledger-*.json")
+    assert [r["round"] for r in json.loads(ledger.read_text())["rounds"]] == [2]
