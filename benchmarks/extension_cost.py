@@ -15,15 +15,16 @@ import warnings
 def spent(epsilon: float, rounds: int, extra: int, rows: int) -> dict[str, float]:
     """Epsilon of `rounds` rounds planned for them, then of `extra` more planned for the total."""
     from client.dp_sgd import plan_round
+    from client.policy import NodePolicy
     from common.config import RunConfig
-    from common.privacy import default_delta, epsilon_spent
+    from common.privacy import epsilon_spent
 
-    delta = default_delta(rows)
+    delta = NodePolicy(budget_epsilon=2 * epsilon).delta  # a deployed node's, not its rows'
     run = RunConfig.from_mapping({"privacy.dp": True, "privacy.epsilon": epsilon,
                                   "federation.rounds": rounds})
-    planned = [plan_round(run, rows, delta).event] * rounds
+    planned = [plan_round(run, rows, delta, "prv").event] * rounds
     extended = run.with_overrides({"federation.rounds": rounds + extra})
-    more = [plan_round(extended, rows, delta).event] * extra
+    more = [plan_round(extended, rows, delta, "prv").event] * extra
     return {"planned": epsilon_spent(planned, delta, "prv"),
             "extended": epsilon_spent(planned + more, delta, "prv")}
 
@@ -34,12 +35,13 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     cases = [(8.0, rounds, extra, rows) for rows in ((40,) if args.quick else (40, 1000))
-             for rounds in (2, 5) for extra in (1, rounds)]
+             for rounds in (1, 2, 5) for extra in sorted({1, rounds})]
     results = [{"epsilon": e, "rounds": r, "extra_rounds": x, "rows": n, **spent(e, r, x, n)}
                for e, r, x, n in cases]
     from benchmarks.record import save
 
-    save("extension_cost", {"accountant": "prv", "results": results}, quick=args.quick)
+    save("extension_cost", {"accountant": "prv", "delta": "the node policy's default",
+                            "results": results}, quick=args.quick)
     print(json.dumps(results, indent=1))
 
 
