@@ -76,7 +76,7 @@ def main() -> None:
                                              train, dropout_seed=0, sampling_seed=0)
         for _ in range(args.rounds):  # one optimizer across the passes, like pooled training
             task.train_plain(loader, optimizer, train)
-            stats = task.evaluate(task.data.test)
+            stats = task.evaluate(task.data.test, min(train.batch_size, train.physical_batch))
             scores.append((stats.accuracy, stats.macro_f1))
     else:
         state, step = dict(task.initial_adapter), server_optimizer(config.aggregation)
@@ -103,7 +103,7 @@ def main() -> None:
             average = {k: (v / total).astype(np.float32) for k, v in sums.items()}
             state = step.step(state, average, server_round)
             load_trainable_state(task.model, state)
-            stats = task.evaluate(task.data.test)
+            stats = task.evaluate(task.data.test, min(train.batch_size, train.physical_batch))
             scores.append((stats.accuracy, stats.macro_f1))
     hits = sum(1 for a in stats.per_label_accuracy if a > 0)  # labels predicted right at least once
     print(json.dumps({"mode": args.mode, "set": args.set, "rows": args.rows,

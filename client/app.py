@@ -104,10 +104,10 @@ def evaluate_held_out(request: Request) -> Message | Refused:
 
 # The routing table: Flower's message type -> this node's answer.
 train = app.train()(answered("train", train_plain))
-secagg_keys = app.train("secagg_keys")(answered("secagg_keys", secagg_steps.start))
-secagg_shares = app.train("secagg_shares")(answered("secagg_shares", secagg_steps.share))
-secagg_masked = app.train("secagg_masked")(answered("secagg_masked", secagg_steps.mask))
-secagg_consistency = app.train("secagg_consistency")(
-    answered("secagg_consistency", secagg_steps.consistency))
-secagg_unmask = app.train("secagg_unmask")(answered("secagg_unmask", secagg_steps.unmask))
+secagg_keys = app.train(keys.SECAGG_KEYS)(answered(keys.SECAGG_KEYS, secagg_steps.start))
+secagg_shares = app.train(keys.SECAGG_SHARES)(answered(keys.SECAGG_SHARES, secagg_steps.share))
+secagg_masked = app.train(keys.SECAGG_MASKED)(answered(keys.SECAGG_MASKED, secagg_steps.mask))
+secagg_consistency = app.train(keys.SECAGG_CONSISTENCY)(
+    answered(keys.SECAGG_CONSISTENCY, secagg_steps.consistency))
+secagg_unmask = app.train(keys.SECAGG_UNMASK)(answered(keys.SECAGG_UNMASK, secagg_steps.unmask))
 evaluate_global = app.evaluate()(answered("evaluate_global", evaluate_held_out))

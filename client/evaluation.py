@@ -104,7 +104,7 @@ def answer(request: Request) -> Message:
                      policy.budget(), kind="evaluation")
     task = request.task
     load_trainable_state(task.model, request.adapter)
-    stats = task.evaluate(request.rows[1])
+    stats = task.evaluate(request.rows[1], request.config.evaluation_batch)
     if event is None:
         metrics = evaluation_metrics(stats.examples, stats.loss, stats.accuracy)
     else:

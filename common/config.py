@@ -30,7 +30,6 @@ DEFAULT_ACCOUNTANT = "prv"  # a new ledger's; an existing one keeps its own (cli
 # federation.strategy -> the server step size used when federation.server_lr is 0
 STRATEGIES: dict[str, float] = {"fedavg": 1.0, "fedprox": 1.0, "fedavgm": 1.0,
                                 "fedadam": 1e-2, "fedyogi": 1e-2, "fedadagrad": 1e-2}
-SERVER_OPTIMISERS = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
 CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"
 TASKS = (CLASSIFICATION, CAUSAL_LM)
 QUANTIZE = ("none", "4bit", "8bit")
@@ -509,6 +508,13 @@ class RunConfig:
         """`train` with its defaults filled for this run: DP-SGD's under sample-level DP."""
         return self.train.resolved(DP_SGD_TRAINING if self.privacy.sample_level
                                    else PLAIN_TRAINING)
+
+    @property
+    def evaluation_batch(self) -> int:
+        """Rows per forward pass when scoring held-out rows: the run's training batch, at most
+        its physical batch (a DP-SGD batch of hundreds is a logical one)."""
+        training = self.training
+        return min(training.batch_size, training.physical_batch)
 
     @property
     def pooled_training(self) -> TrainConfig:

@@ -25,7 +25,12 @@ POLICY_REFUSED = "policy-refused"  # the node's own privacy policy forbids what 
 REASON = "reason"  # ConfigRecord entry beside a refusal: the rules it broke
 UNIT_WEIGHT = "unit-weight"  # MetricRecord: 1 per client; the FedAvg weight under any DP
 
-# Secure aggregation steps: ClientApp actions (message types "train.<action>") and entries
-SECAGG_STEPS = ("secagg_keys", "secagg_shares", "secagg_masked", "secagg_unmask")
+# Secure aggregation steps, in order: ClientApp actions (message types "train.<action>")
+SECAGG_KEYS = "secagg_keys"  # 1. each client's public keys
+SECAGG_SHARES = "secagg_shares"  # 2. its secrets' shares, sealed for their holders
+SECAGG_MASKED = "secagg_masked"  # 3. its masked update
+SECAGG_CONSISTENCY = "secagg_consistency"  # 4. its signature on the survivor set
+SECAGG_UNMASK = "secagg_unmask"  # 5. the shares that remove the survivors' masks
+SECAGG_STEPS = (SECAGG_KEYS, SECAGG_SHARES, SECAGG_MASKED, SECAGG_CONSISTENCY, SECAGG_UNMASK)
 SECAGG_SESSION = "secagg-session"  # 16 random bytes naming one round's protocol run
 MASKED = "masked"  # ArrayRecord entry: the masked ring vector

@@ -90,10 +90,10 @@ class Task:
                            max_grad_norm=train.max_grad_norm, device=self.device,
                            proximal_mu=proximal_mu)
 
-    def evaluate(self, rows: Examples) -> EvalStats:
-        """Score the model's current adapter on `rows`."""
-        loader = self.loader(rows, batch_size=max(self.config.training.batch_size, 32),
-                             shuffle=False)
+    def evaluate(self, rows: Examples, batch_size: int) -> EvalStats:
+        """Score the model's current adapter on `rows`, `batch_size` rows a pass (the run's:
+        this task's own config holds only what shapes data and model)."""
+        loader = self.loader(rows, batch_size=batch_size, shuffle=False)
         return self.objective.evaluate(self.model, loader, self.device)
 
 

@@ -22,10 +22,10 @@ from server.roster import Roster
 from server.train_outcome import refusal_status
 
 
-def evaluate_centrally(task: Task, arrays: dict[str, np.ndarray]) -> EvalStats:
+def evaluate_centrally(task: Task, arrays: dict[str, np.ndarray], batch_size: int) -> EvalStats:
     """Accuracy and loss of the global adapter on the held-out test split."""
     load_trainable_state(task.model, arrays)
-    return task.evaluate(task.data.test)
+    return task.evaluate(task.data.test, batch_size)
 
 
 def task_columns(central: EvalStats) -> dict[str, Any]:

@@ -136,7 +136,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
         declined = evaluation_refusals(eval_replies, roster)
         no_evaluation.update(declined)
         display.exchange("evaluating on the test split")
-        central = evaluate_centrally(task, arrays)
+        central = evaluate_centrally(task, arrays, config.evaluation_batch)
         row = {
             "round": server_round,
             "accuracy": central.accuracy,

@@ -58,7 +58,7 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
             keys.SECAGG_SESSION: protocol.session}
     link = _Link(grid, strategy, timeout)
 
-    replies = link.exchange(sampled, "secagg_keys", lambda _: RecordDict(
+    replies = link.exchange(sampled, keys.SECAGG_KEYS, lambda _: RecordDict(
         {keys.CONFIG: ConfigRecord(base)}))
     exhausted, by_policy = retire_refusing(strategy.roster,
                                            [r for r in replies.values() if refused(r)])
@@ -73,14 +73,14 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
     blamed: dict[str, str] = {}
     try:
         cohort = protocol.make_cohort(public)
-        replies = link.exchange(cohort.names, "secagg_shares", lambda _: RecordDict(
+        replies = link.exchange(cohort.names, keys.SECAGG_SHARES, lambda _: RecordDict(
             {keys.CONFIG: ConfigRecord({**base, **cohort_to_record(cohort)})}))
         sealed = {name: _parse(protocol, "encrypted shares", sealed_from_record, r, name, "to")
                   for name, r in replies.items()}
         inbox = protocol.route({n: s for n, s in sealed.items() if s is not None})
 
         length = vector_length(from_record(arrays))
-        replies = link.exchange(sorted(inbox), "secagg_masked", lambda name: RecordDict(
+        replies = link.exchange(sorted(inbox), keys.SECAGG_MASKED, lambda name: RecordDict(
             {keys.ARRAYS: arrays,
              keys.CONFIG: ConfigRecord({**base, **sealed_to_record(inbox[name], "from")})}))
         masked, metrics, blamed = _masked_inputs(protocol, replies, length)
@@ -92,7 +92,7 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
         routing = protocol.routing(survivors)
         agreed = {**base, "survivors": survivors, **routing_to_record(routing)}
 
-        replies = link.exchange(survivors, "secagg_consistency", lambda _: RecordDict(
+        replies = link.exchange(survivors, keys.SECAGG_CONSISTENCY, lambda _: RecordDict(
             {keys.CONFIG: ConfigRecord(agreed)}))
         signatures = {name: _parse(protocol, "consistency signature", signature_from_record,
                                    r, name) for name, r in replies.items()}
@@ -101,7 +101,7 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
 
         if summation.noise_std > 0:  # from here on the server may hold the noised sum
             ReleaseLog(config.output.dir).record(server_round)
-        replies = link.exchange(survivors, "secagg_unmask", lambda _: RecordDict(
+        replies = link.exchange(survivors, keys.SECAGG_UNMASK, lambda _: RecordDict(
             {keys.CONFIG: ConfigRecord({**agreed, **signatures_to_record(signed)})}))
         reveals = {name: _parse(protocol, "unmask shares", reveals_from_record, r, name) or []
                    for name, r in replies.items()}
@@ -152,7 +152,7 @@ class _Link:
                 log(WARNING, "%s failed at %s: %s", name, action, reply.error.reason)
                 continue
             self.bytes_up += _size(reply)
-            if action != "secagg_keys" and refusal_status(reply) == keys.POLICY_REFUSED:
+            if action != keys.SECAGG_KEYS and refusal_status(reply) == keys.POLICY_REFUSED:
                 self.refused[name] = str(reply.content[keys.CONFIG].get(keys.REASON, ""))
                 log(WARNING, "%s refused %s by its node policy: %s", name, action,
                     self.refused[name])

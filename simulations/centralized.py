@@ -45,7 +45,7 @@ def train_centralized(config: RunConfig) -> list[dict[str, Any]]:
             started = time.perf_counter()
             stats = task.train_plain(loader, optimizer, train)
             display.exchange("evaluating on the test split")
-            central = evaluate_centrally(task, trainable_state(task.model))
+            central = evaluate_centrally(task, trainable_state(task.model), train.batch_size)
             row = {"round": block, "accuracy": central.accuracy, "loss": central.loss,
                    **task_columns(central), "train_loss": stats.loss,
                    "examples": stats.examples, "seconds": time.perf_counter() - started}

@@ -31,3 +31,28 @@ def test_a_round_starts_from_the_given_state_and_repeats_with_its_seeds(tiny_mod
     assert all(np.array_equal(first[k], again[k]) for k in first)
     assert any(not np.array_equal(first[k], other[k]) for k in first)
     assert any(not np.array_equal(first[k], task.initial_adapter[k]) for k in first)
+
+
+def test_evaluation_passes_are_the_runs_batch_not_the_cached_tasks(tiny_model_dir, toy_data_dir,
+                                                                  monkeypatch):
+    # the cached task keeps only what shapes data and model: the batch comes from the run
+    from server.evaluation import evaluate_centrally
+
+    config = RunConfig.from_mapping({"model.name": str(tiny_model_dir),
+                                     "data.path": str(toy_data_dir), "train.batch_size": 5})
+    task = cached_task(config)
+    sizes = []
+    made = task.loader
+
+    def loader(rows, *, batch_size, shuffle, **kwargs):
+        sizes.append(batch_size)
+        return made(rows, batch_size=batch_size, shuffle=shuffle, **kwargs)
+
+    monkeypatch.setattr(task, "loader", loader)
+    assert config.evaluation_batch == 5
+    evaluate_centrally(task, task.initial_adapter, config.evaluation_batch)
+    private = config.with_overrides({"privacy.dp": True, "train.batch_size": 512,
+                                     "train.physical_batch": 16})
+    assert private.evaluation_batch == 16  # a DP-SGD batch is a logical one: its chunks
+    evaluate_centrally(task, task.initial_adapter, private.evaluation_batch)
+    assert sizes == [5, 16]
