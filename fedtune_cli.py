@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from common.errors import InputError
+
 # Flag -> dotted configuration key. Scripts depend on these flag names.
 FLAGS: dict[str, tuple[str, type, str]] = {
     "--data": ("data.path", str, "data directory, CSV file, 'hf:<id>' or 'builtin'"),
@@ -57,10 +59,6 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--canaries": ("audit.canaries", int, "audit: number of canaries"),
     "--canary-clients": ("audit.clients", int, "audit: clients holding the canaries"),
 }
-
-
-class InputError(Exception):
-    """Bad input from the command line; reported as one line with exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,27 +330,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from common.console import configure
 
     configure(verbose=args.verbose)
-    from client.deploy import ServerUnreachable
-    from client.policy import PolicyError
-    from common.adapter import AdapterError
-    from common.app_bundle import AppBundleError
-    from common.certs import CertError
-    from common.config import ConfigError
-    from common.data import DataError
-    from common.model import ModelLoadError
-    from common.partition import PartitionError
-    from common.privacy import PrivacyError
-    from server.checkpoint import CheckpointError
-    from server.deploy import START_ERRORS, DeployError
-    from server.federation import RunDirError
-    from simulations.export import ExportError
-    from simulations.predict import PredictError
-    from simulations.report import ReportError
-
-    bad_input = (InputError, ConfigError, DataError, ModelLoadError, PartitionError,
-                 AdapterError, CheckpointError, RunDirError, PrivacyError, CertError, DeployError,
-                 ServerUnreachable, ReportError, PolicyError, *START_ERRORS,
-                 AppBundleError, ExportError, PredictError)
     try:
         if args.command in ("certs", "server", "client"):
             return run_deployment(args)
@@ -365,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(path)
             return 0
         run(args)
-    except bad_input as error:
+    except InputError as error:  # one line naming the problem, exit 2
         print(f"fedtune: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -29,6 +29,7 @@ from common.config import CAUSAL_LM, CLASSIFICATION, DataConfig
 from common.console import filtered
 from common.consortium import pinned_digest
 from common.data import LABELS_FILE, DataError, load_data, training_records, training_rows
+from common.errors import InputError
 from common.ports import PortBusy, check_free
 from common.process_tree import (
     StopRequested,
@@ -56,7 +57,7 @@ class ClientSettings:
     verbose: bool = False  # relay the SuperNode's DEBUG lines and warnings too
 
 
-class ServerUnreachable(RuntimeError):
+class ServerUnreachable(InputError, RuntimeError):
     """No server answered at the address within the start-up wait."""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ACCOUNTANTS, EMBEDDED_MODEL, RunConfig
+from common.errors import InputError
 from common.settings import build, setting
 
 # Rule names, as refusals and docs/policy.md name them (the node config key that sets each rule).
@@ -52,7 +53,7 @@ RETIRED = {"report-epsilon": "a node's epsilon is now always reported: it follow
                              "values (the request and this policy), never the data set's size"}
 
 
-class PolicyError(ValueError):
+class PolicyError(InputError, ValueError):
     """The node's own policy is incomplete or out of range; the message names the setting."""
 
 

@@ -18,6 +18,7 @@ from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_mo
 from transformers import PreTrainedModel
 
 from common.config import CAUSAL_LM, EMBEDDED_MODEL, LoraSettings
+from common.errors import InputError
 from common.mean_pooling import MeanPoolingClassifier
 from common.model import ModelLoadError, resolve_model_path
 
@@ -43,7 +44,7 @@ TARGET_MODULES: dict[str, list[str]] = {
 EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-class AdapterError(ValueError):
+class AdapterError(InputError, ValueError):
     """An adapter state does not fit the model: wrong keys, shapes, or non-finite values."""
 
 

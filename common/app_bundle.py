@@ -14,12 +14,14 @@ import hashlib
 import re
 from pathlib import Path
 
+from common.errors import InputError
+
 APP_DIR = Path(__file__).resolve().parents[1]  # holds pyproject.toml: the Flower app
 APP_PACKAGES = ("common", "client", "server")  # what fab-include selects
 DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
-class AppBundleError(ValueError):
+class AppBundleError(InputError, ValueError):
     """No app bundle can be built here, or a digest is malformed."""
 
 

@@ -19,12 +19,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.errors import InputError
+
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
 VALID_DAYS = 825
 
 
-class CertError(ValueError):
+class CertError(InputError, ValueError):
     """A key or certificate that cannot be made, read or used as asked."""
 
 

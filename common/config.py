@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.errors import InputError
 from common.settings import build, coerce, setting
 
 CONFIG_VERSION = 1
@@ -37,7 +38,7 @@ POOLINGS = ("pooler", "mean")
 DEFAULT_PROMPT = "### Instruction:\n{instruction}\n{input}\n### Response:\n"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A configuration value is missing, unknown or out of range; the message names the field."""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from common.config import BUILTIN_DATA, CAUSAL_LM, CLASSIFICATION, DataConfig
+from common.errors import InputError
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "default_data"
 TRAIN_NAMES = ("train.jsonl", "train.jsonl.gz")
@@ -24,7 +25,7 @@ LABELS_FILE = "labels.json"  # a data directory's label names: {"0": name, ...}
 TEST_NAMES = ("test.jsonl", "test.jsonl.gz", "validation.jsonl", "validation.jsonl.gz")
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """The data cannot be used as given; the message names the file, row or field."""
 
 

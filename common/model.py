@@ -18,6 +18,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from common.config import EMBEDDED_MODEL, ModelConfig
+from common.errors import InputError
 from common.mean_pooling import MeanPoolingClassifier
 
 # transformers reports the freshly initialised classification head on every load; that is expected.
@@ -25,7 +26,7 @@ hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(InputError, RuntimeError):
     """The model or tokenizer named in the configuration cannot be loaded."""
 
 

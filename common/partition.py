@@ -11,9 +11,10 @@ import numpy as np
 
 from common.config import PartitionConfig
 from common.data import Examples
+from common.errors import InputError
 
 
-class PartitionError(ValueError):
+class PartitionError(InputError, ValueError):
     """The requested partition cannot be built from these rows."""
 
 

@@ -12,11 +12,13 @@ import os
 import socket
 from pathlib import Path
 
+from common.errors import InputError
+
 PROC = Path("/proc")
 LISTEN = "0A"  # TCP state in /proc/net/tcp
 
 
-class PortBusy(RuntimeError):
+class PortBusy(InputError, RuntimeError):
     """The port is already in use; the message names who holds it when that can be seen."""
 
 

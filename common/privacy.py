@@ -15,8 +15,10 @@ from functools import lru_cache
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from common.errors import InputError
 
-class PrivacyError(ValueError):
+
+class PrivacyError(InputError, ValueError):
     """A privacy setting cannot be met (e.g. a budget too small for any noise level)."""
 
 

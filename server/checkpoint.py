@@ -15,12 +15,13 @@ import torch
 
 from common.adapter import fit_problem
 from common.atomic_file import write_atomic
+from common.errors import InputError
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^round-(\d{4,})\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint is missing or unreadable; the message names the file."""
 
 

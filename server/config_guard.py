@@ -15,12 +15,13 @@ from typing import Any
 
 from common.atomic_file import write_atomic
 from common.config import RunConfig
+from common.errors import InputError
 from server.federation import CONFIG_FILE
 
 MAY_CHANGE = {"federation.rounds", "output.dir"}  # output.dir is set by fedtune server itself
 
 
-class ConfigChangeError(ValueError):
+class ConfigChangeError(InputError, ValueError):
     """The configuration differs from the one the run was started with."""
 
 

@@ -29,7 +29,8 @@ from common.app_bundle import APP_DIR, app_digest
 from common.config import RunConfig
 from common.console import filtered
 from common.data import load_data
-from common.ports import PortBusy, check_free
+from common.errors import InputError
+from common.ports import check_free
 from common.process_tree import (
     StopRequested,
     become_subreaper,
@@ -43,12 +44,11 @@ from common.process_tree import (
 from common.tool_path import tool_env
 from server.app import CONFIG_FILE_KEY, NODE_NAMES_KEY, refuse_audit
 from server.checkpoint import checkpoint_rounds
-from server.config_guard import ConfigChangeError, check_restart
+from server.config_guard import check_restart
 from server.fleet_limits import fleet_limits
-from server.fleet_proxy import ProxyError, ProxySettings, nginx_binary, start_proxy
+from server.fleet_proxy import ProxySettings, nginx_binary, start_proxy
 from server.metrics_log import METRICS_FILE, read_rounds
 from server.node_registry import (
-    RegistryError,
     control_client,
     key_bytes,
     key_names,
@@ -65,11 +65,10 @@ LOCK_FILE = "server.lock"  # held by the running `fedtune server` of a state dir
 CHILDREN = ("flower-superlink", "nginx", "flwr run")  # what it starts, naming the state directory
 
 
-class DeployError(RuntimeError):
+class DeployError(InputError, RuntimeError):
     """The deployment cannot start as asked (files, ports, Flower's own tools)."""
 
 
-START_ERRORS = (DeployError, ProxyError, RegistryError, ConfigChangeError, PortBusy)  # exit 2
 
 
 @dataclass(frozen=True)

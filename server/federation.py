@@ -22,6 +22,7 @@ from common import record_keys as keys
 from common.adapter import from_record, load_trainable_state, to_record
 from common.atomic_file import write_atomic
 from common.config import CAUSAL_LM, RunConfig
+from common.errors import InputError
 from common.task import cached_task
 from server import progress as round_progress
 from server.checkpoint import (
@@ -60,7 +61,7 @@ CONFIG_FILE = "config.json"
 ADAPTER_DIR = "adapter"
 
 
-class RunDirError(RuntimeError):
+class RunDirError(InputError, RuntimeError):
     """The run directory cannot be used as asked (it holds another run, or nothing to resume)."""
 
 

@@ -19,6 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import InputError
 from server.fleet_limits import NODES_PER_ADDRESS, RATE_PER_NODE, REQUESTS_PER_NODE, FleetLimits
 
 PROXY_DIR = "fleet-proxy"  # in the state directory: configuration, pid file, temporary files
@@ -26,7 +27,7 @@ INSTALL_HINT = ("nginx is not installed; fedtune server runs it in front of the 
                 "that only the Fleet API faces the network (Debian: `apt-get install nginx`)")
 
 
-class ProxyError(RuntimeError):
+class ProxyError(InputError, RuntimeError):
     """The Fleet proxy cannot be configured or started."""
 
 

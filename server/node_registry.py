@@ -21,10 +21,12 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from common.errors import InputError
+
 _UNREGISTERED = "unregistered"  # Flower's status of a revoked node
 
 
-class RegistryError(RuntimeError):
+class RegistryError(InputError, RuntimeError):
     """The SuperLink's registered node keys cannot be made to match `--node`."""
 
 

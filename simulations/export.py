@@ -27,6 +27,7 @@ from common import modeling_mean_pooling
 from common.adapter import load_saved_adapter, load_trainable_state, public_name
 from common.config import CAUSAL_LM, RunConfig
 from common.data import load_data
+from common.errors import InputError
 from common.mean_pooling import MeanPoolingClassifier
 from common.model import load_tokenizer, resolve_model_path
 from common.task import build_model
@@ -42,7 +43,7 @@ MEAN_POOLING_AUTO_MAP = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(InputError, ValueError):
     """A run directory cannot be exported (or the output directory cannot take it)."""
 
 

@@ -28,6 +28,7 @@ from transformers import (
 from common.causal_lm import LMCollator
 from common.config import CAUSAL_LM, CLASSIFICATION, DEFAULT_PROMPT
 from common.data import file_records
+from common.errors import InputError
 from common.model import pick_device
 from common.modeling_mean_pooling import MeanPoolingConfig, MeanPoolingForSequenceClassification
 from server.checkpoint import CHECKPOINT_DIR
@@ -38,7 +39,7 @@ from simulations.export import trained_model as run_model
 HF_CONFIG = "config.json"
 
 
-class PredictError(ValueError):
+class PredictError(InputError, ValueError):
     """The model source or the input rows cannot be used; the message names which and where."""
 
 

@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
+from common.errors import InputError
 from server.metrics_log import METRICS_FILE, label_name, read_label_names, read_rounds
 
 SUMMARY = "report.md"
@@ -27,7 +28,7 @@ AUDIT_FILE = "audit.json"
 WORST_LABELS = 20  # bars in labels.png: the worst-served labels, not all 150 of banking77
 
 
-class ReportError(ValueError):
+class ReportError(InputError, ValueError):
     """The directory holds no metrics to report on."""
 
 

@@ -62,3 +62,21 @@ def test_a_negative_seed_is_one_line_and_exit_2(tmp_path, capsys, command):
     assert code == 2 and "`seed` must be in [0, 2**63), got -1" in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "run").exists() and not (tmp_path / "state" / "superlink.log").exists()
+
+
+def test_every_error_of_bad_input_is_one_input_error():
+    # the CLI maps InputError alone to exit 2: each module's error of bad input derives from it
+    from client.deploy import ServerUnreachable
+    from client.policy import PolicyError
+    from common.certs import CertError
+    from common.config import ConfigError
+    from common.data import DataError
+    from common.errors import InputError
+    from common.ports import PortBusy
+    from server.config_guard import ConfigChangeError
+    from server.deploy import DeployError
+    from simulations.export import ExportError
+
+    for error in (ServerUnreachable, PolicyError, CertError, ConfigError, DataError, PortBusy,
+                  ConfigChangeError, DeployError, ExportError):
+        assert issubclass(error, InputError), error
