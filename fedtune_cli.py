@@ -15,49 +15,45 @@ from typing import Any
 
 from common.errors import InputError
 
-# Flag -> dotted configuration key. Scripts depend on these flag names.
-FLAGS: dict[str, tuple[str, type, str]] = {
-    "--data": ("data.path", str, "data directory, CSV file, 'hf:<id>' or 'builtin'"),
-    "--model": ("model.name", str, "'embedded', a hub id or a local model directory"),
-    "--task": ("model.task", str, "classification | causal-lm"),
-    "--num-clients": ("federation.num_clients", int, "simulated clients"),
-    "--rounds": ("federation.rounds", int, "federated rounds"),
-    "--fraction-train": ("federation.fraction_train", float, "share of clients trained per round"),
-    "--strategy": ("federation.strategy", str,
-                   "fedavg | fedavgm | fedadam | fedyogi | fedadagrad | fedprox"),
-    "--server-lr": ("federation.server_lr", float, "server step size (0 = the strategy's)"),
-    "--partition": ("partition.scheme", str, "iid | dirichlet | natural"),
-    "--alpha": ("partition.alpha", float, "Dirichlet concentration"),
-    "--partition-by": ("partition.by", str, "field for the natural partition"),
-    "--max-length": ("model.max_length", int, "tokens per example"),
-    "--pooling": ("model.pooling", str, "what the classifier's head reads: mean | pooler"),
-    "--batch-size": ("train.batch_size", int, "examples per step"),
-    "--local-epochs": ("train.local_epochs", int, "local passes per round"),
-    "--local-steps": ("train.local_steps", int, "local steps per round (overrides epochs)"),
-    "--lr": ("train.lr", float, "AdamW learning rate"),
-    "--head-lr": ("train.head_lr", float, "learning rate of the fresh head (0 = --lr)"),
-    "--lora-r": ("lora.r", int, "LoRA rank"),
-    "--max-grad-norm": ("train.max_grad_norm", float,
-                        "gradient clipping norm (per example under DP-SGD)"),
-    "--dp": ("privacy.dp", bool, "train with differential privacy"),
-    "--dp-level": ("privacy.level", str, "sample (DP-SGD, per-client ledgers) | client"),
-    "--epsilon": ("privacy.epsilon", float, "target epsilon over all rounds (and budget)"),
-    "--delta": ("privacy.delta", float, "target delta (default 1/(10 n))"),
-    "--noise-multiplier": ("privacy.noise_multiplier", float,
-                           "fixed noise multiplier instead of one computed from --epsilon"),
-    "--clip-norm": ("privacy.clip_norm", float, "client level: L2 bound on each update"),
-    "--accountant": ("privacy.accountant", str,
-                     "rdp | prv (default: prv for a new ledger, an existing one's own)"),
-    "--secagg": ("secagg.enabled", bool, "secure aggregation: the server sees only the sum"),
-    "--secagg-threshold": ("secagg.threshold", int, "shares needed to rebuild a secret"),
-    "--secagg-neighbours": ("secagg.neighbours", int, "clients each one masks with (even)"),
-    "--seed": ("seed", int, "seed for everything random"),
-    "--out": ("output.dir", str, "run directory (default runs/<command>-<time>)"),
-    "--tensorboard": ("output.tensorboard", bool, "also write TensorBoard event files"),
-    "--audit": ("audit.enabled", bool, "insert secret canaries, then bound epsilon from below "
-                "(RUN_DIR/audit.json, docs/audit.md)"),
-    "--canaries": ("audit.canaries", int, "audit: number of canaries"),
-    "--canary-clients": ("audit.clients", int, "audit: clients holding the canaries"),
+# Flag -> dotted run-configuration key; type, help and default come from the field
+# (common/config.py). Scripts depend on these flag names.
+FLAGS: dict[str, str] = {
+    "--data": "data.path",
+    "--model": "model.name",
+    "--task": "model.task",
+    "--num-clients": "federation.num_clients",
+    "--rounds": "federation.rounds",
+    "--fraction-train": "federation.fraction_train",
+    "--strategy": "federation.strategy",
+    "--server-lr": "federation.server_lr",
+    "--partition": "partition.scheme",
+    "--alpha": "partition.alpha",
+    "--partition-by": "partition.by",
+    "--max-length": "model.max_length",
+    "--pooling": "model.pooling",
+    "--batch-size": "train.batch_size",
+    "--local-epochs": "train.local_epochs",
+    "--local-steps": "train.local_steps",
+    "--lr": "train.lr",
+    "--head-lr": "train.head_lr",
+    "--lora-r": "lora.r",
+    "--max-grad-norm": "train.max_grad_norm",
+    "--dp": "privacy.dp",
+    "--dp-level": "privacy.level",
+    "--epsilon": "privacy.epsilon",
+    "--delta": "privacy.delta",
+    "--noise-multiplier": "privacy.noise_multiplier",
+    "--clip-norm": "privacy.clip_norm",
+    "--accountant": "privacy.accountant",
+    "--secagg": "secagg.enabled",
+    "--secagg-threshold": "secagg.threshold",
+    "--secagg-neighbours": "secagg.neighbours",
+    "--seed": "seed",
+    "--out": "output.dir",
+    "--tensorboard": "output.tensorboard",
+    "--audit": "audit.enabled",
+    "--canaries": "audit.canaries",
+    "--canary-clients": "audit.clients",
 }
 
 
@@ -240,14 +236,21 @@ def run_deployment(args: argparse.Namespace) -> int:
                                app_digests=tuple(args.app_digest), verbose=args.verbose))
 
 
+FLAG_TYPES = {"int": int, "float": float, "str": str, "float | None": float}
+
+
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    for flag, (_, kind, text) in FLAGS.items():
-        dest = flag[2:].replace("-", "_")
-        if kind is bool:
-            parser.add_argument(flag, action="store_const", const=True, help=text, dest=dest)
+    from common.config import flag_help, run_field
+
+    for flag, key in FLAGS.items():
+        dest, field = flag[2:].replace("-", "_"), run_field(key)
+        if field.type == "bool":
+            parser.add_argument(flag, action="store_const", const=True, dest=dest,
+                                help=flag_help(field))
         else:
-            parser.add_argument(flag, type=kind, help=text, dest=dest)
+            parser.add_argument(flag, type=FLAG_TYPES[field.type], dest=dest,
+                                help=flag_help(field))
 
 
 def resolve_config(args: argparse.Namespace) -> Any:
@@ -255,7 +258,7 @@ def resolve_config(args: argparse.Namespace) -> Any:
     from common.config import RunConfig, with_run_dir
 
     overrides = {key: getattr(args, flag[2:].replace("-", "_"))
-                 for flag, (key, _, _) in FLAGS.items()}
+                 for flag, key in FLAGS.items()}
     overrides = {key: value for key, value in overrides.items() if value is not None}
     if getattr(args, "resume", None):
         extra = sorted(set(overrides) - {"federation.rounds"})

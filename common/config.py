@@ -607,3 +607,20 @@ def _build_section(name: str, kind: type, values: Any) -> Any:
         raise ConfigError(f"`{name}` must be a table of settings, got {values!r}")
     return build(kind, values, ConfigError, label=lambda key: f"{name}.{key}",
                  unknown_keys="unknown configuration keys")
+
+
+def run_field(key: str) -> dataclasses.Field:
+    """The field behind a dotted run-configuration key: a flag's type, help and default."""
+    kind: Any = RunConfig
+    *sections, name = key.split(".")
+    for section in sections:
+        kind = next(f.default_factory for f in dataclasses.fields(kind) if f.name == section)
+    return next(f for f in dataclasses.fields(kind) if f.name == name)
+
+
+def flag_help(field: dataclasses.Field) -> str:
+    """A flag's help: the field's own text, and its default unless it is off or empty."""
+    text = field.metadata["help"]
+    if field.default in (False, "", None, dataclasses.MISSING):
+        return text
+    return f"{text} (default: {field.default})"

@@ -80,3 +80,22 @@ def test_every_error_of_bad_input_is_one_input_error():
     for error in (ServerUnreachable, PolicyError, CertError, ConfigError, DataError, PortBusy,
                   ConfigChangeError, DeployError, ExportError):
         assert issubclass(error, InputError), error
+
+
+def test_run_flags_take_type_help_and_default_from_the_configuration_fields():
+    import argparse
+    import re
+
+    from common.config import RunConfig, run_field
+    from fedtune_cli import FLAGS, build_parser
+
+    simulate = next(a for a in build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction)).choices["simulate"]
+    actions = {a.option_strings[0]: a for a in simulate._actions if a.option_strings}
+    defaults = RunConfig().to_flat()
+    for flag, key in FLAGS.items():
+        field, shown = run_field(key), actions[flag].help
+        assert shown.startswith(field.metadata["help"]), flag
+        named = re.search(r"\(default: ([^)]*)\)$", shown)
+        if named:  # a default the help names is the field's, as a run resolves it
+            assert named[1] == str(defaults[key]), (flag, named[1], defaults[key])
