@@ -93,7 +93,8 @@ def adapter_sizes(config: RunConfig) -> list[int]:
         if config.model.task == CAUSAL_LM:
             base = AutoModelForCausalLM.from_config(shape)
         else:
-            labels = load_data(config.data, config.seed, config.model.task).num_labels
+            labels = load_data(config.data, config.seed, config.model.task,
+                               held_out_only=True).num_labels
             if config.model.pooling == "mean":
                 base = MeanPoolingClassifier(AutoModel.from_config(shape), labels)
             else:
