@@ -266,14 +266,12 @@ def resolve_config(args: argparse.Namespace) -> Any:
             dropped = ", ".join(extra) or "--config"
             raise InputError(f"--resume uses the run's saved configuration; drop {dropped}")
 
-        from server.federation import CONFIG_FILE
+        from common.run_dir import CONFIG_FILE, saved_config
 
-        saved = Path(args.resume) / CONFIG_FILE
-        if not saved.is_file():
+        saved = saved_config(args.resume)
+        if saved is None:
             raise InputError(f"{args.resume} holds no fedtune run to resume (no {CONFIG_FILE})")
-        from simulations.export import read_run_config
-
-        return read_run_config(Path(args.resume)).with_overrides(overrides)
+        return saved.with_overrides(overrides)
     config = RunConfig.from_toml(args.config) if args.config else RunConfig()
     return with_run_dir(config.with_overrides(overrides), args.command)
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
@@ -12,7 +10,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import console
 from common.config import ConfigError, RunConfig, with_run_dir
-from server.federation import CONFIG_FILE, run_federation
+from common.run_dir import saved_config
+from server.federation import run_federation
 from server.node_registry import read_node_names
 
 console.quiet_worker()  # in a deployed ServerApp's process: Flower's records once, less noise
@@ -63,10 +62,9 @@ def config_from_run_config(values: Mapping[str, Any]) -> tuple[RunConfig, bool]:
         config = RunConfig.from_mapping(values)
     refuse_audit(config)
     config = with_run_dir(config, "flwr")
-    saved = Path(config.output.dir) / CONFIG_FILE
-    if not saved.exists():
+    previous = saved_config(config.output.dir)
+    if previous is None:
         return config, False
-    previous = RunConfig.from_mapping(json.loads(saved.read_text()))
     return previous.with_overrides({"federation.rounds": config.federation.rounds}), True
 
 

@@ -16,8 +16,8 @@ import torch
 from common.adapter import fit_problem
 from common.atomic_file import write_atomic
 from common.errors import InputError
+from common.run_dir import CHECKPOINT_DIR
 
-CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^round-(\d{4,})\.pt$")
 
 

@@ -17,8 +17,7 @@ from common.atomic_file import write_atomic
 from common.client_dp import State, client_level_plan
 from common.config import RunConfig
 from common.privacy import epsilon_spent
-
-RELEASES_FILE = "client_level_releases.json"
+from common.run_dir import RELEASES_FILE
 
 
 class ReleaseLog:

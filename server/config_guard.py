@@ -8,7 +8,6 @@ TOML becomes the run's configuration and the replaced one is kept beside it.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 from common.atomic_file import write_atomic
 from common.config import RunConfig
 from common.errors import InputError
-from server.federation import CONFIG_FILE
+from common.run_dir import CONFIG_FILE, saved_config
 
 MAY_CHANGE = {"federation.rounds", "output.dir"}  # output.dir is set by fedtune server itself
 
@@ -40,7 +39,7 @@ def check_restart(run_dir: Path, new: RunConfig, *, accept: bool) -> list[str]:
     saved_file = run_dir / CONFIG_FILE
     if not saved_file.is_file():
         return []
-    saved = RunConfig.from_mapping(_read(saved_file))
+    saved = saved_config(run_dir)
     changed = changed_keys(saved, new)
     if not changed:
         return []
@@ -57,12 +56,6 @@ def check_restart(run_dir: Path, new: RunConfig, *, accept: bool) -> list[str]:
     write_atomic(saved_file, merged.to_json().encode())
     return changed
 
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ConfigChangeError(f"{path} is unreadable: {error}") from None
 
 
 def _flat(config: RunConfig, key: str) -> Any:

@@ -41,13 +41,14 @@ from common.process_tree import (
     stop_pids,
     stop_tree,
 )
+from common.run_dir import METRICS_FILE
 from common.tool_path import tool_env
 from server.app import CONFIG_FILE_KEY, NODE_NAMES_KEY, refuse_audit
 from server.checkpoint import checkpoint_rounds
 from server.config_guard import check_restart
 from server.fleet_limits import fleet_limits
 from server.fleet_proxy import ProxySettings, nginx_binary, start_proxy
-from server.metrics_log import METRICS_FILE, read_rounds
+from server.metrics_log import read_rounds
 from server.node_registry import (
     control_client,
     key_bytes,

@@ -20,9 +20,8 @@ from flwr.serverapp import Grid
 
 from common import record_keys as keys
 from common.adapter import from_record, load_trainable_state, to_record
-from common.atomic_file import write_atomic
 from common.config import CAUSAL_LM, RunConfig
-from common.errors import InputError
+from common.run_dir import ADAPTER_DIR, CONFIG_FILE, RunDirError, write_config
 from common.task import cached_task
 from server import progress as round_progress
 from server.checkpoint import (
@@ -56,13 +55,6 @@ from server.strategies.fedavg import SeededFedAvg
 from server.strategies.server_optimizer import server_optimizer
 from server.tensorboard_log import TensorBoardLog
 from server.train_outcome import TrainOutcome, refused, reported_epsilon, retire_refusing
-
-CONFIG_FILE = "config.json"
-ADAPTER_DIR = "adapter"
-
-
-class RunDirError(InputError, RuntimeError):
-    """The run directory cannot be used as asked (it holds another run, or nothing to resume)."""
 
 
 def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
@@ -254,7 +246,7 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, *, resume: bool) -> None:
     if has_run:
         raise RunDirError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "
                           f"or choose another --out")
-    write_atomic(run_dir / CONFIG_FILE, config.to_json().encode())
+    write_config(run_dir, config)
 
 
 def _bytes(messages: list[Message]) -> int:

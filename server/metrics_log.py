@@ -9,10 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic_file import write_atomic
-
-METRICS_FILE = "metrics.jsonl"
-SAMPLES_FILE = "samples.jsonl"
-LABEL_NAMES_FILE = "labels.json"  # {"0": name, ...}, as in a data directory
+from common.run_dir import LABEL_NAMES_FILE, METRICS_FILE, SAMPLES_FILE
 
 
 def append_round(run_dir: Path, row: dict[str, Any], file: str = METRICS_FILE) -> None:

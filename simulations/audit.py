@@ -29,10 +29,10 @@ from common.config import CAUSAL_LM, RunConfig
 from common.data import Examples
 from common.one_run_audit import best_guess, tpr_at_fpr
 from common.privacy import default_delta
+from common.run_dir import AUDIT_FILE
 from common.task import Task, cached_task
 from server.checkpoint import latest_checkpoint
 from server.metrics_log import read_rounds
-from simulations.report import AUDIT_FILE
 
 LOW_FPR = 0.01
 

@@ -13,10 +13,11 @@ from typing import Any
 from common.adapter import trainable_state
 from common.config import RunConfig
 from common.data import Examples
+from common.run_dir import ADAPTER_DIR
 from common.task import Task, cached_task
 from server import progress
 from server.evaluation import evaluate_centrally, task_columns
-from server.federation import ADAPTER_DIR, prepare_run_dir
+from server.federation import prepare_run_dir
 from server.metrics_log import append_round, read_rounds, write_label_names
 from server.tensorboard_log import TensorBoardLog
 

@@ -30,9 +30,9 @@ from common.data import load_data
 from common.errors import InputError
 from common.mean_pooling import MeanPoolingClassifier
 from common.model import load_tokenizer, resolve_model_path
+from common.run_dir import ADAPTER_DIR, CONFIG_FILE, saved_config
 from common.task import build_model
 from server.checkpoint import latest_checkpoint
-from server.federation import ADAPTER_DIR, CONFIG_FILE
 from server.metrics_log import read_label_names, read_rounds
 
 READING_FILE = "fedtune.json"  # how the exported model reads a row (ReadingSettings)
@@ -83,16 +83,10 @@ class TrainedModel:
 def read_run_config(run_dir: Path) -> RunConfig:
     """The configuration a run saved (to resume or export it); a run saved before `model.pooling`
     existed read the pooler."""
-    saved = Path(run_dir) / CONFIG_FILE
-    if not saved.is_file():
+    config = saved_config(run_dir)
+    if config is None:
         raise ExportError(f"{run_dir} holds no fedtune run (no {CONFIG_FILE})")
-    try:
-        values = json.loads(saved.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ExportError(f"{saved} is unreadable: {error}") from None
-    if isinstance(values.get("model"), dict):  # runs saved before model.pooling read
-        values["model"].setdefault("pooling", "pooler")  # the pooler, their adapter's head
-    return RunConfig.from_mapping(values)
+    return config
 
 
 def trained_model(run_dir: Path) -> TrainedModel:

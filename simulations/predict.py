@@ -31,8 +31,7 @@ from common.data import file_records
 from common.errors import InputError
 from common.model import pick_device
 from common.modeling_mean_pooling import MeanPoolingConfig, MeanPoolingForSequenceClassification
-from server.checkpoint import CHECKPOINT_DIR
-from server.federation import ADAPTER_DIR
+from common.run_dir import ADAPTER_DIR, CHECKPOINT_DIR
 from simulations.export import READING_FILE, ReadingSettings, TrainedModel, read_run_config
 from simulations.export import trained_model as run_model
 

@@ -21,10 +21,10 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from common.errors import InputError
-from server.metrics_log import METRICS_FILE, label_name, read_label_names, read_rounds
+from common.run_dir import AUDIT_FILE, METRICS_FILE
+from server.metrics_log import label_name, read_label_names, read_rounds
 
 SUMMARY = "report.md"
-AUDIT_FILE = "audit.json"
 WORST_LABELS = 20  # bars in labels.png: the worst-served labels, not all 150 of banking77
 
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from common.config import RunConfig
+from common.run_dir import CONFIG_FILE
 from server.config_guard import ConfigChangeError, changed_keys, check_restart
-from server.federation import CONFIG_FILE
 
 
 def started_run(tmp_path, **overrides) -> tuple[RunConfig, object]:
