@@ -162,7 +162,8 @@ def _busy_ports_are_one_line(federation: Federation, node_a: subprocess.Popen) -
                    "--root-cert", federation.root / "certs" / "ca.pem", "--node-key",
                    federation.root / "keys" / "hospital-b.key", "--data",
                    federation.root / "data-b", "--ledger", federation.root / "ledger-twin",
-                   "--port", node_port, *BUDGET, "8", home="flwr-twin")
+                   "--port", node_port, "--peers", federation.peers.directory, *BUDGET, "8",
+                   home="flwr-twin")
     assert twin.returncode == 2 and twin.stderr.count("\n") == 1, twin.stderr
     assert f"port {node_port} on 127.0.0.1 is already in use" in twin.stderr
     assert "choose another --port" in twin.stderr
