@@ -202,7 +202,7 @@ def test_a_client_killed_mid_round_does_not_stop_the_run(tmp_path, tiny_model_di
 def test_bad_client_input_is_one_line_and_exit_2(federation, args, message):
     base = {"--server": f"127.0.0.1:{federation.port}", "--root-cert": "certs/ca.pem",
             "--node-key": "keys/hospital-a.key", "--data": "data-a", "--ledger": "ledger-a",
-            "--budget-epsilon": "8", "--peers": "peers"}
+            "--budget-epsilon": "8", "--peers": "peers", "--port": str(free_port())}
     base.update(dict(zip(args[::2], args[1::2], strict=True)))
     flags = [str(x) for k, v in base.items() if v is not None for x in (k, v)]
     done = subprocess.run([sys.executable, "-m", "fedtune_cli", "client", *flags],
