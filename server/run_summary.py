@@ -24,8 +24,9 @@ def shortfall(rows: list[dict[str, Any]], rounds: int) -> str | None:
     last = rows[-1]
     if "round_abandoned" in last:
         return (f"round {last['round']} was abandoned ({last['round_abandoned']}); {since}. "
-                "Extend federation.rounds to train more (a node that spent its budget trains "
-                "again once its operator raises it)")
+                "Extend federation.rounds to train more (a node refused for its budget or its "
+                "per-run cap trains again once its operator raises --budget-epsilon or "
+                "--max-epsilon-per-run)")
     if last["round"] < rounds:
         return (f"the run stopped after round {last['round']} of {rounds}: no client was left "
                 "to train (budgets spent or node policies refusing); started again, it "
