@@ -26,12 +26,13 @@ def timed_run(command: str, flags: list[str], out: Path) -> float:
 
 def examples_trained(flags: list[str]) -> int:
     """Rows the clients train on per round, times rounds (every client trains every round)."""
-    from common.config import RunConfig
+    from common.config import RunConfig, run_field
     from common.task import cached_task
-    from fedtune_cli import FLAGS
+    from fedtune_cli import FLAG_TYPES, FLAGS
 
     pairs = dict(zip(flags[::2], flags[1::2], strict=True))
-    values = {FLAGS[flag][0]: FLAGS[flag][1](value) for flag, value in pairs.items()}
+    values = {FLAGS[flag]: FLAG_TYPES[run_field(FLAGS[flag]).type](value)
+              for flag, value in pairs.items()}
     config = RunConfig.from_mapping(values)
     task = cached_task(config)
     clients = config.federation.num_clients
