@@ -39,7 +39,7 @@ from client.request import Request
 from common.adapter import fit_problem
 from common.client_dp import client_level_plan
 from common.config import CLASSIFICATION, RunConfig
-from common.privacy import PrivacyError, default_delta, epsilon_spent
+from common.privacy import GaussianEvent, PrivacyError, default_delta, epsilon_spent
 from common.task import Task
 
 ADAPTER = "adapter"  # the received adapter does not fit this node's model or limits
@@ -206,9 +206,20 @@ def plan_violations(policy: NodePolicy, plan: DPRoundPlan, ledger: Ledger, confi
         broken.append(f"{ROUND_CAP}: one round of this plan costs epsilon {one_round:.3g}, above "
                       f"this node's {policy.round_cap():g}")
     remaining = max(1, config.federation.rounds - server_round + 1)
-    earlier = [e.event for e in ledger.entries if e.run == run]
-    planned = epsilon_spent(earlier + [event] * remaining, plan.delta, ledger.accountant)
-    if planned > policy.run_cap() and not math.isclose(planned, policy.run_cap()):
+    planned = run_cost(ledger, run, [event] * remaining, plan.delta)
+    if above_cap(planned, policy.run_cap()):
         broken.append(f"{RUN_CAP}: this run plans epsilon {planned:.3g} over its rounds, above "
                       f"this node's {policy.run_cap():g}")
     return broken
+
+
+def run_cost(ledger: Ledger, run: str, more: list[GaussianEvent], delta: float) -> float:
+    """Epsilon of what `run` recorded in `ledger` so far plus `more` events: what the per-run
+    cap is held to (a training plan's rounds, or an evaluation answer and the rounds after it)."""
+    earlier = [entry.event for entry in ledger.entries if entry.run == run]
+    return epsilon_spent(earlier + more, delta, ledger.accountant)
+
+
+def above_cap(cost: float, cap: float) -> bool:
+    """Above the cap, not merely at it within rounding (a plan calibrated to the cap)."""
+    return cost > cap and not math.isclose(cost, cap)

@@ -17,10 +17,12 @@ from flwr.app import Message, RecordDict
 
 from client.admission import (
     Refused,
+    above_cap,
     adapter_violations,
     model_violations,
     planning,
     request_violations,
+    run_cost,
 )
 from client.dp_sgd import plan_round
 from client.ledger import Ledger
@@ -68,7 +70,7 @@ def admit_evaluation(request: Request) -> Refused | None:
     if ledger.epsilon_after(event) > policy.budget():
         return Refused([f"{BUDGET}: exhausted"], spent=ledger.spent())
     with_training = _run_with_answer(request, ledger, event)
-    if with_training > policy.run_cap() and not math.isclose(with_training, policy.run_cap()):
+    if above_cap(with_training, policy.run_cap()):
         return Refused([f"{RUN_CAP}: this answer and the run's planned training would cost "
                         f"epsilon {with_training:.3g}, above this node's {policy.run_cap():g} "
                         "(training goes on; a run cap above the run's epsilon leaves room for "
@@ -81,15 +83,15 @@ def _run_with_answer(request: Request, ledger: Ledger, event: GaussianEvent) -> 
     training round still planned after this one. Training comes first: the run cap is shared,
     and an answer that would crowd out a planned round is refused instead."""
     config, delta = request.config, request.node.policy.delta
-    history = [e.event for e in ledger.entries if e.run == request.run] + [event]
+    more = [event]
     remaining = config.federation.rounds - request.server_round
     planning_rows = planning(request)[0]
     # a plan with no noise reaching the run's epsilon is refused when asked: it costs nothing
     with contextlib.suppress(PrivacyError):
         if config.privacy.sample_level and remaining > 0 and planning_rows:
             plan = plan_round(config, planning_rows, delta, ledger.accountant)
-            history += [plan.event] * remaining
-    return epsilon_spent(history, delta, ledger.accountant)
+            more += [plan.event] * remaining
+    return run_cost(ledger, request.run, more, delta)
 
 
 def answer(request: Request) -> Message:
