@@ -234,7 +234,8 @@ def _supervise(command: list[str], settings: ClientSettings, watch: LedgerWatch)
             if refusals > 1 and time.monotonic() - refused_since >= settings.wait_server:
                 print(f"fedtune: error: {unknown_node(settings)}", file=sys.stderr, flush=True)
                 return 1
-            why = "refused this node's key (not registered yet?)"
+            why = ("refused this node's key (not registered yet, or this node's last session, "
+                   "ended without a goodbye, counts for up to a minute)")
         else:
             refused_since, refusals = 0.0, 0
             if time.monotonic() - started > MAX_RESTART_DELAY:  # it ran: a fresh back-off

@@ -58,6 +58,7 @@ from server.node_registry import (
     write_node_names,
 )
 from server.run_summary import shortfall, summary_line
+from server.stale_nodes import end_stale_sessions
 
 RUN_DIR = "run"
 NODE_NAMES_FILE = "node-names.json"  # {node id: name} the ServerApp names nodes by
@@ -169,6 +170,7 @@ def _start_and_run(settings: ServerSettings, config: RunConfig, federation: _Fed
     env = tool_env({**os.environ, "FLWR_HOME": str((state / "flwr-home").resolve())})
     link_port = settings.local_port or _free_loopback_port()
     link_log = (state / "superlink.log").open("ab")
+    end_stale_sessions(state / "superlink.db")  # no SuperLink runs: no node is online
     superlink = federation.start(subprocess.Popen(
         [_tool("flower-superlink"), "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert),
          "--ssl-keyfile", str(key), "--enable-supernode-auth",

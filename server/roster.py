@@ -21,6 +21,15 @@ from flwr.serverapp import Grid
 from common import record_keys as keys
 
 
+def answering_node(reply: Message, sent: list[Message]) -> int:
+    """The node a reply answers for. An error the SuperLink writes in a node's place (it
+    stopped heartbeating, or did not answer in time) has the SuperLink as its sender."""
+    for message in sent:
+        if message.metadata.message_id == reply.metadata.reply_to_message_id:
+            return message.metadata.dst_node_id
+    return reply.metadata.src_node_id
+
+
 class Roster:
     """Maps connected node ids to names; retired names are never sampled again."""
 
@@ -86,7 +95,7 @@ class Roster:
         queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
                    for n in node_ids]
         for reply in grid.send_and_receive(queries, timeout=timeout):
-            node_id = reply.metadata.src_node_id
+            node_id = answering_node(reply, queries)
             if reply.has_error():
                 log(WARNING, "Node %d did not identify itself: %s", node_id, reply.error.reason)
                 continue

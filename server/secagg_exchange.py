@@ -31,6 +31,7 @@ from common.secagg.records import (
 from common.secagg.summation import ImpossibleSum, vector_length
 from server.client_dp import ReleaseLog
 from server.replies import check_masked_metrics
+from server.roster import answering_node
 from server.secagg import SecAggAbort, SecAggServer
 from server.strategies.fedavg import SeededFedAvg
 from server.train_outcome import (
@@ -147,7 +148,7 @@ class _Link:
         self.bytes_down += sum(_size(m) for m in messages)
         replies = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
-            name = self.roster.name_of(reply.metadata.src_node_id)
+            name = self.roster.name_of(answering_node(reply, messages))
             if reply.has_error():
                 log(WARNING, "%s failed at %s: %s", name, action, reply.error.reason)
                 continue

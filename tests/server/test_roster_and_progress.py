@@ -146,3 +146,19 @@ def test_a_deployed_roster_names_nodes_by_their_registered_key_alone():
     roster.refresh(grid, wait_for=2, timeout=5)
     assert roster.active() == [("hospital-a", 11), ("hospital-b", 12)]
     assert grid.sent == []  # nobody is asked: a node cannot choose its name
+
+
+def test_an_error_the_superlink_writes_for_a_silent_node_is_named_after_that_node():
+    from flwr.app import Error
+
+    from server.roster import answering_node
+
+    grid = FakeGrid({7: "hospital-a", 9: "hospital-b"})
+    sent = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in (7, 9)]
+    grid.push_messages(sent)
+    unavailable = Message(Error(code=3, reason="Node Unavailable"), reply_to=sent[1])
+    unavailable.metadata.__dict__["_src_node_id"] = 1  # the SuperLink's, as Flower writes it
+    assert unavailable.metadata.src_node_id == 1
+    assert answering_node(unavailable, sent) == 9
+    answered = Message(RecordDict(), reply_to=sent[0])
+    assert answering_node(answered, sent) == 7
