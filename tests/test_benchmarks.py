@@ -62,3 +62,17 @@ def test_the_feature_probe_pools_only_real_tokens_and_fits_separable_features(ti
     y = (x[:, 0] > 0).long()
     assert probe(x, y, x, y, 2) > 0.95
     assert probe(x, 1 - y, x, y, 2) < 0.05  # scored on the test labels, not the training ones
+
+
+def test_the_gpu_round_harness_runs_the_real_apps_in_one_process(tmp_path):
+    """benchmarks/gpu_round on a CPU (no quantisation): the apps train and the ledger counts."""
+    import argparse
+
+    from benchmarks.gpu_round import run_rounds
+
+    args = argparse.Namespace(quantize="none", dp=True, hidden=64, layers=2, clients=2, rounds=2)
+    figures = run_rounds(tmp_path / "work", args)
+    rows = figures["rounds"]
+    assert [r["round"] for r in rows] == [1, 2] and all(r["clients"] == 2 for r in rows)
+    assert rows[-1]["perplexity"] < rows[0]["perplexity"] * 1.05
+    assert 0 < max(rows[-1]["epsilon"].values()) <= 8
