@@ -45,6 +45,10 @@ def default_threshold(holders: int) -> int:
     return max(2, two_thirds(holders))
 
 
+def _counted(clients: int) -> str:
+    return "no client" if clients == 0 else "1 client" if clients == 1 else f"{clients} clients"
+
+
 @dataclass
 class SecAggServer:
     """One round of the protocol at the server."""
@@ -64,9 +68,12 @@ class SecAggServer:
         names = sorted(keys)
         k = min(max(self.neighbours_setting, default_neighbours(len(names))), len(names) - 1)
         t = self.threshold_setting or default_threshold(k + 1)
-        if len(names) < 3 or t > k + 1:
-            raise SecAggAbort(f"{len(names)} clients with {k} neighbours each cannot meet "
-                              f"threshold {t}")
+        if len(names) < 3:
+            raise SecAggAbort(f"{_counted(len(names))} sent usable keys; a secure sum needs 3 "
+                              "at least")
+        if t > k + 1:
+            raise SecAggAbort(f"{_counted(len(names))} with {k} neighbours each cannot meet "
+                              f"threshold {t} (secagg.threshold)")
         c_public, s_public = [keys[n][0] for n in names], [keys[n][1] for n in names]
         self.cohort = Cohort(names, c_public, s_public, k, t,
                              graph_seed(self.session, names, c_public, s_public),

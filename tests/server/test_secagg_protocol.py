@@ -630,3 +630,13 @@ def test_a_third_of_the_cohort_withholding_its_noise_leaves_the_accounted_noise_
     released = total[:-3]
     assert released.std() >= 0.98 * z * clip  # what the accountant assumes (std error 0.5%)
     assert released.std() == pytest.approx(z * clip, rel=0.02)
+
+
+def test_a_cohort_too_small_for_a_secure_sum_says_how_many_sent_keys():
+    with pytest.raises(SecAggAbort, match=r"^1 client sent usable keys; a secure sum needs 3"):
+        Round(1).cohort()
+    with pytest.raises(SecAggAbort, match=r"^no client sent usable keys"):
+        SecAggServer(server_round=1).make_cohort({})
+    with pytest.raises(SecAggAbort, match=r"^4 clients with 3 neighbours each cannot meet "
+                                          r"threshold 5 \(secagg.threshold\)"):
+        Round(4, threshold=5).cohort()
