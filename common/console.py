@@ -24,7 +24,10 @@ QUIET_WORKERS = "FEDTUNE_QUIET_WORKERS"  # set for its Ray workers by a non-verb
 QUIET_APPS = "FEDTUNE_QUIET_APPS"
 # A relayed line (a SuperNode's or `flwr run --stream`'s output) dropped unless --verbose.
 _NOISE = re.compile(r"DEBUG|Warning:|warnings\.warn\(|DEPRECATED|deprecated feature|"
-                    r"It will be removed|^\s*$|entirely in future versions", re.IGNORECASE)
+                    r"It will be removed|^\s*$|entirely in future versions|"
+                    # `flwr run --stream`'s own steps: fedtune's ready line already said them
+                    r"^Using SuperLink:|Starting logstream|Start `flwr-serverapp` process",
+                    re.IGNORECASE)
 # Flower's `log(INFO, "")`, a line with a level and nothing else: never shown
 _EMPTY_RECORD = re.compile(r"^\s*(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*$")
 _COLOUR = re.compile(r"\x1b\[[0-9;]*m")

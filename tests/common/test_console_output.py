@@ -18,6 +18,15 @@ def test_colour_codes_reach_a_terminal_only():
         b"INFO :      round 1 done\n"]
 
 
+def test_flwr_runs_own_steps_are_shown_only_when_verbose():
+    steps = [b"Using SuperLink: fedtune (127.0.0.1:42625)\n",
+             b"\x1b[92mINFO \x1b[0m:      Starting logstream for run_id `1847756857218007979`\n",
+             b"INFO :      Start `flwr-serverapp` process\n"]
+    started = b"Successfully started run 1847756857218007979\n"  # the run id: kept
+    assert list(console.filtered([*steps, started], verbose=False)) == [started]
+    assert list(console.filtered([*steps, started], verbose=True)) == [*steps, started]
+
+
 @pytest.mark.parametrize("verbose", [False, True])
 def test_a_record_with_nothing_in_it_is_never_shown(verbose):
     empty = [b"\x1b[92mINFO \x1b[0m:      \n", b"INFO :      \n", b"WARNING :   \n"]
