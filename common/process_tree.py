@@ -111,9 +111,12 @@ def stop_pids(pids: Iterable[int], grace: float = 10.0) -> list[int]:
         time.sleep(0.1)
     killed = [pid for pid in pids if alive(pid)]
     _signal_all(killed, signal.SIGKILL)
-    time.sleep(0.1)
-    _reap(pids)
-    return killed
+    deadline = time.monotonic() + 5.0  # SIGKILL takes effect soon, not at once
+    while True:
+        _reap(pids)
+        if not any(alive(pid) for pid in killed) or time.monotonic() >= deadline:
+            return killed
+        time.sleep(0.1)
 
 
 def mentioning(text: str, commands: tuple[str, ...]) -> list[int]:

@@ -33,6 +33,7 @@ from common.errors import InputError
 from common.ports import check_free
 from common.process_tree import (
     StopRequested,
+    alive,
     become_subreaper,
     descendants,
     ignore_signals,
@@ -139,6 +140,10 @@ def _stop_leftovers(state: Path) -> None:
     pids = [pid for root in found for pid in (root, *descendants(root))]
     if pids:
         stop_pids(pids)
+        left = [pid for pid in pids if alive(pid)]
+        if left:  # a SuperLink left on this database would fight the new one for it
+            raise DeployError(f"processes {', '.join(map(str, left))} of an earlier fedtune "
+                              f"server on {state} did not stop; stop them and start again")
         print(f"fedtune: stopped {len(found)} processes an earlier fedtune server left running "
               f"on {state} (pids {', '.join(map(str, found))})", file=sys.stderr, flush=True)
 

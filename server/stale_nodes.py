@@ -9,8 +9,9 @@ waits for it. No SuperLink is running when `fedtune server` starts one, so no ro
 
 from __future__ import annotations
 
+import os
 import sqlite3
-import time
+from datetime import UTC, datetime
 from logging import WARNING
 from pathlib import Path
 
@@ -20,13 +21,22 @@ ONLINE, OFFLINE = "online", "offline"  # Flower's NodeStatus values, as stored
 
 
 def end_stale_sessions(database: Path) -> int:
-    """Mark every node the database holds online as offline now; the number marked."""
+    """Mark every node the database holds online as offline now; the number marked. Nothing is
+    marked while another process holds the database open (a SuperLink still on it)."""
     if not database.exists():
         return 0
+    holders = open_by_others(database)
+    if holders:
+        log(WARNING, "%s is open in processes %s; its nodes are left as they are", database,
+            ", ".join(map(str, holders)))
+        return 0
+    stopped = datetime.now(UTC)
     try:
         with sqlite3.connect(database, timeout=30) as db:
-            marked = db.execute("UPDATE node SET status = ?, online_until = ? WHERE status = ?",
-                                (OFFLINE, time.time(), ONLINE)).rowcount
+            marked = db.execute(
+                "UPDATE node SET status = ?, online_until = ?, last_deactivated_at = ? "
+                "WHERE status = ?", (OFFLINE, stopped.timestamp(), stopped.isoformat(), ONLINE),
+            ).rowcount
         db.close()
     except sqlite3.Error as error:  # another Flower schema: its nodes wait out their lease
         log(WARNING, "could not mark the nodes of %s offline (%s); a node started again within "
@@ -34,3 +44,17 @@ def end_stale_sessions(database: Path) -> int:
             database, error)
         return 0
     return marked
+
+
+def open_by_others(path: Path) -> list[int]:
+    """The processes other than this one with `path` open (those whose /proc this user reads)."""
+    target, holders = str(path.resolve()), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) == target for fd in (entry / "fd").iterdir()):
+                holders.append(int(entry.name))
+        except OSError:  # gone, or another user's
+            continue
+    return holders

@@ -36,3 +36,25 @@ def test_another_schema_is_a_warning_not_a_crash(tmp_path):
     database = tmp_path / "superlink.db"
     sqlite3.connect(database).execute("CREATE TABLE other (x)").connection.commit()
     assert end_stale_sessions(database) == 0
+
+
+def test_a_database_another_process_holds_open_is_left_alone(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    database = tmp_path / "superlink.db"
+    state = _link_state(database)
+    node = state.create_node("aid", "hospital-a", b"key-a", 30.0)
+    assert state.activate_node(node, 30.0)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; f = open(sys.argv[1]); "
+                               "print(1, flush=True); time.sleep(60)", str(database)],
+                              stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"1"
+        assert end_stale_sessions(database) == 0  # a SuperLink may still be on it
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    assert end_stale_sessions(database) == 1
