@@ -66,7 +66,7 @@ def run(flags: list[str], out: Path, defect: str | None = None) -> dict:
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     keep = ("epsilon_lower_bound", "epsilon_reported", "delta", "confidence", "canaries",
             "canaries_included", "guesses", "guesses_right", "guesses_tried", "tpr_at_1pct_fpr",
-            "defect")
+            "defect", "epsilon_detectable_max", "underpowered")
     injected = f"FEDTUNE_INJECT_DEFECT={defect} " if defect else ""
     return {"fedtune": injected + " ".join(["simulate", *flags]), "accuracy": last["accuracy"],
             **{key: audit[key] for key in keep}}

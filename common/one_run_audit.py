@@ -102,6 +102,16 @@ def best_guess(scores: Sequence[float], included: Sequence[bool], delta: float,
     return tuple(tried)
 
 
+def detectable_ceiling(m: int, delta: float, confidence: float,
+                       shares: Sequence[float] = POSITIVE_SHARES) -> float:
+    """The largest bound `best_guess` can give on m canaries, with every guess right: an audit
+    cannot tell apart two runs whose epsilons both lie above it (2 m delta caps what any
+    number of right guesses proves)."""
+    corrected = 1.0 - (1.0 - confidence) / len(shares)
+    sizes = {max(1, round(share * m)) for share in shares}
+    return max(epsilon_lower_bound(m, k, k, delta, corrected) for k in sizes)
+
+
 def tpr_at_fpr(scores: Sequence[float], included: Sequence[bool], fpr: float) -> float:
     """True-positive rate at the threshold that lets at most `fpr` of non-members through."""
     values = np.asarray(scores, dtype=np.float64)

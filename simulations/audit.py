@@ -27,7 +27,7 @@ from common.causal_lm import per_example_loss
 from common.client_dp import client_level_plan
 from common.config import CAUSAL_LM, RunConfig
 from common.data import Examples
-from common.one_run_audit import best_guess, tpr_at_fpr
+from common.one_run_audit import best_guess, detectable_ceiling, tpr_at_fpr
 from common.privacy import default_delta
 from common.run_dir import AUDIT_FILE
 from common.task import Task, cached_task
@@ -51,6 +51,8 @@ def audit_run(config: RunConfig, *, centralized: bool) -> dict[str, Any]:
     audit = config.audit
     tried = best_guess(scores, canaries.included, delta, audit.confidence)
     best = max(tried, key=lambda g: g.epsilon)
+    ceiling = detectable_ceiling(len(scores), delta, audit.confidence)
+    goal = 1.0 if reported is None else reported  # what this audit should be able to see
     body: dict[str, Any] = {
         "epsilon_lower_bound": best.epsilon,
         "epsilon_reported": reported,
@@ -67,6 +69,8 @@ def audit_run(config: RunConfig, *, centralized: bool) -> dict[str, Any]:
         else "log-probability of the canary's random label",
         "meaning": meaning,
         "defect": reported is not None and best.epsilon > reported,
+        "epsilon_detectable_max": ceiling,
+        "underpowered": ceiling < goal,
     }
     if config.model.task == CAUSAL_LM:
         body.update(exposure(task, scores, canaries.included, canaries.references))

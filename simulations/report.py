@@ -64,7 +64,19 @@ def audit_line(audit: dict[str, Any]) -> str:
     return (f"Privacy audit: epsilon >= {audit['epsilon_lower_bound']:.3f} at "
             f"{audit['confidence']:.0%} confidence beside {claim} ({audit['guesses_right']}/"
             f"{audit['guesses']} membership guesses right on {audit['canaries']} canaries, TPR "
-            f"{audit['tpr_at_1pct_fpr']:.3f} at 1% FPR).{verdict}")
+            f"{audit['tpr_at_1pct_fpr']:.3f} at 1% FPR).{verdict}{_power(audit)}")
+
+
+def _power(audit: dict[str, Any]) -> str:
+    """What an audit too weak for the run's claim (or for 1, without DP) cannot show."""
+    ceiling = audit.get("epsilon_detectable_max")
+    if ceiling is None or not audit.get("underpowered"):
+        return ""
+    goal = ("1" if audit["epsilon_reported"] is None
+            else f"the ledger's {audit['epsilon_reported']:.3f}")
+    return (f" This audit can detect at most epsilon {ceiling:.3f} (every guess right; "
+            f"{audit['canaries']} canaries at delta {audit['delta']:.2g}), less than {goal}: "
+            "a bound below that says little; more canaries (audit.canaries) raise it.")
 
 
 def worst_labels(row: dict[str, Any], names: list[str], count: int) -> list[tuple[str, float]]:

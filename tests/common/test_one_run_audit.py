@@ -11,6 +11,7 @@ from common.one_run_audit import (
     best_guess,
     coin_bias,
     count_right,
+    detectable_ceiling,
     epsilon_lower_bound,
     p_value,
     tpr_at_fpr,
@@ -84,3 +85,13 @@ def test_tpr_at_low_fpr_counts_members_above_the_allowed_non_members():
     included = [1, 1, 0, 1, 0, 0, 0, 0, 0, 0]
     assert tpr_at_fpr(scores, included, 0.0) == pytest.approx(2 / 3)
     assert tpr_at_fpr(scores, included, 0.15) == pytest.approx(1.0)  # one non-member allowed
+
+
+def test_the_ceiling_is_the_bound_when_every_guess_is_right():
+    m = 200
+    included = [i < 100 for i in range(m)]  # the members score highest: every guess right
+    scores = [float(m - i) for i in range(m)]
+    best = max(g.epsilon for g in best_guess(scores, included, 2.5e-4, 0.95))
+    assert detectable_ceiling(m, 2.5e-4, 0.95) == pytest.approx(best)
+    assert 2.5 < best < 3.0  # 2 m delta = 0.1 caps it, whatever the model leaks
+    assert detectable_ceiling(m, 0.02, 0.95) == 0.0  # client level: 2 m delta = 8, no bound

@@ -9,7 +9,7 @@ import pytest
 from common.config import RunConfig
 from simulations.audit import audit_run
 from simulations.centralized import train_centralized
-from simulations.report import summarise, write_report
+from simulations.report import audit_line, summarise, write_report
 from tests.simulations.test_cli import fedtune
 
 FIELDS = {"epsilon_lower_bound", "canaries", "confidence", "epsilon_reported", "delta",
@@ -37,6 +37,8 @@ def test_a_centralised_audit_writes_audit_json_and_the_report_shows_it(tiny_mode
     assert set(body) >= FIELDS and body["canaries"] == 40 and body["confidence"] == 0.95
     assert body["epsilon_reported"] is None and body["defect"] is False
     assert body["epsilon_lower_bound"] >= 0 and 0 < body["delta"] < 0.1
+    assert body["underpowered"] == (body["epsilon_detectable_max"] < 1)
+    assert body["epsilon_lower_bound"] <= body["epsilon_detectable_max"]
     write_report(tmp_path / "run")
     assert "Privacy audit: epsilon >= " in (tmp_path / "run" / "report.md").read_text()
 
@@ -58,6 +60,18 @@ def test_the_report_puts_the_bound_beside_the_claim_and_names_a_defect():
     assert "DEFECT" in text
     assert "DEFECT" not in summarise(rows, {**audit, "epsilon_lower_bound": 1.0,
                                             "defect": False})
+
+
+def test_an_audit_too_weak_for_the_claim_says_what_it_can_detect_at_most():
+    audit = {"epsilon_lower_bound": 0.0, "epsilon_reported": None, "confidence": 0.95,
+             "guesses": 20, "guesses_right": 8, "canaries": 40, "tpr_at_1pct_fpr": 0.06,
+             "defect": False, "delta": 0.02, "epsilon_detectable_max": 0.0, "underpowered": True}
+    line = audit_line(audit)
+    assert "This audit can detect at most epsilon 0.000" in line and "less than 1:" in line
+    strong = {**audit, "epsilon_detectable_max": 2.7, "underpowered": False}
+    assert "can detect at most" not in audit_line(strong)
+    claimed = {**audit, "epsilon_reported": 8.0, "epsilon_detectable_max": 2.7}
+    assert "less than the ledger's 8.000" in audit_line(claimed)
 
 
 @pytest.mark.slow
