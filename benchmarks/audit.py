@@ -58,7 +58,7 @@ def run(flags: list[str], out: Path, defect: str | None = None) -> dict:
         env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(DEFECT_HOOK),
                                                             env.get("PYTHONPATH")])),
                    FEDTUNE_INJECT_DEFECT=defect)
-    done = subprocess.run([sys.executable, "-m", "fedtune_cli", "simulate", *flags, "--out",
+    done = subprocess.run([sys.executable, "-m", "fedtune", "simulate", *flags, "--out",
                            str(out)], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "?"}

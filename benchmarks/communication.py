@@ -17,10 +17,10 @@ from benchmarks.dp_overhead import SHARED_BANKING77
 
 
 def measure(data_path: str, rank: int) -> dict[str, float]:
-    from common.adapter import to_record
-    from common.config import RunConfig
-    from common.secagg.plan import summation_for
-    from common.task import build_task
+    from fedtune.common.adapter import to_record
+    from fedtune.common.config import RunConfig
+    from fedtune.common.secagg.plan import summation_for
+    from fedtune.common.task import build_task
 
     task = build_task(RunConfig.from_mapping({"data.path": data_path, "lora.r": rank}))
     adapter = task.initial_adapter

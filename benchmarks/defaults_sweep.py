@@ -23,12 +23,12 @@ import time
 import numpy as np
 import torch
 
-from client.dp_sgd import plan_round, train_private
-from common.adapter import load_trainable_state, trainable_state
-from common.config import RunConfig
-from common.data import Examples
-from common.task import Task, cached_task
-from server.strategies.server_optimizer import server_optimizer
+from fedtune.client.dp_sgd import plan_round, train_private
+from fedtune.common.adapter import load_trainable_state, trainable_state
+from fedtune.common.config import RunConfig
+from fedtune.common.data import Examples
+from fedtune.common.task import Task, cached_task
+from fedtune.server.strategies.server_optimizer import server_optimizer
 
 
 def parse() -> argparse.Namespace:

@@ -31,8 +31,8 @@ def measure(mode: str, steps: int, batch_size: int, max_length: int, *, model_na
     """Median seconds per step after one warm-up step, and peak memory, for one mode."""
     from opacus import PrivacyEngine
 
-    from common.config import RunConfig
-    from common.task import build_task
+    from fedtune.common.config import RunConfig
+    from fedtune.common.task import build_task
     data_path = SHARED_BANKING77 if SHARED_BANKING77.is_dir() else "builtin"
     values = {"data.path": str(data_path), "model.max_length": max_length}
     task = build_task(RunConfig.from_mapping(

@@ -42,7 +42,7 @@ try:
 except ValueError:  # custom code not trusted: an error, not a standard head reading token 0
     refused = True
 ours = sorted(m for m in sys.modules if m.split(".")[0] in
-              ("common", "server", "client", "simulations", "fedtune_cli", "fedtune"))
+              ("common", "server", "client", "simulations", "fedtune"))
 print("\\nRESULT", json.dumps({"labels": [a["label"] for a in answers], "truth": [
     names[str(row["label"])] for row in rows], "refused": refused, "ours": ours}))
 """
@@ -77,7 +77,7 @@ def subsample(source: Path, target: Path, train_rows: int, test_rows: int, seed:
 
 
 def fedtune(*args: object) -> None:
-    command = [sys.executable, "-m", "fedtune_cli", *map(str, args)]
+    command = [sys.executable, "-m", "fedtune", *map(str, args)]
     done = subprocess.run(command, capture_output=True, text=True, check=False,
                           env={**os.environ, "HF_HUB_OFFLINE": "1",
                                "TOKENIZERS_PARALLELISM": "false"})

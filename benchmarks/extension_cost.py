@@ -14,10 +14,10 @@ import warnings
 
 def spent(epsilon: float, rounds: int, extra: int, rows: int) -> dict[str, float]:
     """Epsilon of `rounds` rounds planned for them, then of `extra` more planned for the total."""
-    from client.dp_sgd import plan_round
-    from client.policy import NodePolicy
-    from common.config import RunConfig
-    from common.privacy import epsilon_spent
+    from fedtune.client.dp_sgd import plan_round
+    from fedtune.client.policy import NodePolicy
+    from fedtune.common.config import RunConfig
+    from fedtune.common.privacy import epsilon_spent
 
     delta = NodePolicy(budget_epsilon=2 * epsilon).delta  # a deployed node's, not its rows'
     run = RunConfig.from_mapping({"privacy.dp": True, "privacy.epsilon": epsilon,

@@ -23,10 +23,10 @@ import torch
 from transformers import AutoModel
 
 from benchmarks.record import save
-from common.config import DataConfig
-from common.data import Examples, load_data
-from common.mean_pooling import masked_mean
-from common.model import load_tokenizer, resolve_model_path
+from fedtune.common.config import DataConfig
+from fedtune.common.data import Examples, load_data
+from fedtune.common.mean_pooling import masked_mean
+from fedtune.common.model import load_tokenizer, resolve_model_path
 
 POOLINGS = ("cls", "pooler", "mean")
 

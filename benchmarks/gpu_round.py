@@ -103,11 +103,11 @@ def instruction_data(directory: Path, rows: int) -> Path:
 
 def run_rounds(work: Path, args: argparse.Namespace) -> dict:
     """`args.rounds` rounds of `args.clients` nodes; each round's seconds, metrics and peak."""
-    from client.app import app as client_app
-    from common.config import RunConfig
-    from server import progress
-    from server.app import make_server_app
-    from server.metrics_log import read_rounds
+    from fedtune.client.app import app as client_app
+    from fedtune.common.config import RunConfig
+    from fedtune.server import progress
+    from fedtune.server.app import make_server_app
+    from fedtune.server.metrics_log import read_rounds
 
     shutil.rmtree(work, ignore_errors=True)
     values = {"model.task": "causal-lm", "model.quantize": args.quantize,
@@ -145,7 +145,7 @@ def run_rounds(work: Path, args: argparse.Namespace) -> dict:
 
 def _quantized_layers(config) -> int:
     """How many Linear4bit/Linear8bitLt modules the loaded base holds (0: not quantised)."""
-    from common.model import load_causal_lm
+    from fedtune.common.model import load_causal_lm
 
     model = load_causal_lm(config.model)
     return sum("Linear4bit" in type(m).__name__ or "Linear8bit" in type(m).__name__

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from benchmarks.outsiders import Outsiders, Plan
 from benchmarks.scale import tree_rss
-from common.config import RunConfig
-from server.fleet_limits import fleet_limits
-from server.metrics_log import read_rounds
+from fedtune.common.config import RunConfig
+from fedtune.server.fleet_limits import fleet_limits
+from fedtune.server.metrics_log import read_rounds
 from tests.deployment.test_deployment import PERMISSIVE, STRICT, Federation, wait_for
 
 MIB = 2**20

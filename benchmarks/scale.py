@@ -55,7 +55,7 @@ def run(clients: int, sampled: int, rounds: int, data: str, out: Path) -> dict[s
                       f"batch_size = 8\nlr = 0.003\n[federation]\nnum_clients = {clients}\n"
                       f"rounds = {rounds}\nfraction_train = {fraction}\n"
                       f"fraction_evaluate = {fraction}\n")
-    process = subprocess.Popen([sys.executable, "-m", "fedtune_cli", "simulate", "--config",
+    process = subprocess.Popen([sys.executable, "-m", "fedtune", "simulate", "--config",
                                 str(config), "--out", str(out)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = [0]
@@ -72,7 +72,7 @@ def run(clients: int, sampled: int, rounds: int, data: str, out: Path) -> dict[s
     sampler.join()
     if process.returncode != 0:
         raise RuntimeError(f"{clients} clients failed: {errors[-2000:]}")
-    from server.metrics_log import read_rounds
+    from fedtune.server.metrics_log import read_rounds
 
     rows = read_rounds(out)
     seconds = [r["seconds"] for r in rows]

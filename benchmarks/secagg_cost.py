@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from client.secagg import SecAggClient
-from common.secagg import ring
-from server.secagg import SecAggServer
+from fedtune.client.secagg import SecAggClient
+from fedtune.common.secagg import ring
+from fedtune.server.secagg import SecAggServer
 
 SIGNATURE_BYTES = 64  # Ed25519
 ACCURACY_FLAGS = ["--num-clients", "10", "--rounds", "3", "--max-length", "64",
@@ -92,8 +92,8 @@ def one_round(clients: int, length: int) -> dict[str, float]:
 
 
 def adapter_length() -> int:
-    from common.config import RunConfig
-    from common.task import build_task
+    from fedtune.common.config import RunConfig
+    from fedtune.common.task import build_task
 
     task = build_task(RunConfig())
     return sum(v.size for v in task.initial_adapter.values()) + 3
@@ -107,7 +107,7 @@ def accuracy_pair(data: str, quick: bool) -> dict[str, object]:
         for label, extra in (("plain", []), ("secagg", ["--secagg"])):
             out = Path(scratch) / label
             started = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "fedtune_cli", "simulate", "--data", data,
+            subprocess.run([sys.executable, "-m", "fedtune", "simulate", "--data", data,
                             *flags, *extra, "--out", str(out)], check=True)
             rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             result[label] = {"accuracy": rows[-1]["accuracy"],

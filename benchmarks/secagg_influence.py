@@ -18,7 +18,7 @@ import json
 
 import numpy as np
 
-from common.secagg.summation import ImpossibleSum, Summation
+from fedtune.common.secagg.summation import ImpossibleSum, Summation
 
 CLIENTS, HONEST_EXAMPLES, HONEST_STD = 10, 2_000, 0.003
 MINILM_ADAPTER = 77_581  # values in the embedded MiniLM's adapter

@@ -19,16 +19,16 @@ from benchmarks.dp_overhead import SHARED_BANKING77
 
 def timed_run(command: str, flags: list[str], out: Path) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "fedtune_cli", command, *flags, "--out", str(out)],
+    subprocess.run([sys.executable, "-m", "fedtune", command, *flags, "--out", str(out)],
                    check=True, capture_output=True, text=True)
     return time.perf_counter() - started
 
 
 def examples_trained(flags: list[str]) -> int:
     """Rows the clients train on per round, times rounds (every client trains every round)."""
-    from common.config import RunConfig, run_field
-    from common.task import cached_task
-    from fedtune_cli import FLAG_TYPES, FLAGS
+    from fedtune.cli import FLAG_TYPES, FLAGS
+    from fedtune.common.config import RunConfig, run_field
+    from fedtune.common.task import cached_task
 
     pairs = dict(zip(flags[::2], flags[1::2], strict=True))
     values = {FLAGS[flag]: FLAG_TYPES[run_field(FLAGS[flag]).type](value)

@@ -11,10 +11,10 @@ import json
 
 import numpy as np
 
-from common.adapter import trainable_state
-from common.config import RunConfig
-from common.task import cached_task
-from common.training import HEAD_MARKER
+from fedtune.common.adapter import trainable_state
+from fedtune.common.config import RunConfig
+from fedtune.common.task import cached_task
+from fedtune.common.training import HEAD_MARKER
 
 
 def main() -> None:

@@ -67,7 +67,7 @@ def prepare(name: str, scratch: Path) -> str:
 
 def run(command: str, flags: list[str], out: Path) -> dict[str, float | None]:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "fedtune_cli", command, *flags, "--out",
+    done = subprocess.run([sys.executable, "-m", "fedtune", command, *flags, "--out",
                            str(out)], capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:

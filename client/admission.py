@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.dp_sgd import DPRoundPlan, plan_round
-from client.ledger import Ledger
-from client.node import Node
-from client.policy import (
+from fedtune.client.dp_sgd import DPRoundPlan, plan_round
+from fedtune.client.ledger import Ledger
+from fedtune.client.node import Node
+from fedtune.client.policy import (
     BUDGET,
     LABELS_JSON,
     MAX_ADAPTER_VALUE,
@@ -35,12 +35,12 @@ from client.policy import (
     TASK,
     NodePolicy,
 )
-from client.request import Request
-from common.adapter import fit_problem
-from common.client_dp import client_level_plan
-from common.config import CLASSIFICATION, RunConfig
-from common.privacy import GaussianEvent, PrivacyError, default_delta, epsilon_spent
-from common.task import Task
+from fedtune.client.request import Request
+from fedtune.common.adapter import fit_problem
+from fedtune.common.client_dp import client_level_plan
+from fedtune.common.config import CLASSIFICATION, RunConfig
+from fedtune.common.privacy import GaussianEvent, PrivacyError, default_delta, epsilon_spent
+from fedtune.common.task import Task
 
 ADAPTER = "adapter"  # the received adapter does not fit this node's model or limits
 

@@ -16,17 +16,17 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
-from client import evaluation, secagg_steps
-from client.admission import Refused, admit
-from client.ledger import BudgetExhausted
-from client.local_round import recall, remember, train_round
-from client.node import Node
-from client.replies import budget_refusal, refusal, train_metrics
-from client.request import Request, RequestError
-from client.secagg import SecAggViolation
-from common import console
-from common import record_keys as keys
-from common.adapter import to_record
+from fedtune.client import evaluation, secagg_steps
+from fedtune.client.admission import Refused, admit
+from fedtune.client.ledger import BudgetExhausted
+from fedtune.client.local_round import recall, remember, train_round
+from fedtune.client.node import Node
+from fedtune.client.replies import budget_refusal, refusal, train_metrics
+from fedtune.client.request import Request, RequestError
+from fedtune.client.secagg import SecAggViolation
+from fedtune.common import console
+from fedtune.common import record_keys as keys
+from fedtune.common.adapter import to_record
 
 app = ClientApp()
 console.quiet_worker()  # a no-op outside a non-verbose simulation's Ray workers

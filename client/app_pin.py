@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--approve", action="append", required=True, metavar="SHA256")
     parser.add_argument("supernode_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
-    from common.app_bundle import check_digest
+    from fedtune.common.app_bundle import check_digest
 
     install_pin(frozenset(check_digest(d) for d in args.approve))
     from flwr.supernode.cli.flower_supernode import flower_supernode

@@ -20,26 +20,26 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.ledger_watch import LedgerWatch
-from client.node import keyed_held_out
-from client.policy import NodePolicy, PolicyError
-from common import certs
-from common.app_bundle import app_digest, check_digest
-from common.config import CAUSAL_LM, CLASSIFICATION, DataConfig
-from common.console import filtered
-from common.consortium import pinned_digest
-from common.data import LABELS_FILE, DataError, load_data, training_records, training_rows
-from common.errors import InputError
-from common.ports import PortBusy, check_free
-from common.process_tree import (
+from fedtune.client.ledger_watch import LedgerWatch
+from fedtune.client.node import keyed_held_out
+from fedtune.client.policy import NodePolicy, PolicyError
+from fedtune.common import certs
+from fedtune.common.app_bundle import app_digest, check_digest
+from fedtune.common.config import CAUSAL_LM, CLASSIFICATION, DataConfig
+from fedtune.common.console import filtered
+from fedtune.common.consortium import pinned_digest
+from fedtune.common.data import LABELS_FILE, DataError, load_data, training_records, training_rows
+from fedtune.common.errors import InputError
+from fedtune.common.ports import PortBusy, check_free
+from fedtune.common.process_tree import (
     StopRequested,
     become_subreaper,
     ignore_signals,
     stop_on_signals,
     stop_tree,
 )
-from common.secagg.signing import Signer, SigningError, read_peers
-from common.tool_path import tool_env
+from fedtune.common.secagg.signing import Signer, SigningError, read_peers
+from fedtune.common.tool_path import tool_env
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def pinned_command(settings: ClientSettings, supernode: list[str]) -> list[str]:
     digests = [check_digest(d) for d in settings.app_digests] or [app_digest()]
     approve = [a for d in digests for a in ("--approve", d)]
     # -P: the working directory must not shadow the installed packages
-    return [sys.executable, "-P", "-m", "client.app_pin", *approve, "--", *supernode[1:]]
+    return [sys.executable, "-P", "-m", "fedtune.client.app_pin", *approve, "--", *supernode[1:]]
 
 
 def probe_server(settings: ClientSettings) -> None:

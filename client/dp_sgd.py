@@ -21,10 +21,10 @@ from opacus.grad_sample.utils import wrap_model
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
-from common.config import RunConfig
-from common.data import Examples
-from common.privacy import GaussianEvent, default_delta, dp_sgd_schedule, noise_for_target
-from common.training import Collate, LossFn, TrainStats
+from fedtune.common.config import RunConfig
+from fedtune.common.data import Examples
+from fedtune.common.privacy import GaussianEvent, default_delta, dp_sgd_schedule, noise_for_target
+from fedtune.common.training import Collate, LossFn, TrainStats
 
 # Opacus' per-sample gradient engine; chosen by benchmarks/dp_overhead.py (see docs/benchmarks.md).
 GRAD_SAMPLE_MODE = "hooks"

@@ -15,7 +15,7 @@ import math
 import numpy as np
 from flwr.app import Message, RecordDict
 
-from client.admission import (
+from fedtune.client.admission import (
     Refused,
     above_cap,
     adapter_violations,
@@ -24,15 +24,15 @@ from client.admission import (
     request_violations,
     run_cost,
 )
-from client.dp_sgd import plan_round
-from client.ledger import Ledger
-from client.policy import BUDGET, ROUND_CAP, RUN_CAP, SHARE_EVALUATION, NodePolicy
-from client.replies import evaluation_metrics
-from client.request import Request
-from common import record_keys as keys
-from common.adapter import load_trainable_state
-from common.config import CAUSAL_LM
-from common.privacy import GaussianEvent, PrivacyError, epsilon_spent
+from fedtune.client.dp_sgd import plan_round
+from fedtune.client.ledger import Ledger
+from fedtune.client.policy import BUDGET, ROUND_CAP, RUN_CAP, SHARE_EVALUATION, NodePolicy
+from fedtune.client.replies import evaluation_metrics
+from fedtune.client.request import Request
+from fedtune.common import record_keys as keys
+from fedtune.common.adapter import load_trainable_state
+from fedtune.common.config import CAUSAL_LM
+from fedtune.common.privacy import GaussianEvent, PrivacyError, epsilon_spent
 
 
 def evaluation_event(policy: NodePolicy) -> GaussianEvent | None:

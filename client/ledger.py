@@ -27,10 +27,10 @@ from typing import Any
 
 from flwr.common.logger import log
 
-from common.atomic_file import write_atomic
-from common.config import DEFAULT_ACCOUNTANT
-from common.data import Examples
-from common.privacy import GaussianEvent, epsilon_spent
+from fedtune.common.atomic_file import write_atomic
+from fedtune.common.config import DEFAULT_ACCOUNTANT
+from fedtune.common.data import Examples
+from fedtune.common.privacy import GaussianEvent, epsilon_spent
 
 LEDGER_VERSION = 1
 # The accountant of a ledger written before ledgers named theirs (RDP was the only default then).

@@ -18,15 +18,15 @@ import numpy as np
 import torch
 from flwr.common.logger import log
 
-from client.admission import Admission
-from client.dp_sgd import train_private
-from client.ledger import Ledger, LedgerEntry
-from client.node_state import Release, release_key
-from client.request import Request
-from common.adapter import trainable_state
-from common.client_dp import clip_update
-from common.data import Examples
-from common.training import TrainStats
+from fedtune.client.admission import Admission
+from fedtune.client.dp_sgd import train_private
+from fedtune.client.ledger import Ledger, LedgerEntry
+from fedtune.client.node_state import Release, release_key
+from fedtune.client.request import Request
+from fedtune.common.adapter import trainable_state
+from fedtune.common.client_dp import clip_update
+from fedtune.common.data import Examples
+from fedtune.common.training import TrainStats
 
 
 class RoundFailure(RuntimeError):

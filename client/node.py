@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from client.ledger import fingerprint, fingerprint_records
-from client.policy import NodePolicy, PolicyError
-from common.config import CAUSAL_LM, CLASSIFICATION, DataConfig, RunConfig
-from common.data import LABELS_FILE, Examples, training_records, training_rows
-from common.partition import client_name
-from common.task import Task, cached_task
+from fedtune.client.ledger import fingerprint, fingerprint_records
+from fedtune.client.policy import NodePolicy, PolicyError
+from fedtune.common.config import CAUSAL_LM, CLASSIFICATION, DataConfig, RunConfig
+from fedtune.common.data import LABELS_FILE, Examples, training_records, training_rows
+from fedtune.common.partition import client_name
+from fedtune.common.task import Task, cached_task
 
 IDENTITY_KEYS = ("name", "data-path", "ledger-dir", "node-key", "partition-id",
                  "num-partitions")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic_file import write_atomic
+from fedtune.common.atomic_file import write_atomic
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import ACCOUNTANTS, EMBEDDED_MODEL, RunConfig
-from common.errors import InputError
-from common.settings import build, setting
+from fedtune.common.config import ACCOUNTANTS, EMBEDDED_MODEL, RunConfig
+from fedtune.common.errors import InputError
+from fedtune.common.settings import build, setting
 
 # Rule names, as refusals and docs/policy.md name them (the node config key that sets each rule).
 REQUIRE_DP = "require-dp"

@@ -13,7 +13,7 @@ from logging import WARNING
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from common import record_keys as keys
+from fedtune.common import record_keys as keys
 
 
 def refusal(msg: Message, rules: list[str]) -> Message:

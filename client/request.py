@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Context, Message
 
-from client.ledger import Ledger
-from client.node import Node, data_set_identity, node_examples, node_task
-from client.node_state import NodeState
-from client.randomness import RoundSeeds, round_seeds
-from common import record_keys as keys
-from common.adapter import from_record
-from common.config import ConfigError, RunConfig
-from common.data import Examples
-from common.task import Task
+from fedtune.client.ledger import Ledger
+from fedtune.client.node import Node, data_set_identity, node_examples, node_task
+from fedtune.client.node_state import NodeState
+from fedtune.client.randomness import RoundSeeds, round_seeds
+from fedtune.common import record_keys as keys
+from fedtune.common.adapter import from_record
+from fedtune.common.config import ConfigError, RunConfig
+from fedtune.common.data import Examples
+from fedtune.common.task import Task
 
 
 class RequestError(ValueError):

@@ -16,12 +16,12 @@ import secrets
 
 import numpy as np
 
-from client.node import Node
-from client.policy import PEERS
-from common.config import RunConfig
-from common.secagg import channel, prg, ring, shamir
-from common.secagg.graph import default_neighbours
-from common.secagg.protocol import (
+from fedtune.client.node import Node
+from fedtune.client.policy import PEERS
+from fedtune.common.config import RunConfig
+from fedtune.common.secagg import channel, prg, ring, shamir
+from fedtune.common.secagg.graph import default_neighbours
+from fedtune.common.secagg.protocol import (
     Cohort,
     Reveal,
     Routing,
@@ -32,8 +32,8 @@ from common.secagg.protocol import (
     share_context,
     two_thirds,
 )
-from common.secagg.records import complaint_to_record
-from common.secagg.signing import (
+from fedtune.common.secagg.records import complaint_to_record
+from fedtune.common.secagg.signing import (
     Signer,
     complaint_statement,
     keys_statement,

@@ -15,15 +15,15 @@ import hashlib
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from client.admission import Admission, Refused, admit
-from client.local_round import recall, remember, train_round
-from client.node_state import Release
-from client.replies import train_metrics
-from client.request import Request
-from client.secagg import SecAggClient, SecAggViolation, peer_violations
-from common import record_keys as keys
-from common.secagg.plan import summation_for
-from common.secagg.records import (
+from fedtune.client.admission import Admission, Refused, admit
+from fedtune.client.local_round import recall, remember, train_round
+from fedtune.client.node_state import Release
+from fedtune.client.replies import train_metrics
+from fedtune.client.request import Request
+from fedtune.client.secagg import SecAggClient, SecAggViolation, peer_violations
+from fedtune.common import record_keys as keys
+from fedtune.common.secagg.plan import summation_for
+from fedtune.common.secagg.records import (
     cohort_from_record,
     keys_to_record,
     reveals_to_record,
@@ -32,8 +32,8 @@ from common.secagg.records import (
     sealed_to_record,
     signatures_from_record,
 )
-from common.secagg.signing import Signer, read_peers
-from common.secagg.summation import Summation
+from fedtune.common.secagg.signing import Signer, read_peers
+from fedtune.common.secagg.summation import Summation
 
 CONTEXT_STATE = "secagg"  # a simulated node's protocol state, in its Flower context
 SECURE = "secure"  # the kind of release step 3 makes: the change to sum, noise share included

@@ -17,10 +17,10 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_
 from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from transformers import PreTrainedModel
 
-from common.config import CAUSAL_LM, EMBEDDED_MODEL, LoraSettings
-from common.errors import InputError
-from common.mean_pooling import MeanPoolingClassifier
-from common.model import ModelLoadError, resolve_model_path
+from fedtune.common.config import CAUSAL_LM, EMBEDDED_MODEL, LoraSettings
+from fedtune.common.errors import InputError
+from fedtune.common.mean_pooling import MeanPoolingClassifier
+from fedtune.common.model import ModelLoadError, resolve_model_path
 
 # Attention projections to adapt, per `config.model_type` (Hu et al. 2021 adapt W_q and W_v).
 TARGET_MODULES: dict[str, list[str]] = {

@@ -2,8 +2,9 @@
 
 `fedtune server` submits the app directory with `flwr run`, which builds a FAB (a zip with fixed
 dates and sorted entries, so the same files always give the same bytes) of the files that
-`[tool.flwr.app] fab-include` in pyproject.toml selects: the `common`, `client` and `server`
-packages. A node pins the digest of the one bundle it agrees to run (`client/app_pin.py`).
+`[tool.flwr.app] fab-include` in pyproject.toml selects: the `fedtune`, `common`, `client` and
+`server` packages. A node pins the digest of the one bundle it agrees to run
+(`client/app_pin.py`).
 The digest here is computed with Flower's own builder over those packages only, so it equals the
 digest of what `flwr run` submits without walking a virtual environment inside the directory.
 """
@@ -14,10 +15,10 @@ import hashlib
 import re
 from pathlib import Path
 
-from common.errors import InputError
+from fedtune.common.errors import InputError
 
 APP_DIR = Path(__file__).resolve().parents[1]  # holds pyproject.toml: the Flower app
-APP_PACKAGES = ("common", "client", "server")  # what fab-include selects
+APP_PACKAGES = ("fedtune", "common", "client", "server")  # what fab-include selects
 DIGEST = re.compile(r"[0-9a-f]{64}")
 
 

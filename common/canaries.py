@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.config import CAUSAL_LM, AuditConfig
-from common.data import Examples
+from fedtune.common.config import CAUSAL_LM, AuditConfig
+from fedtune.common.data import Examples
 
 AUDIT_STREAM = 0x61756469  # "audi"; partitions and rounds draw from other (seed, ...) tuples
 SECRET_PREFIX = "my secret code is"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from common.training import Batch, EvalStats
+from fedtune.common.training import Batch, EvalStats
 
 IGNORE = -100  # label of prompt and padding positions
 

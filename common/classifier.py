@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from common.training import Batch, EvalStats
+from fedtune.common.training import Batch, EvalStats
 
 
 @dataclass(frozen=True)

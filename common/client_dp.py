@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.config import RunConfig
-from common.privacy import GaussianEvent, noise_for_target
+from fedtune.common.config import RunConfig
+from fedtune.common.privacy import GaussianEvent, noise_for_target
 
 State = dict[str, np.ndarray]
 

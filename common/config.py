@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.errors import InputError
-from common.settings import build, coerce, setting
+from fedtune.common.errors import InputError
+from fedtune.common.settings import build, coerce, setting
 
 CONFIG_VERSION = 1
 EMBEDDED_MODEL = "embedded"

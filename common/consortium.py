@@ -21,8 +21,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from common.certs import CertError
-from common.secagg.signing import SigningError, read_peers
+from fedtune.common.certs import CertError
+from fedtune.common.secagg.signing import SigningError, read_peers
 
 MANIFEST = "CONSORTIUM.txt"
 

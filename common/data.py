@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from common.config import BUILTIN_DATA, CAUSAL_LM, CLASSIFICATION, DataConfig
-from common.errors import InputError
+from fedtune.common.config import BUILTIN_DATA, CAUSAL_LM, CLASSIFICATION, DataConfig
+from fedtune.common.errors import InputError
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "default_data"
 TRAIN_NAMES = ("train.jsonl", "train.jsonl.gz")

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from common.modeling_mean_pooling import classify, masked_mean
+from fedtune.common.modeling_mean_pooling import classify, masked_mean
 
 __all__ = ["MeanPoolingClassifier", "masked_mean"]
 

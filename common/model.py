@@ -17,9 +17,9 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from common.config import EMBEDDED_MODEL, ModelConfig
-from common.errors import InputError
-from common.mean_pooling import MeanPoolingClassifier
+from fedtune.common.config import EMBEDDED_MODEL, ModelConfig
+from fedtune.common.errors import InputError
+from fedtune.common.mean_pooling import MeanPoolingClassifier
 
 # transformers reports the freshly initialised classification head on every load; that is expected.
 hf_logging.set_verbosity_error()

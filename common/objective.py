@@ -8,10 +8,10 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from common.causal_lm import CausalLM
-from common.classifier import Classification
-from common.config import CAUSAL_LM
-from common.training import Batch, Collate, EvalStats
+from fedtune.common.causal_lm import CausalLM
+from fedtune.common.classifier import Classification
+from fedtune.common.config import CAUSAL_LM
+from fedtune.common.training import Batch, Collate, EvalStats
 
 
 class Objective(Protocol):

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from common.config import PartitionConfig
-from common.data import Examples
-from common.errors import InputError
+from fedtune.common.config import PartitionConfig
+from fedtune.common.data import Examples
+from fedtune.common.errors import InputError
 
 
 class PartitionError(InputError, ValueError):

@@ -12,7 +12,7 @@ import os
 import socket
 from pathlib import Path
 
-from common.errors import InputError
+from fedtune.common.errors import InputError
 
 PROC = Path("/proc")
 LISTEN = "0A"  # TCP state in /proc/net/tcp

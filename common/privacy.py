@@ -15,7 +15,7 @@ from functools import lru_cache
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from common.errors import InputError
+from fedtune.common.errors import InputError
 
 
 class PrivacyError(InputError, ValueError):

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
-from common.errors import InputError
+from fedtune.common.config import RunConfig
+from fedtune.common.errors import InputError
 
 CONFIG_FILE = "config.json"  # the run's resolved configuration, sorted JSON
 ADAPTER_DIR = "adapter"  # the final adapter, as PEFT saves it
@@ -49,6 +49,6 @@ def migrated(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_config(run_dir: Path, config: RunConfig) -> None:
-    from common.atomic_file import write_atomic
+    from fedtune.common.atomic_file import write_atomic
 
     write_atomic(run_dir / CONFIG_FILE, config.to_json().encode())

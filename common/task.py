@@ -17,14 +17,14 @@ from peft import PeftModel
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from common.adapter import add_lora, load_trainable_state, trainable_state
-from common.canaries import Canaries, make_canaries, with_canaries
-from common.config import CAUSAL_LM, PartitionConfig, RunConfig, TrainConfig
-from common.data import Examples, LabelledData, load_data
-from common.model import load_causal_lm, load_classifier, load_tokenizer, pick_device
-from common.objective import Objective, objective_for
-from common.partition import local_split, partition
-from common.training import EvalStats, TrainStats, adamw, make_loader, train_local
+from fedtune.common.adapter import add_lora, load_trainable_state, trainable_state
+from fedtune.common.canaries import Canaries, make_canaries, with_canaries
+from fedtune.common.config import CAUSAL_LM, PartitionConfig, RunConfig, TrainConfig
+from fedtune.common.data import Examples, LabelledData, load_data
+from fedtune.common.model import load_causal_lm, load_classifier, load_tokenizer, pick_device
+from fedtune.common.objective import Objective, objective_for
+from fedtune.common.partition import local_split, partition
+from fedtune.common.training import EvalStats, TrainStats, adamw, make_loader, train_local
 
 
 @dataclass

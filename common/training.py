@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from common.data import Examples
+from fedtune.common.data import Examples
 
 Batch = dict[str, torch.Tensor]
 Collate = Callable[[list[tuple[str, Any]]], Batch]

@@ -8,11 +8,11 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common import console
-from common.config import ConfigError, RunConfig, with_run_dir
-from common.run_dir import saved_config
-from server.federation import run_federation
-from server.node_registry import read_node_names
+from fedtune.common import console
+from fedtune.common.config import ConfigError, RunConfig, with_run_dir
+from fedtune.common.run_dir import saved_config
+from fedtune.server.federation import run_federation
+from fedtune.server.node_registry import read_node_names
 
 console.quiet_worker()  # in a deployed ServerApp's process: Flower's records once, less noise
 

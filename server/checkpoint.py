@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.adapter import fit_problem
-from common.atomic_file import write_atomic
-from common.errors import InputError
-from common.run_dir import CHECKPOINT_DIR
+from fedtune.common.adapter import fit_problem
+from fedtune.common.atomic_file import write_atomic
+from fedtune.common.errors import InputError
+from fedtune.common.run_dir import CHECKPOINT_DIR
 
 _NAME = re.compile(r"^round-(\d{4,})\.pt$")
 

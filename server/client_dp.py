@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic_file import write_atomic
-from common.client_dp import State, client_level_plan
-from common.config import RunConfig
-from common.privacy import epsilon_spent
-from common.run_dir import RELEASES_FILE
+from fedtune.common.atomic_file import write_atomic
+from fedtune.common.client_dp import State, client_level_plan
+from fedtune.common.config import RunConfig
+from fedtune.common.privacy import epsilon_spent
+from fedtune.common.run_dir import RELEASES_FILE
 
 
 class ReleaseLog:

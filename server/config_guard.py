@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.atomic_file import write_atomic
-from common.config import RunConfig
-from common.errors import InputError
-from common.run_dir import CONFIG_FILE, saved_config
+from fedtune.common.atomic_file import write_atomic
+from fedtune.common.config import RunConfig
+from fedtune.common.errors import InputError
+from fedtune.common.run_dir import CONFIG_FILE, saved_config
 
 MAY_CHANGE = {"federation.rounds", "output.dir"}  # output.dir is set by fedtune server itself
 

@@ -24,14 +24,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import certs, ports
-from common.app_bundle import APP_DIR, app_digest
-from common.config import RunConfig
-from common.console import filtered
-from common.data import load_data
-from common.errors import InputError
-from common.ports import check_free
-from common.process_tree import (
+from fedtune.common import certs, ports
+from fedtune.common.app_bundle import APP_DIR, app_digest
+from fedtune.common.config import RunConfig
+from fedtune.common.console import filtered
+from fedtune.common.data import load_data
+from fedtune.common.errors import InputError
+from fedtune.common.ports import check_free
+from fedtune.common.process_tree import (
     StopRequested,
     alive,
     become_subreaper,
@@ -42,15 +42,15 @@ from common.process_tree import (
     stop_pids,
     stop_tree,
 )
-from common.run_dir import METRICS_FILE
-from common.tool_path import tool_env
-from server.app import CONFIG_FILE_KEY, NODE_NAMES_KEY, refuse_audit
-from server.checkpoint import checkpoint_rounds
-from server.config_guard import check_restart
-from server.fleet_limits import fleet_limits
-from server.fleet_proxy import ProxySettings, nginx_binary, start_proxy
-from server.metrics_log import read_rounds
-from server.node_registry import (
+from fedtune.common.run_dir import METRICS_FILE
+from fedtune.common.tool_path import tool_env
+from fedtune.server.app import CONFIG_FILE_KEY, NODE_NAMES_KEY, refuse_audit
+from fedtune.server.checkpoint import checkpoint_rounds
+from fedtune.server.config_guard import check_restart
+from fedtune.server.fleet_limits import fleet_limits
+from fedtune.server.fleet_proxy import ProxySettings, nginx_binary, start_proxy
+from fedtune.server.metrics_log import read_rounds
+from fedtune.server.node_registry import (
     control_client,
     key_bytes,
     key_names,
@@ -58,8 +58,8 @@ from server.node_registry import (
     sync_nodes,
     write_node_names,
 )
-from server.run_summary import shortfall, summary_line
-from server.stale_nodes import end_stale_sessions
+from fedtune.server.run_summary import shortfall, summary_line
+from fedtune.server.stale_nodes import end_stale_sessions
 
 RUN_DIR = "run"
 NODE_NAMES_FILE = "node-names.json"  # {node id: name} the ServerApp names nodes by

@@ -12,14 +12,14 @@ import numpy as np
 from flwr.app import Message
 from flwr.common.logger import log
 
-from common import record_keys as keys
-from common.adapter import load_trainable_state
-from common.causal_lm import generate, sample_prompt
-from common.task import Task
-from common.training import EvalStats
-from server.replies import MAX_EXAMPLES
-from server.roster import Roster
-from server.train_outcome import refusal_status
+from fedtune.common import record_keys as keys
+from fedtune.common.adapter import load_trainable_state
+from fedtune.common.causal_lm import generate, sample_prompt
+from fedtune.common.task import Task
+from fedtune.common.training import EvalStats
+from fedtune.server.replies import MAX_EXAMPLES
+from fedtune.server.roster import Roster
+from fedtune.server.train_outcome import refusal_status
 
 
 def evaluate_centrally(task: Task, arrays: dict[str, np.ndarray], batch_size: int) -> EvalStats:

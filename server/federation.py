@@ -18,13 +18,13 @@ from flwr.app import ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from common import record_keys as keys
-from common.adapter import from_record, load_trainable_state, to_record
-from common.config import CAUSAL_LM, RunConfig
-from common.run_dir import ADAPTER_DIR, CONFIG_FILE, RunDirError, write_config
-from common.task import cached_task
-from server import progress as round_progress
-from server.checkpoint import (
+from fedtune.common import record_keys as keys
+from fedtune.common.adapter import from_record, load_trainable_state, to_record
+from fedtune.common.config import CAUSAL_LM, RunConfig
+from fedtune.common.run_dir import ADAPTER_DIR, CONFIG_FILE, RunDirError, write_config
+from fedtune.common.task import cached_task
+from fedtune.server import progress as round_progress
+from fedtune.server.checkpoint import (
     CHECKPOINT_DIR,
     Checkpoint,
     check_fits,
@@ -32,15 +32,15 @@ from server.checkpoint import (
     latest_checkpoint,
     save_checkpoint,
 )
-from server.client_dp import ServerSideNoise
-from server.evaluation import (
+from fedtune.server.client_dp import ServerSideNoise
+from fedtune.server.evaluation import (
     evaluate_centrally,
     evaluation_refusals,
     sample_generations,
     summarise_client_evaluation,
     task_columns,
 )
-from server.metrics_log import (
+from fedtune.server.metrics_log import (
     METRICS_FILE,
     SAMPLES_FILE,
     append_round,
@@ -48,13 +48,13 @@ from server.metrics_log import (
     read_rounds,
     write_label_names,
 )
-from server.replies import ReplyRejected, check_update
-from server.roster import Roster
-from server.secagg_exchange import secure_train_exchange
-from server.strategies.fedavg import SeededFedAvg
-from server.strategies.server_optimizer import server_optimizer
-from server.tensorboard_log import TensorBoardLog
-from server.train_outcome import TrainOutcome, refused, reported_epsilon, retire_refusing
+from fedtune.server.replies import ReplyRejected, check_update
+from fedtune.server.roster import Roster
+from fedtune.server.secagg_exchange import secure_train_exchange
+from fedtune.server.strategies.fedavg import SeededFedAvg
+from fedtune.server.strategies.server_optimizer import server_optimizer
+from fedtune.server.tensorboard_log import TensorBoardLog
+from fedtune.server.train_outcome import TrainOutcome, refused, reported_epsilon, retire_refusing
 
 
 def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,

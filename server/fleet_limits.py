@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from common.config import CAUSAL_LM, RunConfig
+from fedtune.common.config import CAUSAL_LM, RunConfig
 
 VALUE_BYTES = 8  # twice the widest value a reply carries today (float32, the uint32 ring)
 FRAMING = 64 * 1024  # protobuf and Flower object headers, the .npy header, room to spare
@@ -79,10 +79,10 @@ def adapter_sizes(config: RunConfig) -> list[int]:
         AutoModelForSequenceClassification,
     )
 
-    from common.adapter import add_lora
-    from common.data import load_data
-    from common.mean_pooling import MeanPoolingClassifier
-    from common.model import ModelLoadError, resolve_model_path
+    from fedtune.common.adapter import add_lora
+    from fedtune.common.data import load_data
+    from fedtune.common.mean_pooling import MeanPoolingClassifier
+    from fedtune.common.model import ModelLoadError, resolve_model_path
 
     try:
         shape = AutoConfig.from_pretrained(resolve_model_path(config.model.name))

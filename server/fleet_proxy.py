@@ -19,8 +19,13 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import InputError
-from server.fleet_limits import NODES_PER_ADDRESS, RATE_PER_NODE, REQUESTS_PER_NODE, FleetLimits
+from fedtune.common.errors import InputError
+from fedtune.server.fleet_limits import (
+    NODES_PER_ADDRESS,
+    RATE_PER_NODE,
+    REQUESTS_PER_NODE,
+    FleetLimits,
+)
 
 PROXY_DIR = "fleet-proxy"  # in the state directory: configuration, pid file, temporary files
 INSTALL_HINT = ("nginx is not installed; fedtune server runs it in front of the SuperLink so "

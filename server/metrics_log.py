@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.atomic_file import write_atomic
-from common.run_dir import LABEL_NAMES_FILE, METRICS_FILE, SAMPLES_FILE
+from fedtune.common.atomic_file import write_atomic
+from fedtune.common.run_dir import LABEL_NAMES_FILE, METRICS_FILE, SAMPLES_FILE
 
 
 def append_round(run_dir: Path, row: dict[str, Any], file: str = METRICS_FILE) -> None:

@@ -21,7 +21,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.errors import InputError
+from fedtune.common.errors import InputError
 
 _UNREGISTERED = "unregistered"  # Flower's status of a revoked node
 

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from common.console import console as shared_console
+from fedtune.common.console import console as shared_console
 
 
 class RoundProgress:

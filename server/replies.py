@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Message
 
-from common import record_keys as keys
-from common.config import RunConfig
+from fedtune.common import record_keys as keys
+from fedtune.common.config import RunConfig
 
 MAX_EXAMPLES = 100_000_000  # more rows than any one client holds
 CLIP_SLACK = 1.0 + 1e-4  # float32 rounding of a clipped update

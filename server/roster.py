@@ -18,7 +18,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from common import record_keys as keys
+from fedtune.common import record_keys as keys
 
 
 def answering_node(reply: Message, sent: list[Message]) -> int:

@@ -15,9 +15,9 @@ from logging import WARNING
 import numpy as np
 from flwr.common.logger import log
 
-from common.secagg import channel, prg, ring, shamir
-from common.secagg.graph import default_neighbours
-from common.secagg.protocol import (
+from fedtune.common.secagg import channel, prg, ring, shamir
+from fedtune.common.secagg.graph import default_neighbours
+from fedtune.common.secagg.protocol import (
     Cohort,
     Reveal,
     Routing,
@@ -27,7 +27,7 @@ from common.secagg.protocol import (
     routing_digest,
     two_thirds,
 )
-from common.secagg.signing import (
+from fedtune.common.secagg.signing import (
     complaint_statement,
     keys_statement,
     survivors_statement,

@@ -12,11 +12,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from common import record_keys as keys
-from common.adapter import from_record, to_record
-from common.config import RunConfig
-from common.secagg.plan import summation_for
-from common.secagg.records import (
+from fedtune.common import record_keys as keys
+from fedtune.common.adapter import from_record, to_record
+from fedtune.common.config import RunConfig
+from fedtune.common.secagg.plan import summation_for
+from fedtune.common.secagg.records import (
     RecordError,
     cohort_to_record,
     complaint_from_record,
@@ -28,13 +28,13 @@ from common.secagg.records import (
     signature_from_record,
     signatures_to_record,
 )
-from common.secagg.summation import ImpossibleSum, vector_length
-from server.client_dp import ReleaseLog
-from server.replies import check_masked_metrics
-from server.roster import answering_node
-from server.secagg import SecAggAbort, SecAggServer
-from server.strategies.fedavg import SeededFedAvg
-from server.train_outcome import (
+from fedtune.common.secagg.summation import ImpossibleSum, vector_length
+from fedtune.server.client_dp import ReleaseLog
+from fedtune.server.replies import check_masked_metrics
+from fedtune.server.roster import answering_node
+from fedtune.server.secagg import SecAggAbort, SecAggServer
+from fedtune.server.strategies.fedavg import SeededFedAvg
+from fedtune.server.train_outcome import (
     TrainOutcome,
     refusal_status,
     refused,

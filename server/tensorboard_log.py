@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from server.metrics_log import label_name, read_label_names
+from fedtune.server.metrics_log import label_name, read_label_names
 
 TENSORBOARD_DIR = "tensorboard"
 SCALARS = ("accuracy", "macro_f1", "loss", "perplexity", "train_loss", "client_accuracy_mean",

@@ -10,8 +10,8 @@ from logging import WARNING
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 
-from common import record_keys as keys
-from server.roster import Roster
+from fedtune.common import record_keys as keys
+from fedtune.server.roster import Roster
 
 
 @dataclass(frozen=True)

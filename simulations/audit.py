@@ -18,21 +18,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.admission import simulated_delta
-from client.ledger import Ledger
-from client.node import Node, data_set_identity
-from common.adapter import load_trainable_state
-from common.atomic_file import write_atomic
-from common.causal_lm import per_example_loss
-from common.client_dp import client_level_plan
-from common.config import CAUSAL_LM, RunConfig
-from common.data import Examples
-from common.one_run_audit import best_guess, detectable_ceiling, tpr_at_fpr
-from common.privacy import default_delta
-from common.run_dir import AUDIT_FILE
-from common.task import Task, cached_task
-from server.checkpoint import latest_checkpoint
-from server.metrics_log import read_rounds
+from fedtune.client.admission import simulated_delta
+from fedtune.client.ledger import Ledger
+from fedtune.client.node import Node, data_set_identity
+from fedtune.common.adapter import load_trainable_state
+from fedtune.common.atomic_file import write_atomic
+from fedtune.common.causal_lm import per_example_loss
+from fedtune.common.client_dp import client_level_plan
+from fedtune.common.config import CAUSAL_LM, RunConfig
+from fedtune.common.data import Examples
+from fedtune.common.one_run_audit import best_guess, detectable_ceiling, tpr_at_fpr
+from fedtune.common.privacy import default_delta
+from fedtune.common.run_dir import AUDIT_FILE
+from fedtune.common.task import Task, cached_task
+from fedtune.server.checkpoint import latest_checkpoint
+from fedtune.server.metrics_log import read_rounds
 
 LOW_FPR = 0.01
 

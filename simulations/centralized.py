@@ -10,16 +10,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.adapter import trainable_state
-from common.config import RunConfig
-from common.data import Examples
-from common.run_dir import ADAPTER_DIR
-from common.task import Task, cached_task
-from server import progress
-from server.evaluation import evaluate_centrally, task_columns
-from server.federation import prepare_run_dir
-from server.metrics_log import append_round, read_rounds, write_label_names
-from server.tensorboard_log import TensorBoardLog
+from fedtune.common.adapter import trainable_state
+from fedtune.common.config import RunConfig
+from fedtune.common.data import Examples
+from fedtune.common.run_dir import ADAPTER_DIR
+from fedtune.common.task import Task, cached_task
+from fedtune.server import progress
+from fedtune.server.evaluation import evaluate_centrally, task_columns
+from fedtune.server.federation import prepare_run_dir
+from fedtune.server.metrics_log import append_round, read_rounds, write_label_names
+from fedtune.server.tensorboard_log import TensorBoardLog
 
 
 def pooled_training_rows(task: Task, config: RunConfig) -> Examples:

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from flwr.simulation import run_simulation
 
-from client.app import app as client_app
-from common.config import RunConfig
-from common.console import QUIET_WORKERS
-from server import progress
-from server.app import make_server_app
-from server.metrics_log import read_rounds
-from simulations.node_names import recorded_node_names
+from fedtune.client.app import app as client_app
+from fedtune.common.config import RunConfig
+from fedtune.common.console import QUIET_WORKERS
+from fedtune.server import progress
+from fedtune.server.app import make_server_app
+from fedtune.server.metrics_log import read_rounds
+from fedtune.simulations.node_names import recorded_node_names
 
 
 def backend_config(num_workers: int, *, verbose: bool = False) -> dict[str, Any]:

@@ -23,17 +23,17 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from common import modeling_mean_pooling
-from common.adapter import load_saved_adapter, load_trainable_state, public_name
-from common.config import CAUSAL_LM, RunConfig
-from common.data import load_data
-from common.errors import InputError
-from common.mean_pooling import MeanPoolingClassifier
-from common.model import load_tokenizer, resolve_model_path
-from common.run_dir import ADAPTER_DIR, CONFIG_FILE, saved_config
-from common.task import build_model
-from server.checkpoint import latest_checkpoint
-from server.metrics_log import read_label_names, read_rounds
+from fedtune.common import modeling_mean_pooling
+from fedtune.common.adapter import load_saved_adapter, load_trainable_state, public_name
+from fedtune.common.config import CAUSAL_LM, RunConfig
+from fedtune.common.data import load_data
+from fedtune.common.errors import InputError
+from fedtune.common.mean_pooling import MeanPoolingClassifier
+from fedtune.common.model import load_tokenizer, resolve_model_path
+from fedtune.common.run_dir import ADAPTER_DIR, CONFIG_FILE, saved_config
+from fedtune.common.task import build_model
+from fedtune.server.checkpoint import latest_checkpoint
+from fedtune.server.metrics_log import read_label_names, read_rounds
 
 READING_FILE = "fedtune.json"  # how the exported model reads a row (ReadingSettings)
 MEAN_POOLING_AUTO_MAP = {

@@ -22,7 +22,7 @@ from typing import Any
 
 from flwr.server.superlink.fleet.vce import vce_api
 
-from common.partition import client_name
+from fedtune.common.partition import client_name
 
 
 class NodeNames:

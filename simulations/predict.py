@@ -25,15 +25,18 @@ from transformers import (
     PreTrainedModel,
 )
 
-from common.causal_lm import LMCollator
-from common.config import CAUSAL_LM, CLASSIFICATION, DEFAULT_PROMPT
-from common.data import file_records
-from common.errors import InputError
-from common.model import pick_device
-from common.modeling_mean_pooling import MeanPoolingConfig, MeanPoolingForSequenceClassification
-from common.run_dir import ADAPTER_DIR, CHECKPOINT_DIR
-from simulations.export import READING_FILE, ReadingSettings, TrainedModel, read_run_config
-from simulations.export import trained_model as run_model
+from fedtune.common.causal_lm import LMCollator
+from fedtune.common.config import CAUSAL_LM, CLASSIFICATION, DEFAULT_PROMPT
+from fedtune.common.data import file_records
+from fedtune.common.errors import InputError
+from fedtune.common.model import pick_device
+from fedtune.common.modeling_mean_pooling import (
+    MeanPoolingConfig,
+    MeanPoolingForSequenceClassification,
+)
+from fedtune.common.run_dir import ADAPTER_DIR, CHECKPOINT_DIR
+from fedtune.simulations.export import READING_FILE, ReadingSettings, TrainedModel, read_run_config
+from fedtune.simulations.export import trained_model as run_model
 
 HF_CONFIG = "config.json"
 

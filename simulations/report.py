@@ -20,9 +20,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-from common.errors import InputError
-from common.run_dir import AUDIT_FILE, METRICS_FILE
-from server.metrics_log import label_name, read_label_names, read_rounds
+from fedtune.common.errors import InputError
+from fedtune.common.run_dir import AUDIT_FILE, METRICS_FILE
+from fedtune.server.metrics_log import label_name, read_label_names, read_rounds
 
 SUMMARY = "report.md"
 WORST_LABELS = 20  # bars in labels.png: the worst-served labels, not all 150 of banking77

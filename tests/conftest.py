@@ -29,7 +29,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from common.model import resolve_model_path
+    from fedtune.common.model import resolve_model_path
 
     directory = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded"))
@@ -88,7 +88,7 @@ def word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from common.config import DEFAULT_PROMPT
+    from fedtune.common.config import DEFAULT_PROMPT
 
     pre = pre_tokenizers.Whitespace()
     text = " ".join([DEFAULT_PROMPT, *(" ".join(r.values()) for r in instruction_rows(12))])

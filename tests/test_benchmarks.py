@@ -47,8 +47,8 @@ def test_the_feature_probe_pools_only_real_tokens_and_fits_separable_features(ti
     from transformers import AutoModel
 
     from benchmarks.feature_probe import features, probe
-    from common.data import Examples
-    from common.model import load_tokenizer
+    from fedtune.common.data import Examples
+    from fedtune.common.model import load_tokenizer
 
     model, tokenizer = AutoModel.from_pretrained(tiny_model_dir).eval(), load_tokenizer(
         str(tiny_model_dir))

@@ -12,7 +12,7 @@ import importlib.machinery
 import os
 import sys
 
-TARGET = "client.dp_sgd"
+TARGET = "fedtune.client.dp_sgd"
 
 
 def _without_noise(module) -> None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import math
 
-from common.client_dp import client_level_plan
-from common.config import RunConfig
-from common.secagg.summation import NOISE_TAIL, Summation
+from fedtune.common.client_dp import client_level_plan
+from fedtune.common.config import RunConfig
+from fedtune.common.secagg.summation import NOISE_TAIL, Summation
 
 
 def survivors_needed(config: RunConfig, cohort: int) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from common.secagg.ring import DTYPE
+from fedtune.common.secagg.ring import DTYPE
 
 _NONCE = bytes(16)  # each seed expands exactly one mask, so a fixed nonce is safe
 

@@ -7,8 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from common.secagg import channel
-from common.secagg.graph import neighbours
+from fedtune.common.secagg import channel
+from fedtune.common.secagg.graph import neighbours
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flwr.app import ConfigRecord
 
-from common.secagg.protocol import Cohort, Reveal
+from fedtune.common.secagg.protocol import Cohort, Reveal
 
 
 class RecordError(ValueError):

@@ -14,7 +14,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from common.secagg.protocol import fields
+from fedtune.common.secagg.protocol import fields
 
 KEYS_PURPOSE = b"fedtune secagg round keys v1"
 SURVIVORS_PURPOSE = b"fedtune secagg survivors v1"

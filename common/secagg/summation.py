@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.secagg.ring import Encoding
+from fedtune.common.secagg.ring import Encoding
 
 TOTALS = ("examples", "loss-sum")  # a client's scalars that the server may learn only summed
 MAX_LOSS = 20.0  # a client's mean loss counts at most this much in the summed loss (ln 150 = 5)

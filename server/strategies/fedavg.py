@@ -17,8 +17,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common import record_keys as keys
-from server.roster import Roster
+from fedtune.common import record_keys as keys
+from fedtune.server.roster import Roster
 
 
 class SeededFedAvg(FedAvg):

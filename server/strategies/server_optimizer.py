@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.config import FederationConfig
+from fedtune.common.config import FederationConfig
 
 State = dict[str, np.ndarray]
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from common import record_keys as keys
-from common.adapter import to_record
-from common.config import RunConfig
-from common.task import cached_task
+from fedtune.common import record_keys as keys
+from fedtune.common.adapter import to_record
+from fedtune.common.config import RunConfig
+from fedtune.common.task import cached_task
 from tests.conftest import write_jsonl
 
 NODE = "hospital-a"

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from client import app as client_app
-from client.policy import (
+from fedtune.client import app as client_app
+from fedtune.client.policy import (
     MAX_ADAPTER_VALUE,
     MAX_LENGTH,
     MAX_LORA_RANK,
@@ -22,8 +22,8 @@ from client.policy import (
     RUN_CAP,
     TASK,
 )
-from common import record_keys as keys
-from common.task import cached_task
+from fedtune.common import record_keys as keys
+from fedtune.common.task import cached_task
 from tests.client.conftest import (
     data_dir,
     ledger_rounds,
@@ -191,10 +191,10 @@ def test_thirty_probes_cannot_tell_a_node_of_60_rows_from_one_of_150(tiny_model_
 
 
 def test_client_level_noise_below_the_node_floor_is_refused(toy_data_dir):
-    from client.admission import request_violations
-    from client.node import Node
-    from client.policy import NodePolicy
-    from common.config import RunConfig
+    from fedtune.client.admission import request_violations
+    from fedtune.client.node import Node
+    from fedtune.client.policy import NodePolicy
+    from fedtune.common.config import RunConfig
 
     config = RunConfig.from_mapping({"privacy.dp": True, "privacy.level": "client",
                                      "privacy.epsilon": 8.0, "federation.rounds": 1,

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from flwr.supercore.fab import Fab
 
-from client.app_pin import PIN_ENTITY, approves, install_pin, safe_run_names
+from fedtune.client.app_pin import PIN_ENTITY, approves, install_pin, safe_run_names
 
 RUNS = {1: SimpleNamespace(fab_id="fedtune/fedtune", fab_version="0.1.0"),
         2: SimpleNamespace(fab_id="fedtune/fedtune", fab_version="0.1.0.abcd/../../../tmp/x")}
@@ -66,7 +66,7 @@ def test_a_flower_version_whose_internals_were_not_checked_is_refused(monkeypatc
     import flwr
     import pytest
 
-    from client.app_pin import PinError
+    from fedtune.client.app_pin import PinError
 
     monkeypatch.setattr(flwr, "__version__", "1.43.0")
     with pytest.raises(PinError, match=r"written for Flower 1\.41\.\* or 1\.42\.\*, this is 1\.43"):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from client.deploy import _Brief, _describe
-from client.policy import NodePolicy
+from fedtune.client.deploy import _Brief, _describe
+from fedtune.client.policy import NodePolicy
 
 TRACEBACK = """Traceback (most recent call last):
   File "flwr/supernode/start_client_internal.py", line 188, in send

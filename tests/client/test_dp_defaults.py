@@ -4,9 +4,9 @@
 import dp_accounting
 import pytest
 
-from client.dp_sgd import plan_round
-from client.ledger import FORMER_DEFAULT_ACCOUNTANT, Ledger, fingerprint
-from common.config import RunConfig
+from fedtune.client.dp_sgd import plan_round
+from fedtune.client.ledger import FORMER_DEFAULT_ACCOUNTANT, Ledger, fingerprint
+from fedtune.common.config import RunConfig
 from tests.client.test_ledger import ROUND, rows
 
 

@@ -8,15 +8,15 @@ import torch
 from opacus import PrivacyEngine
 from transformers import AutoTokenizer
 
-from client import dp_sgd
-from client.dp_sgd import GRAD_SAMPLE_MODE, DPRoundPlan, plan_round, train_private
-from common.adapter import add_lora, trainable_state
-from common.classifier import Classification, ClassifierCollator
-from common.config import LoraSettings, RunConfig
-from common.data import Examples
-from common.model import load_classifier
-from common.privacy import GaussianEvent, epsilon_spent, noise_for_target
-from common.training import make_loader
+from fedtune.client import dp_sgd
+from fedtune.client.dp_sgd import GRAD_SAMPLE_MODE, DPRoundPlan, plan_round, train_private
+from fedtune.common.adapter import add_lora, trainable_state
+from fedtune.common.classifier import Classification, ClassifierCollator
+from fedtune.common.config import LoraSettings, RunConfig
+from fedtune.common.data import Examples
+from fedtune.common.model import load_classifier
+from fedtune.common.privacy import GaussianEvent, epsilon_spent, noise_for_target
+from fedtune.common.training import make_loader
 
 LOSS = Classification(num_labels=3).loss
 

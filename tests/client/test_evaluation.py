@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from client import app as client_app
-from common import record_keys as keys
+from fedtune.client import app as client_app
+from fedtune.common import record_keys as keys
 from tests.client.conftest import ledger_rounds, node_context, refusal_reason, request, run_config
 
 

@@ -6,9 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from client.ledger import BudgetExhausted, Ledger, LedgerError, fingerprint
-from common.data import Examples
-from common.privacy import GaussianEvent
+from fedtune.client.ledger import BudgetExhausted, Ledger, LedgerError, fingerprint
+from fedtune.common.data import Examples
+from fedtune.common.privacy import GaussianEvent
 from tests.common.test_privacy import independent_epsilon
 
 ROUND = GaussianEvent(noise_multiplier=1.2, sample_rate=0.1, steps=10)

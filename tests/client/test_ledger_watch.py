@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from client.ledger_watch import LedgerWatch
+from fedtune.client.ledger_watch import LedgerWatch
 
 
 def write(path, rounds):

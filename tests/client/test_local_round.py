@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from client import app as client_app
-from client import dp_sgd
-from common import record_keys as keys
-from common.task import cached_task
+from fedtune.client import app as client_app
+from fedtune.client import dp_sgd
+from fedtune.common import record_keys as keys
+from fedtune.common.task import cached_task
 from tests.client.conftest import (
     data_dir,
     ledger_rounds,
@@ -140,7 +140,7 @@ def test_a_failure_after_the_ledger_entry_releases_the_noise_only_update(
             raise RuntimeError("CUDA out of memory")  # as a row too long for the device would
         return real(model, loader, *args, **kwargs)
 
-    monkeypatch.setattr("client.local_round.train_private", fails_with_rows)
+    monkeypatch.setattr("fedtune.client.local_round.train_private", fails_with_rows)
     config = run_config(tiny_model_dir, toy_data_dir, **{"train.local_steps": 2})
     ledger = tmp_path / "ledger"
     reply = client_app.train(request(config),

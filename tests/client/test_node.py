@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from client.node import keyed_held_out
-from common.data import Examples
+from fedtune.client.node import keyed_held_out
+from fedtune.common.data import Examples
 
 
 def rows(count: int, start: int = 0) -> Examples:

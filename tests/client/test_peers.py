@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from client.deploy import check_peers
-from common import certs
-from common.secagg.signing import Signer, keys_statement, read_peers, verifies
+from fedtune.client.deploy import check_peers
+from fedtune.common import certs
+from fedtune.common.secagg.signing import Signer, keys_statement, read_peers, verifies
 
 
 def test_a_node_key_signs_and_its_pub_file_verifies(tmp_path):
@@ -23,8 +23,8 @@ def test_a_node_key_signs_and_its_pub_file_verifies(tmp_path):
 
 
 def test_start_up_refuses_peers_without_this_nodes_own_key(tmp_path):
-    from client.deploy import ClientSettings
-    from client.policy import NodePolicy
+    from fedtune.client.deploy import ClientSettings
+    from fedtune.client.policy import NodePolicy
 
     keys, peers = tmp_path / "keys", tmp_path / "peers"
     private, _ = certs.node_key(keys, "hospital-a")
@@ -45,8 +45,8 @@ def test_start_up_refuses_peers_without_this_nodes_own_key(tmp_path):
 
 
 def settings_for(tmp_path, **policy):
-    from client.deploy import ClientSettings
-    from client.policy import NodePolicy
+    from fedtune.client.deploy import ClientSettings
+    from fedtune.client.policy import NodePolicy
 
     private, _ = certs.node_key(tmp_path / "keys", "hospital-a")
     return ClientSettings(server="127.0.0.1:9092", root_cert=tmp_path / "ca.pem",
@@ -62,7 +62,7 @@ def test_a_node_starts_only_with_its_consortiums_keys_pinned_or_a_loud_waiver(tm
 
 
 def test_a_bundle_from_certs_consortium_is_what_a_node_pins(tmp_path, capsys):
-    from common.consortium import bundle
+    from fedtune.common.consortium import bundle
 
     settings = settings_for(tmp_path, peers=str(tmp_path / "peers"))
     _, other = certs.node_key(tmp_path / "keys", "hospital-b")

@@ -8,9 +8,9 @@ import math
 import pytest
 from flwr.common.config import parse_config_args
 
-from client.deploy import _toml_value
-from client.node import Node
-from client.policy import NodePolicy, PolicyError, policy_flags
+from fedtune.client.deploy import _toml_value
+from fedtune.client.node import Node
+from fedtune.client.policy import NodePolicy, PolicyError, policy_flags
 
 
 def test_a_node_that_requires_dp_needs_a_finite_budget_and_names_the_flag():
@@ -58,7 +58,7 @@ def test_the_policy_reaches_the_supernode_unchanged_through_flowers_node_config(
 def test_every_policy_setting_has_a_flag_whose_help_states_the_settings_own_default():
     import argparse
 
-    from fedtune_cli import _add_policy_flags
+    from fedtune.cli import _add_policy_flags
 
     flags = {flag.key: flag for flag in policy_flags()}
     assert set(flags) == {f.name.replace("_", "-") for f in dataclasses.fields(NodePolicy)}

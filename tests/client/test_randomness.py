@@ -8,7 +8,7 @@ import torch
 from opacus.optimizers.optimizer import _generate_noise
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-from client.randomness import round_seeds
+from fedtune.client.randomness import round_seeds
 
 ROWS, RATE, TRIALS = 512, 0.1, 200
 

@@ -9,9 +9,9 @@ import math
 
 import dp_accounting
 
-from client import app as client_app
-from client.dp_sgd import plan_round
-from common import record_keys as keys
+from fedtune.client import app as client_app
+from fedtune.client.dp_sgd import plan_round
+from fedtune.common import record_keys as keys
 from tests.client.conftest import ledger_rounds, node_context, request, run_config
 
 POLICY = {"budget-epsilon": 20.0, "require-secagg": False, "share-evaluation": True,

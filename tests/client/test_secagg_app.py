@@ -7,10 +7,10 @@ import json
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client.app import secagg_keys, secagg_shares
-from client.secagg import SecAggViolation
-from common import record_keys as keys
-from common.config import RunConfig
+from fedtune.client.app import secagg_keys, secagg_shares
+from fedtune.client.secagg import SecAggViolation
+from fedtune.common import record_keys as keys
+from fedtune.common.config import RunConfig
 
 
 def message(config: RunConfig, session: bytes, **extra) -> Message:
@@ -38,8 +38,8 @@ def test_a_run_configuration_changed_after_step_1_is_refused(message_identity):
 
 def deployed(tmp_path, toy_data_dir, **policy) -> tuple[Context, dict]:
     """A deployed hospital-a: its node key, its data, the consortium's bundle of a and b."""
-    from common import certs
-    from common.consortium import bundle
+    from fedtune.common import certs
+    from fedtune.common.consortium import bundle
 
     keys = {n: certs.node_key(tmp_path / "keys", n) for n in ("hospital-a", "hospital-b")}
     peers = bundle(tmp_path / "peers", [public for _, public in keys.values()]).directory
@@ -67,10 +67,10 @@ def refused_rules(reply: Message) -> str:
 
 def test_a_default_deployed_node_refuses_a_cohort_member_the_server_made_up(
         message_identity, tmp_path, toy_data_dir, tiny_model_dir):
-    from client.secagg import SecAggClient
-    from common.secagg.records import cohort_to_record, keys_from_record
-    from common.secagg.signing import Signer
-    from server.secagg import SecAggServer
+    from fedtune.client.secagg import SecAggClient
+    from fedtune.common.secagg.records import cohort_to_record, keys_from_record
+    from fedtune.common.secagg.signing import Signer
+    from fedtune.server.secagg import SecAggServer
 
     context, node_keys = deployed(tmp_path, toy_data_dir, models=str(tiny_model_dir))
     config = secure_dp_config(str(tiny_model_dir))

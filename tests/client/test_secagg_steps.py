@@ -8,11 +8,11 @@ import copy
 import numpy as np
 import pytest
 
-from client import app as client_app
-from client.secagg import SecAggViolation
-from common import record_keys as keys
-from common.secagg.records import cohort_to_record, keys_from_record, sealed_to_record
-from server.secagg import SecAggServer
+from fedtune.client import app as client_app
+from fedtune.client.secagg import SecAggViolation
+from fedtune.common import record_keys as keys
+from fedtune.common.secagg.records import cohort_to_record, keys_from_record, sealed_to_record
+from fedtune.server.secagg import SecAggServer
 from tests.client.conftest import (
     data_dir,
     ledger_rounds,

@@ -6,7 +6,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from common.adapter import (
+from fedtune.common.adapter import (
     EMBEDDED_HUB_ID,
     AdapterError,
     add_lora,
@@ -17,8 +17,8 @@ from common.adapter import (
     to_record,
     trainable_state,
 )
-from common.config import LoraSettings
-from common.model import resolve_model_path
+from fedtune.common.config import LoraSettings
+from fedtune.common.model import resolve_model_path
 
 
 @pytest.fixture()

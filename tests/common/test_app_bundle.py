@@ -7,7 +7,13 @@ import shutil
 
 import pytest
 
-from common.app_bundle import APP_DIR, AppBundleError, app_digest, check_digest
+from fedtune.common.app_bundle import (
+    APP_DIR,
+    APP_PACKAGES,
+    AppBundleError,
+    app_digest,
+    check_digest,
+)
 
 
 @pytest.mark.slow  # Flower's builder walks the whole directory, virtual environment included
@@ -19,7 +25,7 @@ def test_the_digest_is_that_of_flowers_own_bundle_of_the_app_directory():
 
 def test_any_change_to_the_apps_code_changes_the_digest(tmp_path):
     copy = tmp_path / "app"
-    for part in ("common", "client", "server"):
+    for part in APP_PACKAGES:
         shutil.copytree(APP_DIR / part, copy / part,
                         ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(APP_DIR / "pyproject.toml", copy)

@@ -7,10 +7,10 @@ import random
 import numpy as np
 import torch
 
-from common.canaries import SECRET_PREFIX, make_canaries, with_canaries
-from common.config import CAUSAL_LM, CLASSIFICATION, AuditConfig, RunConfig
-from common.data import Examples
-from common.task import cached_task
+from fedtune.common.canaries import SECRET_PREFIX, make_canaries, with_canaries
+from fedtune.common.config import CAUSAL_LM, CLASSIFICATION, AuditConfig, RunConfig
+from fedtune.common.data import Examples
+from fedtune.common.task import cached_task
 
 TRAIN = Examples(texts=[f"the quick brown fox number {i} jumps" for i in range(30)],
                  labels=np.arange(30, dtype=np.int64) % 3)

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from opacus import PrivacyEngine
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from client.dp_sgd import GRAD_SAMPLE_MODE
-from client.ledger import fingerprint
-from common.adapter import add_lora, load_trainable_state, trainable_state
-from common.causal_lm import IGNORE, CausalLM, LMCollator, per_example_loss
-from common.config import ConfigError, DataConfig, LoraSettings, RunConfig
-from common.data import DataError, Examples, load_data
-from common.training import make_loader
+from fedtune.client.dp_sgd import GRAD_SAMPLE_MODE
+from fedtune.client.ledger import fingerprint
+from fedtune.common.adapter import add_lora, load_trainable_state, trainable_state
+from fedtune.common.causal_lm import IGNORE, CausalLM, LMCollator, per_example_loss
+from fedtune.common.config import ConfigError, DataConfig, LoraSettings, RunConfig
+from fedtune.common.data import DataError, Examples, load_data
+from fedtune.common.training import make_loader
 from tests.conftest import instruction_rows, write_jsonl
 
 ARCHITECTURES = {"gpt2": ("c_attn",), "llama": ("q_proj", "v_proj")}

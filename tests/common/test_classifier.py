@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common.classifier import Classification
+from fedtune.common.classifier import Classification
 
 
 class FixedGuesses(torch.nn.Module):

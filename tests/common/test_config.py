@@ -1,6 +1,6 @@
 import pytest
 
-from common.config import (
+from fedtune.common.config import (
     DP_SGD_TRAINING,
     PLAIN_TRAINING,
     POOLED_TRAINING,

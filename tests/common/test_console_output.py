@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from common import console
+from fedtune.common import console
 
 COLOURED = b"\x1b[92mINFO \x1b[0m:      round 1 done\n"
 

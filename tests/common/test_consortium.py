@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from common import certs
-from common.consortium import MANIFEST, bundle, fingerprint, pinned_digest
-from common.secagg.signing import read_peers
+from fedtune.common import certs
+from fedtune.common.consortium import MANIFEST, bundle, fingerprint, pinned_digest
+from fedtune.common.secagg.signing import read_peers
 
 
 def test_the_bundle_holds_each_key_under_its_name_with_a_manifest(tmp_path):

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from common.config import DataConfig
-from common.data import DataError, load_data
+from fedtune.common.config import DataConfig
+from fedtune.common.data import DataError, load_data
 from tests.conftest import write_jsonl
 
 

@@ -5,10 +5,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from common.adapter import add_lora, trainable_state
-from common.config import ConfigError, LoraSettings, ModelConfig
-from common.mean_pooling import MeanPoolingClassifier
-from common.model import load_classifier
+from fedtune.common.adapter import add_lora, trainable_state
+from fedtune.common.config import ConfigError, LoraSettings, ModelConfig
+from fedtune.common.mean_pooling import MeanPoolingClassifier
+from fedtune.common.model import load_classifier
 
 
 @pytest.fixture()

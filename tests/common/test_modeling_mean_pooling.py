@@ -9,9 +9,12 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from common import modeling_mean_pooling
-from common.model import load_classifier
-from common.modeling_mean_pooling import MeanPoolingConfig, MeanPoolingForSequenceClassification
+from fedtune.common import modeling_mean_pooling
+from fedtune.common.model import load_classifier
+from fedtune.common.modeling_mean_pooling import (
+    MeanPoolingConfig,
+    MeanPoolingForSequenceClassification,
+)
 
 
 def test_the_shipped_file_imports_only_torch_and_transformers():

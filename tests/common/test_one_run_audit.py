@@ -7,7 +7,7 @@ import math
 import pytest
 from scipy.stats import binom
 
-from common.one_run_audit import (
+from fedtune.common.one_run_audit import (
     best_guess,
     coin_bias,
     count_right,

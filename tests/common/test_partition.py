@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from common.partition import PartitionError, dirichlet, iid, local_split, natural
+from fedtune.common.partition import PartitionError, dirichlet, iid, local_split, natural
 
 
 def _covers_each_row_once(parts, n):

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from common.ports import PortBusy, check_free, listens
+from fedtune.common.ports import PortBusy, check_free, listens
 
 
 def test_a_busy_port_is_one_error_naming_the_flag_and_the_holder():

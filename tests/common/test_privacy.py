@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from common.client_dp import clip_update, update_norm
-from common.privacy import (
+from fedtune.common.client_dp import clip_update, update_norm
+from fedtune.common.privacy import (
     GaussianEvent,
     PrivacyError,
     default_delta,

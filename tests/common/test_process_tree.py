@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from common.process_tree import (
+from fedtune.common.process_tree import (
     StopRequested,
     alive,
     descendants,

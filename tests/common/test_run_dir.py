@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import RunConfig
-from common.run_dir import CONFIG_FILE, RunDirError, saved_config
+from fedtune.common.config import RunConfig
+from fedtune.common.run_dir import CONFIG_FILE, RunDirError, saved_config
 
 
 def run_saved_before_pooling(root: Path) -> Path:
@@ -31,7 +31,7 @@ def test_the_saved_configuration_is_read_with_its_migration(tmp_path):
 
 
 def test_simulate_resume_reads_the_old_run_as_it_trained(tmp_path):
-    from fedtune_cli import build_parser, resolve_config
+    from fedtune.cli import build_parser, resolve_config
 
     run = run_saved_before_pooling(tmp_path)
     args = build_parser().parse_args(["simulate", "--resume", str(run), "--rounds", "9"])
@@ -40,7 +40,7 @@ def test_simulate_resume_reads_the_old_run_as_it_trained(tmp_path):
 
 
 def test_flwr_run_resumes_the_old_run_as_it_trained(tmp_path):
-    from server.app import config_from_run_config
+    from fedtune.server.app import config_from_run_config
 
     run = run_saved_before_pooling(tmp_path)
     config, resuming = config_from_run_config({"output.dir": str(run)})
@@ -48,7 +48,7 @@ def test_flwr_run_resumes_the_old_run_as_it_trained(tmp_path):
 
 
 def test_fedtune_server_sees_no_change_in_the_old_runs_pooling(tmp_path):
-    from server.config_guard import check_restart
+    from fedtune.server.config_guard import check_restart
 
     run = run_saved_before_pooling(tmp_path)
     restarted = RunConfig.from_mapping({"output.dir": str(run), "model.pooling": "pooler"})

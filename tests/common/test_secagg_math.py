@@ -4,8 +4,8 @@ import secrets
 import numpy as np
 import pytest
 
-from common.secagg import channel, prg, ring, shamir
-from common.secagg.graph import default_neighbours, neighbours
+from fedtune.common.secagg import channel, prg, ring, shamir
+from fedtune.common.secagg.graph import default_neighbours, neighbours
 
 
 def test_any_t_shares_rebuild_the_secret_and_fewer_cannot():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.config import RunConfig
-from common.secagg.plan import honest_minimum, summation_for, survivors_needed
-from common.secagg.summation import NOISE_TAIL
-from server.secagg import SecAggAbort, SecAggServer
+from fedtune.common.config import RunConfig
+from fedtune.common.secagg.plan import honest_minimum, summation_for, survivors_needed
+from fedtune.common.secagg.summation import NOISE_TAIL
+from fedtune.server.secagg import SecAggAbort, SecAggServer
 
 CLIENT_LEVEL = {"privacy.dp": True, "privacy.level": "client", "privacy.clip_norm": 0.5,
                 "privacy.noise_multiplier": 1.2, "federation.num_clients": 20}
@@ -52,7 +52,7 @@ def test_an_honest_change_is_clipped_to_the_norm_then_the_bound():
 
 
 def test_the_server_reveals_nothing_for_fewer_survivors_than_the_noise_needs():
-    from client.secagg import SecAggClient
+    from fedtune.client.secagg import SecAggClient
 
     server = SecAggServer(server_round=1)
     clients = {f"c{i}": SecAggClient(f"c{i}", server.session, 1) for i in range(7)}
@@ -64,7 +64,7 @@ def test_the_server_reveals_nothing_for_fewer_survivors_than_the_noise_needs():
 
 
 def test_dropout_tolerance_is_validated():
-    from common.config import ConfigError
+    from fedtune.common.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"secagg\.dropout_tolerance"):
         RunConfig.from_mapping({"secagg.dropout_tolerance": 1.0})

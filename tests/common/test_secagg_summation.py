@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.config import RunConfig
-from common.secagg.plan import summation_for
-from common.secagg.summation import ImpossibleSum, Summation
+from fedtune.common.config import RunConfig
+from fedtune.common.secagg.plan import summation_for
+from fedtune.common.secagg.summation import ImpossibleSum, Summation
 
 LIKE = {"a": np.zeros((4, 8)), "b": np.zeros(5)}
 CLIENT_LEVEL = {"privacy.dp": True, "privacy.level": "client", "privacy.clip_norm": 0.5,

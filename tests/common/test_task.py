@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.adapter import trainable_state
-from common.config import RunConfig
-from common.task import cached_task
+from fedtune.common.adapter import trainable_state
+from fedtune.common.config import RunConfig
+from fedtune.common.task import cached_task
 
 
 def one_round(task, config, seed: int) -> tuple[dict[str, np.ndarray], int]:
@@ -36,7 +36,7 @@ def test_a_round_starts_from_the_given_state_and_repeats_with_its_seeds(tiny_mod
 def test_evaluation_passes_are_the_runs_batch_not_the_cached_tasks(tiny_model_dir, toy_data_dir,
                                                                   monkeypatch):
     # the cached task keeps only what shapes data and model: the batch comes from the run
-    from server.evaluation import evaluate_centrally
+    from fedtune.server.evaluation import evaluate_centrally
 
     config = RunConfig.from_mapping({"model.name": str(tiny_model_dir),
                                      "data.path": str(toy_data_dir), "train.batch_size": 5})

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from common import certs
-from common.consortium import bundle
-from common.process_tree import descendants, stop_pids
-from server.metrics_log import read_rounds
+from fedtune.common import certs
+from fedtune.common.consortium import bundle
+from fedtune.common.process_tree import descendants, stop_pids
+from fedtune.server.metrics_log import read_rounds
 from tests.conftest import write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -73,7 +73,7 @@ class Federation:
 
     def start(self, log: str, *args: str | Path, home: str) -> subprocess.Popen:
         handle = (self.root / log).open("ab")
-        proc = subprocess.Popen([sys.executable, "-m", "fedtune_cli", *map(str, args)],
+        proc = subprocess.Popen([sys.executable, "-m", "fedtune", *map(str, args)],
                                 stdout=handle, stderr=subprocess.STDOUT, env=self.env(home),
                                 start_new_session=True)
         self.procs.append(proc)
@@ -205,7 +205,7 @@ def test_bad_client_input_is_one_line_and_exit_2(federation, args, message):
             "--budget-epsilon": "8", "--peers": "peers", "--port": str(free_port())}
     base.update(dict(zip(args[::2], args[1::2], strict=True)))
     flags = [str(x) for k, v in base.items() if v is not None for x in (k, v)]
-    done = subprocess.run([sys.executable, "-m", "fedtune_cli", "client", *flags],
+    done = subprocess.run([sys.executable, "-m", "fedtune", "client", *flags],
                           cwd=federation.root, capture_output=True, text=True,
                           env=federation.env("flwr-x"), timeout=120)
     assert done.returncode == 2 and message in done.stderr, done.stderr

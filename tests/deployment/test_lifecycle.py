@@ -16,10 +16,10 @@ import time
 
 import pytest
 
-from common.ports import check_free
-from common.process_tree import alive, descendants
-from server.checkpoint import checkpoint_rounds
-from server.metrics_log import read_rounds
+from fedtune.common.ports import check_free
+from fedtune.common.process_tree import alive, descendants
+from fedtune.server.checkpoint import checkpoint_rounds
+from fedtune.server.metrics_log import read_rounds
 from tests.conftest import write_jsonl
 from tests.deployment.test_deployment import Federation, wait_for
 
@@ -55,7 +55,7 @@ def rounds_done(federation: Federation) -> list[int]:
 
 
 def run_cli(federation: Federation, *args: object, home: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedtune_cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "fedtune", *map(str, args)],
                           capture_output=True, text=True, timeout=180,
                           env=federation.env(home), cwd=federation.root)
 

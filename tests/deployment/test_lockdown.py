@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from common.app_bundle import APP_DIR, app_digest
-from server.metrics_log import read_rounds
+from fedtune.common.app_bundle import APP_DIR, app_digest
+from fedtune.server.metrics_log import read_rounds
 from tests.deployment.test_deployment import Federation, free_port, wait_for
 
 pytestmark = pytest.mark.slow
@@ -115,9 +115,9 @@ def test_outsiders_control_nothing_and_the_registered_nodes_complete_the_run(tmp
 def other_app(root: Path) -> Path:
     """The same fedtune with one changed line: a different app a server might submit."""
     copy = root / "other-app"
-    for part in ("common", "client", "server", "simulations"):
+    for part in ("fedtune", "common", "client", "server", "simulations"):
         shutil.copytree(APP_DIR / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "fedtune_cli.py", "README.md"):
+    for name in ("pyproject.toml", "README.md"):
         shutil.copy(APP_DIR / name, copy)
     with (copy / "client" / "app.py").open("a") as handle:
         handle.write("# not the app the hospitals approved\n")
@@ -131,7 +131,7 @@ def test_a_node_refuses_an_app_other_than_the_approved_one_and_the_run_reports_i
     approved, submitted = app_digest(), app_digest(copy)
     try:
         # the server runs (and submits) the changed copy; the nodes pin the app installed here
-        server = start_by_path(federation, "server.log", "-m", "fedtune_cli",
+        server = start_by_path(federation, "server.log", "-m", "fedtune",
                                *server_args(federation, "a", "b"), home="flwr-server",
                                cwd=copy, command=[sys.executable])
         wait_for(lambda: "Fleet API on" in federation.log("server.log"), 120, "the server")
@@ -155,7 +155,7 @@ def test_a_node_refuses_an_app_other_than_the_approved_one_and_the_run_reports_i
 
 
 def test_a_restart_with_another_configuration_exits_2_naming_the_keys(tmp_path, tiny_model_dir):
-    from common.config import RunConfig
+    from fedtune.common.config import RunConfig
 
     federation = Federation(tmp_path, tiny_model_dir)
     run_dir = federation.state / "run"

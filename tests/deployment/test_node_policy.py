@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from common.client_dp import client_level_plan
-from common.config import RunConfig
-from common.task import build_task
-from server.checkpoint import latest_checkpoint
-from server.metrics_log import read_rounds
+from fedtune.common.client_dp import client_level_plan
+from fedtune.common.config import RunConfig
+from fedtune.common.task import build_task
+from fedtune.server.checkpoint import latest_checkpoint
+from fedtune.server.metrics_log import read_rounds
 from tests.deployment.test_deployment import Federation, free_port
 
 pytestmark = pytest.mark.slow

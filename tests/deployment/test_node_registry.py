@@ -9,9 +9,15 @@ import time
 
 import pytest
 
-from common import certs
-from common.tool_path import tool_env
-from server.node_registry import RegistryError, control_client, key_bytes, listed_keys, sync_nodes
+from fedtune.common import certs
+from fedtune.common.tool_path import tool_env
+from fedtune.server.node_registry import (
+    RegistryError,
+    control_client,
+    key_bytes,
+    listed_keys,
+    sync_nodes,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from common import certs
-from server.metrics_log import read_rounds
+from fedtune.common import certs
+from fedtune.server.metrics_log import read_rounds
 from tests.conftest import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]

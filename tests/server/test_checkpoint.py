@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from server.checkpoint import (
+from fedtune.server.checkpoint import (
     Checkpoint,
     CheckpointError,
     check_fits,
@@ -9,7 +9,7 @@ from server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from server.metrics_log import append_round, keep_rounds_up_to, read_rounds
+from fedtune.server.metrics_log import append_round, keep_rounds_up_to, read_rounds
 
 
 def test_latest_checkpoint_round_trips_arrays_and_state(tmp_path):

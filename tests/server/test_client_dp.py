@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.client_dp import client_level_delta, client_level_plan
-from common.config import RunConfig
-from common.privacy import epsilon_spent
-from server.client_dp import ReleaseLog, ServerSideNoise
+from fedtune.common.client_dp import client_level_delta, client_level_plan
+from fedtune.common.config import RunConfig
+from fedtune.common.privacy import epsilon_spent
+from fedtune.server.client_dp import ReleaseLog, ServerSideNoise
 
 SETTINGS = {"privacy.dp": True, "privacy.level": "client", "federation.num_clients": 10,
             "seed": 3}

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from common.config import RunConfig
-from common.run_dir import CONFIG_FILE
-from server.config_guard import ConfigChangeError, changed_keys, check_restart
+from fedtune.common.config import RunConfig
+from fedtune.common.run_dir import CONFIG_FILE
+from fedtune.server.config_guard import ConfigChangeError, changed_keys, check_restart
 
 
 def started_run(tmp_path, **overrides) -> tuple[RunConfig, object]:

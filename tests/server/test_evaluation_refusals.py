@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from client.replies import refusal
-from common import record_keys as keys
-from server.evaluation import evaluation_refusals, summarise_client_evaluation
-from server.roster import Roster
+from fedtune.client.replies import refusal
+from fedtune.common import record_keys as keys
+from fedtune.server.evaluation import evaluation_refusals, summarise_client_evaluation
+from fedtune.server.roster import Roster
 
 
 class Connected:

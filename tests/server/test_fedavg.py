@@ -1,10 +1,10 @@
 import numpy as np
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
-from common import record_keys as keys
-from common.adapter import from_record, to_record
-from server.roster import Roster
-from server.strategies.fedavg import SeededFedAvg
+from fedtune.common import record_keys as keys
+from fedtune.common.adapter import from_record, to_record
+from fedtune.server.roster import Roster
+from fedtune.server.strategies.fedavg import SeededFedAvg
 
 
 def _reply(node_id: int, arrays: dict, examples: int) -> Message:

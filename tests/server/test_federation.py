@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord
 
-from server.federation import abandoned_column
-from server.train_outcome import TrainOutcome
+from fedtune.server.federation import abandoned_column
+from fedtune.server.train_outcome import TrainOutcome
 
 
 def outcome(**fields) -> TrainOutcome:

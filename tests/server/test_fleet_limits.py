@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import RunConfig
-from common.task import build_task
-from server.fleet_limits import FRAMING, NODES_PER_ADDRESS, adapter_sizes, fleet_limits
+from fedtune.common.config import RunConfig
+from fedtune.common.task import build_task
+from fedtune.server.fleet_limits import FRAMING, NODES_PER_ADDRESS, adapter_sizes, fleet_limits
 
 
 def config(model_dir, data_dir, **overrides) -> RunConfig:

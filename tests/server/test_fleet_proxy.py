@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from common import certs
-from server.fleet_limits import FleetLimits
-from server.fleet_proxy import ProxySettings, fleet_paths, nginx_binary, nginx_config
+from fedtune.common import certs
+from fedtune.server.fleet_limits import FleetLimits
+from fedtune.server.fleet_proxy import ProxySettings, fleet_paths, nginx_binary, nginx_config
 
 LIMITS = FleetLimits(largest_object=600_000, message_objects=56, upstream=40)
 

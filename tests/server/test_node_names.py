@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from common import certs
-from server.node_registry import (
+from fedtune.common import certs
+from fedtune.server.node_registry import (
     RegistryError,
     key_bytes,
     node_names,

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from common import record_keys as keys
-from common.config import RunConfig
-from server.replies import ReplyRejected, check_masked_metrics, check_update
-from server.train_outcome import reported_epsilon
+from fedtune.common import record_keys as keys
+from fedtune.common.config import RunConfig
+from fedtune.server.replies import ReplyRejected, check_masked_metrics, check_update
+from fedtune.server.train_outcome import reported_epsilon
 
 GLOBAL = {"lora_A": np.zeros((4, 8), dtype=np.float32), "head": np.zeros(3, dtype=np.float32)}
 CONFIG = RunConfig()

@@ -8,9 +8,9 @@ from collections.abc import Iterable
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from rich.console import Console
 
-from common import record_keys as keys
-from server.progress import RoundProgress
-from server.roster import Roster
+from fedtune.common import record_keys as keys
+from fedtune.server.progress import RoundProgress
+from fedtune.server.roster import Roster
 
 
 class FakeGrid:
@@ -107,8 +107,9 @@ def test_waiting_for_clients_is_one_line_per_change(monkeypatch):
             node_id, name = arrivals[len(slept)]
             grid.names[node_id] = name
 
-    monkeypatch.setattr("server.roster.time.sleep", sleep)
-    monkeypatch.setattr("server.roster.log", lambda _level, text, *args: lines.append(text % args))
+    monkeypatch.setattr("fedtune.server.roster.time.sleep", sleep)
+    monkeypatch.setattr("fedtune.server.roster.log",
+                        lambda _level, text, *args: lines.append(text % args))
     Roster().refresh(grid, wait_for=2, timeout=60)
     assert lines == ["Waiting for clients: 0 of 2 connected",
                      "Waiting for clients: 1 of 2 connected"]
@@ -124,7 +125,7 @@ def refusal_from(node_id: int, reason: str) -> Message:
 
 
 def test_a_second_claim_of_a_name_is_refused_and_the_honest_node_keeps_training():
-    from server.train_outcome import retire_refusing
+    from fedtune.server.train_outcome import retire_refusing
 
     grid = FakeGrid({11: "hospital-a", 12: "hospital-b"})
     roster = Roster()
@@ -151,7 +152,7 @@ def test_a_deployed_roster_names_nodes_by_their_registered_key_alone():
 def test_an_error_the_superlink_writes_for_a_silent_node_is_named_after_that_node():
     from flwr.app import Error
 
-    from server.roster import answering_node
+    from fedtune.server.roster import answering_node
 
     grid = FakeGrid({7: "hospital-a", 9: "hospital-b"})
     sent = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in (7, 9)]

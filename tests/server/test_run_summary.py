@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.run_summary import shortfall, summary_line
+from fedtune.server.run_summary import shortfall, summary_line
 
 
 def rows(*abandoned: bool) -> list[dict]:

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
-from client import secagg as secagg_client
-from client.secagg import SecAggClient, SecAggViolation
-from common.secagg import ring
-from common.secagg.protocol import routing_problem
-from common.secagg.summation import ImpossibleSum, Summation
-from server.secagg import SecAggAbort, SecAggServer
+from fedtune.client import secagg as secagg_client
+from fedtune.client.secagg import SecAggClient, SecAggViolation
+from fedtune.common.secagg import ring
+from fedtune.common.secagg.protocol import routing_problem
+from fedtune.common.secagg.summation import ImpossibleSum, Summation
+from fedtune.server.secagg import SecAggAbort, SecAggServer
 
 
 def names(n: int) -> list[str]:
@@ -85,8 +85,8 @@ def test_the_unmasked_sum_equals_the_plain_sum(n, k):
 def test_weighted_fedavg_of_a_real_adapter_matches_plain_fedavg(tiny_model_dir):
     from transformers import AutoModelForSequenceClassification
 
-    from common.adapter import add_lora, trainable_state
-    from common.config import LoraSettings
+    from fedtune.common.adapter import add_lora, trainable_state
+    from fedtune.common.config import LoraSettings
 
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
     adapter = trainable_state(add_lora(base, LoraSettings(r=4), "classification"))
@@ -328,7 +328,7 @@ def test_a_share_sealed_for_another_holder_does_not_open_as_this_ones():
 
 
 def test_a_neighbour_whose_shares_do_not_open_is_blamed_and_the_round_completes_without_it():
-    from common.secagg.records import complaint_from_record
+    from fedtune.common.secagg.records import complaint_from_record
 
     n = 7  # 7 holders each, threshold 5
     round_ = Round(n)
@@ -609,8 +609,8 @@ def test_degenerate_public_keys_are_left_out_of_the_cohort_not_the_round(bad):
 def test_a_third_of_the_cohort_withholding_its_noise_leaves_the_accounted_noise_in_the_sum():
     # 15 clients, 3 drop out (the tolerated fifth), 5 of the 12 survivors collude with the
     # server and leave their noise shares out: the 7 honest shares still add up to z C
-    from common.config import RunConfig
-    from common.secagg.plan import summation_for
+    from fedtune.common.config import RunConfig
+    from fedtune.common.secagg.plan import summation_for
 
     z, clip, n, length = 1.1, 0.5, 15, 20_000
     config = RunConfig.from_mapping({"privacy.dp": True, "privacy.level": "client",

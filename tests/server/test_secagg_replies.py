@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from common import record_keys as keys
-from common.secagg.records import keys_from_record, reveals_from_record, sealed_from_record
-from server.secagg import SecAggServer
-from server.secagg_exchange import _masked_vector, _parse
+from fedtune.common import record_keys as keys
+from fedtune.common.secagg.records import keys_from_record, reveals_from_record, sealed_from_record
+from fedtune.server.secagg import SecAggServer
+from fedtune.server.secagg_exchange import _masked_vector, _parse
 
 
 def reply(**records) -> Message:
@@ -90,8 +90,8 @@ def test_a_masked_reply_missing_its_vector_or_metrics_is_rejected(bad, reason):
 
 
 def test_a_valid_complaint_leaves_the_accused_out_and_a_forged_one_its_author():
-    from client.secagg import SecAggClient
-    from server.secagg_exchange import _masked_inputs
+    from fedtune.client.secagg import SecAggClient
+    from fedtune.server.secagg_exchange import _masked_inputs
 
     protocol = SecAggServer(1)
     clients = {f"client-0{i}": SecAggClient(f"client-0{i}", protocol.session, 1)

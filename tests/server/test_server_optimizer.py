@@ -5,10 +5,10 @@ import pytest
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
-from common import record_keys as keys
-from common.adapter import from_record, to_record
-from common.config import ConfigError, FederationConfig, RunConfig
-from server.strategies.server_optimizer import server_optimizer
+from fedtune.common import record_keys as keys
+from fedtune.common.adapter import from_record, to_record
+from fedtune.common.config import ConfigError, FederationConfig, RunConfig
+from fedtune.server.strategies.server_optimizer import server_optimizer
 
 
 def _reply(node_id: int, arrays: dict, examples: int) -> Message:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from common import record_keys as keys
-from server.evaluation import summarise_client_evaluation
-from server.roster import Roster
+from fedtune.common import record_keys as keys
+from fedtune.server.evaluation import summarise_client_evaluation
+from fedtune.server.roster import Roster
 
 
 def evaluation(node_id: int, metrics: dict) -> Message:

@@ -4,7 +4,7 @@ from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.superlink.federation.noop_federation_manager import NoOpFederationManager
 
-from server.stale_nodes import end_stale_sessions
+from fedtune.server.stale_nodes import end_stale_sessions
 
 
 def _link_state(path):

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from common.config import RunConfig
-from simulations.audit import audit_run
-from simulations.centralized import train_centralized
-from simulations.report import audit_line, summarise, write_report
+from fedtune.common.config import RunConfig
+from fedtune.simulations.audit import audit_run
+from fedtune.simulations.centralized import train_centralized
+from fedtune.simulations.report import audit_line, summarise, write_report
 from tests.simulations.test_cli import fedtune
 
 FIELDS = {"epsilon_lower_bound", "canaries", "confidence", "epsilon_reported", "delta",
@@ -106,8 +106,8 @@ def test_a_causal_lm_audit_adds_the_secrets_exposure(tiny_gpt2_dir, instruction_
 
 
 def test_a_deployment_refuses_an_audit_it_could_not_run():
-    from common.config import ConfigError
-    from server.app import config_from_run_config
+    from fedtune.common.config import ConfigError
+    from fedtune.server.app import config_from_run_config
 
     with pytest.raises(ConfigError, match=r"audit\.enabled"):
         config_from_run_config({"audit.enabled": True, "output.dir": "unused"})
@@ -118,7 +118,7 @@ def test_a_deployment_refuses_an_audit_it_could_not_run():
     (["--canaries", "5"], "audit.canaries"),
 ])
 def test_bad_audit_settings_exit_2_with_one_line(flags, message, tmp_path, capsys):
-    from fedtune_cli import main
+    from fedtune.cli import main
 
     assert main(["simulate", "--audit", *flags, "--out", str(tmp_path / "run")]) == 2
     error = capsys.readouterr().err.strip()
@@ -127,9 +127,9 @@ def test_bad_audit_settings_exit_2_with_one_line(flags, message, tmp_path, capsy
 
 def test_client_level_dp_is_compared_with_the_run_s_client_level_epsilon(tiny_model_dir,
                                                                         toy_data_dir, tmp_path):
-    from common.client_dp import client_level_plan
-    from common.task import cached_task
-    from simulations.audit import reported_privacy
+    from fedtune.common.client_dp import client_level_plan
+    from fedtune.common.task import cached_task
+    from fedtune.simulations.audit import reported_privacy
 
     config = tiny(tiny_model_dir, toy_data_dir, tmp_path,
                   **{"privacy.dp": True, "privacy.level": "client", "audit.enabled": True,

@@ -13,7 +13,7 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from server.metrics_log import SAMPLES_FILE, read_rounds
+from fedtune.server.metrics_log import SAMPLES_FILE, read_rounds
 from tests.simulations.test_cli import fedtune
 
 

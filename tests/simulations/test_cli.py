@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from server.checkpoint import latest_checkpoint
-from server.metrics_log import read_rounds
+from fedtune.server.checkpoint import latest_checkpoint
+from fedtune.server.metrics_log import read_rounds
 from tests.conftest import write_jsonl
 
 REQUIRED = {"round", "accuracy", "loss", "clients", "seconds", "bytes_up", "bytes_down",
@@ -23,7 +23,7 @@ REQUIRED = {"round", "accuracy", "loss", "clients", "seconds", "bytes_up", "byte
 
 def fedtune(*args: str | Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "fedtune_cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "fedtune", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -128,8 +128,8 @@ def test_resume_of_a_directory_without_a_run_is_refused(tmp_path):
 
 
 def test_a_run_saved_before_model_pooling_resumes_with_the_pooler_it_trained(tmp_path):
-    from common.config import RunConfig
-    from fedtune_cli import build_parser, resolve_config
+    from fedtune.cli import build_parser, resolve_config
+    from fedtune.common.config import RunConfig
 
     saved = RunConfig().to_dict()
     del saved["model"]["pooling"]

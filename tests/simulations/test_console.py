@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from common.console import keep_line
+from fedtune.common.console import keep_line
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -19,7 +19,7 @@ def test_the_default_simulation_shows_progress_and_no_library_noise(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "120"}  # a terminal
     env.pop("PYTHONWARNINGS", None)
-    done = subprocess.run([sys.executable, "-m", "fedtune_cli", "simulate", "--num-clients", "2",
+    done = subprocess.run([sys.executable, "-m", "fedtune", "simulate", "--num-clients", "2",
                            "--rounds", "1", "--local-steps", "2", "--out", tmp_path / "run"],
                           capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -45,7 +45,7 @@ def test_relayed_noise_is_dropped_unless_verbose():
 def test_only_a_non_verbose_commands_workers_keep_flowers_errors_alone(monkeypatch):
     import logging
 
-    from common import console
+    from fedtune.common import console
 
     flower = logging.getLogger(console.FLOWER_LOGGER)
     monkeypatch.setattr(flower, "level", logging.DEBUG)  # restored after the test

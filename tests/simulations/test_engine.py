@@ -11,7 +11,7 @@ from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.superlink.federation import NoOpFederationManager
 
-from simulations.node_names import recorded_node_names
+from fedtune.simulations.node_names import recorded_node_names
 
 
 def test_run_simulation_is_still_there_with_the_arguments_fedtune_passes():
@@ -45,7 +45,7 @@ def test_start_vce_registers_nodes_through_the_recorded_function():
 def test_a_node_seen_before_the_record_waits_for_it_instead_of_being_asked():
     import threading
 
-    from simulations.node_names import NodeNames
+    from fedtune.simulations.node_names import NodeNames
 
     names = NodeNames(wait=30)
     answer = []

@@ -12,14 +12,14 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from benchmarks.export_fidelity import label_with_transformers_only
-from common.adapter import load_trainable_state, trainable_state
-from common.config import RunConfig
-from common.modeling_mean_pooling import MeanPoolingForSequenceClassification
-from common.task import build_model
-from server.checkpoint import Checkpoint, save_checkpoint
-from server.federation import ADAPTER_DIR, CONFIG_FILE
-from server.metrics_log import append_round, read_rounds, write_label_names
-from simulations.export import READING_FILE, ExportError, export_run, read_run_config
+from fedtune.common.adapter import load_trainable_state, trainable_state
+from fedtune.common.config import RunConfig
+from fedtune.common.modeling_mean_pooling import MeanPoolingForSequenceClassification
+from fedtune.common.task import build_model
+from fedtune.server.checkpoint import Checkpoint, save_checkpoint
+from fedtune.server.federation import ADAPTER_DIR, CONFIG_FILE
+from fedtune.server.metrics_log import append_round, read_rounds, write_label_names
+from fedtune.simulations.export import READING_FILE, ExportError, export_run, read_run_config
 from tests.simulations.test_cli import fedtune
 
 TEXTS = ["alpha item 3", "a much longer sentence about charlie and bravo"]

@@ -20,18 +20,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.checkpoint import checkpoint_rounds, latest_checkpoint
-from server.metrics_log import read_rounds
+from fedtune.server.checkpoint import checkpoint_rounds, latest_checkpoint
+from fedtune.server.metrics_log import read_rounds
 
 MALFORMED_APP = r'''
 import json, sys
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-import client.app as honest
-from client.node import Node
-from common.config import RunConfig
-from simulations import engine
+import fedtune.client.app as honest
+from fedtune.client.node import Node
+from fedtune.common.config import RunConfig
+from fedtune.simulations import engine
 
 SETTINGS, PLAN = json.loads(sys.argv[1]), json.loads(sys.argv[2])  # "round:name" -> kind
 

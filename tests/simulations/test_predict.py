@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common.causal_lm import LMCollator, generate
-from common.config import CAUSAL_LM, DEFAULT_PROMPT
-from common.data import DataError
-from simulations.export import ReadingSettings, TrainedModel, export_run
-from simulations.predict import PredictError, inputs_of, predict_file, predictions
+from fedtune.common.causal_lm import LMCollator, generate
+from fedtune.common.config import CAUSAL_LM, DEFAULT_PROMPT
+from fedtune.common.data import DataError
+from fedtune.simulations.export import ReadingSettings, TrainedModel, export_run
+from fedtune.simulations.predict import PredictError, inputs_of, predict_file, predictions
 from tests.conftest import write_jsonl
 from tests.simulations.test_cli import fedtune
 from tests.simulations.test_export import make_run

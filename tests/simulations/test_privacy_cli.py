@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from client.dp_sgd import plan_round
-from common.config import RunConfig
-from common.privacy import epsilon_spent
-from common.task import cached_task
-from server.metrics_log import read_rounds
+from fedtune.client.dp_sgd import plan_round
+from fedtune.common.config import RunConfig
+from fedtune.common.privacy import epsilon_spent
+from fedtune.common.task import cached_task
+from fedtune.server.metrics_log import read_rounds
 from tests.simulations.test_cli import fedtune
 
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from simulations.report import ReportError, summarise, write_report
+from fedtune.simulations.report import ReportError, summarise, write_report
 
 
 def synthetic_run(run_dir, rounds=3):
@@ -64,8 +64,8 @@ def test_a_causal_lm_run_reports_its_perplexity(tmp_path):
 
 
 def test_labels_are_named_from_the_runs_labels_json_and_the_worst_twenty_sorted(tmp_path):
-    from server.metrics_log import write_label_names
-    from simulations.report import worst_labels
+    from fedtune.server.metrics_log import write_label_names
+    from fedtune.simulations.report import worst_labels
 
     run = tmp_path / "run"
     run.mkdir()

@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from common.config import RunConfig
-from server.checkpoint import load_checkpoint
-from server.metrics_log import read_rounds
+from fedtune.common.config import RunConfig
+from fedtune.server.checkpoint import load_checkpoint
+from fedtune.server.metrics_log import read_rounds
 from tests.simulations.test_cli import fedtune
 
 
@@ -59,9 +59,9 @@ def test_secagg_needs_three_clients(tmp_path):
 
 INSPECT = """
 import json, sys
-from common.config import RunConfig
-from server import secagg_exchange
-from simulations.engine import simulate
+from fedtune.common.config import RunConfig
+from fedtune.server import secagg_exchange
+from fedtune.simulations.engine import simulate
 
 seen = []
 original = secagg_exchange._Link.exchange
@@ -106,9 +106,9 @@ def test_under_secagg_the_server_receives_no_per_client_count_or_loss(tiny_model
 
 TOTALS = """
 import json, sys
-from common.config import RunConfig
-from common.secagg import summation
-from simulations.engine import simulate
+from fedtune.common.config import RunConfig
+from fedtune.common.secagg import summation
+from fedtune.simulations.engine import simulate
 
 totals = []
 original = summation.Summation.average
@@ -154,8 +154,8 @@ def test_client_level_dp_under_secagg_the_server_never_holds_an_unnoised_sum(
         rms = float(np.sqrt(np.mean(changes**2)))
         assert rms > 10 * unnoised_rms_at_most
         assert rms == pytest.approx(expected, rel=0.1)
-    from common.privacy import epsilon_spent
-    from server.client_dp import ServerSideNoise
+    from fedtune.common.privacy import epsilon_spent
+    from fedtune.server.client_dp import ServerSideNoise
     rows = read_rounds(tmp_path / "run")
     accounted = ServerSideNoise(RunConfig.from_mapping(
         {k: v for k, v in settings.items() if k != "output.dir"}), seeded=True)

@@ -1,4 +1,4 @@
-"""fedtune_cli.py: bad input is one line on stderr and exit code 2, never a traceback."""
+"""fedtune/cli.py: bad input is one line on stderr and exit code 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from common import certs
-from fedtune_cli import main
+from fedtune.cli import main
+from fedtune.common import certs
 
 
 def server_flags(tmp_path, node_key, config) -> list[str]:
@@ -66,16 +66,16 @@ def test_a_negative_seed_is_one_line_and_exit_2(tmp_path, capsys, command):
 
 def test_every_error_of_bad_input_is_one_input_error():
     # the CLI maps InputError alone to exit 2: each module's error of bad input derives from it
-    from client.deploy import ServerUnreachable
-    from client.policy import PolicyError
-    from common.certs import CertError
-    from common.config import ConfigError
-    from common.data import DataError
-    from common.errors import InputError
-    from common.ports import PortBusy
-    from server.config_guard import ConfigChangeError
-    from server.deploy import DeployError
-    from simulations.export import ExportError
+    from fedtune.client.deploy import ServerUnreachable
+    from fedtune.client.policy import PolicyError
+    from fedtune.common.certs import CertError
+    from fedtune.common.config import ConfigError
+    from fedtune.common.data import DataError
+    from fedtune.common.errors import InputError
+    from fedtune.common.ports import PortBusy
+    from fedtune.server.config_guard import ConfigChangeError
+    from fedtune.server.deploy import DeployError
+    from fedtune.simulations.export import ExportError
 
     for error in (ServerUnreachable, PolicyError, CertError, ConfigError, DataError, PortBusy,
                   ConfigChangeError, DeployError, ExportError):
@@ -86,8 +86,8 @@ def test_run_flags_take_type_help_and_default_from_the_configuration_fields():
     import argparse
     import re
 
-    from common.config import RunConfig, run_field
-    from fedtune_cli import FLAGS, build_parser
+    from fedtune.cli import FLAGS, build_parser
+    from fedtune.common.config import RunConfig, run_field
 
     simulate = next(a for a in build_parser()._actions
                     if isinstance(a, argparse._SubParsersAction)).choices["simulate"]

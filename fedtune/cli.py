@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common.errors import InputError
+from fedtune.common.errors import InputError
 
 # Flag -> dotted run-configuration key; type, help and default come from the field
 # (common/config.py). Scripts depend on these flag names.
@@ -101,13 +101,13 @@ def _add_result_commands(commands: Any) -> None:
 def run_result_command(args: argparse.Namespace) -> int:
     """export and predict: thin calls into simulations/export.py and simulations/predict.py."""
     if args.command == "export":
-        from simulations.export import export_run
+        from fedtune.simulations.export import export_run
 
         print(f"exported to {export_run(args.run_dir, args.out_dir)}")
         return 0
     import json
 
-    from simulations.predict import predict_file
+    from fedtune.simulations.predict import predict_file
 
     answers = predict_file(args.source, args.input, text_field=args.text_field,
                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
@@ -116,7 +116,7 @@ def run_result_command(args: argparse.Namespace) -> int:
         for line in lines:
             sys.stdout.write(line)
         return 0
-    from common.atomic_file import write_atomic
+    from fedtune.common.atomic_file import write_atomic
 
     write_atomic(args.output, "".join(lines).encode())
     print(f"predictions written to {args.output}", file=sys.stderr)
@@ -185,7 +185,7 @@ def _add_lockdown_flags(parser: argparse.ArgumentParser, *, client: bool) -> Non
 def _add_policy_flags(client: argparse.ArgumentParser) -> None:
     """The node's privacy policy (client/policy.py), one flag per policy setting, with the help
     and default the setting itself declares."""
-    from client.policy import policy_flags
+    from fedtune.client.policy import policy_flags
 
     rules = client.add_argument_group("node privacy policy (defaults are strict; a --policy "
                                       "TOML file with the same kebab-case keys, flags override)")
@@ -202,13 +202,13 @@ def _add_policy_flags(client: argparse.ArgumentParser) -> None:
 def run_deployment(args: argparse.Namespace) -> int:
     """certs, server and client: thin calls into common/certs.py, server/ and client/."""
     if args.command == "certs":
-        from common import certs
+        from fedtune.common import certs
 
         if args.certs_command == "init":
             made = certs.init(args.dir, args.server_host, force=args.force)
             print(f"CA {made.ca_cert}, server certificate {made.server_cert}")
         elif args.certs_command == "consortium":
-            from common.consortium import bundle
+            from fedtune.common.consortium import bundle
 
             made = bundle(args.dir, args.keys, force=args.force)
             print(f"{len(made.names)} node keys in {made.directory} (give it to every node: "
@@ -219,14 +219,14 @@ def run_deployment(args: argparse.Namespace) -> int:
                   "the operator)")
         return 0
     if args.command == "server":
-        from server.deploy import ServerSettings, serve
+        from fedtune.server.deploy import ServerSettings, serve
 
         return serve(ServerSettings(args.certs, args.state, args.config, args.nodes, args.host,
                                     args.port, local_port=args.local_port,
                                     accept_config_change=args.accept_config_change,
                                     verbose=args.verbose))
-    from client.deploy import ClientSettings, join, resolve_policy
-    from client.policy import policy_flags
+    from fedtune.client.deploy import ClientSettings, join, resolve_policy
+    from fedtune.client.policy import policy_flags
 
     policy = resolve_policy(args.policy, {flag.key: getattr(args, flag.dest)
                                           for flag in policy_flags()})
@@ -241,7 +241,7 @@ FLAG_TYPES = {"int": int, "float": float, "str": str, "float | None": float}
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    from common.config import flag_help, run_field
+    from fedtune.common.config import flag_help, run_field
 
     for flag, key in FLAGS.items():
         dest, field = flag[2:].replace("-", "_"), run_field(key)
@@ -255,7 +255,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 def resolve_config(args: argparse.Namespace) -> Any:
     """Defaults <- TOML file <- flags; or, with --resume, the run's saved configuration."""
-    from common.config import RunConfig, with_run_dir
+    from fedtune.common.config import RunConfig, with_run_dir
 
     overrides = {key: getattr(args, flag[2:].replace("-", "_"))
                  for flag, key in FLAGS.items()}
@@ -266,7 +266,7 @@ def resolve_config(args: argparse.Namespace) -> Any:
             dropped = ", ".join(extra) or "--config"
             raise InputError(f"--resume uses the run's saved configuration; drop {dropped}")
 
-        from common.run_dir import CONFIG_FILE, saved_config
+        from fedtune.common.run_dir import CONFIG_FILE, saved_config
 
         saved = saved_config(args.resume)
         if saved is None:
@@ -277,7 +277,7 @@ def resolve_config(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> None:
-    from common.task import cached_task
+    from fedtune.common.task import cached_task
 
     config = resolve_config(args)
     if args.command == "centralized" and config.privacy.dp:
@@ -288,23 +288,23 @@ def run(args: argparse.Namespace) -> None:
               for client in range(clients)]
     _check_privacy(config, [len(rows) for rows in shares])
     if args.command == "centralized":
-        from simulations.centralized import train_centralized
+        from fedtune.simulations.centralized import train_centralized
 
         rows = train_centralized(config)
     else:
-        from simulations.engine import simulate
+        from fedtune.simulations.engine import simulate
 
         rows = simulate(config, resume=bool(args.resume), num_workers=args.workers,
                         verbose=args.verbose)
     if rows:
-        from server.run_summary import shortfall, summary_line
+        from fedtune.server.run_summary import shortfall, summary_line
 
         print(summary_line(config.output.dir, rows))
         if (problem := shortfall(rows, config.federation.rounds)) is not None:
             print(f"fedtune: warning: {problem}", file=sys.stderr)
     if config.audit.enabled:
-        from simulations.audit import audit_run
-        from simulations.report import audit_line
+        from fedtune.simulations.audit import audit_run
+        from fedtune.simulations.report import audit_line
 
         body = audit_run(config, centralized=args.command == "centralized")
         print(audit_line(body), file=sys.stderr if body["defect"] else sys.stdout)
@@ -315,11 +315,11 @@ def _check_privacy(config: Any, client_rows: list[int]) -> None:
     if not config.privacy.dp:
         return
     if config.privacy.level == "client":
-        from common.client_dp import client_level_plan
+        from fedtune.common.client_dp import client_level_plan
 
         client_level_plan(config)
         return
-    from client.dp_sgd import plan_round
+    from fedtune.client.dp_sgd import plan_round
 
     for rows in client_rows:
         plan_round(config, rows)
@@ -328,7 +328,7 @@ def _check_privacy(config: Any, client_rows: list[int]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    from common.console import configure
+    from fedtune.common.console import configure
 
     configure(verbose=args.verbose)
     try:
@@ -337,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("export", "predict"):
             return run_result_command(args)
         if args.command == "report":
-            from simulations.report import write_report
+            from fedtune.simulations.report import write_report
 
             for path in write_report(args.run_dir):
                 print(path)
@@ -347,7 +347,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedtune: error: {error}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
