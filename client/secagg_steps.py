@@ -22,6 +22,7 @@ from fedtune.client.replies import train_metrics
 from fedtune.client.request import Request
 from fedtune.client.secagg import SecAggClient, SecAggViolation, peer_violations
 from fedtune.common import record_keys as keys
+from fedtune.common.client_dp import with_gaussian_noise
 from fedtune.common.secagg.plan import summation_for
 from fedtune.common.secagg.records import (
     cohort_from_record,
@@ -145,9 +146,8 @@ def _noised_change(request: Request, admission: Admission, summation: Summation)
     start_state = request.adapter
     change = {k: update.arrays[k].astype(np.float64) - start_state[k] for k in start_state}
     if summation.noise_std > 0:
-        rng = np.random.default_rng(request.seeds.noise)
-        change = {k: v + rng.normal(0.0, summation.noise_std, size=v.shape)
-                  for k, v in change.items()}
+        change = with_gaussian_noise(change, summation.noise_std,
+                                     np.random.default_rng(request.seeds.noise))
     return Release(change, update.examples, 0.0 if request.config.privacy.dp else update.loss)
 
 

@@ -1,9 +1,12 @@
 """Client-level DP (DP-FedAvg, McMahan et al. 2018): bound each client's whole update, then
 Gaussian noise on the sum. Clients clip; the server (or, with secure aggregation, the clients
-themselves) adds the noise; the accountant sees one release per round.
+themselves) adds the noise; the accountant sees one release per round. The clip, the plan, the
+noise's size on either path and the draw itself are defined here, once.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -48,3 +51,21 @@ def client_level_plan(config: RunConfig) -> tuple[GaussianEvent, float]:
     noise = privacy.noise_multiplier or noise_for_target(
         privacy.epsilon, delta, 1.0, config.federation.rounds, privacy.accountant_or_default)
     return GaussianEvent(noise, 1.0, 1), delta
+
+
+def mean_noise_std(event: GaussianEvent, clip_norm: float, clients: int) -> float:
+    """Noise std on the average of `clients` clipped updates, added once by the server: the
+    sum's z C, divided like the sum."""
+    return event.noise_multiplier * clip_norm / clients
+
+
+def noise_share_std(event: GaussianEvent, clip_norm: float, honest: int) -> float:
+    """Noise std each client adds to its own update under secure aggregation, so that any sum
+    of at least `honest` honest shares holds the variance (z C)^2 the accountant assumes."""
+    return event.noise_multiplier * clip_norm / math.sqrt(honest)
+
+
+def with_gaussian_noise(state: State, std: float, rng: np.random.Generator) -> State:
+    """`state` plus independent N(0, std^2) on every value, in each tensor's own dtype."""
+    return {k: (v + rng.normal(0.0, std, size=v.shape)).astype(v.dtype)
+            for k, v in state.items()}

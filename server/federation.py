@@ -32,7 +32,7 @@ from fedtune.server.checkpoint import (
     latest_checkpoint,
     save_checkpoint,
 )
-from fedtune.server.client_dp import ServerSideNoise
+from fedtune.server.client_level_release import ServerSideNoise
 from fedtune.server.evaluation import (
     evaluate_centrally,
     evaluation_refusals,

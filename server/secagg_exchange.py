@@ -29,7 +29,7 @@ from fedtune.common.secagg.records import (
     signatures_to_record,
 )
 from fedtune.common.secagg.summation import ImpossibleSum, vector_length
-from fedtune.server.client_dp import ReleaseLog
+from fedtune.server.client_level_release import ReleaseLog
 from fedtune.server.replies import check_masked_metrics
 from fedtune.server.roster import answering_node
 from fedtune.server.secagg import SecAggAbort, SecAggServer

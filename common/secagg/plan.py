@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from fedtune.common.client_dp import client_level_plan
+from fedtune.common.client_dp import client_level_plan, noise_share_std
 from fedtune.common.config import RunConfig
 from fedtune.common.secagg.summation import NOISE_TAIL, Summation
 
@@ -42,6 +42,6 @@ def summation_for(config: RunConfig, cohort: int) -> Summation:
                          norm=config.federation.max_update_norm)
     event, _ = client_level_plan(config)
     clip = privacy.clip_norm
-    share = event.noise_multiplier * clip / math.sqrt(honest_minimum(config, cohort))
+    share = noise_share_std(event, clip, honest_minimum(config, cohort))
     return Summation(cohort, clip + NOISE_TAIL * share, secagg.max_examples, weighted=False,
                      noise_std=share, survivors=survivors_needed(config, cohort), norm=clip)

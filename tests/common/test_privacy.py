@@ -81,3 +81,20 @@ def test_client_update_is_clipped_to_the_bound_and_small_updates_kept():
 def test_a_nearly_free_history_never_reports_a_negative_epsilon():
     # PRV's numerical error once wrote -2.6e-3 into a ledger for noise multiplier 1000
     assert epsilon_spent([GaussianEvent(1000.0, 1.0, 1)], 1e-2, "prv") == 0.0  # raw: -4e-5
+
+
+def test_one_noise_draw_serves_the_server_and_the_clients_shares():
+    import numpy as np
+
+    from fedtune.common.client_dp import mean_noise_std, noise_share_std, with_gaussian_noise
+    from fedtune.common.privacy import GaussianEvent
+
+    event = GaussianEvent(2.0, 1.0, 1)
+    assert mean_noise_std(event, 0.1, 4) == pytest.approx(0.05)  # z C / m on the mean
+    assert noise_share_std(event, 0.1, 4) == pytest.approx(0.1)  # z C / sqrt(h) per share
+    # h honest shares sum to the variance of one central draw on the sum: (z C)^2
+    assert 4 * noise_share_std(event, 0.1, 4) ** 2 == pytest.approx((2.0 * 0.1) ** 2)
+    state = {"a": np.zeros((200, 50), np.float32), "b": np.ones(3, np.float64)}
+    noised = with_gaussian_noise(state, 0.5, np.random.default_rng(0))
+    assert noised["a"].dtype == np.float32 and noised["b"].dtype == np.float64
+    assert np.std(noised["a"]) == pytest.approx(0.5, rel=0.05)

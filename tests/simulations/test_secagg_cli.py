@@ -155,7 +155,7 @@ def test_client_level_dp_under_secagg_the_server_never_holds_an_unnoised_sum(
         assert rms > 10 * unnoised_rms_at_most
         assert rms == pytest.approx(expected, rel=0.1)
     from fedtune.common.privacy import epsilon_spent
-    from fedtune.server.client_dp import ServerSideNoise
+    from fedtune.server.client_level_release import ServerSideNoise
     rows = read_rounds(tmp_path / "run")
     accounted = ServerSideNoise(RunConfig.from_mapping(
         {k: v for k, v in settings.items() if k != "output.dir"}), seeded=True)

@@ -11,7 +11,7 @@ import pytest
 from fedtune.common.client_dp import client_level_delta, client_level_plan
 from fedtune.common.config import RunConfig
 from fedtune.common.privacy import epsilon_spent
-from fedtune.server.client_dp import ReleaseLog, ServerSideNoise
+from fedtune.server.client_level_release import ReleaseLog, ServerSideNoise
 
 SETTINGS = {"privacy.dp": True, "privacy.level": "client", "federation.num_clients": 10,
             "seed": 3}

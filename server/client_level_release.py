@@ -14,7 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from fedtune.common.atomic_file import write_atomic
-from fedtune.common.client_dp import State, client_level_plan
+from fedtune.common.client_dp import (
+    State,
+    client_level_plan,
+    mean_noise_std,
+    with_gaussian_noise,
+)
 from fedtune.common.config import RunConfig
 from fedtune.common.privacy import epsilon_spent
 from fedtune.common.run_dir import RELEASES_FILE
@@ -65,9 +70,8 @@ class ServerSideNoise:
         otherwise regenerate and remove it."""
         rng = (np.random.default_rng() if self.seed is None
                else np.random.default_rng([self.seed, 3, server_round]))
-        std = self.event.noise_multiplier * self.clip_norm / clients
-        noised = {k: (v + rng.normal(0.0, std, size=v.shape)).astype(v.dtype)
-                  for k, v in mean_state.items()}
+        noised = with_gaussian_noise(
+            mean_state, mean_noise_std(self.event, self.clip_norm, clients), rng)
         self.log.record(server_round)
         return noised
 
