@@ -57,6 +57,11 @@ class ClientSettings:
     verbose: bool = False  # relay the SuperNode's DEBUG lines and warnings too
 
 
+class NodeSetupError(InputError, ValueError):
+    """The node's command line cannot start a node: a malformed --server, a ledger directory it
+    cannot write, a value Flower's node config cannot carry."""
+
+
 class ServerUnreachable(InputError, RuntimeError):
     """No server answered at the address within the start-up wait."""
 
@@ -65,14 +70,14 @@ def supernode_command(settings: ClientSettings) -> list[str]:
     """The `flower-supernode` command line for these settings, after checking every input."""
     host, sep, port = settings.server.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise certs.CertError(f"--server must be HOST:PORT, got {settings.server!r}")
+        raise NodeSetupError(f"--server must be HOST:PORT, got {settings.server!r}")
     certs.check_certificate(settings.root_cert)
     certs.check_private_key(settings.node_key)
     check_data(settings.data, settings.policy)
     check_peers(settings)
     settings.ledger.mkdir(parents=True, exist_ok=True)
     if not os.access(settings.ledger, os.W_OK):
-        raise certs.CertError(f"ledger directory {settings.ledger} is not writable")
+        raise NodeSetupError(f"ledger directory {settings.ledger} is not writable")
     values = {"data-path": str(settings.data.resolve()),
               "ledger-dir": str(settings.ledger.resolve()), "name": settings.name,
               "node-key": str(settings.node_key.resolve()),
@@ -153,8 +158,8 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         if '"' in value or "\\" in value:
-            raise certs.CertError(f"node config value {value!r} may not hold quotes or "
-                                  "backslashes")
+            raise NodeSetupError(f"node config value {value!r} may not hold quotes or "
+                                 "backslashes")
         return f'"{value}"'
     return repr(value)
 

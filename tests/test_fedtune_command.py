@@ -66,7 +66,7 @@ def test_a_negative_seed_is_one_line_and_exit_2(tmp_path, capsys, command):
 
 def test_every_error_of_bad_input_is_one_input_error():
     # the CLI maps InputError alone to exit 2: each module's error of bad input derives from it
-    from fedtune.client.deploy import ServerUnreachable
+    from fedtune.client.deploy import NodeSetupError, ServerUnreachable
     from fedtune.client.policy import PolicyError
     from fedtune.common.certs import CertError
     from fedtune.common.config import ConfigError
@@ -78,7 +78,7 @@ def test_every_error_of_bad_input_is_one_input_error():
     from fedtune.simulations.export import ExportError
 
     for error in (ServerUnreachable, PolicyError, CertError, ConfigError, DataError, PortBusy,
-                  ConfigChangeError, DeployError, ExportError):
+                  ConfigChangeError, DeployError, ExportError, NodeSetupError):
         assert issubclass(error, InputError), error
 
 

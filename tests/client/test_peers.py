@@ -69,3 +69,18 @@ def test_a_bundle_from_certs_consortium_is_what_a_node_pins(tmp_path, capsys):
     made = bundle(tmp_path / "peers", [tmp_path / "keys" / "hospital-a.pub", other])
     check_peers(settings)
     assert f"2 node keys, bundle sha256:{made.digest}" in capsys.readouterr().out
+
+
+def test_a_malformed_server_or_an_unquotable_value_is_a_node_setup_error(tmp_path):
+    from fedtune.client.deploy import ClientSettings, NodeSetupError, _toml_value, supernode_command
+    from fedtune.client.policy import NodePolicy
+
+    settings = ClientSettings(server="fed.example.org", root_cert=tmp_path / "ca.pem",
+                              node_key=tmp_path / "k.key", data=tmp_path,
+                              ledger=tmp_path / "ledger", name="hospital-a",
+                              policy=NodePolicy(require_dp=False))
+    with pytest.raises(NodeSetupError, match="--server must be HOST:PORT"):
+        supernode_command(settings)
+    with pytest.raises(NodeSetupError, match="may not hold quotes"):
+        _toml_value('/data/"x"')
+    assert not issubclass(NodeSetupError, certs.CertError)  # a command line is no certificate
