@@ -14,7 +14,12 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
-from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from peft.utils import (
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    get_peft_model_state_dict,
+    load_peft_weights,
+    set_peft_model_state_dict,
+)
 from transformers import PreTrainedModel
 
 from fedtune.common.config import CAUSAL_LM, EMBEDDED_MODEL, LoraSettings
@@ -22,20 +27,11 @@ from fedtune.common.errors import InputError
 from fedtune.common.mean_pooling import MeanPoolingClassifier
 from fedtune.common.model import ModelLoadError, resolve_model_path
 
-# Attention projections to adapt, per `config.model_type` (Hu et al. 2021 adapt W_q and W_v).
-TARGET_MODULES: dict[str, list[str]] = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"],
-    "mpnet": ["q", "v"],
+# PEFT's own default targets per `config.model_type` (the attention's query and value projections,
+# as Hu et al. 2021 adapt W_q and W_v), with those of the encoders PEFT has none for.
+OWN_TARGET_MODULES: dict[str, list[str]] = {
     "distilbert": ["q_lin", "v_lin"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "gpt2": ["c_attn"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
+    "mpnet": ["q", "v"],
 }
 
 
@@ -51,11 +47,11 @@ class AdapterError(InputError, ValueError):
 def target_modules(settings: LoraSettings, model_type: str) -> list[str]:
     if settings.target_modules:
         return list(settings.target_modules)
-    if model_type not in TARGET_MODULES:
-        known = ", ".join(sorted(TARGET_MODULES))
+    defaults = {**TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, **OWN_TARGET_MODULES}
+    if model_type not in defaults:
         raise AdapterError(f"no default LoRA target modules for model type {model_type!r} "
-                           f"(known: {known}); set lora.target_modules")
-    return TARGET_MODULES[model_type]
+                           "(neither PEFT nor fedtune knows one); set lora.target_modules")
+    return list(defaults[model_type])
 
 
 def lora_config(settings: LoraSettings, model_type: str, task: str, *,

@@ -121,3 +121,16 @@ def test_a_saved_adapter_loads_back_checked_like_any_state(lora_model, tiny_mode
         load_saved_adapter(wider, tmp_path / "adapter")
     with pytest.raises(AdapterError, match="unreadable"):
         load_saved_adapter(fresh, tmp_path / "absent")
+
+
+def test_default_targets_are_peft_s_own_plus_the_encoders_it_lacks():
+    from fedtune.common.adapter import AdapterError, target_modules
+    from fedtune.common.config import LoraSettings
+
+    settings = LoraSettings()
+    assert target_modules(settings, "bert") == ["query", "value"]  # PEFT's entry
+    assert target_modules(settings, "llama") == ["q_proj", "v_proj"]
+    assert target_modules(settings, "distilbert") == ["q_lin", "v_lin"]  # fedtune's own
+    assert target_modules(LoraSettings(target_modules=["key"]), "bert") == ["key"]
+    with pytest.raises(AdapterError, match=r"set lora\.target_modules"):
+        target_modules(settings, "no-such-model")
