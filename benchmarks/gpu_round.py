@@ -130,8 +130,8 @@ def run_rounds(work: Path, args: argparse.Namespace) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    server_app = make_server_app(config, node_names=names.get)
-    with progress.use(progress.RoundProgress()):
+    with progress.shown(progress.RoundProgress()) as display:
+        server_app = make_server_app(config, node_names=names.get, display=display)
         server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                  run_config={}))
     rows = read_rounds(Path(config.output.dir))

@@ -13,6 +13,7 @@ from fedtune.common.config import ConfigError, RunConfig, with_run_dir
 from fedtune.common.run_dir import saved_config
 from fedtune.server.federation import run_federation
 from fedtune.server.node_registry import read_node_names
+from fedtune.server.progress import RoundProgress
 
 console.quiet_worker()  # in a deployed ServerApp's process: Flower's records once, less noise
 
@@ -21,17 +22,19 @@ NODE_NAMES_KEY = "node-names-file"  # run-config key: {node id: name} of the reg
 
 
 def make_server_app(config: RunConfig | None = None, *, resume: bool = False,
-                    node_names: Callable[[int], str | None] | None = None) -> ServerApp:
+                    node_names: Callable[[int], str | None] | None = None,
+                    display: RoundProgress | None = None) -> ServerApp:
     """A ServerApp running `config`, or, when None, the run config Flower hands it.
 
-    `node_names`: names simulated nodes without a message (`simulations/node_names.py`)."""
+    `node_names`: names simulated nodes without a message (`simulations/node_names.py`);
+    `display`: the live round display of the simulating process (else a line per round)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         if config is not None:  # in-process simulation (`fedtune simulate`)
             run_federation(grid, config, resume=resume, simulated=True,
-                           node_names=node_names)
+                           node_names=node_names, display=display)
             return
         values = dict(context.run_config)
         names_file = str(values.pop(NODE_NAMES_KEY, "") or "")

@@ -60,7 +60,8 @@ from fedtune.server.train_outcome import TrainOutcome, refused, reported_epsilon
 def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
                    simulated: bool = False,
                    node_names: Callable[[int], str | None] | None = None,
-                   ask_names: bool = True) -> list[dict[str, Any]]:
+                   ask_names: bool = True,
+                   display: round_progress.RoundProgress | None = None) -> list[dict[str, Any]]:
     """Run (or continue) the rounds of `config`; return the metrics rows of the whole run.
 
     `simulated`: the server's own randomness (client-level DP noise) follows `config.seed` so a
@@ -98,7 +99,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
             noise.log.at_least(checkpoint.state.get("releases", 0))
     keep_rounds_up_to(run_dir, done)
 
-    display = round_progress.current()
+    display = display or round_progress.RoundProgress()  # deployed: a line per round
     grid = display.watch(grid)
     board = TensorBoardLog(run_dir, done + 1) if config.output.tensorboard else None
     settings = ConfigRecord({keys.RUN_CONFIG: json.dumps(config.to_flat())})

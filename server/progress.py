@@ -139,25 +139,14 @@ class WatchedGrid(Grid):
         return replies
 
 
-_current: RoundProgress | None = None
-
-
 @contextmanager
-def use(progress: RoundProgress) -> Iterator[RoundProgress]:
-    """Make `progress` the display the ServerApp reports to, shown while the block runs."""
-    global _current
-    previous, _current = _current, progress
+def shown(progress: RoundProgress) -> Iterator[RoundProgress]:
+    """`progress` on the console while the block runs (the caller hands it to the ServerApp)."""
     progress.start()
     try:
         yield progress
     finally:
         progress.stop()
-        _current = previous
-
-
-def current() -> RoundProgress:
-    """The display started by the simulation engine, or a line-per-round one (deployment)."""
-    return _current or RoundProgress()
 
 
 def round_line(row: dict[str, Any], rounds: int) -> str:

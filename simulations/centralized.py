@@ -39,7 +39,7 @@ def train_centralized(config: RunConfig) -> list[dict[str, Any]]:
     loader, optimizer = task.start_round(task.initial_adapter, rows, train,
                                          dropout_seed=config.seed, sampling_seed=config.seed)
     board = TensorBoardLog(run_dir, 1) if config.output.tensorboard else None
-    with progress.use(progress.RoundProgress()) as display:
+    with progress.shown(progress.RoundProgress()) as display:
         for block in range(1, config.federation.rounds + 1):
             display.round_started(block, config.federation.rounds)
             display.exchange(f"training {train.local_epochs} epoch(s) on every row")

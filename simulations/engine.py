@@ -49,8 +49,9 @@ def simulate(config: RunConfig, *, resume: bool = False, num_workers: int | None
     # inherited by this run's Ray workers (never by a deployed node's processes); a later
     # verbose run in the same process must not inherit an earlier run's "1"
     os.environ[QUIET_WORKERS] = "0" if verbose else "1"
-    with recorded_node_names() as names, progress.use(progress.RoundProgress()):
-        run_simulation(server_app=make_server_app(config, resume=resume, node_names=names),
+    with recorded_node_names() as names, progress.shown(progress.RoundProgress()) as display:
+        run_simulation(server_app=make_server_app(config, resume=resume, node_names=names,
+                                                  display=display),
                        client_app=client_app, num_supernodes=config.federation.num_clients,
                        backend_config=backend_config(workers, verbose=verbose),
                        verbose_logging=verbose)
