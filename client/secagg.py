@@ -32,7 +32,7 @@ from fedtune.common.secagg.protocol import (
     share_context,
     two_thirds,
 )
-from fedtune.common.secagg.records import complaint_to_record
+from fedtune.common.secagg.records import cohort_from_json, cohort_to_json, complaint_to_record
 from fedtune.common.secagg.signing import (
     Signer,
     complaint_statement,
@@ -303,12 +303,7 @@ class SecAggClient:
             "signer": self.signer.to_state(), "survivors": self.survivors,
             "routing": self.routing, "config": self.config_digest, "accused": self.accused,
             "received": {k: v.hex() for k, v in self.received.items()},
-            "cohort": None if cohort is None else {
-                "names": cohort.names, "c": [k.hex() for k in cohort.c_public],
-                "s": [k.hex() for k in cohort.s_public], "k": cohort.neighbours,
-                "t": cohort.threshold, "seed": cohort.graph_seed,
-                "sig": [k.hex() for k in cohort.sig_public],
-                "signatures": [k.hex() for k in cohort.key_signatures]},
+            "cohort": None if cohort is None else cohort_to_json(cohort),
         }).encode()
 
     @classmethod
@@ -326,11 +321,7 @@ class SecAggClient:
         client.config_digest, client.accused = stored["config"], stored.get("accused", [])
         client._checked = None  # a resumed client checks its delivery again
         client.received = {k: bytes.fromhex(v) for k, v in stored["received"].items()}
-        c = stored["cohort"]
-        client.cohort = None if c is None else Cohort(
-            c["names"], [bytes.fromhex(k) for k in c["c"]], [bytes.fromhex(k) for k in c["s"]],
-            c["k"], c["t"], c["seed"], [bytes.fromhex(k) for k in c["sig"]],
-            [bytes.fromhex(k) for k in c["signatures"]])
+        client.cohort = None if stored["cohort"] is None else cohort_from_json(stored["cohort"])
         return client
 
     # -- helpers ---------------------------------------------------------------------------

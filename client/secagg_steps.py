@@ -31,7 +31,9 @@ from fedtune.common.secagg.records import (
     routing_from_record,
     sealed_from_record,
     sealed_to_record,
+    signature_to_record,
     signatures_from_record,
+    survivors_from_record,
 )
 from fedtune.common.secagg.signing import Signer, read_peers
 from fedtune.common.secagg.summation import Summation
@@ -119,11 +121,11 @@ def consistency(request: Request) -> Message:
     majority of the cohort signed the same set."""
     client = _resume(request)
     settings = request.msg.content[keys.CONFIG]
-    signature = client.sign_survivors(list(settings.get("survivors", [])),
+    signature = client.sign_survivors(survivors_from_record(settings),
                                       routing_from_record(settings),
                                       min_survivors=_fewest(request, client))
     _keep(request, client)
-    return _reply(request, {keys.CONFIG: ConfigRecord({"signature": signature})})
+    return _reply(request, {keys.CONFIG: ConfigRecord(signature_to_record(signature))})
 
 
 def unmask(request: Request) -> Message:
@@ -132,7 +134,7 @@ def unmask(request: Request) -> Message:
     are summed."""
     client = _resume(request)
     settings = request.msg.content[keys.CONFIG]
-    reveals = client.reveal(list(settings.get("survivors", [])), routing_from_record(settings),
+    reveals = client.reveal(survivors_from_record(settings), routing_from_record(settings),
                             signatures_from_record(settings),
                             min_survivors=_fewest(request, client))
     _keep(request, client)

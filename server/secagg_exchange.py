@@ -27,6 +27,7 @@ from fedtune.common.secagg.records import (
     sealed_to_record,
     signature_from_record,
     signatures_to_record,
+    survivors_to_record,
 )
 from fedtune.common.secagg.summation import ImpossibleSum, vector_length
 from fedtune.server.client_level_release import ReleaseLog
@@ -91,7 +92,7 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
         summation = summation_for(config, len(cohort.names))
         survivors = protocol.survivors(masked, summation.survivors)
         routing = protocol.routing(survivors)
-        agreed = {**base, "survivors": survivors, **routing_to_record(routing)}
+        agreed = {**base, **survivors_to_record(survivors), **routing_to_record(routing)}
 
         replies = link.exchange(survivors, keys.SECAGG_CONSISTENCY, lambda _: RecordDict(
             {keys.CONFIG: ConfigRecord(agreed)}))

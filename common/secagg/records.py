@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from flwr.app import ConfigRecord
 
 from fedtune.common.secagg.protocol import Cohort, Reveal
@@ -18,7 +21,22 @@ def cohort_to_record(cohort: Cohort) -> dict:
             "key-signatures": cohort.key_signatures}
 
 
-def cohort_from_record(record: ConfigRecord) -> Cohort:
+BYTE_COLUMNS = ("c-public", "s-public", "sig-public", "key-signatures")
+
+
+def cohort_to_json(cohort: Cohort) -> dict:
+    """The cohort record with its keys in hex: how a client keeps it between messages."""
+    return {key: [b.hex() for b in value] if key in BYTE_COLUMNS else value
+            for key, value in cohort_to_record(cohort).items()}
+
+
+def cohort_from_json(stored: Mapping[str, Any]) -> Cohort:
+    return cohort_from_record({key: [bytes.fromhex(b) for b in value]
+                               if key in BYTE_COLUMNS else value
+                               for key, value in stored.items()})
+
+
+def cohort_from_record(record: Mapping[str, Any]) -> Cohort:
     try:
         cohort = Cohort(list(record["names"]), list(record["c-public"]),
                         list(record["s-public"]), int(record["neighbours"]),
@@ -55,6 +73,23 @@ def routing_from_record(record: ConfigRecord) -> list[tuple[str, str]]:
             isinstance(x, str) for x in [*senders, *recipients]):
         raise RecordError("the delivery of shares is malformed")
     return list(zip(senders, recipients, strict=True))
+
+
+def survivors_to_record(survivors: list[str]) -> dict:
+    """The survivor set the server announces (consistency and unmask steps)."""
+    return {"survivors": list(survivors)}
+
+
+def survivors_from_record(record: ConfigRecord) -> list[str]:
+    survivors = record.get("survivors", [])
+    if not isinstance(survivors, list) or not all(isinstance(s, str) for s in survivors):
+        raise RecordError("the survivor set is malformed")
+    return list(survivors)
+
+
+def signature_to_record(signature: bytes) -> dict:
+    """A survivor's consistency signature over the announced set."""
+    return {"signature": signature}
 
 
 def signature_from_record(record: ConfigRecord) -> bytes:
