@@ -8,8 +8,9 @@ the approved one too. The pin reuses that same step instead: the SuperNode's FAB
 (`_verify_fab`, called once per new run before the FAB is stored, let alone installed or run) asks
 whether SHA-256 of the bundle is one the node approved, and on "no" Flower does what it does for
 an unverified FAB: logs it, and answers the server's message with an `INVALID_FAB` error reply
-instead of starting the ClientApp. Run as `python -P -m client.app_pin --approve DIGEST ... --
-<flower-supernode arguments>`; `fedtune client` does so.
+instead of starting the ClientApp. Run as
+`python -P -m fedtune.client.app_pin --approve DIGEST ... -- <flower-supernode arguments>`;
+`fedtune client` does so.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def install_pin(approved: frozenset[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m client.app_pin",
+    parser = argparse.ArgumentParser(prog="python -P -m fedtune.client.app_pin",
                                      description="flower-supernode that runs only pinned apps")
     parser.add_argument("--approve", action="append", required=True, metavar="SHA256")
     parser.add_argument("supernode_args", nargs=argparse.REMAINDER)

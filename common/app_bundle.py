@@ -28,6 +28,11 @@ class AppBundleError(InputError, ValueError):
 
 def app_digest(app_dir: Path = APP_DIR) -> str:
     """SHA-256 (hex) of the FAB `flwr run` builds from `app_dir`."""
+    return hashlib.sha256(app_bundle(app_dir)).hexdigest()
+
+
+def app_bundle(app_dir: Path = APP_DIR) -> bytes:
+    """The FAB (zip bytes) `flwr run` builds from `app_dir`."""
     from flwr.cli.build import build_fab_from_files
     from flwr.cli.utils import collect_files
 
@@ -41,7 +46,7 @@ def app_digest(app_dir: Path = APP_DIR) -> str:
         for relative, path in collect_files(app_dir / package).items():
             files[f"{package}/{relative}"] = path
     fab, _ = build_fab_from_files(files)
-    return hashlib.sha256(fab).hexdigest()
+    return fab
 
 
 def check_digest(text: str) -> str:

@@ -10,6 +10,8 @@ looks there too.
 
 from pathlib import Path
 
-_beside = Path(__file__).resolve().parent.parent
-if (_beside / "pyproject.toml").is_file() and (_beside / "common" / "__init__.py").is_file():
+_here = Path(__file__).resolve().parent
+_beside = _here.parent
+if not (_here / "common").is_dir() and (_beside / "pyproject.toml").is_file() and \
+        (_beside / "common" / "__init__.py").is_file():  # never in an installed wheel
     __path__.append(str(_beside))

@@ -42,3 +42,24 @@ def test_digests_are_checked_and_normalised():
     assert check_digest(f"sha256:{digest.upper()}") == digest
     with pytest.raises(AppBundleError, match="64 hex digits"):
         check_digest("abc")
+
+
+def test_a_node_running_the_bundle_imports_fedtune_from_the_bundle_alone(tmp_path):
+    """What a ClientApp process does: the unpacked bundle first on sys.path, then the app."""
+    import io
+    import subprocess
+    import sys
+    import zipfile
+
+    from fedtune.common.app_bundle import app_bundle
+
+    zipfile.ZipFile(io.BytesIO(app_bundle())).extractall(tmp_path / "fab")
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import fedtune.client.app; "
+             "print('\\n'.join(m.__file__ for n, m in sys.modules.items() "
+             "if n.split('.')[0] == 'fedtune' and getattr(m, '__file__', None)))")
+    done = subprocess.run([sys.executable, "-P", "-c", probe, str(tmp_path / "fab")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    files = done.stdout.split()
+    assert len(files) > 20
+    assert all(f.startswith(str(tmp_path / "fab")) for f in files), files
