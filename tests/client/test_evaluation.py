@@ -21,16 +21,17 @@ def test_evaluation_is_shared_only_where_the_policy_says_so_and_then_spent_from_
     shared = node_context(tiny_model_dir, toy_data_dir, ledger, **{
         "budget-epsilon": 8.0, "share-evaluation": True, "evaluation-noise": 5.0})
     answers = [client_app.evaluate_global(request(config, "evaluate"), shared)
-               .content[keys.METRICS] for _ in range(2)]
+               .content[keys.METRICS] for _ in range(4)]
     for metrics in answers:
         assert set(metrics) == {keys.NUM_EXAMPLES, keys.ACCURACY}  # no un-noised loss
         assert 0.0 <= float(metrics[keys.ACCURACY]) <= 1.0
     entries = ledger_rounds(ledger)
-    assert [e["kind"] for e in entries] == ["evaluation", "evaluation"]
+    assert [e["kind"] for e in entries] == ["evaluation"] * 4
     assert entries[1]["epsilon"] > entries[0]["epsilon"] > 0
-    # the noise is the node's own: two answers to one question differ
-    assert answers[0][keys.ACCURACY] != answers[1][keys.ACCURACY] or \
-        answers[0][keys.NUM_EXAMPLES] != answers[1][keys.NUM_EXAMPLES]
+    # the noise is the node's own: answers to one question differ. Two alone may not: an
+    # untrained model's accuracy is often clipped to 0 in both, and two noised counts of about
+    # 14 rows round to the same integer one time in twenty
+    assert len({(float(a[keys.ACCURACY]), int(a[keys.NUM_EXAMPLES])) for a in answers}) > 1
 
 
 def test_an_evaluation_past_the_budget_is_refused_with_what_was_spent(
