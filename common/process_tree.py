@@ -161,3 +161,17 @@ def _stat(pid: int) -> list[str] | None:
     except OSError:
         return None
     return text[text.rfind(")") + 2:].split()  # the command name may hold spaces and ")"
+
+
+def open_by_others(path: Path) -> list[int]:
+    """The processes other than this one with `path` open (those whose /proc this user reads)."""
+    target, holders = str(path.resolve()), []
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) == target for fd in (entry / "fd").iterdir()):
+                holders.append(int(entry.name))
+        except OSError:  # gone, or another user's
+            continue
+    return holders

@@ -175,11 +175,12 @@ def _start_and_run(settings: ServerSettings, config: RunConfig, federation: _Fed
     env = tool_env({**os.environ, "FLWR_HOME": str((state / "flwr-home").resolve())})
     link_port = settings.local_port or _free_loopback_port()
     link_log = (state / "superlink.log").open("ab")
-    end_stale_sessions(state / "superlink.db")  # no SuperLink runs: no node is online
+    database = state / "superlink.db"
+    end_stale_sessions(database)  # no SuperLink runs: no node is online
     superlink = federation.start(subprocess.Popen(
         [_tool("flower-superlink"), "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert),
          "--ssl-keyfile", str(key), "--enable-supernode-auth",
-         "--database", str((state / "superlink.db").resolve()), "--host", "127.0.0.1",
+         "--database", str(database.resolve()), "--host", "127.0.0.1",
          "--port", str(link_port), "--disable-runtime-dependency-installation"],
         stdout=link_log, stderr=subprocess.STDOUT, env=env, process_group=0))
     _wait_listening(superlink, "127.0.0.1", link_port, "flower-superlink",

@@ -9,13 +9,14 @@ waits for it. No SuperLink is running when `fedtune server` starts one, so no ro
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from datetime import UTC, datetime
 from logging import WARNING
 from pathlib import Path
 
 from flwr.common.logger import log
+
+from fedtune.common.process_tree import open_by_others
 
 ONLINE, OFFLINE = "online", "offline"  # Flower's NodeStatus values, as stored
 
@@ -45,16 +46,3 @@ def end_stale_sessions(database: Path) -> int:
         return 0
     return marked
 
-
-def open_by_others(path: Path) -> list[int]:
-    """The processes other than this one with `path` open (those whose /proc this user reads)."""
-    target, holders = str(path.resolve()), []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if any(os.readlink(fd) == target for fd in (entry / "fd").iterdir()):
-                holders.append(int(entry.name))
-        except OSError:  # gone, or another user's
-            continue
-    return holders
