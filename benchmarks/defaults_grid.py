@@ -4,9 +4,9 @@ saved as it finishes: how the training defaults were chosen (see docs/utility.md
     python -m benchmarks.defaults_grid --grid plain --data-root /tmp/grid-data --jobs 8 \\
         --out benchmarks/results/defaults_grid.jsonl
 
-`--prepare DIR` writes the data sets the way `benchmarks.utility` reads them (banking77 as is,
-medical_abstracts' re-split, sst2's seeded 8,000-row subsample with validation as test) and
-exits, so the grid can run on a machine that has no ../shared/data.
+`--prepare --data-root DIR --out /dev/null` writes the data sets the way `benchmarks.utility`
+reads them (banking77 as is, medical_abstracts' re-split, sst2's seeded 8,000-row subsample with
+validation as test) and exits, so the grid can run on a machine that has no ../shared/data.
 """
 
 from __future__ import annotations

@@ -26,8 +26,9 @@ def timed_run(command: str, flags: list[str], out: Path) -> float:
 
 def examples_trained(flags: list[str]) -> int:
     """Rows the clients train on per round, times rounds (every client trains every round)."""
-    from fedtune.cli import FLAG_TYPES, FLAGS
+    from fedtune.cli import FLAGS
     from fedtune.common.config import RunConfig, run_field
+    from fedtune.common.settings import FLAG_TYPES
     from fedtune.common.task import cached_task
 
     pairs = dict(zip(flags[::2], flags[1::2], strict=True))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import tomllib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any
 
 from fedtune.common.config import ACCOUNTANTS, EMBEDDED_MODEL, RunConfig
 from fedtune.common.errors import InputError
-from fedtune.common.settings import build, setting
+from fedtune.common.settings import FLAG_TYPES, build, default_of, flag_help, read_toml, setting
 
 # Rule names, as refusals and docs/policy.md name them (the node config key that sets each rule).
 REQUIRE_DP = "require-dp"
@@ -188,13 +187,7 @@ class NodePolicy:
     @staticmethod
     def read_file(path: str | Path) -> dict[str, Any]:
         """The settings of a TOML policy file (kebab-case keys), for flags to override."""
-        try:
-            with Path(path).open("rb") as handle:
-                return tomllib.load(handle)
-        except FileNotFoundError:
-            raise PolicyError(f"node policy file {path} does not exist") from None
-        except (OSError, tomllib.TOMLDecodeError) as error:
-            raise PolicyError(f"node policy file {path} is not readable TOML: {error}") from None
+        return read_toml(path, "node policy file", PolicyError)
 
     def to_node_config(self) -> dict[str, Any]:
         """kebab-case keys for `flower-supernode --node-config` (a missing budget is omitted,
@@ -234,20 +227,13 @@ def policy_flags() -> list[PolicyFlag]:
     strict default is on), a value otherwise; help text and default from the field."""
     flags = []
     for field in dataclasses.fields(NodePolicy):
-        key = field.name.replace("_", "-")
-        meta, default = field.metadata, field.default
-        if field.default_factory is not dataclasses.MISSING:
-            default = ",".join(field.default_factory())
+        key, meta = field.name.replace("_", "-"), field.metadata
         if str(field.type) == "bool":
-            const = not default
-            text = meta.get("flag_help", meta["help"])
-            flags.append(PolicyFlag(meta.get("flag", f"--{key}"), key, field.name, bool, const,
-                                    text))
-            continue
-        kind = {"int": int, "float": float, "float | None": float}.get(str(field.type), str)
-        shown = "none" if default is None else ("empty" if default == "" else default)
-        flags.append(PolicyFlag(f"--{key}", key, field.name, kind, None,
-                                f"{meta['help']} (default: {shown})"))
+            flags.append(PolicyFlag(meta.get("flag", f"--{key}"), key, field.name, bool,
+                                    not default_of(field), meta.get("flag_help", meta["help"])))
+        else:
+            flags.append(PolicyFlag(f"--{key}", key, field.name, FLAG_TYPES[str(field.type)],
+                                    None, flag_help(field, say_unset=True)))
     return flags
 
 

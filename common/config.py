@@ -11,7 +11,6 @@ import json
 import math
 import string
 import time
-import tomllib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.common.errors import InputError
-from fedtune.common.settings import build, coerce, setting
+from fedtune.common.settings import build, coerce, read_toml, setting
 
 CONFIG_VERSION = 1
 EMBEDDED_MODEL = "embedded"
@@ -546,15 +545,7 @@ class RunConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> RunConfig:
         """Read a TOML file whose tables are the sections (`[train]`, `[lora]`, ...)."""
-        path = Path(path)
-        try:
-            with path.open("rb") as handle:
-                values = tomllib.load(handle)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except (OSError, tomllib.TOMLDecodeError) as error:
-            raise ConfigError(f"config file {path} is not readable TOML: {error}") from None
-        return cls.from_mapping(values)
+        return cls.from_mapping(read_toml(path, "config file", ConfigError))
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> RunConfig:
         """Return a copy with dotted keys replaced, validated again."""
@@ -616,11 +607,3 @@ def run_field(key: str) -> dataclasses.Field:
     for section in sections:
         kind = next(f.default_factory for f in dataclasses.fields(kind) if f.name == section)
     return next(f for f in dataclasses.fields(kind) if f.name == name)
-
-
-def flag_help(field: dataclasses.Field) -> str:
-    """A flag's help: the field's own text, and its default unless it is off or empty."""
-    text = field.metadata["help"]
-    if field.default in (False, "", None, dataclasses.MISSING):
-        return text
-    return f"{text} (default: {field.default})"

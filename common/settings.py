@@ -7,7 +7,9 @@ rejected by name. The CLI's flags and help are generated from the same fields.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 
@@ -62,3 +64,38 @@ def build(kind: type, values: Mapping[str, Any], error: type[Exception], *,
 def help_of(kind: type, name: str) -> str:
     """The help text of field `name` of `kind`."""
     return next(f.metadata["help"] for f in dataclasses.fields(kind) if f.name == name)
+
+
+def read_toml(path: str | Path, what: str, error: type[Exception]) -> dict[str, Any]:
+    """The tables of the TOML file `path`; `error` naming it as `what` (e.g. "config file")
+    when it is missing or unreadable."""
+    try:
+        with Path(path).open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as problem:
+        raise error(f"{what} {path} is not readable TOML: {problem}") from None
+
+
+# How a flag's value is read, by the field's annotation (a list is read as "a,b", a string).
+FLAG_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "list[str]": str,
+                               "float | None": float, "bool": bool}
+
+
+def default_of(field: dataclasses.Field) -> Any:
+    """A field's default, a factory's value included (a list as "a,b", as flags take it)."""
+    if field.default_factory is not dataclasses.MISSING:
+        made = field.default_factory()
+        return ",".join(made) if isinstance(made, list) else made
+    return field.default
+
+
+def flag_help(field: dataclasses.Field, *, say_unset: bool = False) -> str:
+    """A flag's help: the field's own text and its own default. An unset default (off, 0, empty,
+    none, whose meaning the text explains) is named only where `say_unset` (a node's policy)."""
+    text, default = field.metadata["help"], default_of(field)
+    if default is dataclasses.MISSING or default is False or (not default and not say_unset):
+        return text
+    shown = "none" if default is None else "empty" if default == "" else default
+    return f"{text} (default: {shown})"

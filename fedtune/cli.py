@@ -236,12 +236,10 @@ def run_deployment(args: argparse.Namespace) -> int:
                                app_digests=tuple(args.app_digest), verbose=args.verbose))
 
 
-FLAG_TYPES = {"int": int, "float": float, "str": str, "float | None": float}
-
-
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    from fedtune.common.config import flag_help, run_field
+    from fedtune.common.config import run_field
+    from fedtune.common.settings import FLAG_TYPES, flag_help
 
     for flag, key in FLAGS.items():
         dest, field = flag[2:].replace("-", "_"), run_field(key)
