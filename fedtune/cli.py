@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last "
                           "checkpoint (its saved configuration is used; --rounds may extend it)")
     simulate.add_argument("--workers", type=int, help="Ray workers (default: one per core)")
+    simulate.add_argument("--ray-address", metavar="HOST:PORT",
+                          help="run the clients on an existing Ray cluster (its head's address, "
+                          "or auto; default: $RAY_ADDRESS, else this machine's own Ray); every "
+                          "node needs this fedtune install, the data and the model")
     centralized = commands.add_parser("centralized", help="the centralised LoRA baseline with "
                                       "the same data, model and passes")
     _add_run_flags(centralized)
@@ -280,6 +284,13 @@ def run(args: argparse.Namespace) -> None:
     config = resolve_config(args)
     if args.command == "centralized" and config.privacy.dp:
         raise InputError("fedtune centralized is the non-private baseline; drop --dp")
+    address = ""
+    if args.command == "simulate":
+        from fedtune.simulations.ray_cluster import check_address, cluster_address
+
+        address = cluster_address(args.ray_address)
+        if address:
+            check_address(address)
     task = cached_task(config)  # loads data and model: bad input fails here, before Ray starts
     clients = config.federation.num_clients
     shares = [task.client_examples(config.partition, client, clients)[0]
@@ -293,7 +304,7 @@ def run(args: argparse.Namespace) -> None:
         from fedtune.simulations.engine import simulate
 
         rows = simulate(config, resume=bool(args.resume), num_workers=args.workers,
-                        verbose=args.verbose)
+                        verbose=args.verbose, ray_address=address)
     if rows:
         from fedtune.server.run_summary import shortfall, summary_line
 

@@ -12,10 +12,10 @@ the function or its signature changes. `flwr run .` remains available (docs/simu
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.simulation import run_simulation
 
 from fedtune.client.app import app as client_app
@@ -25,34 +25,46 @@ from fedtune.server import progress
 from fedtune.server.app import make_server_app
 from fedtune.server.metrics_log import read_rounds
 from fedtune.simulations.node_names import recorded_node_names
+from fedtune.simulations.ray_cluster import Capacity, joined, this_machine
 
 
-def backend_config(num_workers: int, *, verbose: bool = False) -> dict[str, Any]:
+def backend_config(num_workers: int, capacity: Capacity, *, on_cluster: bool = False,
+                   verbose: bool = False) -> dict[str, Any]:
     """`num_workers` Ray actors, each holding one model and training one client at a time.
 
-    Each actor takes CPUs / workers cores (Ray sets its thread count to match); with CUDA they
-    share the one GPU.
+    Each actor takes cores / workers of `capacity` (Ray sets its thread count to match) and as
+    much of its GPUs. On this machine Flower starts Ray with them; on a cluster Ray is joined
+    already, and its nodes' own resources count.
     """
-    cpus = os.cpu_count() or 1
-    resources: dict[str, float] = {"num_cpus": max(1, cpus // num_workers)}
-    if torch.cuda.is_available():
-        resources["num_gpus"] = 1.0 / num_workers
-    return {"client_resources": resources,
-            "init_args": {"num_cpus": cpus, "logging_level": "WARNING" if verbose else "ERROR",
-                          "log_to_driver": True}}
+    resources: dict[str, float] = {"num_cpus": max(1, capacity.cpus // num_workers)}
+    if capacity.gpus:
+        resources["num_gpus"] = capacity.gpus / num_workers
+    init_args: dict[str, Any] = {"logging_level": "WARNING" if verbose else "ERROR",
+                                 "log_to_driver": True}
+    if not on_cluster:  # "local": a new Ray for this run, never a cluster `ray start` left
+        init_args.update(address="local", num_cpus=capacity.cpus)
+    return {"client_resources": resources, "init_args": init_args}
 
 
 def simulate(config: RunConfig, *, resume: bool = False, num_workers: int | None = None,
-             verbose: bool = False) -> list[dict[str, Any]]:
-    """Simulate `config.federation.num_clients` clients; return the run's metrics rows."""
-    workers = num_workers or min(config.federation.num_clients, os.cpu_count() or 1)
-    # inherited by this run's Ray workers (never by a deployed node's processes); a later
-    # verbose run in the same process must not inherit an earlier run's "1"
-    os.environ[QUIET_WORKERS] = "0" if verbose else "1"
-    with recorded_node_names() as names, progress.shown(progress.RoundProgress()) as display:
+             verbose: bool = False, ray_address: str = "") -> list[dict[str, Any]]:
+    """Simulate `config.federation.num_clients` clients; return the run's metrics rows.
+
+    `ray_address` names an existing Ray cluster to run the clients on (see ray_cluster.py)."""
+    with ExitStack() as stack:
+        capacity = (stack.enter_context(joined(ray_address, verbose=verbose)) if ray_address
+                    else this_machine())
+        workers = num_workers or min(config.federation.num_clients, max(1, capacity.cpus))
+        # inherited by this run's Ray workers (never by a deployed node's processes); a later
+        # verbose run in the same process must not inherit an earlier run's "1"
+        os.environ[QUIET_WORKERS] = "0" if verbose else "1"
+        names = stack.enter_context(recorded_node_names())
+        display = stack.enter_context(progress.shown(progress.RoundProgress()))
         run_simulation(server_app=make_server_app(config, resume=resume, node_names=names,
                                                   display=display),
                        client_app=client_app, num_supernodes=config.federation.num_clients,
-                       backend_config=backend_config(workers, verbose=verbose),
+                       backend_config=backend_config(workers, capacity,
+                                                     on_cluster=bool(ray_address),
+                                                     verbose=verbose),
                        verbose_logging=verbose)
     return read_rounds(Path(config.output.dir))

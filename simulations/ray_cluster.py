@@ -1,0 +1,75 @@
+"""Where a simulation's Ray workers run: this machine's own Ray, started for the run, or an
+existing Ray cluster (`--ray-address`, or Ray's own `RAY_ADDRESS`) when one machine is not enough.
+
+On a cluster every node must hold the same fedtune install (and the data path, and the model)
+as the machine that runs `fedtune simulate`: Ray starts each client's worker on a node's own
+Python, not from the caller's files.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from fedtune.common.errors import InputError
+
+RAY_ADDRESS = "RAY_ADDRESS"  # Ray's own variable: `ray.init()` joins the cluster it names
+REACH_SECONDS = 5.0
+
+
+class RayClusterError(InputError):
+    """A Ray cluster address that names nothing fedtune can join."""
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the workers may share: CPU cores and GPUs (this machine's, or the whole cluster's)."""
+
+    cpus: int
+    gpus: float
+
+
+def cluster_address(flag: str | None) -> str:
+    """The cluster to join: the flag, else `RAY_ADDRESS`; empty for this machine's own Ray."""
+    return (flag or os.environ.get(RAY_ADDRESS, "")).strip()
+
+
+def check_address(address: str) -> None:
+    """Refuse, in one line and before any data is read, an address that cannot be joined."""
+    if address == "auto":
+        return
+    if address.startswith("ray://"):
+        raise RayClusterError(f"Ray cluster address {address}: Ray Client (ray://) is not "
+                              "supported; give the head node's GCS address, host:port "
+                              "(`ray start --head` prints it)")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RayClusterError(f"Ray cluster address {address!r} is not host:port (or auto)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_SECONDS).close()
+    except OSError as error:
+        raise RayClusterError(f"Ray cluster at {address} does not answer: {error}") from None
+
+
+@contextmanager
+def joined(address: str, *, verbose: bool) -> Iterator[Capacity]:
+    """Join the cluster at `address` for the run (Flower then finds Ray started and uses it),
+    and leave it afterwards; the cluster itself keeps running."""
+    import ray
+
+    ray.init(address=address, logging_level="WARNING" if verbose else "ERROR",
+             log_to_driver=True)
+    try:
+        total = ray.cluster_resources()
+        yield Capacity(int(total.get("CPU", 0)), float(total.get("GPU", 0)))
+    finally:
+        ray.shutdown()
+
+
+def this_machine() -> Capacity:
+    import torch
+
+    return Capacity(os.cpu_count() or 1, 1.0 if torch.cuda.is_available() else 0.0)
