@@ -112,7 +112,7 @@ class SecAggClient:
             raise SecAggViolation("the server changed this client's public keys")
         self._check_signed_keys(cohort, pinned)
         self._check_graph(cohort)
-        holders = sorted([*cohort.graph()[self.name], self.name])  # a share for itself too
+        holders = cohort.holders(self.name)  # a share for itself too
         if not (max(2, two_thirds(len(holders))) <= cohort.threshold <= len(holders)):
             raise SecAggViolation(f"threshold {cohort.threshold} is unsafe or unreachable with "
                                   f"{len(holders)} share holders (it must be over two thirds)")
@@ -362,7 +362,7 @@ class SecAggClient:
         if len(plaintext) != 4 + 2 * shamir.SHARE_BYTES:
             raise SecAggViolation(f"the shares from {peer} have the wrong length")
         x = int.from_bytes(plaintext[:4], "big")
-        if x != sorted([*cohort.graph()[peer], peer]).index(self.name) + 1:
+        if x != cohort.share_index(peer, self.name):
             raise SecAggViolation(f"the shares from {peer} are for another holder (x = {x})")
         b_end = 4 + shamir.SHARE_BYTES
         return {"x": x, "b": plaintext[4:b_end], "s": plaintext[b_end:]}

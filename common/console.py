@@ -32,6 +32,17 @@ _NOISE = re.compile(r"DEBUG|Warning:|warnings\.warn\(|DEPRECATED|deprecated feat
 _EMPTY_RECORD = re.compile(r"^\s*(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*$")
 _COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
+FOREIGN_TEXT_LIMIT = 300  # characters of another party's text shown in a log line or record
+
+
+def printable(text: object, limit: int = FOREIGN_TEXT_LIMIT) -> str:
+    """Another party's text (a client's refusal reason, an error, its metric names) as one
+    bounded line: control characters escaped (no forged log lines, no terminal escapes)."""
+    text = str(text)
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return shown if len(text) <= limit else f"{shown}... ({len(text) - limit} more characters)"
+
+
 _console = Console(stderr=True)
 _configured = False  # configure() ran in this process: the command's own, not a worker
 

@@ -15,6 +15,7 @@ from flwr.common.logger import log
 from fedtune.common import record_keys as keys
 from fedtune.common.adapter import load_trainable_state
 from fedtune.common.causal_lm import generate, sample_prompt
+from fedtune.common.console import printable
 from fedtune.common.task import Task
 from fedtune.common.training import EvalStats
 from fedtune.server.replies import MAX_EXAMPLES
@@ -58,7 +59,7 @@ def evaluation_refusals(replies: Iterable[Message], roster: Roster) -> dict[str,
     for reply in replies:
         if refusal_status(reply) == keys.POLICY_REFUSED:
             name = roster.name_of(reply.metadata.src_node_id)
-            declined[name] = str(reply.content[keys.CONFIG].get(keys.REASON, ""))
+            declined[name] = printable(reply.content[keys.CONFIG].get(keys.REASON, ""))
             log(INFO, "%s does not share evaluations (its node policy); it is not asked again",
                 name)
     return dict(sorted(declined.items()))

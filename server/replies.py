@@ -18,13 +18,18 @@ from flwr.app import Message
 
 from fedtune.common import record_keys as keys
 from fedtune.common.config import RunConfig
+from fedtune.common.console import printable
 
 MAX_EXAMPLES = 100_000_000  # more rows than any one client holds
 CLIP_SLACK = 1.0 + 1e-4  # float32 rounding of a clipped update
 
 
 class ReplyRejected(ValueError):
-    """Why one client's reply cannot be aggregated."""
+    """Why one client's reply cannot be aggregated (bounded and escaped: it quotes the
+    client's own names)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(printable(why))
 
 
 def check_update(reply: Message, global_state: dict[str, np.ndarray],

@@ -19,6 +19,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedtune.common import record_keys as keys
+from fedtune.common.console import printable
 
 
 def answering_node(reply: Message, sent: list[Message]) -> int:
@@ -97,7 +98,8 @@ class Roster:
         for reply in grid.send_and_receive(queries, timeout=timeout):
             node_id = answering_node(reply, queries)
             if reply.has_error():
-                log(WARNING, "Node %d did not identify itself: %s", node_id, reply.error.reason)
+                log(WARNING, "Node %d did not identify itself: %s", node_id,
+                    printable(reply.error.reason))
                 continue
             config = reply.content.config_records.get(keys.CONFIG)
             name = None if config is None else config.get(keys.CLIENT_NAME)

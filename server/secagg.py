@@ -61,6 +61,8 @@ class SecAggServer:
     holders: dict[str, list[str]] = field(default_factory=dict)  # whose shares each one holds
     partners: dict[str, list[str]] = field(default_factory=dict)  # pairwise masks in its input
     rejected: dict[str, str] = field(default_factory=dict)  # name -> why its keys were refused
+    accusers: dict[str, list[str]] = field(default_factory=dict)  # accused -> valid complainers
+    receivers: dict[str, list[str]] = field(default_factory=dict)  # who got its shares
 
     def make_cohort(self, keys: Mapping[str, tuple[bytes, bytes, bytes, bytes]]) -> Cohort:
         """Step 1 -> 2: everyone's signed public keys, the graph and the threshold."""
@@ -142,14 +144,16 @@ class SecAggServer:
             seed = self._rebuild(b_shares, name, "self-mask seed")
             total = total - prg.expand(seed, len(total))
         for gone in dropped:
+            masked_with = [name for name in survivors if gone in self.partners[name]]
+            if not masked_with:  # e.g. blamed by all: no survivor's input holds its pads
+                continue
             s_key = self._rebuild(s_shares, gone, "mask key")
             if channel.public_bytes(channel.private_from_bytes(s_key)) != cohort.public(gone, "s"):
                 raise SecAggAbort(f"the rebuilt mask key of {gone} does not match its public key")
-            for name in survivors:
-                if gone in self.partners[name]:
-                    pad = prg.expand(pairwise_seed(s_key, cohort.public(name, "s"),
-                                                   self.session), len(total))
-                    total = total - pad if mask_sign(name, gone) > 0 else total + pad
+            for name in masked_with:
+                pad = prg.expand(pairwise_seed(s_key, cohort.public(name, "s"), self.session),
+                                 len(total))
+                total = total - pad if mask_sign(name, gone) > 0 else total + pad
         return total
 
     def blame(self, complaints: Mapping[str, tuple[list[str], bytes]]) -> dict[str, str]:
@@ -159,8 +163,11 @@ class SecAggServer:
         that delivered shares to it, and few enough that its author still met the threshold)
         takes the accused's shares out of its author's delivery, since they are not in its
         masks; the caller leaves the accused out of the round. An invalid one rejects its
-        author (`rejected`), whose masks would not match the delivery."""
+        author (`rejected`), whose masks would not match the delivery. Who accused whom is kept
+        for `convicted`."""
         cohort, blamed = self._cohort(), {}
+        self.receivers = {name: [c for c, held in self.holders.items()
+                                 if name in held and c != name] for name in self.holders}
         for complainer, (accused, signature) in sorted(complaints.items()):
             holders = self.holders.get(complainer, [])
             statement = complaint_statement(self.session, self.server_round, complainer, accused)
@@ -176,9 +183,18 @@ class SecAggServer:
                 self.partners[complainer] = [p for p in self.partners[complainer]
                                              if p not in accused]
                 for name in accused:
-                    blamed.setdefault(name, f"its shares to {complainer} do not open (signed "
-                                            "complaint)")
+                    self.accusers.setdefault(name, []).append(complainer)
+        for name, accusers in sorted(self.accusers.items()):
+            blamed[name] = (f"its shares to {', '.join(accusers)} do not open (signed "
+                            f"complaint{'s' if len(accusers) > 1 else ''})")
         return blamed
+
+    def convicted(self) -> list[str]:
+        """The accused whose shares failed for most of the clients that received them: left
+        out for the rest of the run. A minority of accusers (all of them could be colluders
+        lying) leaves the accused out of this round only."""
+        return [name for name, accusers in sorted(self.accusers.items())
+                if 2 * len(accusers) > len(self.receivers.get(name, []))]
 
     def survivors(self, masked: Mapping[str, np.ndarray], at_least: int = 0) -> list[str]:
         """Step 3 -> consistency: the survivor set to announce, or SecAggAbort when fewer than
@@ -213,26 +229,33 @@ class SecAggServer:
 
     def _collect(self, reveals: Mapping[str, list[Reveal]], survivors: set[str],
                  dropped: set[str]) -> tuple[dict[str, list], dict[str, list]]:
+        """(self-mask seed shares of survivors, mask-key shares of the dropped), each at the
+        index its revealer holds; a revealer with a malformed share, or one at another
+        holder's index, is rejected and none of its shares count."""
+        cohort = self._cohort()
         b_shares: dict[str, list] = {}
         s_shares: dict[str, list] = {}
-        for revealer, items in reveals.items():
+        for revealer, items in sorted(reveals.items()):
             if revealer not in survivors:
                 continue
+            kept = []
             for item in items:
                 if item.owner not in self.holders.get(revealer, []):
                     continue  # only shares the revealer could have received count
-                if len(item.share) != shamir.SHARE_BYTES or not 0 < item.x <= self.max_x:
+                if len(item.share) != shamir.SHARE_BYTES:
                     self.rejected[revealer] = f"a malformed share of {item.owner}"
-                    continue
+                elif item.x != cohort.share_index(item.owner, revealer):
+                    self.rejected[revealer] = f"a share of {item.owner} at another's index"
+                else:
+                    kept.append(item)
+            if revealer in self.rejected:
+                continue
+            for item in kept:
                 if item.kind == "b" and item.owner in survivors:
                     b_shares.setdefault(item.owner, []).append((item.x, item.share))
                 elif item.kind == "s" and item.owner in dropped:
                     s_shares.setdefault(item.owner, []).append((item.x, item.share))
         return b_shares, s_shares
-
-    @property
-    def max_x(self) -> int:
-        return self._cohort().neighbours + 1
 
     def _rebuild(self, shares: dict[str, list], owner: str, what: str) -> bytes:
         threshold = self._cohort().threshold

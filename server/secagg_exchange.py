@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 from fedtune.common import record_keys as keys
 from fedtune.common.adapter import from_record, to_record
 from fedtune.common.config import RunConfig
+from fedtune.common.console import printable
 from fedtune.common.secagg.plan import summation_for
 from fedtune.common.secagg.records import (
     RecordError,
@@ -86,9 +87,13 @@ def secure_train_exchange(grid: Grid, strategy: SeededFedAvg, server_round: int,
             {keys.ARRAYS: arrays,
              keys.CONFIG: ConfigRecord({**base, **sealed_to_record(inbox[name], "from")})}))
         masked, metrics, blamed = _masked_inputs(protocol, replies, length)
-        for name in blamed:  # left out of this round, and never sampled again
-            strategy.roster.retire(name)
-            log(WARNING, "%s is left out for the rest of the run: %s", name, blamed[name])
+        convicted = protocol.convicted()
+        for name in blamed:  # left out of this round; most of its receivers: never again
+            if name in convicted:
+                strategy.roster.retire(name)
+            log(WARNING, "%s is left out %s: %s", name,
+                "for the rest of the run" if name in convicted else "of this round",
+                blamed[name])
         summation = summation_for(config, len(cohort.names))
         survivors = protocol.survivors(masked, summation.survivors)
         routing = protocol.routing(survivors)
@@ -151,11 +156,12 @@ class _Link:
         for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
             name = self.roster.name_of(answering_node(reply, messages))
             if reply.has_error():
-                log(WARNING, "%s failed at %s: %s", name, action, reply.error.reason)
+                log(WARNING, "%s failed at %s: %s", name, action,
+                    printable(reply.error.reason))
                 continue
             self.bytes_up += _size(reply)
             if action != keys.SECAGG_KEYS and refusal_status(reply) == keys.POLICY_REFUSED:
-                self.refused[name] = str(reply.content[keys.CONFIG].get(keys.REASON, ""))
+                self.refused[name] = printable(reply.content[keys.CONFIG].get(keys.REASON, ""))
                 log(WARNING, "%s refused %s by its node policy: %s", name, action,
                     self.refused[name])
                 continue

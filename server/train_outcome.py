@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 
 from fedtune.common import record_keys as keys
+from fedtune.common.console import printable
 from fedtune.server.roster import Roster
 
 
@@ -69,7 +70,7 @@ def retire_refusing(roster: Roster, replies: list[Message]) -> tuple[list[str], 
             exhausted.append(name)
             log(WARNING, "%s has spent its privacy budget; it is not sampled again", name)
         else:
-            by_policy[name] = str(reply.content[keys.CONFIG].get(keys.REASON, ""))
+            by_policy[name] = printable(reply.content[keys.CONFIG].get(keys.REASON, ""))
             log(WARNING, "%s refused by its node policy (%s); it is not sampled again", name,
                 by_policy[name])
     return sorted(exhausted), dict(sorted(by_policy.items()))

@@ -31,6 +31,16 @@ class Cohort:
     def _graph(self) -> dict[str, list[str]]:
         return neighbours(self.names, self.neighbours, self.graph_seed)
 
+    def holders(self, owner: str) -> list[str]:
+        """Who holds shares of `owner`'s secrets, in the order of their indices (its
+        neighbours and itself)."""
+        return sorted([*self.graph()[owner], owner])
+
+    def share_index(self, owner: str, holder: str) -> int:
+        """The x at which `holder` holds `owner`'s shares: fixed by the cohort, so a revealer
+        cannot claim another holder's index."""
+        return self.holders(owner).index(holder) + 1
+
     @cached_property
     def position(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.names)}

@@ -101,7 +101,8 @@ class Summation:
         problems = []
         if self.weighted:
             least = summed / self.max_examples
-            if not least - slack <= weight <= summed + slack:
+            # above 0 whatever the rounding: the average divides by it
+            if not (weight > 0 and least - slack <= weight <= summed + slack):
                 problems.append(f"weight {weight:.6g} outside [{least:.3g}, {summed}]")
             if abs(examples - weight) > 2 * slack:
                 problems.append(f"example share {examples:.6g} differs from the weight")

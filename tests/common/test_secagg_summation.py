@@ -81,3 +81,12 @@ def test_a_noised_sum_may_be_as_large_as_its_noise_allows_and_no_larger():
     outside = np.r_[inside[:-3] * 1.02, 10.0, 0.0, 0.0]
     with pytest.raises(ImpossibleSum, match="L2 norm"):
         summation.average(outside, {"a": np.zeros(length)}, summed=10)
+
+
+def test_a_weight_cancelled_to_zero_is_refused_where_rounding_hides_the_least_honest_one():
+    # many clients and a wide bound: the rounding slack exceeds the least honest weight, so
+    # only "above zero" stops a client that cancels the others' weights (the average divides)
+    summation = Summation(1000, bound=25.0, max_examples=100_000)
+    assert summation.encoding.error_bound(1000) > 1000 / 100_000
+    with pytest.raises(ImpossibleSum, match=r"weight 0 outside"):
+        summation.average(np.array([0.0, 0.0, 0.0, 0.0, 0.0]), {"a": np.zeros(2)}, summed=1000)

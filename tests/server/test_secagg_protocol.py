@@ -346,7 +346,8 @@ def test_a_neighbour_whose_shares_do_not_open_is_blamed_and_the_round_completes_
     assert list(complaints) == ["client-00"] and complaints["client-00"][0] == ["client-03"]
     blamed = round_.server.blame(complaints)
     assert blamed == {"client-03": "its shares to client-00 do not open (signed complaint)"}
-    del masked["client-03"]  # left out of the round (the exchange does this, and retires it)
+    assert round_.server.convicted() == []  # one accuser of six: this round only
+    del masked["client-03"]  # left out of the round (the exchange does this)
     survivors = round_.server.survivors(masked)
     routing = round_.server.routing(survivors)
     signed = round_.server.consistent(survivors, routing, {
@@ -355,6 +356,87 @@ def test_a_neighbour_whose_shares_do_not_open_is_blamed_and_the_round_completes_
     total = round_.encoding.decode(round_.server.unmask(masked, reveals))
     np.testing.assert_allclose(total, sum(vectors[m] for m in survivors),
                                atol=round_.encoding.error_bound())
+
+
+def test_a_client_whose_shares_open_for_no_one_is_retired_and_the_round_completes():
+    from fedtune.common.secagg.records import complaint_from_record
+
+    n = 7
+    round_ = Round(n)
+    cohort = round_.cohort()
+    sealed = {m: c.share_secrets(cohort) for m, c in round_.clients.items()}
+    for holder in sealed["client-03"]:
+        if holder != "client-03":
+            sealed["client-03"][holder] = flipped(sealed["client-03"][holder])
+    inbox = round_.server.route(sealed)
+    vectors = random_vectors(n)
+    masked, complaints = {}, {}
+    for name, client in round_.clients.items():
+        client.check_shares(inbox[name], min_delivered=0.8)
+        masked[name] = client.mask(inbox[name], vectors[name], round_.encoding, RNG)
+        if (complaint := client.complaint()) is not None:
+            complaints[name] = complaint_from_record(ConfigRecord(complaint))
+    assert set(round_.server.blame(complaints)) == {"client-03"}
+    assert round_.server.convicted() == ["client-03"]
+    del masked["client-03"]  # no one can rebuild its mask key, and no one needs to
+    survivors = round_.server.survivors(masked)
+    routing = round_.server.routing(survivors)
+    signed = round_.server.consistent(survivors, routing, {
+        m: round_.clients[m].sign_survivors(survivors, routing) for m in survivors})
+    reveals = {m: round_.clients[m].reveal(survivors, routing, signed) for m in survivors}
+    total = round_.encoding.decode(round_.server.unmask(masked, reveals))
+    np.testing.assert_allclose(total, sum(vectors[m] for m in survivors),
+                               atol=round_.encoding.error_bound())
+
+
+def signed_complaints(round_: Round, accusers: list[str], accused: str) -> dict:
+    complaints = {}
+    for name in accusers:
+        client = round_.clients[name]
+        client.accused = [accused]
+        record = client.complaint()
+        complaints[name] = (record["accused"], record["complaint"])
+    return complaints
+
+
+def test_a_minority_of_accusers_leaves_the_accused_out_of_the_round_only_a_majority_for_good():
+    # a lying client (or a third of the cohort, colluding) cannot retire an honest one; a client
+    # whose shares fail for most of the clients that received them is retired
+    round_ = Round(7)  # every client's shares reach its 6 neighbours
+    cohort = round_.cohort()
+    round_.server.route({m: c.share_secrets(cohort) for m, c in round_.clients.items()})
+    liars = signed_complaints(round_, ["client-01", "client-02", "client-04"], "client-03")
+    assert set(round_.server.blame(liars)) == {"client-03"}  # left out of this round
+    assert round_.server.convicted() == []  # 3 of its 6 receivers: not most
+    round_ = Round(7)
+    cohort = round_.cohort()
+    round_.server.route({m: c.share_secrets(cohort) for m, c in round_.clients.items()})
+    many = signed_complaints(round_, ["client-00", "client-01", "client-02", "client-04"],
+                             "client-03")
+    assert "client-00, client-01, client-02, client-04" in round_.server.blame(many)["client-03"]
+    assert round_.server.convicted() == ["client-03"]
+
+
+def test_a_revealer_claiming_another_holders_index_is_rejected_and_the_sum_still_opens():
+    n = 5
+    round_ = Round(n)
+    cohort = round_.cohort()
+    inbox = round_.server.route({m: c.share_secrets(cohort) for m, c in round_.clients.items()})
+    vectors = random_vectors(n)
+    masked = {m: c.mask(inbox[m], vectors[m], round_.encoding, RNG)
+              for m, c in round_.clients.items()}
+    survivors = round_.server.survivors(masked)
+    routing = round_.server.routing(survivors)
+    signed = round_.server.consistent(survivors, routing, {
+        m: round_.clients[m].sign_survivors(survivors, routing) for m in survivors})
+    reveals = {m: round_.clients[m].reveal(survivors, routing, signed) for m in survivors}
+    # client-04 repeats its shares at every other holder's index, to overwrite theirs
+    forged = [dataclasses.replace(item, x=x) for item in reveals["client-04"]
+              for x in range(1, n + 1)]
+    reveals["client-04"] = forged
+    total = round_.encoding.decode(round_.server.unmask(masked, reveals))
+    assert "another's index" in round_.server.rejected["client-04"]
+    np.testing.assert_allclose(total, sum(vectors.values()), atol=round_.encoding.error_bound())
 
 
 def test_a_complaint_that_is_forged_or_names_strangers_rejects_its_author():

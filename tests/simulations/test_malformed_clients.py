@@ -103,10 +103,11 @@ def rogue(vector):
 
 
 def unopenable(content):
-    """The first share ciphertext (to another client: names sort, and client-1 sends it)
-    altered so that it fails authentication."""
-    sealed = list(content["config"]["to-sealed"])
-    sealed[0] = sealed[0][:-1] + bytes([sealed[0][-1] ^ 1])
+    """Every share ciphertext client-1 sends another client altered so that it fails
+    authentication: each of them complains, so most of its receivers accuse it."""
+    config = content["config"]
+    sealed = [ciphertext if name == "client-1" else ciphertext[:-1] + bytes([ciphertext[-1] ^ 1])
+              for name, ciphertext in zip(config["to-names"], config["to-sealed"], strict=True)]
     return with_config(content, **{"to-sealed": sealed})
 
 
@@ -188,7 +189,7 @@ SECURE = {
     4: {"client-1": "masked-length", "client-2": "masked-missing"},
     5: {"client-1": "masked-no-metrics", "client-2": "masked-bad-metric"},
     6: {"client-1": "bad-reveal"},
-    7: {"client-1": "unopenable-share"},  # blamed by client-0, then never sampled again
+    7: {"client-1": "unopenable-share"},  # blamed by all its receivers, never sampled again
     8: {"client-2": "rogue-ring"},
 }
 
@@ -219,7 +220,7 @@ REASON = {  # kind -> what its reason must say
     "masked-no-metrics": r"masked input: .*'metrics'",
     "masked-bad-metric": r"masked input: .*epsilon",
     "bad-reveal": r"unmask shares: .*columns differ",
-    "unopenable-share": r"its shares to client-0 do not open \(signed complaint\)",
+    "unopenable-share": r"its shares to client-0, client-2, .* do not open \(signed complaints\)",
     "rogue-ring": r"impossible for honest ones",
 }
 
