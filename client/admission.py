@@ -129,6 +129,8 @@ def model_violations(policy: NodePolicy, config: RunConfig, task: Task) -> list[
     return []
 
 
+ADAPTER_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
 def adapter_violations(policy: NodePolicy, task: Task,
                        adapter: dict[str, np.ndarray]) -> list[str]:
     """What keeps the received adapter from this node's model and limits: names, shapes, float
@@ -138,8 +140,9 @@ def adapter_violations(policy: NodePolicy, task: Task,
     if problem := fit_problem(expected, adapter):
         return [f"{ADAPTER}: {problem}"]
     for name, value in adapter.items():
-        if value.dtype.kind != "f":
-            return [f"{ADAPTER}: tensor {name} is {value.dtype}, not floating point"]
+        if value.dtype not in ADAPTER_DTYPES:  # float128 too would fail only after spending
+            return [f"{ADAPTER}: tensor {name} is {value.dtype}, not float16, float32 or "
+                    "float64"]
         if not np.isfinite(value).all():
             return [f"{ADAPTER}: tensor {name} holds NaN or infinite values"]
         largest = float(np.abs(value).max(initial=0.0))

@@ -134,7 +134,10 @@ def check_data(path: Path, policy: NodePolicy) -> int:
     if declared:  # a classification node: every label in its label set
         load_data(data, seed=0)
     rows = training_rows(data, CLASSIFICATION if declared else CAUSAL_LM)
-    training = int((~keyed_held_out(rows, policy.test_fraction, policy.split_seed)).sum())
+    held = keyed_held_out(records, policy.test_fraction, policy.split_seed)
+    if len(held) != len(rows):  # the split keys on the records the rows are read from, in order
+        raise DataError(f"{path}: {len(rows)} rows read from {len(records)} records")
+    training = int((~held).sum())
     if training < 2:
         raise DataError(f"{path}: {training} training rows after holding out test-fraction "
                         f"{policy.test_fraction:g}; at least 2 are needed")
@@ -210,6 +213,10 @@ def join(settings: ClientSettings) -> int:
         print("fedtune: no --planning-rows: DP-SGD rounds plan with the server's "
               "privacy.planning_rows, and are refused without one (the planning row count is "
               "public; this node's own row count is never used or sent)", flush=True)
+    if settings.policy.share_evaluation and not settings.policy.evaluation_noise:
+        print("fedtune: WARNING: share-evaluation with evaluation-noise 0: the server's "
+              "evaluation questions are answered exactly and recorded in no ledger (the "
+              "ledger's epsilon covers training only)", file=sys.stderr, flush=True)
     probe_server(settings)
     become_subreaper()
     watch = LedgerWatch(settings.ledger, settings.policy.budget_epsilon)

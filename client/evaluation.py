@@ -106,7 +106,11 @@ def answer(request: Request) -> Message:
                      policy.budget(), kind="evaluation")
     task = request.task
     load_trainable_state(task.model, request.adapter)
-    stats = task.evaluate(request.rows[1], request.config.evaluation_batch)
+    # a noised answer scores one row a pass: a row's logits then never depend on which rows
+    # share its batch (padding moves them in the last bits, enough to flip a prediction a
+    # crafted head puts on the margin), so one row changes the count by one at most
+    stats = task.evaluate(request.rows[1], 1 if event is not None else
+                          request.config.evaluation_batch)
     if event is None:
         metrics = evaluation_metrics(stats.examples, stats.loss, stats.accuracy)
     else:

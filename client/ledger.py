@@ -13,13 +13,10 @@ at the new one.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from logging import WARNING
 from pathlib import Path
@@ -27,7 +24,7 @@ from typing import Any
 
 from flwr.common.logger import log
 
-from fedtune.common.atomic_file import write_atomic
+from fedtune.common.atomic_file import locked, write_atomic
 from fedtune.common.config import DEFAULT_ACCOUNTANT
 from fedtune.common.data import Examples
 from fedtune.common.privacy import GaussianEvent, epsilon_spent
@@ -134,7 +131,7 @@ class Ledger:
         fsync, rename): another process spending from the same data set waits, then sees this
         round.
         """
-        with _locked(self.path.parent):
+        with locked(self.path.parent):
             self.entries = self._read_entries()
             epsilon = self.epsilon_after(event)
             if epsilon > budget:
@@ -177,18 +174,6 @@ class Ledger:
         except (KeyError, TypeError) as error:
             raise LedgerError(f"privacy ledger {path} is corrupt ({error}); refusing to train "
                               "(it is kept as it is, never reset)") from None
-
-
-@contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """An exclusive flock on the directory itself (no lock file left beside the ledgers)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -127,22 +127,30 @@ def node_examples(node: Node, task: Task, config: RunConfig) -> tuple[Examples, 
     node's training file split by the node's own fraction and seed (never the server's)."""
     if node.partition_id is not None:
         return task.client_examples(config.partition, node.partition_id, node.num_partitions)
-    rows = _training_rows(node.data_config(config), config.model.task)
-    held = keyed_held_out(rows, node.policy.test_fraction, node.policy.split_seed)
+    data = node.data_config(config)
+    rows = _training_rows(data, config.model.task)
+    held = _held_out(data.path, node.policy.test_fraction, node.policy.split_seed)
     return rows.subset(np.flatnonzero(~held)), rows.subset(np.flatnonzero(held))
 
 
-def keyed_held_out(rows: Examples, fraction: float, key: int) -> np.ndarray:
-    """Which rows a deployed node holds out: each row by a keyed hash of its own content, so
+def keyed_held_out(records: list[dict[str, Any]], fraction: float, key: int) -> np.ndarray:
+    """Which rows a deployed node holds out: each by a keyed hash of its raw record as stored, so
     adding or removing one row moves no other row between training and held-out (a seeded
     permutation of all rows would reshuffle both sides, and DP's one-row neighbour would differ
-    from its training set in many rows)."""
-    secret = hashlib.sha256(f"fedtune held-out split v1 {key}".encode()).digest()
-    held = np.zeros(len(rows), dtype=bool)
-    for i in range(len(rows)):
-        digest = hmac.new(secret, json.dumps(list(rows.item(i))).encode(), "sha256").digest()
+    from its training set in many rows), and nothing the server sends (fields, a prompt
+    template) moves a row either: a row the node trains on is never one it answers about."""
+    secret = hashlib.sha256(f"fedtune held-out split v2 {key}".encode()).digest()
+    held = np.zeros(len(records), dtype=bool)
+    for i, record in enumerate(records):
+        text = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
+        digest = hmac.new(secret, text.encode(), "sha256").digest()
         held[i] = int.from_bytes(digest[:8], "big") < fraction * 2.0**64
     return held
+
+
+@lru_cache(maxsize=4)
+def _held_out(path: str, fraction: float, key: int) -> np.ndarray:
+    return keyed_held_out(training_records(path), fraction, key)
 
 
 def data_set_identity(node: Node, train_rows: Examples) -> tuple[str, int]:

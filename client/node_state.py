@@ -19,12 +19,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fedtune.common.atomic_file import write_atomic
+from fedtune.common.atomic_file import locked, write_atomic
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ class NodeState:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+
+    def exclusive(self) -> AbstractContextManager[None]:
+        """This node's round state to one message at a time, across its app processes (Flower
+        may run two at once): a step 3 checks and records its round under it."""
+        return locked(self.directory)
 
     def secagg(self, session: bytes) -> bytes | None:
         """This node's secure-aggregation state for `session`, if it has one."""

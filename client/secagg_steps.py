@@ -11,6 +11,7 @@ belong to the round and configuration step 1 saw.
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
@@ -84,7 +85,16 @@ def share(request: Request) -> Message | Refused:
 def mask(request: Request) -> Message | Refused:
     """Step 3: train, then send the change masked, with the example count and loss inside the
     masked vector where the summation weighs them; under client-level DP the change carries
-    this client's share of the noise, so no sum the server sees is un-noised."""
+    this client's share of the noise, so no sum the server sees is un-noised.
+
+    On a deployed node the whole step holds its round state: two step-3 messages at once (a
+    replay, or a second session of the round) cannot both get past the checks."""
+    store = request.state()
+    with store.exclusive() if store is not None else nullcontext():
+        return _mask(request)
+
+
+def _mask(request: Request) -> Message | Refused:
     client = _resume(request)
     client.expect("shares")  # a replayed or repeated step 3 is refused before any training
     if (other := _masked_elsewhere(request, client.session)) is not None:

@@ -26,6 +26,12 @@ BUILTIN_DATA = "builtin"
 PARTITION_SCHEMES = ("iid", "dirichlet", "natural")
 DP_LEVELS = ("sample", "client")
 ACCOUNTANTS = ("rdp", "prv")
+# Upper limits of values a node accounts or stores for every round (each far beyond use): a
+# larger one would make its accountant search without end, or its ledger grow without bound.
+MAX_EPSILON = 100.0
+MAX_NOISE_MULTIPLIER = 1e6
+MAX_ROUNDS = 100_000
+MAX_PATH = 4096
 DEFAULT_ACCOUNTANT = "prv"  # a new ledger's; an existing one keeps its own (client/ledger.py)
 # federation.strategy -> the server step size used when federation.server_lr is 0
 STRATEGIES: dict[str, float] = {"fedavg": 1.0, "fedprox": 1.0, "fedavgm": 1.0,
@@ -261,7 +267,8 @@ class FederationConfig:
                                0.01)
 
     def __post_init__(self) -> None:
-        _require(self.rounds >= 1, "federation.rounds", "must be >= 1", self.rounds)
+        _require(1 <= self.rounds <= MAX_ROUNDS, "federation.rounds",
+                 f"must be in [1, {MAX_ROUNDS}]", self.rounds)
         _require(self.num_clients >= 1, "federation.num_clients", "must be >= 1",
                  self.num_clients)
         _require(0 < self.fraction_train <= 1, "federation.fraction_train", "must be in (0, 1]",
@@ -341,10 +348,12 @@ class PrivacyConfig:
                  f"must be one of {', '.join(DP_LEVELS)}", self.level)
         _require(self.accountant in ("", *ACCOUNTANTS), "privacy.accountant",
                  f"must be empty or one of {', '.join(ACCOUNTANTS)}", self.accountant)
-        _require(self.epsilon > 0, "privacy.epsilon", "must be > 0", self.epsilon)
+        # above 100 a target means nothing and the accountants' search no longer ends
+        _require(0 < self.epsilon <= MAX_EPSILON, "privacy.epsilon",
+                 f"must be in (0, {MAX_EPSILON:g}]", self.epsilon)
         _require(0 <= self.delta < 1, "privacy.delta", "must be in [0, 1)", self.delta)
-        _require(self.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0",
-                 self.noise_multiplier)
+        _require(0 <= self.noise_multiplier <= MAX_NOISE_MULTIPLIER, "privacy.noise_multiplier",
+                 f"must be in [0, {MAX_NOISE_MULTIPLIER:g}]", self.noise_multiplier)
         _require(self.planning_rows >= 0, "privacy.planning_rows", "must be >= 0",
                  self.planning_rows)
         _require(self.clip_norm > 0, "privacy.clip_norm", "must be > 0", self.clip_norm)
@@ -419,6 +428,10 @@ class OutputConfig:
     dir: str = _help("run directory; empty = runs/<command>-<date>-<time>", "")
     tensorboard: bool = _help("also write TensorBoard event files to <run dir>/tensorboard",
                               False)
+
+    def __post_init__(self) -> None:
+        _require(len(self.dir) <= MAX_PATH, "output.dir", f"must be at most {MAX_PATH} characters",
+                 self.dir[:40] + "...")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ rejected by name. The CLI's flags and help are generated from the same fields.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -42,6 +43,8 @@ def coerce(name: str, kind: str, value: Any, error: type[Exception]) -> Any:
         raise error(f"`{name}` must be of type {accepted[-1].__name__}, got {value!r}")
     if not isinstance(value, accepted):
         raise error(f"`{name}` must be of type {accepted[-1].__name__}, got {value!r}")
+    if float in accepted and not math.isfinite(value):  # NaN, Infinity: JSON and TOML allow them
+        raise error(f"`{name}` must be a finite number, got {value!r}")
     return float(value) if float in accepted and not isinstance(value, bool) else value
 
 

@@ -111,6 +111,7 @@ def test_an_unreadable_run_configuration_is_refused_naming_the_servers_value(
     (lambda v: v + 3e37, MAX_ADAPTER_VALUE),
     (lambda v: v[..., :1], "adapter"),  # another shape
     (lambda v: v.astype(np.int64), "adapter"),
+    (lambda v: v.astype(np.longdouble), "adapter"),  # a float torch cannot take
 ])
 def test_a_received_adapter_outside_the_nodes_limits_is_refused(tiny_model_dir, toy_data_dir,
                                                                 tmp_path, damage, rule):

@@ -67,3 +67,25 @@ def test_an_answer_that_would_crowd_out_planned_training_is_refused_and_training
     client_app.train(request(config), roomy)
     assert keys.METRICS in client_app.evaluate_global(request(config, "evaluate"), roomy).content
     assert [e["kind"] for e in ledger_rounds(tmp_path / "roomy")] == ["dp-sgd", "evaluation"]
+
+
+def test_a_noised_answer_scores_each_row_alone(tiny_model_dir, toy_data_dir, tmp_path,
+                                               monkeypatch):
+    # a crafted head can put a row's logit on the margin, and its batchmates' padding then
+    # moves it across: scored alone, a row's prediction is its own, so one row moves the count
+    # by one at most
+    from fedtune.common.task import Task
+
+    config = run_config(tiny_model_dir, toy_data_dir, **{"train.batch_size": 16})
+    context = node_context(tiny_model_dir, toy_data_dir, tmp_path / "ledger", **{
+        "budget-epsilon": 8.0, "share-evaluation": True, "evaluation-noise": 5.0})
+    batches = []
+    scoring = Task.evaluate
+
+    def spy(task, rows, batch_size):
+        batches.append(batch_size)
+        return scoring(task, rows, batch_size)
+
+    monkeypatch.setattr(Task, "evaluate", spy)
+    client_app.evaluate_global(request(config, "evaluate"), context)
+    assert batches == [1]

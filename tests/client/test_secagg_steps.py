@@ -144,3 +144,36 @@ def test_a_round_masked_in_one_session_is_not_masked_again_in_another(tiny_model
         assert "masked in another session" in reply.content[keys.CONFIG][keys.REASON]
         assert not reply.content.array_records
         assert len(ledger_rounds(tmp_path / f"ledger-{name}")) == 1
+
+
+def test_a_step_three_holds_the_nodes_round_state_until_its_mask_is_recorded(
+        tiny_model_dir, tmp_path, monkeypatch):
+    # Flower may start two app processes at once: a second step 3 must wait for the first to
+    # record its round, and then finds it masked (no two masked replies with the same pads)
+    import fcntl
+    import os
+
+    from fedtune.client import secagg_steps
+
+    datas = [data_dir(tmp_path / f"data-{i}", toy_rows(30, offset=30 * i)) for i in range(3)]
+    config = secure_config(tiny_model_dir, datas[0])
+    nodes = contexts(tiny_model_dir, datas, tmp_path)
+    prepared = up_to_step_three(config, nodes, SecAggServer(server_round=1))
+    rounds = tmp_path / f"ledger-{NODES[0]}" / "rounds"
+    held = []
+
+    def probe(request):
+        fd = os.open(rounds, os.O_RDONLY)  # another process's attempt, as flock sees it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        return masking(request)
+
+    masking = secagg_steps._mask
+    monkeypatch.setattr(secagg_steps, "_mask", probe)
+    reply = step_three(config, nodes, NODES[0], prepared)
+    assert keys.MASKED in reply.content[keys.ARRAYS] and held == [True]

@@ -75,3 +75,17 @@ def test_training_defaults_follow_the_kind_of_training_and_explicit_values_win()
     stepped = RunConfig.from_mapping({"train.local_steps": 3})  # a client's steps per round;
     assert stepped.training.local_steps == 3  # pooled training counts whole passes
     assert stepped.pooled_training.local_steps == 0
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"privacy.noise_multiplier": float("inf")}, "must be a finite number"),
+    ({"privacy.epsilon": float("nan")}, "must be a finite number"),
+    ({"privacy.epsilon": 1e300}, r"privacy.epsilon` must be in \(0, 100\]"),
+    ({"privacy.noise_multiplier": 1e300}, "privacy.noise_multiplier` must be in"),
+    ({"federation.rounds": 10**10}, "federation.rounds` must be in"),
+    ({"output.dir": "x" * 5000}, "output.dir` must be at most 4096 characters"),
+])
+def test_values_no_accountant_or_ledger_could_use_are_refused_by_name(override, message):
+    # a server's Infinity noise or 1e300 epsilon would keep a node's accountant searching for ever
+    with pytest.raises(ConfigError, match=message):
+        RunConfig().with_overrides(override)
