@@ -25,25 +25,23 @@ from fedtune.server import progress
 from fedtune.server.app import make_server_app
 from fedtune.server.metrics_log import read_rounds
 from fedtune.simulations.node_names import recorded_node_names
-from fedtune.simulations.ray_cluster import Capacity, joined, this_machine
+from fedtune.simulations.ray_cluster import Capacity, joined, started_here, this_machine
 
 
-def backend_config(num_workers: int, capacity: Capacity, *, on_cluster: bool = False,
-                   verbose: bool = False) -> dict[str, Any]:
+def backend_config(num_workers: int, capacity: Capacity, *, verbose: bool = False
+                   ) -> dict[str, Any]:
     """`num_workers` Ray actors, each holding one model and training one client at a time.
 
     Each actor takes cores / workers of `capacity` (Ray sets its thread count to match) and as
-    much of its GPUs. On this machine Flower starts Ray with them; on a cluster Ray is joined
-    already, and its nodes' own resources count.
+    much of its GPUs. Ray is started (or joined) before Flower looks (ray_cluster.py), so the
+    init arguments here are only what Flower itself reads.
     """
     resources: dict[str, float] = {"num_cpus": max(1, capacity.cpus // num_workers)}
     if capacity.gpus:
         resources["num_gpus"] = capacity.gpus / num_workers
-    init_args: dict[str, Any] = {"logging_level": "WARNING" if verbose else "ERROR",
-                                 "log_to_driver": True}
-    if not on_cluster:  # "local": a new Ray for this run, never a cluster `ray start` left
-        init_args.update(address="local", num_cpus=capacity.cpus)
-    return {"client_resources": resources, "init_args": init_args}
+    return {"client_resources": resources,
+            "init_args": {"logging_level": "WARNING" if verbose else "ERROR",
+                          "log_to_driver": True}}
 
 
 def simulate(config: RunConfig, *, resume: bool = False, num_workers: int | None = None,
@@ -51,20 +49,21 @@ def simulate(config: RunConfig, *, resume: bool = False, num_workers: int | None
     """Simulate `config.federation.num_clients` clients; return the run's metrics rows.
 
     `ray_address` names an existing Ray cluster to run the clients on (see ray_cluster.py)."""
+    # inherited by this run's Ray workers (never by a deployed node's processes); a later verbose
+    # run in the same process must not inherit an earlier run's "1"
+    os.environ[QUIET_WORKERS] = "0" if verbose else "1"
     with ExitStack() as stack:
         capacity = (stack.enter_context(joined(ray_address, verbose=verbose)) if ray_address
                     else this_machine())
         workers = num_workers or min(config.federation.num_clients, max(1, capacity.cpus))
-        # inherited by this run's Ray workers (never by a deployed node's processes); a later
-        # verbose run in the same process must not inherit an earlier run's "1"
-        os.environ[QUIET_WORKERS] = "0" if verbose else "1"
+        backend = backend_config(workers, capacity, verbose=verbose)
+        if not ray_address:
+            stack.enter_context(started_here(capacity, verbose=verbose))
         names = stack.enter_context(recorded_node_names())
         display = stack.enter_context(progress.shown(progress.RoundProgress()))
         run_simulation(server_app=make_server_app(config, resume=resume, node_names=names,
                                                   display=display),
                        client_app=client_app, num_supernodes=config.federation.num_clients,
-                       backend_config=backend_config(workers, capacity,
-                                                     on_cluster=bool(ray_address),
-                                                     verbose=verbose),
+                       backend_config=backend,
                        verbose_logging=verbose)
     return read_rounds(Path(config.output.dir))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,13 +61,37 @@ def joined(address: str, *, verbose: bool) -> Iterator[Capacity]:
     and leave it afterwards; the cluster itself keeps running."""
     import ray
 
-    ray.init(address=address, logging_level="WARNING" if verbose else "ERROR",
-             log_to_driver=True)
+    ray.init(address=address, logging_level=_logging_level(verbose), log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONPATH": _python_path()}})
     try:
         total = ray.cluster_resources()
         yield Capacity(int(total.get("CPU", 0)), float(total.get("GPU", 0)))
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def started_here(capacity: Capacity, *, verbose: bool) -> Iterator[None]:
+    """A new Ray on this machine for the run, stopped afterwards: "local", never a cluster
+    `ray start` left behind (with no address, Ray joins the one its address file names)."""
+    import ray
+
+    ray.init(address="local", num_cpus=capacity.cpus, include_dashboard=False,
+             logging_level=_logging_level(verbose), log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONPATH": _python_path()}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _python_path() -> str:
+    """Workers find what this process imports (as Flower's own start of Ray arranges)."""
+    return os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def _logging_level(verbose: bool) -> str:
+    return "WARNING" if verbose else "ERROR"
 
 
 def this_machine() -> Capacity:

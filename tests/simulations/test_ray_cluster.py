@@ -106,16 +106,28 @@ def test_a_simulation_runs_its_clients_on_both_nodes_of_a_ray_cluster(tiny_model
         shutil.rmtree(files, ignore_errors=True)
 
 
-def test_a_run_on_this_machine_starts_its_own_ray_whatever_cluster_ray_start_left():
+def test_workers_share_the_machine_or_the_cluster_by_its_cores_and_gpus():
     from fedtune.simulations.engine import backend_config
     from fedtune.simulations.ray_cluster import Capacity
 
-    local = backend_config(2, Capacity(cpus=4, gpus=0.0))
-    assert local["init_args"]["address"] == "local" and local["init_args"]["num_cpus"] == 4
-    assert local["client_resources"] == {"num_cpus": 2}
-    joined = backend_config(4, Capacity(cpus=8, gpus=2.0), on_cluster=True)
-    assert "address" not in joined["init_args"] and "num_cpus" not in joined["init_args"]
-    assert joined["client_resources"] == {"num_cpus": 2, "num_gpus": 0.5}
+    assert backend_config(2, Capacity(cpus=4, gpus=0.0))["client_resources"] == {"num_cpus": 2}
+    assert backend_config(4, Capacity(cpus=8, gpus=2.0))["client_resources"] == {
+        "num_cpus": 2, "num_gpus": 0.5}
+
+
+def test_a_run_on_this_machine_never_joins_a_cluster_ray_start_left(tmp_path, monkeypatch):
+    # a cluster stopped by a signal leaves its address file behind; ray.init() with no address
+    # would try to join it (and wait), so a local run asks Ray for a new local instance
+    import ray
+
+    from fedtune.simulations.ray_cluster import Capacity, started_here
+
+    seen = {}
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    with started_here(Capacity(cpus=2, gpus=0.0), verbose=False):
+        pass
+    assert seen["address"] == "local" and seen["num_cpus"] == 2
 
 
 def test_an_address_that_names_no_cluster_is_refused_in_one_line(monkeypatch):
