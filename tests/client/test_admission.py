@@ -55,7 +55,7 @@ def test_the_default_policy_refuses_before_touching_data(tiny_model_dir, toy_dat
 
 @pytest.mark.parametrize(("overrides", "rule"), [
     ({"privacy.noise_multiplier": 0.1}, MIN_NOISE),
-    ({"privacy.epsilon": 500.0}, MIN_NOISE),  # a huge target is little noise: the floor holds
+    ({"privacy.epsilon": 100.0}, MIN_NOISE),  # the largest target is little noise: the floor holds
     ({"model.max_length": 100_000}, MAX_LENGTH),  # beyond the node's limit
     ({"model.max_length": 200}, MAX_LENGTH),  # beyond the model's 128 positions
     ({"lora.r": 512}, MAX_LORA_RANK),
