@@ -13,11 +13,11 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 # Under pytest-xdist (`-n 2 --dist loadgroup`, as .ci/run runs): every test that starts
 # Flower's simulation engine runs in one worker (two local Ray instances would compete for
-# one machine's Ray), each deployment or container module in one worker (its federation
-# fixture is made once), and every other test wherever a worker is free.
+# one machine's Ray), the container tests in one (one Docker engine), and every other test,
+# each deployment test with its own ports and state, wherever a worker is free.
 RAY_MODULES = ("tests/simulations/", "tests/test_benchmarks.py", "tests/common/test_run_dir.py",
                "tests/test_fedtune_command.py", "tests/test_packaging.py")
-MODULE_GROUPS = ("tests/deployment/", "tests/docker/")
+MODULE_GROUPS = ("tests/docker/",)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
