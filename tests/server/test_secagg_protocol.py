@@ -51,14 +51,18 @@ class Round:
             masked[name] = self.clients[name].mask(received, vectors[name], self.encoding, RNG)
             self.server.check_masked(name, masked[name], len(vectors[name]))
         self.seen.append(masked)
+        _, reveals = self.reveals(masked, skip=drop_before_reveal)
+        self.seen.append(reveals)
+        return self.encoding.decode(self.server.unmask(masked, reveals))
+
+    def reveals(self, masked: dict[str, np.ndarray], *, skip=()) -> tuple[list[str], dict]:
+        """The consistency round and step 4: (survivors, each survivor's reveal but `skip`'s)."""
         survivors = self.server.survivors(masked)
         routing = self.server.routing(survivors)
         signed = self.server.consistent(survivors, routing, {
             name: self.clients[name].sign_survivors(survivors, routing) for name in survivors})
-        reveals = {name: self.clients[name].reveal(survivors, routing, signed)
-                   for name in survivors if name not in drop_before_reveal}
-        self.seen.append(reveals)
-        return self.encoding.decode(self.server.unmask(masked, reveals))
+        return survivors, {name: self.clients[name].reveal(survivors, routing, signed)
+                           for name in survivors if name not in skip}
 
 
 BOUND = 16.0  # the vectors below stay within 8 standard deviations
@@ -327,40 +331,40 @@ def test_a_share_sealed_for_another_holder_does_not_open_as_this_ones():
     assert round_.clients["client-00"].check_shares(inbox["client-00"]) == ["client-01"]
 
 
-def test_a_neighbour_whose_shares_do_not_open_is_blamed_and_the_round_completes_without_it():
+def masked_with_complaints(round_: Round, sealed: dict, vectors: dict) -> tuple[dict, dict]:
+    """Step 3 for every client: (masked inputs, the complaints they came with, as parsed)."""
     from fedtune.common.secagg.records import complaint_from_record
 
-    n = 7  # 7 holders each, threshold 5
-    round_ = Round(n)
-    cohort = round_.cohort()
-    sealed = {m: c.share_secrets(cohort) for m, c in round_.clients.items()}
-    sealed["client-03"]["client-00"] = flipped(sealed["client-03"]["client-00"])
     inbox = round_.server.route(sealed)
-    vectors = random_vectors(n)
     masked, complaints = {}, {}
     for name, client in round_.clients.items():
         client.check_shares(inbox[name], min_delivered=0.8)
         masked[name] = client.mask(inbox[name], vectors[name], round_.encoding, RNG)
         if (complaint := client.complaint()) is not None:
             complaints[name] = complaint_from_record(ConfigRecord(complaint))
+    return masked, complaints
+
+
+def test_a_neighbour_whose_shares_do_not_open_is_blamed_and_the_round_completes_without_it():
+    n = 7  # 7 holders each, threshold 5
+    round_ = Round(n)
+    cohort = round_.cohort()
+    sealed = {m: c.share_secrets(cohort) for m, c in round_.clients.items()}
+    sealed["client-03"]["client-00"] = flipped(sealed["client-03"]["client-00"])
+    vectors = random_vectors(n)
+    masked, complaints = masked_with_complaints(round_, sealed, vectors)
     assert list(complaints) == ["client-00"] and complaints["client-00"][0] == ["client-03"]
     blamed = round_.server.blame(complaints)
     assert blamed == {"client-03": "its shares to client-00 do not open (signed complaint)"}
     assert round_.server.convicted() == []  # one accuser of six: this round only
     del masked["client-03"]  # left out of the round (the exchange does this)
-    survivors = round_.server.survivors(masked)
-    routing = round_.server.routing(survivors)
-    signed = round_.server.consistent(survivors, routing, {
-        m: round_.clients[m].sign_survivors(survivors, routing) for m in survivors})
-    reveals = {m: round_.clients[m].reveal(survivors, routing, signed) for m in survivors}
+    survivors, reveals = round_.reveals(masked)
     total = round_.encoding.decode(round_.server.unmask(masked, reveals))
     np.testing.assert_allclose(total, sum(vectors[m] for m in survivors),
                                atol=round_.encoding.error_bound())
 
 
 def test_a_client_whose_shares_open_for_no_one_is_retired_and_the_round_completes():
-    from fedtune.common.secagg.records import complaint_from_record
-
     n = 7
     round_ = Round(n)
     cohort = round_.cohort()
@@ -368,22 +372,12 @@ def test_a_client_whose_shares_open_for_no_one_is_retired_and_the_round_complete
     for holder in sealed["client-03"]:
         if holder != "client-03":
             sealed["client-03"][holder] = flipped(sealed["client-03"][holder])
-    inbox = round_.server.route(sealed)
     vectors = random_vectors(n)
-    masked, complaints = {}, {}
-    for name, client in round_.clients.items():
-        client.check_shares(inbox[name], min_delivered=0.8)
-        masked[name] = client.mask(inbox[name], vectors[name], round_.encoding, RNG)
-        if (complaint := client.complaint()) is not None:
-            complaints[name] = complaint_from_record(ConfigRecord(complaint))
+    masked, complaints = masked_with_complaints(round_, sealed, vectors)
     assert set(round_.server.blame(complaints)) == {"client-03"}
     assert round_.server.convicted() == ["client-03"]
     del masked["client-03"]  # no one can rebuild its mask key, and no one needs to
-    survivors = round_.server.survivors(masked)
-    routing = round_.server.routing(survivors)
-    signed = round_.server.consistent(survivors, routing, {
-        m: round_.clients[m].sign_survivors(survivors, routing) for m in survivors})
-    reveals = {m: round_.clients[m].reveal(survivors, routing, signed) for m in survivors}
+    survivors, reveals = round_.reveals(masked)
     total = round_.encoding.decode(round_.server.unmask(masked, reveals))
     np.testing.assert_allclose(total, sum(vectors[m] for m in survivors),
                                atol=round_.encoding.error_bound())
@@ -425,11 +419,7 @@ def test_a_revealer_claiming_another_holders_index_is_rejected_and_the_sum_still
     vectors = random_vectors(n)
     masked = {m: c.mask(inbox[m], vectors[m], round_.encoding, RNG)
               for m, c in round_.clients.items()}
-    survivors = round_.server.survivors(masked)
-    routing = round_.server.routing(survivors)
-    signed = round_.server.consistent(survivors, routing, {
-        m: round_.clients[m].sign_survivors(survivors, routing) for m in survivors})
-    reveals = {m: round_.clients[m].reveal(survivors, routing, signed) for m in survivors}
+    _, reveals = round_.reveals(masked)
     # client-04 repeats its shares at every other holder's index, to overwrite theirs
     forged = [dataclasses.replace(item, x=x) for item in reveals["client-04"]
               for x in range(1, n + 1)]
@@ -520,11 +510,7 @@ def malicious_round(rogue: np.ndarray, summation: Summation,
               for m in names(3)}
     masked["client-03"] = round_.clients["client-03"].mask(
         inbox["client-03"], np.zeros(len(rogue)), Rogue(summation.encoding, rogue), RNG)
-    survivors = round_.server.survivors(masked)
-    routing = round_.server.routing(survivors)
-    signed = round_.server.consistent(survivors, routing, {
-        m: round_.clients[m].sign_survivors(survivors, routing) for m in survivors})
-    reveals = {m: round_.clients[m].reveal(survivors, routing, signed) for m in survivors}
+    _, reveals = round_.reveals(masked)
     return summation.encoding.decode(round_.server.unmask(masked, reveals))
 
 
