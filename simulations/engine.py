@@ -25,23 +25,19 @@ from fedtune.server import progress
 from fedtune.server.app import make_server_app
 from fedtune.server.metrics_log import read_rounds
 from fedtune.simulations.node_names import recorded_node_names
-from fedtune.simulations.ray_cluster import Capacity, joined, started_here, this_machine
+from fedtune.simulations.ray_cluster import Capacity, ray_for_run
 
 
-def backend_config(num_workers: int, capacity: Capacity, *, verbose: bool = False
-                   ) -> dict[str, Any]:
+def backend_config(num_workers: int, capacity: Capacity) -> dict[str, Any]:
     """`num_workers` Ray actors, each holding one model and training one client at a time.
 
     Each actor takes cores / workers of `capacity` (Ray sets its thread count to match) and as
-    much of its GPUs. Ray is started (or joined) before Flower looks (ray_cluster.py), so the
-    init arguments here are only what Flower itself reads.
+    much of its GPUs. Ray itself is started (or joined) before Flower looks (ray_cluster.py).
     """
     resources: dict[str, float] = {"num_cpus": max(1, capacity.cpus // num_workers)}
     if capacity.gpus:
         resources["num_gpus"] = capacity.gpus / num_workers
-    return {"client_resources": resources,
-            "init_args": {"logging_level": "WARNING" if verbose else "ERROR",
-                          "log_to_driver": True}}
+    return {"client_resources": resources}
 
 
 def simulate(config: RunConfig, *, resume: bool = False, num_workers: int | None = None,
@@ -53,17 +49,13 @@ def simulate(config: RunConfig, *, resume: bool = False, num_workers: int | None
     # run in the same process must not inherit an earlier run's "1"
     os.environ[QUIET_WORKERS] = "0" if verbose else "1"
     with ExitStack() as stack:
-        capacity = (stack.enter_context(joined(ray_address, verbose=verbose)) if ray_address
-                    else this_machine())
+        capacity = stack.enter_context(ray_for_run(ray_address, verbose=verbose))
         workers = num_workers or min(config.federation.num_clients, max(1, capacity.cpus))
-        backend = backend_config(workers, capacity, verbose=verbose)
-        if not ray_address:
-            stack.enter_context(started_here(capacity, verbose=verbose))
         names = stack.enter_context(recorded_node_names())
         display = stack.enter_context(progress.shown(progress.RoundProgress()))
         run_simulation(server_app=make_server_app(config, resume=resume, node_names=names,
                                                   display=display),
                        client_app=client_app, num_supernodes=config.federation.num_clients,
-                       backend_config=backend,
+                       backend_config=backend_config(workers, capacity),
                        verbose_logging=verbose)
     return read_rounds(Path(config.output.dir))

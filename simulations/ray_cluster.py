@@ -56,42 +56,29 @@ def check_address(address: str) -> None:
 
 
 @contextmanager
-def joined(address: str, *, verbose: bool) -> Iterator[Capacity]:
-    """Join the cluster at `address` for the run (Flower then finds Ray started and uses it),
-    and leave it afterwards; the cluster itself keeps running."""
+def ray_for_run(address: str, *, verbose: bool) -> Iterator[Capacity]:
+    """Ray for one run, started before Flower looks (Flower then uses it as it is), and what its
+    workers may share: the cluster at `address`, joined and left (it keeps running); or, with no
+    address, a new Ray on this machine, stopped afterwards. "local", never a cluster `ray start`
+    left behind: with no address, Ray joins the one its address file names."""
     import ray
 
-    ray.init(address=address, logging_level=_logging_level(verbose), log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONPATH": _python_path()}})
+    # workers find what this process imports (as Flower's own start of Ray arranges)
+    path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    common = {"logging_level": "WARNING" if verbose else "ERROR", "log_to_driver": True,
+              "runtime_env": {"env_vars": {"PYTHONPATH": path}}}
+    if address:
+        ray.init(address=address, **common)
+    else:
+        capacity = this_machine()
+        ray.init(address="local", num_cpus=capacity.cpus, include_dashboard=False, **common)
     try:
-        total = ray.cluster_resources()
-        yield Capacity(int(total.get("CPU", 0)), float(total.get("GPU", 0)))
+        if address:
+            total = ray.cluster_resources()
+            capacity = Capacity(int(total.get("CPU", 0)), float(total.get("GPU", 0)))
+        yield capacity
     finally:
         ray.shutdown()
-
-
-@contextmanager
-def started_here(capacity: Capacity, *, verbose: bool) -> Iterator[None]:
-    """A new Ray on this machine for the run, stopped afterwards: "local", never a cluster
-    `ray start` left behind (with no address, Ray joins the one its address file names)."""
-    import ray
-
-    ray.init(address="local", num_cpus=capacity.cpus, include_dashboard=False,
-             logging_level=_logging_level(verbose), log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONPATH": _python_path()}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-def _python_path() -> str:
-    """Workers find what this process imports (as Flower's own start of Ray arranges)."""
-    return os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
-
-
-def _logging_level(verbose: bool) -> str:
-    return "WARNING" if verbose else "ERROR"
 
 
 def this_machine() -> Capacity:

@@ -120,14 +120,14 @@ def test_a_run_on_this_machine_never_joins_a_cluster_ray_start_left(tmp_path, mo
     # would try to join it (and wait), so a local run asks Ray for a new local instance
     import ray
 
-    from fedtune.simulations.ray_cluster import Capacity, started_here
+    from fedtune.simulations.ray_cluster import ray_for_run, this_machine
 
     seen = {}
     monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
     monkeypatch.setattr(ray, "shutdown", lambda: None)
-    with started_here(Capacity(cpus=2, gpus=0.0), verbose=False):
-        pass
-    assert seen["address"] == "local" and seen["num_cpus"] == 2
+    with ray_for_run("", verbose=False) as capacity:
+        assert capacity == this_machine()
+    assert seen["address"] == "local" and seen["num_cpus"] == this_machine().cpus
 
 
 def test_an_address_that_names_no_cluster_is_refused_in_one_line(monkeypatch):
