@@ -17,7 +17,7 @@ from benchmarks.dp_overhead import SHARED_BANKING77
 
 
 def measure(data_path: str, rank: int) -> dict[str, float]:
-    from fedtune.common.adapter import to_record
+    from fedtune.common.adapter_state import to_record
     from fedtune.common.config import RunConfig
     from fedtune.common.secagg.plan import summation_for
     from fedtune.common.task import build_task

@@ -23,7 +23,8 @@ import time
 import numpy as np
 import torch
 
-from fedtune.client.dp_sgd import plan_round, train_private
+from fedtune.client.dp_plan import plan_round
+from fedtune.client.dp_sgd import train_private
 from fedtune.common.adapter import load_trainable_state, trainable_state
 from fedtune.common.config import RunConfig
 from fedtune.common.data import Examples

@@ -14,7 +14,7 @@ import warnings
 
 def spent(epsilon: float, rounds: int, extra: int, rows: int) -> dict[str, float]:
     """Epsilon of `rounds` rounds planned for them, then of `extra` more planned for the total."""
-    from fedtune.client.dp_sgd import plan_round
+    from fedtune.client.dp_plan import plan_round
     from fedtune.client.policy import NodePolicy
     from fedtune.common.config import RunConfig
     from fedtune.common.privacy import epsilon_spent

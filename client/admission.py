@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedtune.client.dp_sgd import DPRoundPlan, plan_round
+from fedtune.client.dp_plan import DPRoundPlan, plan_round
 from fedtune.client.ledger import Ledger
 from fedtune.client.node import Node
 from fedtune.client.policy import (
@@ -36,11 +37,13 @@ from fedtune.client.policy import (
     NodePolicy,
 )
 from fedtune.client.request import Request
-from fedtune.common.adapter import fit_problem
+from fedtune.common.adapter_state import fit_problem
 from fedtune.common.client_dp import client_level_plan
 from fedtune.common.config import CLASSIFICATION, RunConfig
 from fedtune.common.privacy import GaussianEvent, PrivacyError, default_delta, epsilon_spent
-from fedtune.common.task import Task
+
+if TYPE_CHECKING:
+    from fedtune.common.task import Task
 
 ADAPTER = "adapter"  # the received adapter does not fit this node's model or limits
 

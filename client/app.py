@@ -5,6 +5,10 @@ from the request and the node's own policy alone (`client/admission.py`) before 
 an admitted round trains and releases (`client/local_round.py`); secure aggregation's steps are
 `client/secagg_steps.py`; an evaluation is `client/evaluation.py`. What each reply may carry is
 `client/replies.py`.
+
+Torch, PEFT and Opacus are imported only by the steps that load the model (a train, secure
+aggregation's steps 1 and 3, an evaluation): a deployed node starts a process per message, and
+the steps that only share, sign and reveal then start in a fraction of the time.
 """
 
 from __future__ import annotations
@@ -19,14 +23,13 @@ from flwr.common.logger import log
 from fedtune.client import evaluation, secagg_steps
 from fedtune.client.admission import Refused, admit
 from fedtune.client.ledger import BudgetExhausted
-from fedtune.client.local_round import recall, remember, train_round
 from fedtune.client.node import Node
 from fedtune.client.replies import budget_refusal, refusal, train_metrics
 from fedtune.client.request import Request, RequestError
 from fedtune.client.secagg import SecAggViolation
 from fedtune.common import console
 from fedtune.common import record_keys as keys
-from fedtune.common.adapter import to_record
+from fedtune.common.adapter_state import to_record
 
 app = ClientApp()
 console.quiet_worker()  # a no-op outside a non-verbose simulation's Ray workers
@@ -84,6 +87,8 @@ def identify(msg: Message, context: Context) -> Message:
 
 def train_plain(request: Request) -> Message | Refused:
     """Train the received adapter on this node's rows, if its policy allows a plain update."""
+    from fedtune.client.local_round import recall, remember, train_round  # see the module's note
+
     kept = recall(request, PLAIN)
     verdict = admit(request, secure=False, answered=kept is not None)
     if isinstance(verdict, Refused):

@@ -14,50 +14,18 @@ one row only through a clipped, noised gradient.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 from opacus.grad_sample.utils import wrap_model
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
-from fedtune.common.config import RunConfig
+from fedtune.client.dp_plan import DPRoundPlan
 from fedtune.common.data import Examples
-from fedtune.common.privacy import GaussianEvent, default_delta, dp_sgd_schedule, noise_for_target
 from fedtune.common.training import Collate, LossFn, TrainStats
 
 # Opacus' per-sample gradient engine; chosen by benchmarks/dp_overhead.py (see docs/benchmarks.md).
 GRAD_SAMPLE_MODE = "hooks"
-
-
-@dataclass(frozen=True)
-class DPRoundPlan:
-    """What one round of DP-SGD on this client will spend, fixed before it trains."""
-
-    event: GaussianEvent
-    delta: float
-    max_grad_norm: float
-    expected_batch: float  # sample rate x planning rows: the public divisor of each noisy sum
-
-
-def plan_round(config: RunConfig, planning_rows: int, delta: float | None = None,
-               accountant: str = "") -> DPRoundPlan:
-    """Noise for the whole planned horizon (every round x this round's steps), not per round.
-
-    Every input is public: the request, and the node's `planning_rows` and `delta` (a deployed
-    node's from its policy, never from its row count; None: the run's delta, else 1/(10 n) of
-    the planning rows, as a simulation uses). Raises PrivacyError when no noise reaches the
-    target."""
-    privacy = config.privacy
-    accountant = accountant or privacy.accountant_or_default
-    delta = delta or privacy.delta or default_delta(planning_rows)
-    train = config.training
-    sample_rate, steps = dp_sgd_schedule(planning_rows, train.batch_size, train.local_epochs,
-                                         train.local_steps)
-    noise = privacy.noise_multiplier or noise_for_target(
-        privacy.epsilon, delta, sample_rate, steps * config.federation.rounds, accountant)
-    return DPRoundPlan(GaussianEvent(noise, sample_rate, steps), delta, train.max_grad_norm,
-                       expected_batch=sample_rate * planning_rows)
 
 
 class NeutralisingOptimizer(DPOptimizer):

@@ -24,13 +24,12 @@ from fedtune.client.admission import (
     request_violations,
     run_cost,
 )
-from fedtune.client.dp_sgd import plan_round
+from fedtune.client.dp_plan import plan_round
 from fedtune.client.ledger import Ledger
 from fedtune.client.policy import BUDGET, ROUND_CAP, RUN_CAP, SHARE_EVALUATION, NodePolicy
 from fedtune.client.replies import evaluation_metrics
 from fedtune.client.request import Request
 from fedtune.common import record_keys as keys
-from fedtune.common.adapter import load_trainable_state
 from fedtune.common.config import CAUSAL_LM
 from fedtune.common.privacy import GaussianEvent, PrivacyError, epsilon_spent
 
@@ -97,6 +96,8 @@ def _run_with_answer(request: Request, ledger: Ledger, event: GaussianEvent) -> 
 def answer(request: Request) -> Message:
     """Accuracy on the held-out rows: exact in simulation; noised and recorded on a deployed
     node (the ledger entry is written before the rows are read)."""
+    from fedtune.common.adapter import load_trainable_state  # torch: only where it evaluates
+
     policy = request.node.policy
     event = evaluation_event(policy)
     rng = np.random.default_rng()  # the operating system's entropy: the server cannot replay it

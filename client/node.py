@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,7 +24,9 @@ from fedtune.client.policy import NodePolicy, PolicyError
 from fedtune.common.config import CAUSAL_LM, CLASSIFICATION, DataConfig, RunConfig
 from fedtune.common.data import LABELS_FILE, Examples, training_records, training_rows
 from fedtune.common.partition import client_name
-from fedtune.common.task import Task, cached_task
+
+if TYPE_CHECKING:  # the model's module is imported only where a step loads the model
+    from fedtune.common.task import Task
 
 IDENTITY_KEYS = ("name", "data-path", "ledger-dir", "node-key", "partition-id",
                  "num-partitions")
@@ -119,6 +121,8 @@ def node_task(node: Node, config: RunConfig) -> Task:
         config = config.with_overrides({"data.path": data.path, "data.text_field": data.text_field,
                                         "data.label_field": data.label_field,
                                         "data.test_fraction": DataConfig().test_fraction})
+    from fedtune.common.task import cached_task
+
     return cached_task(config)
 
 

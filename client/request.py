@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Context, Message
@@ -20,10 +21,12 @@ from fedtune.client.node import Node, data_set_identity, node_examples, node_tas
 from fedtune.client.node_state import NodeState
 from fedtune.client.randomness import RoundSeeds, round_seeds
 from fedtune.common import record_keys as keys
-from fedtune.common.adapter import from_record
+from fedtune.common.adapter_state import from_record
 from fedtune.common.config import ConfigError, RunConfig
 from fedtune.common.data import Examples
-from fedtune.common.task import Task
+
+if TYPE_CHECKING:
+    from fedtune.common.task import Task
 
 
 class RequestError(ValueError):

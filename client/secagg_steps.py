@@ -17,7 +17,6 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedtune.client.admission import Admission, Refused, admit
-from fedtune.client.local_round import recall, remember, train_round
 from fedtune.client.node_state import Release
 from fedtune.client.replies import train_metrics
 from fedtune.client.request import Request
@@ -95,6 +94,8 @@ def mask(request: Request) -> Message | Refused:
 
 
 def _mask(request: Request) -> Message | Refused:
+    from fedtune.client.local_round import recall, remember  # torch, PEFT, Opacus: step 3 only
+
     client = _resume(request)
     client.expect("shares")  # a replayed or repeated step 3 is refused before any training
     if (other := _masked_elsewhere(request, client.session)) is not None:
@@ -154,6 +155,8 @@ def unmask(request: Request) -> Message:
 def _noised_change(request: Request, admission: Admission, summation: Summation) -> Release:
     """This client's change of the adapter, plus its share of the Gaussian noise when the
     summation carries one (client-level DP under secure aggregation)."""
+    from fedtune.client.local_round import train_round
+
     update = train_round(request, admission)
     start_state = request.adapter
     change = {k: update.arrays[k].astype(np.float64) - start_state[k] for k in start_state}

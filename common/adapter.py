@@ -1,5 +1,5 @@
-"""LoRA on a pretrained model, and the adapter state (LoRA, plus a classifier's head) that
-travels as records.
+"""LoRA on a pretrained model, and its adapter state (LoRA, plus a classifier's head) read from
+and written to the model; the state as it travels is `common/adapter_state.py`.
 
 Only trainable tensors are exchanged; the frozen base never leaves the machine that loaded it.
 """
@@ -7,12 +7,10 @@ Only trainable tensors are exchanged; the frozen base never leaves the machine t
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 from peft.utils import (
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
@@ -22,6 +20,7 @@ from peft.utils import (
 )
 from transformers import PreTrainedModel
 
+from fedtune.common.adapter_state import fit_problem
 from fedtune.common.config import CAUSAL_LM, EMBEDDED_MODEL, LoraSettings
 from fedtune.common.errors import InputError
 from fedtune.common.mean_pooling import MeanPoolingClassifier
@@ -112,19 +111,6 @@ def trainable_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
             for name, p in model.named_parameters() if p.requires_grad}
 
 
-def fit_problem(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, np.ndarray]) -> str:
-    """What keeps `state` from fitting tensors of `expected` names and shapes; '' if nothing."""
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        return (f"adapter keys do not match the model: missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}")
-    for name, value in state.items():
-        if tuple(value.shape) != tuple(expected[name]):
-            return (f"adapter tensor {name} has shape {tuple(value.shape)}, "
-                    f"expected {tuple(expected[name])}")
-    return ""
-
-
 def load_trainable_state(model: torch.nn.Module, state: dict[str, np.ndarray]) -> None:
     """Copy `state` into the trainable parameters after checking names, shapes and finiteness."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -152,11 +138,3 @@ def load_saved_adapter(model: PeftModel, directory: Path) -> None:
         if not torch.isfinite(value).all():
             raise AdapterError(f"adapter {directory}: tensor {name} holds NaN or infinite values")
     set_peft_model_state_dict(model, saved)
-
-
-def to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in state.items()})
-
-
-def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {name: array.numpy() for name, array in record.items()}

@@ -12,9 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-
 from fedtune.common.errors import InputError
 
 
@@ -51,6 +48,8 @@ def _epsilon(steps: tuple[tuple[tuple[float, float], int], ...], delta: float,
         return 0.0
     if any(noise <= 0 for noise, _, _ in history):
         return math.inf
+    from opacus.accountants import create_accountant  # Opacus brings torch: only when counting
+
     counter = create_accountant(mechanism=accountant)
     counter.history = history
     # PRV's numerical error can put a nearly free history slightly below zero (-2.6e-3 seen at
@@ -62,6 +61,8 @@ def _epsilon(steps: tuple[tuple[tuple[float, float], int], ...], delta: float,
 def noise_for_target(epsilon: float, delta: float, sample_rate: float, steps: int,
                      accountant: str) -> float:
     """The smallest noise multiplier (to 0.01 in epsilon) whose `steps` stay within epsilon."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     try:
         return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
                                           sample_rate=sample_rate, steps=steps,

@@ -328,7 +328,7 @@ def _check_privacy(config: Any, client_rows: list[int]) -> None:
 
         client_level_plan(config)
         return
-    from fedtune.client.dp_sgd import plan_round
+    from fedtune.client.dp_plan import plan_round
 
     for rows in client_rows:
         plan_round(config, rows)

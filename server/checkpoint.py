@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtune.common.adapter import fit_problem
+from fedtune.common.adapter_state import fit_problem
 from fedtune.common.atomic_file import write_atomic
 from fedtune.common.errors import InputError
 from fedtune.common.run_dir import CHECKPOINT_DIR

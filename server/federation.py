@@ -19,7 +19,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedtune.common import record_keys as keys
-from fedtune.common.adapter import from_record, load_trainable_state, to_record
+from fedtune.common.adapter import load_trainable_state
+from fedtune.common.adapter_state import from_record, to_record
 from fedtune.common.config import CAUSAL_LM, RunConfig
 from fedtune.common.run_dir import ADAPTER_DIR, CONFIG_FILE, RunDirError, write_config
 from fedtune.common.task import cached_task

@@ -13,7 +13,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedtune.common import record_keys as keys
-from fedtune.common.adapter import from_record, to_record
+from fedtune.common.adapter_state import from_record, to_record
 from fedtune.common.config import RunConfig
 from fedtune.common.console import printable
 from fedtune.common.secagg.plan import summation_for

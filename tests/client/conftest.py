@@ -10,7 +10,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedtune.common import record_keys as keys
-from fedtune.common.adapter import to_record
+from fedtune.common.adapter_state import to_record
 from fedtune.common.config import RunConfig
 from fedtune.common.task import cached_task
 from tests.conftest import write_jsonl

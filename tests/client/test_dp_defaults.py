@@ -4,7 +4,7 @@
 import dp_accounting
 import pytest
 
-from fedtune.client.dp_sgd import plan_round
+from fedtune.client.dp_plan import plan_round
 from fedtune.client.ledger import FORMER_DEFAULT_ACCOUNTANT, Ledger, fingerprint
 from fedtune.common.config import RunConfig
 from tests.client.test_ledger import ROUND, rows

@@ -9,7 +9,8 @@ from opacus import PrivacyEngine
 from transformers import AutoTokenizer
 
 from fedtune.client import dp_sgd
-from fedtune.client.dp_sgd import GRAD_SAMPLE_MODE, DPRoundPlan, plan_round, train_private
+from fedtune.client.dp_plan import DPRoundPlan, plan_round
+from fedtune.client.dp_sgd import GRAD_SAMPLE_MODE, train_private
 from fedtune.common.adapter import add_lora, trainable_state
 from fedtune.common.classifier import Classification, ClassifierCollator
 from fedtune.common.config import LoraSettings, RunConfig

@@ -10,7 +10,7 @@ import math
 import dp_accounting
 
 from fedtune.client import app as client_app
-from fedtune.client.dp_sgd import plan_round
+from fedtune.client.dp_plan import plan_round
 from fedtune.common import record_keys as keys
 from tests.client.conftest import ledger_rounds, node_context, request, run_config
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -107,3 +109,35 @@ def test_a_deployed_node_without_pinned_peers_refuses_unless_waived_and_never_at
                        **{"require-peers": False, "require-dp": False})
     assert "peers: client-level DP under secure aggregation needs" in \
         refused_rules(secagg_keys(message(client_level, b"t" * 16), both))
+
+
+def test_a_step_that_trains_nothing_runs_without_the_model_libraries():
+    # a deployed node starts a process per message: a secure-aggregation step that only shares,
+    # signs or reveals must not pay seconds of torch, PEFT, Transformers and Opacus imports
+    script = """
+import sys
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from fedtune.client import app
+from fedtune.client.secagg import SecAggViolation
+from fedtune.common import record_keys as keys
+from fedtune.common.config import RunConfig
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+config = RunConfig.from_mapping({"secagg.enabled": True, "privacy.dp": True,
+                                 "privacy.noise_multiplier": 1.0, "federation.num_clients": 3})
+context = Context(run_id=1, node_id=0, node_config={"partition-id": 0, "num-partitions": 3},
+                  state=RecordDict(), run_config={})
+for handler in (app.secagg_shares, app.secagg_consistency, app.secagg_unmask):
+    settings = {keys.RUN_CONFIG: config.to_json(), keys.SERVER_ROUND: 1,
+                keys.SECAGG_SESSION: b"s" * 16}
+    try:
+        handler(Message(RecordDict({keys.CONFIG: ConfigRecord(settings)}), dst_node_id=0,
+                        message_type="train"), context)
+    except SecAggViolation as refused:  # no step 1 in this process: read, checked, refused
+        assert "no secure-aggregation round in progress" in str(refused)
+print(sorted({"torch", "peft", "transformers", "opacus"} & set(sys.modules)))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

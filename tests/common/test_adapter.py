@@ -10,13 +10,12 @@ from fedtune.common.adapter import (
     EMBEDDED_HUB_ID,
     AdapterError,
     add_lora,
-    from_record,
     load_saved_adapter,
     load_trainable_state,
     public_name,
-    to_record,
     trainable_state,
 )
+from fedtune.common.adapter_state import from_record, to_record
 from fedtune.common.config import LoraSettings
 from fedtune.common.model import resolve_model_path
 

@@ -2,7 +2,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedtune.common import record_keys as keys
-from fedtune.common.adapter import from_record, to_record
+from fedtune.common.adapter_state import from_record, to_record
 from fedtune.server.roster import Roster
 from fedtune.server.strategies.fedavg import SeededFedAvg
 

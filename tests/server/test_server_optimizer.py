@@ -6,7 +6,7 @@ from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
 from fedtune.common import record_keys as keys
-from fedtune.common.adapter import from_record, to_record
+from fedtune.common.adapter_state import from_record, to_record
 from fedtune.common.config import ConfigError, FederationConfig, RunConfig
 from fedtune.server.strategies.server_optimizer import server_optimizer
 

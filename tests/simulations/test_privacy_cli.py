@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fedtune.client.dp_sgd import plan_round
+from fedtune.client.dp_plan import plan_round
 from fedtune.common.config import RunConfig
 from fedtune.common.privacy import epsilon_spent
 from fedtune.common.task import cached_task
