@@ -182,7 +182,7 @@ def _dp_admission(request: Request, answered: bool, broken: list[str]) -> Admiss
                         "policy sets none"])
     try:
         ledger = request.ledger(delta)
-        plan = plan_round(config, planning_rows, delta, ledger.accountant)
+        plan = plan_round(config, planning_rows, delta, ledger.accountant, request.state())
     except PrivacyError as error:
         return Refused([*broken, f"privacy.epsilon: {error}"])
     if answered:

@@ -9,7 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedtune.common.config import RunConfig
-from fedtune.common.privacy import GaussianEvent, default_delta, dp_sgd_schedule, noise_for_target
+from fedtune.common.privacy import (
+    GaussianEvent,
+    NoiseMemo,
+    default_delta,
+    dp_sgd_schedule,
+    noise_for_target,
+)
 
 
 @dataclass(frozen=True)
@@ -23,13 +29,13 @@ class DPRoundPlan:
 
 
 def plan_round(config: RunConfig, planning_rows: int, delta: float | None = None,
-               accountant: str = "") -> DPRoundPlan:
+               accountant: str = "", memo: NoiseMemo | None = None) -> DPRoundPlan:
     """Noise for the whole planned horizon (every round x this round's steps), not per round.
 
     Every input is public: the request, and the node's `planning_rows` and `delta` (a deployed
     node's from its policy, never from its row count; None: the run's delta, else 1/(10 n) of
-    the planning rows, as a simulation uses). Raises PrivacyError when no noise reaches the
-    target."""
+    the planning rows, as a simulation uses). `memo`: a deployed node's calibrations kept on its
+    disk (`NodeState`). Raises PrivacyError when no noise reaches the target."""
     privacy = config.privacy
     accountant = accountant or privacy.accountant_or_default
     delta = delta or privacy.delta or default_delta(planning_rows)
@@ -37,6 +43,6 @@ def plan_round(config: RunConfig, planning_rows: int, delta: float | None = None
     sample_rate, steps = dp_sgd_schedule(planning_rows, train.batch_size, train.local_epochs,
                                          train.local_steps)
     noise = privacy.noise_multiplier or noise_for_target(
-        privacy.epsilon, delta, sample_rate, steps * config.federation.rounds, accountant)
+        privacy.epsilon, delta, sample_rate, steps * config.federation.rounds, accountant, memo)
     return DPRoundPlan(GaussianEvent(noise, sample_rate, steps), delta, train.max_grad_norm,
                        expected_batch=sample_rate * planning_rows)

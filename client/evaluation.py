@@ -88,7 +88,8 @@ def _run_with_answer(request: Request, ledger: Ledger, event: GaussianEvent) -> 
     # a plan with no noise reaching the run's epsilon is refused when asked: it costs nothing
     with contextlib.suppress(PrivacyError):
         if config.privacy.sample_level and remaining > 0 and planning_rows:
-            plan = plan_round(config, planning_rows, delta, ledger.accountant)
+            plan = plan_round(config, planning_rows, delta, ledger.accountant,
+                              request.state())
             more += [plan.event] * remaining
     return run_cost(ledger, request.run, more, delta)
 

@@ -11,6 +11,8 @@ Two things must not depend on the server, nor on Flower saving a node's context:
 - what the node released in a round, so a server that restarts and asks the same round again
   (same run, round, adapter and configuration) gets the same release, and the node's ledger does
   not pay for that round twice.
+It also keeps, as a hint checked again on every use, the noise multipliers the node calibrated
+(a PRV search takes seconds, and a node starts a process per message).
 Files are written atomically; names are digests, never the server's strings.
 """
 
@@ -26,6 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from fedtune.common.atomic_file import locked, write_atomic
+
+NOISE_FILE = "noise.json"  # calibrated noise multipliers by question, a hint (see NodeState)
+NOISE_KEPT = 64
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,27 @@ class NodeState:
         np.savez(buffer, __meta__=np.array(json.dumps(meta)),
                  **{name: np.asarray(v) for name, v in release.arrays.items()})
         write_atomic(self._path("release", key), buffer.getvalue())
+
+    def recall_noise(self, question: str) -> float | None:
+        """The noise multiplier kept for `question` (`common/privacy.py`'s NoiseMemo), if any."""
+        return self._noise().get(question)
+
+    def keep_noise(self, question: str, noise: float) -> None:
+        """Keep the newest NOISE_KEPT calibrations: a server that asks a new question every
+        message costs the node a search each time, never a growing file."""
+        kept = {q: z for q, z in self._noise().items() if q != question}
+        kept[question] = noise
+        newest = dict(list(kept.items())[-NOISE_KEPT:])
+        write_atomic(self.directory / NOISE_FILE, json.dumps(newest).encode())
+
+    def _noise(self) -> dict[str, float]:
+        try:
+            kept = json.loads((self.directory / NOISE_FILE).read_text())
+        except (OSError, ValueError):  # none yet, or unreadable: a hint is never needed
+            return {}
+        if not isinstance(kept, dict):
+            return {}
+        return {q: z for q, z in kept.items() if isinstance(z, float)}
 
     def _path(self, kind: str, name: str) -> Path:
         digest = hashlib.sha256(f"{kind}:{name}".encode()).hexdigest()[:40]

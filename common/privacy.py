@@ -7,10 +7,12 @@ history into epsilon at a delta.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Protocol
 
 from fedtune.common.errors import InputError
 
@@ -57,10 +59,37 @@ def _epsilon(steps: tuple[tuple[tuple[float, float], int], ...], delta: float,
     return max(0.0, float(counter.get_epsilon(delta=delta)))
 
 
-@lru_cache(maxsize=64)
+class NoiseMemo(Protocol):
+    """Where a caller keeps calibrated noise multipliers between processes (a deployed node, which
+    starts a process per message, on its own disk). A hint only: each value is checked again."""
+
+    def recall_noise(self, question: str) -> float | None: ...
+
+    def keep_noise(self, question: str, noise: float) -> None: ...
+
+
 def noise_for_target(epsilon: float, delta: float, sample_rate: float, steps: int,
-                     accountant: str) -> float:
-    """The smallest noise multiplier (to 0.01 in epsilon) whose `steps` stay within epsilon."""
+                     accountant: str, memo: NoiseMemo | None = None) -> float:
+    """The smallest noise multiplier (to 0.01 in epsilon) whose `steps` stay within epsilon.
+
+    With `memo`, a multiplier found before for the same question is used once the accountant
+    confirms it stays within epsilon: one evaluation instead of a search of a dozen or more (a
+    PRV search takes seconds)."""
+    if memo is None:
+        return _searched_noise(epsilon, delta, sample_rate, steps, accountant)
+    question = json.dumps([accountant, epsilon, delta, sample_rate, steps])
+    known = memo.recall_noise(question)
+    if isinstance(known, float) and math.isfinite(known) and known > 0 and epsilon_spent(
+            [GaussianEvent(known, sample_rate, steps)], delta, accountant) <= epsilon:
+        return known
+    noise = _searched_noise(epsilon, delta, sample_rate, steps, accountant)
+    memo.keep_noise(question, noise)
+    return noise
+
+
+@lru_cache(maxsize=64)
+def _searched_noise(epsilon: float, delta: float, sample_rate: float, steps: int,
+                    accountant: str) -> float:
     from opacus.accountants.utils import get_noise_multiplier
 
     try:

@@ -53,6 +53,40 @@ def test_noise_for_target_lands_at_or_just_under_the_target(target, accountant):
     assert epsilon_spent([GaussianEvent(noise * 0.97, rate, steps)], delta, accountant) > target
 
 
+class DictMemo(dict):
+    """A NoiseMemo held in memory, as a node's disk holds it."""
+
+    def recall_noise(self, question):
+        return self.get(question)
+
+    def keep_noise(self, question, noise):
+        self[question] = noise
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_a_remembered_noise_is_used_only_while_the_accountant_confirms_it(accountant,
+                                                                          monkeypatch):
+    from fedtune.common import privacy
+
+    question = (8.0, 1e-4, 0.1, 50, accountant)
+    memo = DictMemo()
+    searched = noise_for_target(*question, memo)
+    (key,) = memo
+    searches = []
+    real_search = privacy._searched_noise
+    monkeypatch.setattr(privacy, "_searched_noise", lambda *a: searches.append(a) or
+                        real_search(*a))
+    assert noise_for_target(*question, memo) == searched and searches == []  # no search
+    memo[key] = 2 * searched  # more noise than needed (an operator's edit): still within
+    assert noise_for_target(*question, memo) == 2 * searched and searches == []
+    # too little noise, or none that is a noise: searched again, and the memo corrected
+    for tampered in (0.5 * searched, 0.0, -1.0, math.nan, math.inf, "1.0"):
+        memo[key] = tampered
+        assert noise_for_target(*question, memo) == searched
+        assert memo[key] == searched
+    assert len(searches) == 6
+
+
 def test_an_unreachable_target_is_a_privacy_error():
     with pytest.raises(PrivacyError, match="epsilon 1e-09"):
         noise_for_target(1e-9, 1e-5, 1.0, 10_000, "rdp")
