@@ -207,6 +207,8 @@ def plan_violations(policy: NodePolicy, plan: DPRoundPlan, ledger: Ledger, confi
     if event.steps > policy.max_steps:
         broken.append(f"{MAX_STEPS}: the round asks {event.steps} steps, above this node's "
                       f"{policy.max_steps}")
+    if broken:  # no epsilon for such a plan: an accountant's memory grows as the noise shrinks
+        return broken
     one_round = epsilon_spent([event], plan.delta, ledger.accountant)
     if one_round > policy.round_cap():
         broken.append(f"{ROUND_CAP}: one round of this plan costs epsilon {one_round:.3g}, above "

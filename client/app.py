@@ -8,7 +8,8 @@ an admitted round trains and releases (`client/local_round.py`); secure aggregat
 
 Torch, PEFT and Opacus are imported only by the steps that load the model (a train, secure
 aggregation's steps 1 and 3, an evaluation): a deployed node starts a process per message, and
-the steps that only share, sign and reveal then start in a fraction of the time.
+the steps that only share, sign and reveal then start in a fraction of the time (under
+client-level DP they still load Opacus, whose accountant sizes the noise share).
 """
 
 from __future__ import annotations

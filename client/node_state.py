@@ -1,6 +1,6 @@
 """A deployed node's per-round state, on its own disk beside its ledgers.
 
-Two things must not depend on the server, nor on Flower saving a node's context:
+Three things must not depend on the server, nor on Flower saving a node's context:
 - secure aggregation's secrets and step, so one round masks at most one update with its pads (a
   context that Flower fails to save after the reply left would otherwise roll back and let a
   repeated step 3 mask a second update with the same pads: the server would learn their
@@ -18,6 +18,7 @@ Files are written atomically; names are digests, never the server's strings.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -31,6 +32,7 @@ from fedtune.common.atomic_file import locked, write_atomic
 
 NOISE_FILE = "noise.json"  # calibrated noise multipliers by question, a hint (see NodeState)
 NOISE_KEPT = 64
+NOISE_FILE_BYTES = 65536  # far above 64 entries: a larger file is not one this node wrote
 
 
 @dataclass(frozen=True)
@@ -111,12 +113,15 @@ class NodeState:
         kept = {q: z for q, z in self._noise().items() if q != question}
         kept[question] = noise
         newest = dict(list(kept.items())[-NOISE_KEPT:])
-        write_atomic(self.directory / NOISE_FILE, json.dumps(newest).encode())
+        with contextlib.suppress(OSError):  # a hint: a full or read-only disk changes no reply
+            write_atomic(self.directory / NOISE_FILE, json.dumps(newest).encode())
 
     def _noise(self) -> dict[str, float]:
         try:
-            kept = json.loads((self.directory / NOISE_FILE).read_text())
-        except (OSError, ValueError):  # none yet, or unreadable: a hint is never needed
+            with open(self.directory / NOISE_FILE, "rb") as handle:
+                text = handle.read(NOISE_FILE_BYTES + 1)
+            kept = json.loads(text) if len(text) <= NOISE_FILE_BYTES else None
+        except (OSError, ValueError, RecursionError):  # none yet, or unreadable: never needed
             return {}
         if not isinstance(kept, dict):
             return {}

@@ -94,12 +94,12 @@ def mask(request: Request) -> Message | Refused:
 
 
 def _mask(request: Request) -> Message | Refused:
-    from fedtune.client.local_round import recall, remember  # torch, PEFT, Opacus: step 3 only
-
     client = _resume(request)
     client.expect("shares")  # a replayed or repeated step 3 is refused before any training
     if (other := _masked_elsewhere(request, client.session)) is not None:
         return other
+    from fedtune.client.local_round import recall, remember  # torch, PEFT, Opacus: step 3 only
+
     kept = recall(request, SECURE)
     # step 3 carries its own request: checked again, never assumed
     verdict = admit(request, secure=True, answered=kept is not None)

@@ -59,6 +59,10 @@ def _epsilon(steps: tuple[tuple[tuple[float, float], int], ...], delta: float,
     return max(0.0, float(counter.get_epsilon(delta=delta)))
 
 
+SEARCH_TOLERANCE = 0.01  # how far under the target epsilon a calibrated noise may land
+MIN_REMEMBERED = 0.1  # a remembered noise below this is searched again (see _lands_at)
+
+
 class NoiseMemo(Protocol):
     """Where a caller keeps calibrated noise multipliers between processes (a deployed node, which
     starts a process per message, on its own disk). A hint only: each value is checked again."""
@@ -72,19 +76,32 @@ def noise_for_target(epsilon: float, delta: float, sample_rate: float, steps: in
                      accountant: str, memo: NoiseMemo | None = None) -> float:
     """The smallest noise multiplier (to 0.01 in epsilon) whose `steps` stay within epsilon.
 
-    With `memo`, a multiplier found before for the same question is used once the accountant
-    confirms it stays within epsilon: one evaluation instead of a search of a dozen or more (a
-    PRV search takes seconds)."""
+    With `memo`, a multiplier found before for the same question is used again once the
+    accountant confirms it lands where a search would (within 0.01 under epsilon): one
+    evaluation instead of a search of a dozen or more (a PRV search takes seconds)."""
     if memo is None:
         return _searched_noise(epsilon, delta, sample_rate, steps, accountant)
     question = json.dumps([accountant, epsilon, delta, sample_rate, steps])
     known = memo.recall_noise(question)
-    if isinstance(known, float) and math.isfinite(known) and known > 0 and epsilon_spent(
-            [GaussianEvent(known, sample_rate, steps)], delta, accountant) <= epsilon:
+    if known is not None and _lands_at(known, epsilon, delta, sample_rate, steps, accountant):
         return known
     noise = _searched_noise(epsilon, delta, sample_rate, steps, accountant)
     memo.keep_noise(question, noise)
     return noise
+
+
+def _lands_at(noise: object, epsilon: float, delta: float, sample_rate: float, steps: int,
+              accountant: str) -> bool:
+    """Whether a remembered `noise` is one the search could have returned. Below
+    MIN_REMEMBERED it is searched again unchecked: the accountant's memory grows without bound
+    as the noise shrinks (PRV wants 845 MiB at 0.05)."""
+    if not isinstance(noise, float) or not math.isfinite(noise) or noise < MIN_REMEMBERED:
+        return False
+    try:
+        spent = epsilon_spent([GaussianEvent(noise, sample_rate, steps)], delta, accountant)
+    except Exception:  # a value no accountant takes is no hint
+        return False
+    return epsilon - SEARCH_TOLERANCE <= spent <= epsilon
 
 
 @lru_cache(maxsize=64)
@@ -95,7 +112,8 @@ def _searched_noise(epsilon: float, delta: float, sample_rate: float, steps: int
     try:
         return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
                                           sample_rate=sample_rate, steps=steps,
-                                          accountant=accountant, epsilon_tolerance=0.01))
+                                          accountant=accountant,
+                                          epsilon_tolerance=SEARCH_TOLERANCE))
     except ValueError as error:
         raise PrivacyError(f"no noise multiplier reaches epsilon {epsilon} at delta {delta:g} "
                            f"over {steps} steps at sample rate {sample_rate:.4g}: "

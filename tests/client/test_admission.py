@@ -71,6 +71,21 @@ def test_requests_beyond_the_nodes_limits_are_refused(tiny_model_dir, toy_data_d
     assert ledger_rounds(ledger) == []  # nothing spent
 
 
+def test_a_noise_below_the_floor_is_refused_before_any_accountant_sees_it(
+        tiny_model_dir, toy_data_dir, tmp_path, monkeypatch):
+    # PRV at noise 1e-3 wants gigabytes: a server's absurd noise must not reach the accountant
+    from fedtune.client import admission
+
+    def no_accounting(*args, **kwargs):
+        raise AssertionError("epsilon computed for a plan below the floor")
+
+    monkeypatch.setattr(admission, "epsilon_spent", no_accounting)
+    config = run_config(tiny_model_dir, toy_data_dir, **{"privacy.noise_multiplier": 1e-3})
+    reply = client_app.train(request(config), node_context(tiny_model_dir, toy_data_dir,
+                                                           tmp_path / "ledger", **PERMISSIVE))
+    assert MIN_NOISE in refusal_reason(reply)
+
+
 def test_a_model_the_node_did_not_allow_is_refused_before_it_is_loaded(tiny_model_dir,
                                                                       toy_data_dir, tmp_path):
     elsewhere = tmp_path / "their-model"  # a path on the node's disk, or a hub id

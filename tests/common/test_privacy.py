@@ -77,14 +77,14 @@ def test_a_remembered_noise_is_used_only_while_the_accountant_confirms_it(accoun
     monkeypatch.setattr(privacy, "_searched_noise", lambda *a: searches.append(a) or
                         real_search(*a))
     assert noise_for_target(*question, memo) == searched and searches == []  # no search
-    memo[key] = 2 * searched  # more noise than needed (an operator's edit): still within
-    assert noise_for_target(*question, memo) == 2 * searched and searches == []
-    # too little noise, or none that is a noise: searched again, and the memo corrected
-    for tampered in (0.5 * searched, 0.0, -1.0, math.nan, math.inf, "1.0"):
+    # too little noise, more than a search gives, none that is a noise, or one so small the
+    # accountant would need gigabytes: searched again, and the memo corrected
+    for tampered in (0.5 * searched, 2 * searched, 0.05, 0.0, -1.0, math.nan, math.inf, "1.0",
+                     True):
         memo[key] = tampered
         assert noise_for_target(*question, memo) == searched
         assert memo[key] == searched
-    assert len(searches) == 6
+    assert len(searches) == 9
 
 
 def test_an_unreachable_target_is_a_privacy_error():
