@@ -11,25 +11,6 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-# Under pytest-xdist (`-n 2 --dist loadgroup`, as .ci/run runs): every test that starts
-# Flower's simulation engine runs in one worker (two local Ray instances would compete for
-# one machine's Ray), the container tests in one (one Docker engine), and every other test,
-# each deployment test with its own ports and state, wherever a worker is free.
-RAY_MODULES = ("tests/simulations/", "tests/test_benchmarks.py", "tests/common/test_run_dir.py",
-               "tests/test_fedtune_command.py", "tests/test_packaging.py")
-MODULE_GROUPS = ("tests/docker/",)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    root = Path(str(config.rootpath))
-    for item in items:
-        module = Path(str(item.path)).relative_to(root).as_posix()
-        if module.startswith(RAY_MODULES):
-            item.add_marker(pytest.mark.xdist_group("ray"))
-        elif module.startswith(MODULE_GROUPS):
-            item.add_marker(pytest.mark.xdist_group(module))
-
-
 @pytest.fixture()
 def message_identity():
     """Hand-built Messages need the identity Flower sets inside a running app."""
