@@ -28,7 +28,7 @@ DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 PIECES = """
 import json, time
 started = time.perf_counter()
-import fedtune.client.app  # what a Ray worker imports for its first message
+import fedtune.client.app, fedtune.client.local_round  # a worker's first train imports both
 imported = time.perf_counter()
 from fedtune.common.config import RunConfig
 from fedtune.common.task import cached_task
