@@ -67,18 +67,17 @@ def ray_for_run(address: str, *, verbose: bool) -> Iterator[Capacity]:
     path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     common = {"logging_level": "WARNING" if verbose else "ERROR", "log_to_driver": True,
               "runtime_env": {"env_vars": {"PYTHONPATH": path}}}
-    if address:
-        ray.init(address=address, **common)
-    else:
-        capacity = this_machine()
-        ray.init(address="local", num_cpus=capacity.cpus, include_dashboard=False, **common)
     try:
         if address:
+            ray.init(address=address, **common)
             total = ray.cluster_resources()
             capacity = Capacity(int(total.get("CPU", 0)), float(total.get("GPU", 0)))
+        else:
+            capacity = this_machine()
+            ray.init(address="local", num_cpus=capacity.cpus, include_dashboard=False, **common)
         yield capacity
     finally:
-        ray.shutdown()
+        ray.shutdown()  # a no-op where init failed
 
 
 def this_machine() -> Capacity:
