@@ -9,9 +9,7 @@ from fedtune.client import app as client_app
 from fedtune.client.node_state import NOISE_FILE, NOISE_KEPT, NodeState
 from fedtune.common import privacy
 from tests.client.conftest import ledger_rounds, node_context, request, run_config
-
-PLAIN_DP = {"budget-epsilon": 100.0, "require-secagg": False,
-            "max-epsilon-per-round": 50.0, "max-epsilon-per-run": 50.0}
+from tests.client.test_local_round import PLAIN_DP
 
 
 def test_kept_noise_is_bounded_and_an_unreadable_file_is_no_noise(tmp_path):
