@@ -1,7 +1,10 @@
 """The one-run privacy audit (docs/audit.md) at epsilon 1, 3, 8 and without DP on one shared data
-set (a seeded banking77 subset): the lower bound on epsilon beside the ledger's epsilon.
+set (a seeded banking77 subset): the lower bound on epsilon beside the ledger's epsilon; and with
+`--defaults`, its power where users meet it: a non-private `fedtune simulate --audit` with every
+setting at its default on each data set of the privacy-utility benchmark.
 
     python -m benchmarks.audit [--quick] [--settings no-dp,dp-eps8]
+    python -m benchmarks.audit --defaults [--only sst2,banking77]
 
 Every run is `fedtune simulate ... --audit` with the same data, model, seed and canaries; only the
 privacy flags differ. `defect-eps1` is the DP run at epsilon 1 with a deliberate defect
@@ -38,6 +41,9 @@ DEFECT_HOOK = Path(__file__).resolve().parent / "defect_hook"
 DEFECTS = {"defect-eps1": "no-noise"}  # setting -> FEDTUNE_INJECT_DEFECT
 QUICK = ["--num-clients", "2", "--rounds", "1", "--max-length", "32", "--audit",
          "--canaries", "40"]
+# --defaults: (train rows, test rows) of each seeded subsample, what 2 CPU cores allow
+DEFAULTS_ROWS = {"banking77": (2000, 1000), "sst2": (2000, 872),
+                 "medical_abstracts": (2000, 582), "pubmedqa_pqal": (500, 500)}
 
 
 def prepare(scratch: Path) -> str:
@@ -101,13 +107,41 @@ def plot(path: Path, results: dict[str, dict]) -> None:
     plt.close(figure)
 
 
+def measure_defaults(names: list[str]) -> None:
+    """A non-private run at fedtune's defaults with `--audit` (its defaults too) per data set."""
+    from benchmarks.privacy_utility import prepare as prepare_subsample
+    from benchmarks.record import load, save
+
+    saved = load("audit", quick=False) or {}
+    defaults: dict[str, dict] = saved.get("defaults", {})
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in names:
+            data, sizes = prepare_subsample(name, Path(scratch), *DEFAULTS_ROWS[name])
+            defaults[name] = {**sizes, **run(["--data", str(data), "--audit"],
+                                             Path(scratch) / f"defaults-{name}")}
+            print(name, defaults[name], flush=True)
+            save("audit", {**{k: saved[k] for k in ("data", "common_flags", "results")
+                              if k in saved}, "defaults": defaults}, quick=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="built-in set, one round, 2 runs")
     parser.add_argument("--settings", default=",".join(SETTINGS),
                         help="comma-separated cells to (re)measure")
+    parser.add_argument("--defaults", action="store_true",
+                        help="the audit's power at the defaults, a run per data set")
+    parser.add_argument("--only", default=",".join(DEFAULTS_ROWS),
+                        help="--defaults: comma-separated data sets")
     args = parser.parse_args()
     from benchmarks.record import load, save
+
+    if args.defaults:
+        unknown = set(args.only.split(",")) - set(DEFAULTS_ROWS)
+        if unknown:
+            parser.error(f"--only: unknown {sorted(unknown)}; choose from {list(DEFAULTS_ROWS)}")
+        measure_defaults(args.only.split(","))
+        return
 
     chosen = args.settings.split(",")
     unknown = set(chosen) - set(SETTINGS)
@@ -127,10 +161,12 @@ def main() -> None:
             if label in DEFECTS:
                 results[label]["injected_defect"] = DEFECTS[label]
             print(label, results[label], flush=True)
+            kept = {} if args.quick or not saved else {"defaults": saved.get("defaults", {})}
             path = save("audit", {"data": "builtin" if args.quick else
                                   f"banking77 seeded subset: {TRAIN_ROWS} train, "
                                   f"{TEST_ROWS} test rows",
-                                  "common_flags": common, "results": results}, quick=args.quick)
+                                  "common_flags": common, "results": results, **kept},
+                        quick=args.quick)
     plot(path.with_suffix(".png"), results)
 
 

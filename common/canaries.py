@@ -1,15 +1,15 @@
 """Canaries for the one-run privacy audit: made and drawn from the audit's own seed stream.
 
-Each of m canaries is a row no real data holds (random words with a random label; for a causal
-LM a random secret, Carlini et al.'s "Secret Sharer"), dealt to a client, and included in that
-client's training rows with probability 1/2. The content and the inclusion draw come from child
-seeds of (run seed, AUDIT_STREAM), a stream no other draw of a run uses, and no global generator
-is touched: a run without the audit is unchanged, and the draw is independent of everything else.
+Each of m canaries is a row no real data holds (a made-up word, repeated, with a random label;
+for a causal LM a random secret, Carlini et al.'s "Secret Sharer"), dealt to a client, and
+included in that client's training rows with probability 1/2. The content and the inclusion draw
+come from child seeds of (run seed, AUDIT_STREAM), a stream no other draw of a run uses, and no
+global generator is touched: a run without the audit is unchanged, and the draw is independent of
+everything else.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +19,7 @@ from fedtune.common.data import Examples
 
 AUDIT_STREAM = 0x61756469  # "audi"; partitions and rounds draw from other (seed, ...) tuples
 SECRET_PREFIX = "my secret code is"
-_WORD = re.compile(r"[a-z]{3,}")
+_LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz"))
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,7 @@ def audit_streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
     return np.random.default_rng(content), np.random.default_rng(inclusion)
 
 
-def make_canaries(audit: AuditConfig, seed: int, task: str, train: Examples,
-                  num_labels: int) -> Canaries:
+def make_canaries(audit: AuditConfig, seed: int, task: str, num_labels: int) -> Canaries:
     """The run's m canaries, their holders and their secret inclusion draw."""
     content, inclusion = audit_streams(seed)
     m = audit.canaries
@@ -52,8 +51,7 @@ def make_canaries(audit: AuditConfig, seed: int, task: str, train: Examples,
         references = [_secret(content, audit.length) for _ in range(audit.references)]
         rows = Examples(texts=[""] * m, labels=np.zeros(m, dtype=np.int64), responses=secrets)
         return Canaries(rows, included, holder, references)
-    words = vocabulary(train)
-    texts = [" ".join(content.choice(words, size=audit.length)) for _ in range(m)]
+    texts = [" ".join([made_up_word(content)] * audit.length) for _ in range(m)]
     labels = content.integers(0, num_labels, size=m).astype(np.int64)
     return Canaries(Examples(texts=texts, labels=labels), included, holder, [])
 
@@ -64,11 +62,12 @@ def with_canaries(rows: Examples, canaries: Canaries, client: int) -> Examples:
     return Examples.concat([rows, joining]) if len(joining) else rows
 
 
-def vocabulary(train: Examples) -> list[str]:
-    """The lower-case words of the training texts, sorted: canaries read like the data's words
-    in an order no row has."""
-    words = sorted({w for text in train.texts for w in _WORD.findall(text.lower())})
-    return words or ["canary"]
+def made_up_word(rng: np.random.Generator) -> str:
+    """Six random letters. Measured against random words of the data and random numbers
+    (docs/audit.md): real words carry what the model learnt of them (an sst2 canary of happy
+    words reads positive whatever its label), so a canary scores by its words more than by
+    being trained on; a made-up word repeated means nothing but its label."""
+    return "".join(rng.choice(_LETTERS, size=6))
 
 
 def _secret(rng: np.random.Generator, digits: int) -> str:

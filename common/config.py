@@ -440,11 +440,12 @@ class AuditConfig:
     lower bound on epsilon from how well the final adapter tells the included ones apart."""
 
     enabled: bool = _help("insert canaries, train, then write <run dir>/audit.json", False)
-    canaries: int = _help("canaries m, each included with probability 1/2 by a secret draw",
-                          200)
+    canaries: int = _help("canaries m, each included with probability 1/2 by a secret draw "
+                          "(500: a non-private run at the defaults gives a bound >= 1 where its "
+                          "model memorises, docs/audit.md)", 500)
     clients: int = _help("clients 0..clients-1 hold the canaries, dealt round-robin", 1)
-    length: int = _help("words in a classification canary (random words, random label); "
-                        "digits in a causal-LM secret", 8)
+    length: int = _help("times a classification canary repeats its made-up word (random "
+                        "label); digits in a causal-LM secret", 8)
     references: int = _help("causal-lm: fresh random secrets each canary's exposure is ranked "
                             "against", 1000)
     confidence: float = _help("confidence of the lower bound", 0.95)

@@ -61,8 +61,7 @@ class Task:
         """The audit's canaries (config.audit), made once."""
         if self._canaries is None:
             self._canaries = make_canaries(self.config.audit, self.config.seed,
-                                           self.config.model.task, self.data.train,
-                                           self.data.num_labels)
+                                           self.config.model.task, self.data.num_labels)
         return self._canaries
 
     def loader(self, rows: Examples, *, batch_size: int, shuffle: bool,

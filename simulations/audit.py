@@ -21,7 +21,7 @@ import torch
 from fedtune.client.admission import simulated_delta
 from fedtune.client.ledger import Ledger
 from fedtune.client.node import Node, data_set_identity
-from fedtune.common.adapter import load_trainable_state
+from fedtune.common.adapter import load_trainable_state, trainable_state
 from fedtune.common.atomic_file import write_atomic
 from fedtune.common.causal_lm import per_example_loss
 from fedtune.common.client_dp import client_level_plan
@@ -35,6 +35,9 @@ from fedtune.server.checkpoint import latest_checkpoint
 from fedtune.server.metrics_log import read_rounds
 
 LOW_FPR = 0.01
+# Without DP nothing fixes delta; 2 m delta is what the bound gives away, so the audit measures
+# at the usual 1e-5 unless a DP run on these clients would use less (docs/audit.md).
+NO_DP_DELTA = 1e-5
 
 
 def audit_run(config: RunConfig, *, centralized: bool) -> dict[str, Any]:
@@ -47,9 +50,10 @@ def audit_run(config: RunConfig, *, centralized: bool) -> dict[str, Any]:
             load_trainable_state(task.model, checkpoint.arrays)
     canaries = task.canaries()
     scores = membership_scores(task, canaries.rows)
+    change = scores - initial_scores(task, canaries.rows)
     reported, delta, meaning = reported_privacy(config, task, run_dir)
     audit = config.audit
-    tried = best_guess(scores, canaries.included, delta, audit.confidence)
+    tried = best_guess(change, canaries.included, delta, audit.confidence)
     best = max(tried, key=lambda g: g.epsilon)
     ceiling = detectable_ceiling(len(scores), delta, audit.confidence)
     goal = 1.0 if reported is None else reported  # what this audit should be able to see
@@ -62,11 +66,12 @@ def audit_run(config: RunConfig, *, centralized: bool) -> dict[str, Any]:
         "canaries_included": int(canaries.included.sum()),
         "canary_clients": [f"client-{c}" for c in range(audit.clients)],
         "guesses": best.guesses, "guesses_right": best.right,
-        "guesses_tried": [{"positives": g.positives, "right": g.right, "epsilon": g.epsilon}
-                          for g in tried],
-        "tpr_at_1pct_fpr": tpr_at_fpr(scores, canaries.included, LOW_FPR),
-        "score": "minus the secret's loss" if config.model.task == CAUSAL_LM
-        else "log-probability of the canary's random label",
+        "guesses_tried": [{"in": g.positives, "out": g.negatives, "right": g.right,
+                           "epsilon": g.epsilon} for g in tried],
+        "tpr_at_1pct_fpr": tpr_at_fpr(change, canaries.included, LOW_FPR),
+        "score": ("minus the secret's loss" if config.model.task == CAUSAL_LM
+                  else "log-probability of the canary's random label")
+        + ", final adapter minus initial adapter",
         "meaning": meaning,
         "defect": reported is not None and best.epsilon > reported,
         "epsilon_detectable_max": ceiling,
@@ -94,6 +99,18 @@ def membership_scores(task: Task, rows: Examples) -> np.ndarray:
         scores.append(torch.log_softmax(logits, dim=-1).gather(
             1, batch["labels"][:, None])[:, 0])
     return torch.cat(scores).cpu().numpy().astype(np.float64)
+
+
+def initial_scores(task: Task, rows: Examples) -> np.ndarray:
+    """The scores of the run's initial adapter (its seed's LoRA and head): subtracted from the
+    final ones, each canary is judged by what training changed, not by how its random label
+    happened to suit the model before training."""
+    final = trainable_state(task.model)
+    load_trainable_state(task.model, task.initial_adapter)
+    try:
+        return membership_scores(task, rows)
+    finally:
+        load_trainable_state(task.model, final)
 
 
 def exposure(task: Task, scores: np.ndarray, included: np.ndarray,
@@ -128,9 +145,10 @@ def reported_privacy(config: RunConfig, task: Task,
         spent = [_ledger(config, c, r) for c, r in zip(holders, rows, strict=True)]
         return max(e for e, _ in spent), max(d for _, d in spent), (
             "sample-level DP: the largest ledger epsilon of the clients holding canaries")
-    delta = privacy.delta or max(default_delta(len(r)) for r in rows)
+    delta = privacy.delta or min(NO_DP_DELTA, max(default_delta(len(r)) for r in rows))
     return None, delta, ("no DP: nothing is claimed; the bound is the leakage measured at "
-                         "the delta a DP run would use")
+                         f"--delta, else at the smaller of {NO_DP_DELTA:g} and the delta a DP "
+                         "run would use")
 
 
 def _ledger(config: RunConfig, client: int, rows: Examples) -> tuple[float, float]:

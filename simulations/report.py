@@ -64,7 +64,17 @@ def audit_line(audit: dict[str, Any]) -> str:
     return (f"Privacy audit: epsilon >= {audit['epsilon_lower_bound']:.3f} at "
             f"{audit['confidence']:.0%} confidence beside {claim} ({audit['guesses_right']}/"
             f"{audit['guesses']} membership guesses right on {audit['canaries']} canaries, TPR "
-            f"{audit['tpr_at_1pct_fpr']:.3f} at 1% FPR).{verdict}{_power(audit)}")
+            f"{audit['tpr_at_1pct_fpr']:.3f} at 1% FPR).{verdict}{_power(audit)}"
+            f"{_unprotected(audit)}")
+
+
+def _unprotected(audit: dict[str, Any]) -> str:
+    """A low bound without DP must not read as 'no leakage': nothing bounds it."""
+    if audit["epsilon_reported"] is not None or audit["epsilon_lower_bound"] >= 1:
+        return ""
+    return (" Without DP nothing limits what the model gives away: a bound this low means this "
+            "attack found little (it needs memorised canaries, which few rounds and few labels "
+            "make rare), not that the data are safe.")
 
 
 def _power(audit: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ TRAIN = Examples(texts=[f"the quick brown fox number {i} jumps" for i in range(3
 
 
 def canaries(seed=0, **settings):
-    return make_canaries(AuditConfig(enabled=True, **settings), seed, CLASSIFICATION, TRAIN, 3)
+    return make_canaries(AuditConfig(enabled=True, **settings), seed, CLASSIFICATION, 3)
 
 
 def test_the_same_seed_gives_the_same_canaries_and_draw_and_another_seed_does_not():
@@ -26,7 +26,9 @@ def test_the_same_seed_gives_the_same_canaries_and_draw_and_another_seed_does_no
     assert a.rows.texts != c.rows.texts and not np.array_equal(a.included, c.included)
     assert 60 < a.included.sum() < 140  # about half
     assert set(a.rows.labels.tolist()) == {0, 1, 2}
-    assert all(len(t.split()) == 8 for t in a.rows.texts)
+    words = [t.split() for t in a.rows.texts]  # a made-up word, repeated: no meaning but its label
+    assert all(len(w) == 8 and len(set(w)) == 1 and len(w[0]) == 6 for w in words)
+    assert len({w[0] for w in words}) == 200
     assert not set(a.rows.texts) & set(TRAIN.texts)
 
 
@@ -50,9 +52,8 @@ def test_included_canaries_join_their_holders_rows_only():
 
 
 def test_causal_lm_canaries_are_secrets_with_fresh_references():
-    lm = Examples(texts=["", ""], labels=np.zeros(2, np.int64), responses=["a b", "c d"])
     made = make_canaries(AuditConfig(enabled=True, canaries=50, references=30, length=6), 0,
-                         CAUSAL_LM, lm, 0)
+                         CAUSAL_LM, 0)
     assert all(r.startswith(SECRET_PREFIX) and len(r.split()) == 4 + 6
                for r in made.rows.responses)
     assert len(made.references) == 30 and not set(made.references) & set(made.rows.responses)

@@ -13,6 +13,7 @@ from fedtune.common.one_run_audit import (
     count_right,
     detectable_ceiling,
     epsilon_lower_bound,
+    guess_sizes,
     p_value,
     tpr_at_fpr,
 )
@@ -73,11 +74,21 @@ def test_several_guesses_are_corrected_for_trying_them():
     scores = list(range(100, 0, -1))
     included = [True] * 40 + [False, True] * 30
     tried = best_guess(scores, included, 0.0, 0.95)
-    assert [g.positives for g in tried] == [5, 10, 20, 50]
-    assert tried[2].right == 20
-    # each is tested at 1 - 0.05 / 4, below what the same guess gets alone
-    assert tried[2].epsilon == pytest.approx(epsilon_lower_bound(100, 20, 20, 0.0, 0.9875))
-    assert tried[2].epsilon < epsilon_lower_bound(100, 20, 20, 0.0, 0.95)
+    assert [g.positives for g in tried] == [g.negatives for g in tried] == [2, 5, 10, 20, 50]
+    assert tried[3].right == 20 + 10  # the top 20 are members; half the bottom 20 are not
+    # each is tested at 1 - 0.05 / 5, below what the same guess gets alone
+    assert tried[3].epsilon == pytest.approx(epsilon_lower_bound(100, 40, 30, 0.0, 0.99))
+    assert tried[3].epsilon < epsilon_lower_bound(100, 40, 30, 0.0, 0.95)
+
+
+def test_guessing_both_ends_proves_more_than_the_top_alone():
+    m = 400  # the members score highest and the non-members lowest, as memorisation makes them
+    included = [i < 200 for i in range(m)]
+    scores = [float(m - i) for i in range(m)]
+    two_sided = max(g.epsilon for g in best_guess(scores, included, 1e-5, 0.95))
+    top_only = max(epsilon_lower_bound(m, k, k, 1e-5, 0.99) for k in guess_sizes(m))
+    assert two_sided > top_only + 0.3
+    assert guess_sizes(3) == [1, 1, 1, 1, 1] and guess_sizes(10, (0.5,)) == [5]
 
 
 def test_tpr_at_low_fpr_counts_members_above_the_allowed_non_members():
@@ -93,5 +104,5 @@ def test_the_ceiling_is_the_bound_when_every_guess_is_right():
     scores = [float(m - i) for i in range(m)]
     best = max(g.epsilon for g in best_guess(scores, included, 2.5e-4, 0.95))
     assert detectable_ceiling(m, 2.5e-4, 0.95) == pytest.approx(best)
-    assert 2.5 < best < 3.0  # 2 m delta = 0.1 caps it, whatever the model leaks
+    assert 3.0 < best < 3.5  # 2 m delta = 0.1 caps it, whatever the model leaks
     assert detectable_ceiling(m, 0.02, 0.95) == 0.0  # client level: 2 m delta = 8, no bound

@@ -43,6 +43,38 @@ def test_a_centralised_audit_writes_audit_json_and_the_report_shows_it(tiny_mode
     assert "Privacy audit: epsilon >= " in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_canaries_are_scored_by_what_training_changed(tiny_model_dir, toy_data_dir, tmp_path):
+    import numpy as np
+
+    from fedtune.common.adapter import trainable_state
+    from fedtune.common.task import cached_task
+    from fedtune.simulations.audit import initial_scores, membership_scores
+
+    config = tiny(tiny_model_dir, toy_data_dir, tmp_path / "run",
+                  **{"audit.enabled": True, "audit.canaries": 40})
+    train_centralized(config)
+    task = cached_task(config)
+    rows, trained = task.canaries().rows, trainable_state(task.model)
+    final, initial = membership_scores(task, rows), initial_scores(task, rows)
+    left = trainable_state(task.model)  # the trained adapter is back in place afterwards
+    assert all(np.array_equal(trained[key], left[key]) for key in trained)
+    assert np.array_equal(membership_scores(task, rows), final)
+    assert not np.allclose(final, initial)  # the seed's head scores the canaries otherwise
+
+
+def test_without_dp_the_audit_measures_at_1e5_unless_a_delta_is_set(tiny_model_dir,
+                                                                   toy_data_dir, tmp_path):
+    from fedtune.common.task import cached_task
+    from fedtune.simulations.audit import NO_DP_DELTA, reported_privacy
+
+    config = tiny(tiny_model_dir, toy_data_dir, tmp_path,
+                  **{"audit.enabled": True, "audit.canaries": 20})
+    epsilon, delta, meaning = reported_privacy(config, cached_task(config), tmp_path)
+    assert epsilon is None and delta == NO_DP_DELTA == 1e-5 and meaning.startswith("no DP")
+    told = config.with_overrides({"privacy.delta": 1e-3})
+    assert reported_privacy(told, cached_task(told), tmp_path)[1] == 1e-3
+
+
 def test_settings_of_a_disabled_audit_change_nothing(tiny_model_dir, toy_data_dir, tmp_path):
     plain = tiny(tiny_model_dir, toy_data_dir, tmp_path / "plain")
     off = tiny(tiny_model_dir, toy_data_dir, tmp_path / "off",
@@ -74,6 +106,16 @@ def test_an_audit_too_weak_for_the_claim_says_what_it_can_detect_at_most():
     assert "less than the ledger's 8.000" in audit_line(claimed)
 
 
+def test_a_low_bound_without_dp_never_reads_as_no_leakage():
+    audit = {"epsilon_lower_bound": 0.3, "epsilon_reported": None, "confidence": 0.95,
+             "guesses": 40, "guesses_right": 28, "canaries": 500, "tpr_at_1pct_fpr": 0.02,
+             "defect": False, "delta": 1e-5, "epsilon_detectable_max": 4.6,
+             "underpowered": False}
+    assert "not that the data are safe" in audit_line(audit)
+    assert "not that the data are safe" not in audit_line({**audit, "epsilon_lower_bound": 1.2})
+    assert "not that the data are safe" not in audit_line({**audit, "epsilon_reported": 8.0})
+
+
 @pytest.mark.slow
 def test_a_dp_simulation_is_audited_against_the_canary_clients_ledger(tiny_model_dir,
                                                                      toy_data_dir, tmp_path):
@@ -102,7 +144,7 @@ def test_a_causal_lm_audit_adds_the_secrets_exposure(tiny_gpt2_dir, instruction_
     body = audit_run(config, centralized=True)
     assert body["exposure_cap"] == pytest.approx(4.0)  # log2(15 + 1)
     assert 0 <= body["exposure_included_mean"] <= body["exposure_max"] <= 4.0
-    assert body["score"] == "minus the secret's loss"
+    assert body["score"].startswith("minus the secret's loss")
 
 
 def test_a_deployment_refuses_an_audit_it_could_not_run():
