@@ -76,3 +76,27 @@ def test_the_gpu_round_harness_runs_the_real_apps_in_one_process(tmp_path):
     assert [r["round"] for r in rows] == [1, 2] and all(r["clients"] == 2 for r in rows)
     assert rows[-1]["perplexity"] < rows[0]["perplexity"] * 1.05
     assert 0 < max(rows[-1]["epsilon"].values()) <= 8
+
+
+def test_the_privacy_utility_grid_shows_mean_spread_the_dp_gap_and_a_panel_per_data_set(
+        tmp_path):
+    from benchmarks.privacy_utility import dp_gaps, flags_for, plot, summarise
+
+    runs = {"0": {"accuracy": 0.8, "macro_f1": 0.7}, "1": {"accuracy": 0.9, "macro_f1": 0.8},
+            "2": {"error": "exit 2"}}  # a failed seed is left out, never counted as 0
+    summary = summarise(runs)
+    assert summary["seeds"] == 2 and summary["accuracy"]["mean"] == pytest.approx(0.85)
+    assert summary["accuracy"]["std"] == pytest.approx(0.0707, abs=1e-4)
+    assert (summary["accuracy"]["min"], summary["accuracy"]["max"]) == (0.8, 0.9)
+    cells = {"iid/none": {"summary": summarise({"0": {"accuracy": 0.9}})},
+             "iid/8": {"summary": summarise({"0": {"accuracy": 0.85}})},
+             "pooled/none": {"summary": summarise({"0": {"accuracy": 0.9}})}}
+    assert dp_gaps(cells) == {"iid": 5.0}  # points; pooled has no epsilon-8 cell yet
+    assert flags_for("pooled", "8", 2) == ("centralized", ["--dp", "--epsilon", "8", "--seed",
+                                                           "2"])
+    assert flags_for("dirichlet-0.1", "none", 0) == (
+        "simulate", ["--partition", "dirichlet", "--alpha", "0.1", "--seed", "0"])
+    grid = {"sst2": {"sizes": {"train_rows": 10, "test_rows": 5}, "cells": cells},
+            "banking77": {"sizes": {"train_rows": 10, "test_rows": 5}, "cells": {}}}
+    plot(tmp_path / "curve.png", grid)
+    assert (tmp_path / "curve.png").stat().st_size > 1000

@@ -1,0 +1,203 @@
+"""Accuracy against epsilon at fedtune's defaults: `fedtune simulate` (IID, Dirichlet 0.5 and 0.1)
+and `fedtune centralized` (pooled) at epsilon 1, 2, 4, 8 (DP-SGD) and without DP, on banking77,
+sst2, medical_abstracts and pubmedqa_pqal, several seeds per cell; mean and spread, the DP gap at
+epsilon 8, one plot with a panel per data set.
+
+    python -m benchmarks.privacy_utility [--rows 0] [--test-rows 0] [--only sst2,banking77]
+        [--partitions iid,dirichlet-0.5] [--epsilons 8,none] [--seeds 0,1,2] [--max-length 0]
+
+Every run is the real command with only the data, the partition, the privacy target and the seed
+set: every training setting is fedtune's default. `--rows`/`--test-rows` keep a seeded subsample
+(0 = all rows); the JSON states the sizes each figure was measured on, and a saved grid is
+completed, never mixed with one measured on other sizes. Each cell is saved as soon as it is
+measured, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.dp_overhead import SHARED_BANKING77
+
+SHARED = SHARED_BANKING77.parent
+NAME = "privacy_utility"
+DATA_SETS = ("banking77", "sst2", "medical_abstracts", "pubmedqa_pqal")
+# (train file, test file) of each data set in ../shared/data; medical_abstracts: its derived
+# re-split (SOURCE.md); sst2's labelled test split is its validation split.
+SPLITS = {"banking77": ("train.jsonl", "test.jsonl"),
+          "sst2": ("train.jsonl.gz", "validation.jsonl"),
+          "medical_abstracts": ("resplit_train.jsonl", "resplit_test.jsonl"),
+          "pubmedqa_pqal": ("train.jsonl", "test.jsonl")}
+PARTITIONS: dict[str, tuple[str, list[str]]] = {
+    "pooled": ("centralized", []),
+    "iid": ("simulate", []),
+    "dirichlet-0.5": ("simulate", ["--partition", "dirichlet", "--alpha", "0.5"]),
+    "dirichlet-0.1": ("simulate", ["--partition", "dirichlet", "--alpha", "0.1"]),
+}
+EPSILONS = ("1", "2", "4", "8", "none")
+GAP_EPSILON = "8"
+
+
+def read_lines(path: Path) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        return [line for line in handle if line.strip()]
+
+
+def prepare(name: str, scratch: Path, rows: int, test_rows: int) -> tuple[Path, dict[str, int]]:
+    """A data directory for `name` with a seeded subsample (0 = all) and the sizes it holds."""
+    source, target = SHARED / name, scratch / name
+    target.mkdir(parents=True)
+    shutil.copy(source / "labels.json", target / "labels.json")
+    sizes = {}
+    for split, file, keep in (("train", SPLITS[name][0], rows),
+                              ("test", SPLITS[name][1], test_rows)):
+        lines = read_lines(source / file)
+        random.Random(f"{name}-{split}").shuffle(lines)
+        kept = lines[:keep] if keep else lines
+        (target / f"{split}.jsonl").write_text("".join(kept), encoding="utf-8")
+        sizes[f"{split}_rows"] = len(kept)
+    return target, sizes
+
+
+def flags_for(partition: str, epsilon: str, seed: int) -> tuple[str, list[str]]:
+    command, extra = PARTITIONS[partition]
+    privacy = [] if epsilon == "none" else ["--dp", "--epsilon", epsilon]
+    return command, [*extra, *privacy, "--seed", str(seed)]
+
+
+def run(command: str, flags: list[str], out: Path) -> dict[str, Any]:
+    """One real run; its last round's accuracy and macro-F1, the largest epsilon, the time."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "fedtune", command, *flags, "--out", str(out)],
+                          capture_output=True, text=True)
+    seconds = round(time.perf_counter() - started, 1)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit {done.returncode}", "seconds": seconds}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    return {"accuracy": last["accuracy"], "macro_f1": last.get("macro_f1"),
+            "epsilon_max": last.get("epsilon_max"), "seconds": seconds}
+
+
+def summarise(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Mean, sample standard deviation, min and max over the seeds that finished."""
+    done = [r for r in runs.values() if "accuracy" in r]
+    summary: dict[str, Any] = {"seeds": len(done)}
+    for key in ("accuracy", "macro_f1"):
+        values = [r[key] for r in done if r.get(key) is not None]
+        if values:
+            summary[key] = {"mean": statistics.fmean(values),
+                            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                            "min": min(values), "max": max(values)}
+    return summary
+
+
+def dp_gaps(cells: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Per partition: mean accuracy without DP minus at epsilon 8 (points), where both exist."""
+    gaps = {}
+    for partition in PARTITIONS:
+        plain, private = (cells.get(f"{partition}/{e}", {}).get("summary", {}).get("accuracy")
+                          for e in ("none", GAP_EPSILON))
+        if plain and private:
+            gaps[partition] = round(100 * (plain["mean"] - private["mean"]), 2)
+    return gaps
+
+
+def plot(path: Path, grid: dict[str, dict[str, Any]]) -> None:
+    """A panel per data set: mean accuracy (error bar: min to max over seeds) against epsilon."""
+    from benchmarks.plots import plt
+
+    names = [n for n in grid if grid[n]["cells"]]
+    figure, axes = plt.subplots(1, max(len(names), 1), figsize=(4 * max(len(names), 1), 3.4),
+                                squeeze=False)
+    positions = {e: i for i, e in enumerate(EPSILONS)}
+    for axis, name in zip(axes[0], names, strict=False):
+        for partition in PARTITIONS:
+            points = [(positions[e], cell["summary"]["accuracy"]) for e in EPSILONS
+                      if (cell := grid[name]["cells"].get(f"{partition}/{e}"))
+                      and "accuracy" in cell["summary"]]
+            if not points:
+                continue
+            xs = [x for x, _ in points]
+            means = [a["mean"] for _, a in points]
+            spread = [[a["mean"] - a["min"] for _, a in points],
+                      [a["max"] - a["mean"] for _, a in points]]
+            axis.errorbar(xs, means, yerr=spread, marker="o", capsize=3, label=partition)
+        sizes = grid[name]["sizes"]
+        axis.set_title(f"{name} ({sizes['train_rows']} train / {sizes['test_rows']} test)",
+                       fontsize=9)
+        axis.set_xticks(range(len(EPSILONS)), ["1", "2", "4", "8", "no DP"])
+        axis.set_xlabel("epsilon (DP-SGD, per client)")
+        axis.set_ylabel("test accuracy")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(DATA_SETS))
+    parser.add_argument("--partitions", default=",".join(PARTITIONS))
+    parser.add_argument("--epsilons", default=",".join(EPSILONS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rows", type=int, default=0, help="training rows kept (0 = all)")
+    parser.add_argument("--test-rows", type=int, default=0, help="test rows kept (0 = all)")
+    parser.add_argument("--max-length", type=int, default=0,
+                        help="tokens per example (0 = fedtune's default)")
+    args = parser.parse_args()
+    for flag, chosen, allowed in (("--only", args.only, DATA_SETS),
+                                  ("--partitions", args.partitions, PARTITIONS),
+                                  ("--epsilons", args.epsilons, EPSILONS)):
+        unknown = set(chosen.split(",")) - set(allowed)
+        if unknown:
+            parser.error(f"{flag}: unknown {sorted(unknown)}; choose from {list(allowed)}")
+    return args
+
+
+def main() -> None:
+    args = parse()
+    from benchmarks.record import load, save
+
+    shape = {"rows": args.rows, "test_rows": args.test_rows, "max_length": args.max_length}
+    saved = load(NAME, quick=False)
+    grid: dict[str, dict[str, Any]] = saved["grid"] if saved and saved["shape"] == shape else {}
+    extra = ["--max-length", str(args.max_length)] if args.max_length else []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in args.only.split(","):
+            data, sizes = prepare(name, Path(scratch), args.rows, args.test_rows)
+            entry = grid.setdefault(name, {"sizes": sizes, "cells": {}})
+            for partition in args.partitions.split(","):
+                for epsilon in args.epsilons.split(","):
+                    cell = entry["cells"].setdefault(f"{partition}/{epsilon}", {"runs": {}})
+                    for seed in (int(s) for s in args.seeds.split(",")):
+                        if "accuracy" in cell["runs"].get(str(seed), {}):
+                            continue  # measured on these sizes already
+                        command, flags = flags_for(partition, epsilon, seed)
+                        out = Path(scratch) / f"{name}-{partition}-{epsilon}-{seed}"
+                        cell["runs"][str(seed)] = run(
+                            command, ["--data", str(data), *extra, *flags], out)
+                        cell["fedtune"] = " ".join([command, *flags[:-2]])
+                        cell["summary"] = summarise(cell["runs"])
+                        entry["dp_gap_points"] = dp_gaps(entry["cells"])
+                        print(name, partition, epsilon, seed, cell["runs"][str(seed)],
+                              flush=True)
+                        path = save(NAME, {"shape": shape, "grid": grid}, quick=False)
+                        plot(path.with_suffix(".png"), grid)
+
+
+if __name__ == "__main__":
+    main()
