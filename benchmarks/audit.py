@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from benchmarks.dp_overhead import SHARED_BANKING77
@@ -41,6 +42,8 @@ DEFECT_HOOK = Path(__file__).resolve().parent / "defect_hook"
 DEFECTS = {"defect-eps1": "no-noise"}  # setting -> FEDTUNE_INJECT_DEFECT
 QUICK = ["--num-clients", "2", "--rounds", "1", "--max-length", "32", "--audit",
          "--canaries", "40"]
+# The audit's design these figures belong to; cells saved under another are measured again.
+DESIGN = "made-up-word canaries, scores minus the initial adapter's, top-only and two-sided guesses"
 # --defaults: (train rows, test rows) of each seeded subsample, what 2 CPU cores allow
 DEFAULTS_ROWS = {"banking77": (2000, 1000), "sst2": (2000, 872),
                  "medical_abstracts": (2000, 582), "pubmedqa_pqal": (500, 500)}
@@ -113,15 +116,19 @@ def measure_defaults(names: list[str]) -> None:
     from benchmarks.record import load, save
 
     saved = load("audit", quick=False) or {}
+    if saved.get("design") != DESIGN:
+        saved = {}
     defaults: dict[str, dict] = saved.get("defaults", {})
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
             data, sizes = prepare_subsample(name, Path(scratch), *DEFAULTS_ROWS[name])
             defaults[name] = {**sizes, **run(["--data", str(data), "--audit"],
-                                             Path(scratch) / f"defaults-{name}")}
+                                             Path(scratch) / f"defaults-{name}"),
+                              "date": time.strftime("%Y-%m-%d")}
             print(name, defaults[name], flush=True)
             save("audit", {**{k: saved[k] for k in ("data", "common_flags", "results")
-                              if k in saved}, "defaults": defaults}, quick=False)
+                              if k in saved}, "design": DESIGN, "defaults": defaults},
+                 quick=False)
 
 
 def main() -> None:
@@ -151,7 +158,9 @@ def main() -> None:
     if args.quick:
         chosen = ["no-dp", "dp-eps8"]
     saved = None if args.quick else load("audit", quick=False)
-    results: dict[str, dict] = saved["results"] if saved else {}
+    if saved and saved.get("design") != DESIGN:
+        saved = None
+    results: dict[str, dict] = saved["results"] if saved and "results" in saved else {}
     with tempfile.TemporaryDirectory() as scratch:
         data = "builtin" if args.quick else prepare(Path(scratch))
         for label in chosen:
@@ -165,7 +174,8 @@ def main() -> None:
             path = save("audit", {"data": "builtin" if args.quick else
                                   f"banking77 seeded subset: {TRAIN_ROWS} train, "
                                   f"{TEST_ROWS} test rows",
-                                  "common_flags": common, "results": results, **kept},
+                                  "common_flags": common, "results": results,
+                                  "design": DESIGN, **kept},
                         quick=args.quick)
     plot(path.with_suffix(".png"), results)
 

@@ -441,8 +441,8 @@ class AuditConfig:
 
     enabled: bool = _help("insert canaries, train, then write <run dir>/audit.json", False)
     canaries: int = _help("canaries m, each included with probability 1/2 by a secret draw "
-                          "(500: a non-private run at the defaults gives a bound >= 1 where its "
-                          "model memorises, docs/audit.md)", 500)
+                          "(300: a non-private run at the defaults gives a bound >= 1 where its "
+                          "model memorises, docs/audit.md)", 300)
     clients: int = _help("clients 0..clients-1 hold the canaries, dealt round-robin", 1)
     length: int = _help("times a classification canary repeats its made-up word (random "
                         "label); digits in a causal-LM secret", 8)

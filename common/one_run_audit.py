@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import binom
 
-# Guesses fixed before any score is seen: for each share of m, the top k scores guessed "in" and
-# the bottom k "out" (k = share x m); the best of them is reported with a Bonferroni correction
-# (each tested at (1 - confidence)/K). Guessing both ends doubles what a memorised set proves:
-# measured on banking77 and sst2 (docs/audit.md), never worse than the top alone.
+# Guesses fixed before any score is seen, for each share of m (k = share x m): the top k scores
+# guessed "in"; and the top k "in" with the bottom k "out". The best of the 2 x 5 is reported
+# with a Bonferroni correction (each tested at (1 - confidence)/10). Both ends double what a
+# uniformly memorised set proves (banking77, sst2: docs/audit.md); the top alone keeps the power
+# where only a few canaries are memorised and the bottom is noise.
 GUESS_SHARES = (0.02, 0.05, 0.1, 0.2, 0.5)
 SEARCH_STEPS = 40  # bisection steps: epsilon to ~1e-11 of its bracket
 
@@ -91,20 +92,26 @@ def count_right(scores: Sequence[float], included: Sequence[bool], positives: in
 
 
 def guess_sizes(m: int, shares: Sequence[float] = GUESS_SHARES) -> list[int]:
-    """k for each share: k "in" and k "out" guesses, at least 1 each, 2k at most m."""
+    """k for each share: at least 1, and 2k at most m (k "in" and k "out" guesses fit)."""
     return [min(max(1, round(share * m)), m // 2) for share in shares]
+
+
+def guess_plan(m: int, shares: Sequence[float] = GUESS_SHARES) -> list[tuple[int, int]]:
+    """Every pre-declared (positives, negatives): (k, 0) and (k, k) for each share."""
+    return [(k, out) for k in guess_sizes(m, shares) for out in (0, k)]
 
 
 def best_guess(scores: Sequence[float], included: Sequence[bool], delta: float,
                confidence: float, shares: Sequence[float] = GUESS_SHARES) -> tuple[Guess, ...]:
     """Every pre-declared guess, each bounded at confidence 1 - (1 - confidence)/K; the largest
     of their bounds holds at `confidence` (union bound over the K tries)."""
-    m = len(scores)
-    corrected = 1.0 - (1.0 - confidence) / len(shares)
+    m, plan = len(scores), guess_plan(len(scores), shares)
+    corrected = 1.0 - (1.0 - confidence) / len(plan)
     tried = []
-    for k in guess_sizes(m, shares):
-        right = count_right(scores, included, k, k)
-        tried.append(Guess(k, k, right, epsilon_lower_bound(m, 2 * k, right, delta, corrected)))
+    for positives, negatives in plan:
+        right = count_right(scores, included, positives, negatives)
+        bound = epsilon_lower_bound(m, positives + negatives, right, delta, corrected)
+        tried.append(Guess(positives, negatives, right, bound))
     return tuple(tried)
 
 
@@ -113,9 +120,9 @@ def detectable_ceiling(m: int, delta: float, confidence: float,
     """The largest bound `best_guess` can give on m canaries, with every guess right: an audit
     cannot tell apart two runs whose epsilons both lie above it (2 m delta caps what any
     number of right guesses proves)."""
-    corrected = 1.0 - (1.0 - confidence) / len(shares)
-    return max(epsilon_lower_bound(m, 2 * k, 2 * k, delta, corrected)
-               for k in set(guess_sizes(m, shares)))
+    plan = guess_plan(m, shares)
+    corrected = 1.0 - (1.0 - confidence) / len(plan)
+    return max(epsilon_lower_bound(m, p + n, p + n, delta, corrected) for p, n in set(plan))
 
 
 def tpr_at_fpr(scores: Sequence[float], included: Sequence[bool], fpr: float) -> float:

@@ -25,10 +25,14 @@ class ConfigChangeError(InputError, ValueError):
 
 
 def changed_keys(saved: RunConfig, new: RunConfig) -> list[str]:
-    """Dotted keys whose values differ, sorted, except those a restart may change."""
+    """Dotted keys whose values differ, sorted, except those a restart may change and the
+    audit's settings while neither side audits (inert there; a release may change their
+    defaults, which must not stop a deployment's restart)."""
     before, after = saved.to_flat(), new.to_flat()
+    inert = set() if saved.audit.enabled or new.audit.enabled else {
+        k for k in before.keys() | after.keys() if k.startswith("audit.")}
     return sorted(k for k in before.keys() | after.keys()
-                  if k not in MAY_CHANGE and before.get(k) != after.get(k))
+                  if k not in MAY_CHANGE | inert and before.get(k) != after.get(k))
 
 
 def check_restart(run_dir: Path, new: RunConfig, *, accept: bool) -> list[str]:

@@ -1,8 +1,9 @@
 """The one-run privacy audit of a finished simulation or baseline: score every canary's
 membership from the final global adapter, bound epsilon from below, write `audit.json`.
 
-Scores: classification, the log-probability of the canary's random label; causal LM, minus the
-mean loss of its secret (and the secret's exposure among fresh reference secrets). Reported
+Scores, final adapter minus initial adapter: classification, the log-probability of the
+canary's random label; causal LM, minus the mean loss of its secret (and, from the final adapter,
+the secret's exposure among fresh reference secrets). Reported
 epsilon: sample-level DP, the largest ledger epsilon of the clients holding canaries; client-level
 DP, the run's client-level epsilon (a row's inclusion changes one client's data, so it bounds a
 row's leakage too, loosely); no DP, none (infinite).
@@ -21,7 +22,7 @@ import torch
 from fedtune.client.admission import simulated_delta
 from fedtune.client.ledger import Ledger
 from fedtune.client.node import Node, data_set_identity
-from fedtune.common.adapter import load_trainable_state, trainable_state
+from fedtune.common.adapter import load_trainable_state
 from fedtune.common.atomic_file import write_atomic
 from fedtune.common.causal_lm import per_example_loss
 from fedtune.common.client_dp import client_level_plan
@@ -105,12 +106,15 @@ def initial_scores(task: Task, rows: Examples) -> np.ndarray:
     """The scores of the run's initial adapter (its seed's LoRA and head): subtracted from the
     final ones, each canary is judged by what training changed, not by how its random label
     happened to suit the model before training."""
-    final = trainable_state(task.model)
-    load_trainable_state(task.model, task.initial_adapter)
+    trained = {name: p for name, p in task.model.named_parameters() if p.requires_grad}
+    final = {name: p.detach().clone() for name, p in trained.items()}
     try:
+        load_trainable_state(task.model, task.initial_adapter)
         return membership_scores(task, rows)
-    finally:
-        load_trainable_state(task.model, final)
+    finally:  # put back as it was, unchecked: a diverged (NaN) adapter stays what it was
+        with torch.no_grad():
+            for name, p in trained.items():
+                p.copy_(final[name])
 
 
 def exposure(task: Task, scores: np.ndarray, included: np.ndarray,

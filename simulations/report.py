@@ -73,8 +73,8 @@ def _unprotected(audit: dict[str, Any]) -> str:
     if audit["epsilon_reported"] is not None or audit["epsilon_lower_bound"] >= 1:
         return ""
     return (" Without DP nothing limits what the model gives away: a bound this low means this "
-            "attack found little (it needs memorised canaries, which few rounds and few labels "
-            "make rare), not that the data are safe.")
+            "attack found little (it needs memorised canaries, which few rounds, and for a "
+            "classifier few labels, make rare), not that the data are safe.")
 
 
 def _power(audit: dict[str, Any]) -> str:

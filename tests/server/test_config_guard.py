@@ -26,6 +26,13 @@ def test_only_rounds_and_the_run_directory_may_change():
     assert changed_keys(saved, new) == []
 
 
+def test_the_settings_of_an_audit_neither_side_runs_may_change():
+    saved = RunConfig().with_overrides({"audit.canaries": 200})  # an earlier release's default
+    assert changed_keys(saved, RunConfig()) == []
+    audited = RunConfig().with_overrides({"audit.enabled": True})
+    assert changed_keys(saved, audited) == ["audit.canaries", "audit.enabled"]
+
+
 def test_every_other_difference_is_named_in_order():
     saved = RunConfig()
     new = saved.with_overrides({"privacy.dp": True, "secagg.enabled": True, "train.lr": 0.5})

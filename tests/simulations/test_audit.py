@@ -7,7 +7,9 @@ import json
 import pytest
 
 from fedtune.common.config import RunConfig
-from fedtune.simulations.audit import audit_run
+from fedtune.common.one_run_audit import best_guess
+from fedtune.common.task import cached_task
+from fedtune.simulations.audit import audit_run, initial_scores, membership_scores
 from fedtune.simulations.centralized import train_centralized
 from fedtune.simulations.report import audit_line, summarise, write_report
 from tests.simulations.test_cli import fedtune
@@ -39,6 +41,12 @@ def test_a_centralised_audit_writes_audit_json_and_the_report_shows_it(tiny_mode
     assert body["epsilon_lower_bound"] >= 0 and 0 < body["delta"] < 0.1
     assert body["underpowered"] == (body["epsilon_detectable_max"] < 1)
     assert body["epsilon_lower_bound"] <= body["epsilon_detectable_max"]
+    task = cached_task(config)  # the guesses rank what training changed, not the raw scores
+    canaries = task.canaries()
+    change = membership_scores(task, canaries.rows) - initial_scores(task, canaries.rows)
+    expect = best_guess(change, canaries.included, body["delta"], 0.95)
+    assert body["guesses_tried"] == [{"in": g.positives, "out": g.negatives, "right": g.right,
+                                      "epsilon": g.epsilon} for g in expect]
     write_report(tmp_path / "run")
     assert "Privacy audit: epsilon >= " in (tmp_path / "run" / "report.md").read_text()
 
@@ -47,8 +55,6 @@ def test_canaries_are_scored_by_what_training_changed(tiny_model_dir, toy_data_d
     import numpy as np
 
     from fedtune.common.adapter import trainable_state
-    from fedtune.common.task import cached_task
-    from fedtune.simulations.audit import initial_scores, membership_scores
 
     config = tiny(tiny_model_dir, toy_data_dir, tmp_path / "run",
                   **{"audit.enabled": True, "audit.canaries": 40})
@@ -64,7 +70,6 @@ def test_canaries_are_scored_by_what_training_changed(tiny_model_dir, toy_data_d
 
 def test_without_dp_the_audit_measures_at_1e5_unless_a_delta_is_set(tiny_model_dir,
                                                                    toy_data_dir, tmp_path):
-    from fedtune.common.task import cached_task
     from fedtune.simulations.audit import NO_DP_DELTA, reported_privacy
 
     config = tiny(tiny_model_dir, toy_data_dir, tmp_path,
