@@ -1,7 +1,8 @@
 """Accuracy against epsilon at fedtune's defaults: `fedtune simulate` (IID, Dirichlet 0.5 and 0.1)
-and `fedtune centralized` (pooled) at epsilon 1, 2, 4, 8 (DP-SGD) and without DP, on banking77,
-sst2, medical_abstracts and pubmedqa_pqal, several seeds per cell; mean and spread, the DP gap at
-epsilon 8, one plot with a panel per data set.
+and pooled training (`fedtune centralized`; under DP-SGD one simulated client holding every row)
+at epsilon 1, 2, 4, 8 (DP-SGD) and without DP, on banking77, sst2, medical_abstracts and
+pubmedqa_pqal, several seeds per cell; mean and spread, the DP gap at epsilon 8, one plot with a
+panel per data set.
 
     python -m benchmarks.privacy_utility [--rows 0] [--test-rows 0] [--only sst2,banking77]
         [--partitions iid,dirichlet-0.5] [--epsilons 8,none] [--seeds 0,1,2] [--max-length 0]
@@ -72,8 +73,12 @@ def prepare(name: str, scratch: Path, rows: int, test_rows: int) -> tuple[Path, 
 
 
 def flags_for(partition: str, epsilon: str, seed: int) -> tuple[str, list[str]]:
+    """The command and flags of one cell. Pooled DP-SGD is one simulated client holding every
+    row (`fedtune centralized` is the non-private baseline and refuses --dp)."""
     command, extra = PARTITIONS[partition]
     privacy = [] if epsilon == "none" else ["--dp", "--epsilon", epsilon]
+    if partition == "pooled" and privacy:
+        command, extra = "simulate", ["--num-clients", "1"]
     return command, [*extra, *privacy, "--seed", str(seed)]
 
 

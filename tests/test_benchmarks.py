@@ -92,8 +92,9 @@ def test_the_privacy_utility_grid_shows_mean_spread_the_dp_gap_and_a_panel_per_d
              "iid/8": {"summary": summarise({"0": {"accuracy": 0.85}})},
              "pooled/none": {"summary": summarise({"0": {"accuracy": 0.9}})}}
     assert dp_gaps(cells) == {"iid": 5.0}  # points; pooled has no epsilon-8 cell yet
-    assert flags_for("pooled", "8", 2) == ("centralized", ["--dp", "--epsilon", "8", "--seed",
-                                                           "2"])
+    assert flags_for("pooled", "none", 2) == ("centralized", ["--seed", "2"])
+    assert flags_for("pooled", "8", 2) == (  # centralized refuses --dp: one client holds all
+        "simulate", ["--num-clients", "1", "--dp", "--epsilon", "8", "--seed", "2"])
     assert flags_for("dirichlet-0.1", "none", 0) == (
         "simulate", ["--partition", "dirichlet", "--alpha", "0.1", "--seed", "0"])
     grid = {"sst2": {"sizes": {"train_rows": 10, "test_rows": 5}, "cells": cells},
