@@ -161,6 +161,7 @@ def main() -> None:
     if saved and saved.get("design") != DESIGN:
         saved = None
     results: dict[str, dict] = saved["results"] if saved and "results" in saved else {}
+    kept = {"defaults": saved.get("defaults", {})} if saved else {}  # --defaults' figures
     with tempfile.TemporaryDirectory() as scratch:
         data = "builtin" if args.quick else prepare(Path(scratch))
         for label in chosen:
@@ -170,7 +171,6 @@ def main() -> None:
             if label in DEFECTS:
                 results[label]["injected_defect"] = DEFECTS[label]
             print(label, results[label], flush=True)
-            kept = {} if args.quick or not saved else {"defaults": saved.get("defaults", {})}
             path = save("audit", {"data": "builtin" if args.quick else
                                   f"banking77 seeded subset: {TRAIN_ROWS} train, "
                                   f"{TEST_ROWS} test rows",

@@ -3,10 +3,10 @@ membership from the final global adapter, bound epsilon from below, write `audit
 
 Scores, final adapter minus initial adapter: classification, the log-probability of the
 canary's random label; causal LM, minus the mean loss of its secret (and, from the final adapter,
-the secret's exposure among fresh reference secrets). Reported
-epsilon: sample-level DP, the largest ledger epsilon of the clients holding canaries; client-level
-DP, the run's client-level epsilon (a row's inclusion changes one client's data, so it bounds a
-row's leakage too, loosely); no DP, none (infinite).
+the secret's exposure among fresh reference secrets). Reported epsilon: sample-level DP, the
+largest ledger epsilon of the clients holding canaries; client-level DP, the run's client-level
+epsilon (a row's inclusion changes one client's data, so it bounds a row's leakage too,
+loosely); no DP, none (infinite).
 """
 
 from __future__ import annotations
