@@ -166,15 +166,21 @@ class LoraSettings:
     target_modules: list[str] = field(
         default_factory=list,
         metadata={"help": "module names to adapt; empty = per-architecture default"})
-    freeze_a: bool = _help("FFA-LoRA (Sun et al. 2024, arXiv:2403.12313): keep lora_A at its "
-                           "seeded initialisation and train B only: half the LoRA values to "
-                           "train, noise and send, and FedAvg of B is exact (A is shared)", False)
+    freeze_a: bool | None = _help("FFA-LoRA (Sun et al. 2024, arXiv:2403.12313): keep lora_A at "
+                                  "its seeded initialisation and train B only: half the LoRA "
+                                  "values to train, noise and send, and FedAvg of B is exact (A "
+                                  "is shared); unset = on under DP-SGD, off otherwise "
+                                  "(measured: docs/utility.md)", None)
 
     def __post_init__(self) -> None:
         _require(self.r >= 1, "lora.r", "must be >= 1", self.r)
         _require(self.lora_alpha > 0, "lora.lora_alpha", "must be > 0", self.lora_alpha)
         _require(0 <= self.lora_dropout < 1, "lora.lora_dropout", "must be in [0, 1)",
                  self.lora_dropout)
+
+    def resolved(self, freeze_a: bool) -> LoraSettings:
+        """A copy whose unset `freeze_a` is `freeze_a` (the default of the run's kind)."""
+        return self if self.freeze_a is not None else dataclasses.replace(self, freeze_a=freeze_a)
 
 
 # The train.* settings whose 0 means "the default for how this run trains", and the strategy
@@ -195,6 +201,7 @@ POOLED_TRAINING: dict[str, Any] = {**PLAIN_TRAINING, "batch_size": 32}
 DP_SGD_TRAINING: dict[str, Any] = {"batch_size": 256, "lr": 2e-2, "head_lr": 5e-2,
                                    "local_epochs": 2}
 PLAIN_STRATEGY, DP_SGD_STRATEGY = "fedavg", "fedavg"
+PLAIN_FREEZE_A, DP_SGD_FREEZE_A = False, True  # lora.freeze_a unset (FFA-LoRA)
 
 
 @dataclass(frozen=True)
@@ -524,6 +531,13 @@ class RunConfig:
                                    else PLAIN_TRAINING)
 
     @property
+    def adapter(self) -> LoraSettings:
+        """`lora` with FFA-LoRA's default filled for this run: on under DP-SGD, whose noise on
+        both LoRA matrices cost banking77 9 points (docs/utility.md)."""
+        return self.lora.resolved(DP_SGD_FREEZE_A if self.privacy.sample_level
+                                  else PLAIN_FREEZE_A)
+
+    @property
     def evaluation_batch(self) -> int:
         """Rows per forward pass when scoring held-out rows: the run's training batch, at most
         its physical batch (a DP-SGD batch of hundreds is a logical one)."""
@@ -576,7 +590,8 @@ class RunConfig:
         flat: dict[str, Any] = {"seed": self.seed}
         for name in SECTIONS:
             for key, value in dataclasses.asdict(getattr(self, name)).items():
-                flat[f"{name}.{key}"] = value
+                if value is not None:  # Flower's run config holds no null: absent is unset
+                    flat[f"{name}.{key}"] = value
         return flat
 
     def to_json(self) -> str:

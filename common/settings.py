@@ -25,7 +25,7 @@ def setting(help: str, default: Any = dataclasses.MISSING, *,
 # A field's annotation (a string under `from __future__ import annotations`) -> accepted types.
 _ACCEPTED: dict[str, tuple[type, ...]] = {
     "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
-    "list[str]": (list, tuple, str), "float | None": (int, float),
+    "list[str]": (list, tuple, str), "float | None": (int, float), "bool | None": (bool,),
 }
 
 
@@ -33,6 +33,8 @@ def coerce(name: str, kind: str, value: Any, error: type[Exception]) -> Any:
     """`value` as the field type `kind` (an int where a float is asked too, "a,b" or a list of
     strings for a list); `error` naming `name` otherwise."""
     accepted = _ACCEPTED[kind]
+    if value is None and kind.endswith("| None"):  # unset: the field's default decides
+        return None
     if kind == "list[str]":
         if isinstance(value, str):  # Flower's run/node config and CLI flags carry "a,b"
             return [part.strip() for part in value.split(",") if part.strip()]

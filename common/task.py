@@ -119,7 +119,7 @@ def build_model(config: RunConfig, num_labels: int) -> PeftModel:
         base = load_causal_lm(config.model)
     else:
         base = load_classifier(config.model.name, num_labels, config.model.pooling)
-    return add_lora(base, config.lora, config.model.task)
+    return add_lora(base, config.adapter, config.model.task)
 
 
 def cached_task(config: RunConfig, *, held_out_only: bool = False) -> Task:

@@ -100,7 +100,7 @@ def adapter_sizes(config: RunConfig) -> list[int]:
             else:
                 shape.num_labels = labels
                 base = AutoModelForSequenceClassification.from_config(shape)
-        model = add_lora(base, config.lora, config.model.task)
+        model = add_lora(base, config.adapter, config.model.task)
     return [p.numel() for p in model.parameters() if p.requires_grad]
 
 

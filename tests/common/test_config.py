@@ -77,6 +77,25 @@ def test_training_defaults_follow_the_kind_of_training_and_explicit_values_win()
     assert stepped.pooled_training.local_steps == 0
 
 
+def test_ffa_lora_is_on_under_dp_sgd_unless_set_and_unset_survives_every_form():
+    # Prepare
+    plain, dp_sgd = RunConfig(), RunConfig.from_mapping({"privacy.dp": True})
+    client_level = RunConfig.from_mapping({"privacy.dp": True, "privacy.level": "client"})
+    both = RunConfig.from_mapping({"privacy.dp": True, "lora.freeze_a": False})
+    # Execute, Assert
+    assert (plain.adapter.freeze_a, dp_sgd.adapter.freeze_a) == (False, True)
+    assert client_level.adapter.freeze_a is False
+    assert both.adapter.freeze_a is False  # an explicit value wins (and a saved `false` resumes)
+    assert RunConfig.from_mapping({"lora.freeze_a": True}).adapter.freeze_a is True
+    # unset is absent from Flower's flat run config (no null there) and null in JSON
+    assert "lora.freeze_a" not in dp_sgd.to_flat()
+    assert RunConfig.from_mapping(dp_sgd.to_flat()) == dp_sgd
+    assert RunConfig.from_mapping(dp_sgd.to_dict()) == dp_sgd
+    assert RunConfig.from_mapping(both.to_flat()).adapter.freeze_a is False
+    with pytest.raises(ConfigError, match=r"`lora\.freeze_a` must be of type bool"):
+        RunConfig.from_mapping({"lora.freeze_a": "yes"})
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ({"privacy.noise_multiplier": float("inf")}, "must be a finite number"),
     ({"privacy.epsilon": float("nan")}, "must be a finite number"),

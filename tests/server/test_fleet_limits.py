@@ -15,7 +15,8 @@ def config(model_dir, data_dir, **overrides) -> RunConfig:
 
 
 @pytest.mark.parametrize("overrides", [{}, {"model.pooling": "pooler"}, {"lora.freeze_a": True},
-                                       {"lora.r": 16}])
+                                       {"lora.r": 16}, {"privacy.dp": True},
+                                       {"privacy.dp": True, "lora.freeze_a": False}])
 def test_the_meta_model_has_the_arrays_a_classifier_node_sends(tiny_model_dir, toy_data_dir,
                                                                 overrides):
     run = config(tiny_model_dir, toy_data_dir, **overrides)
