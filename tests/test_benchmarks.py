@@ -101,3 +101,23 @@ def test_the_privacy_utility_grid_shows_mean_spread_the_dp_gap_and_a_panel_per_d
             "banking77": {"sizes": {"train_rows": 10, "test_rows": 5}, "cells": {}}}
     plot(tmp_path / "curve.png", grid)
     assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_the_gradient_share_splits_one_examples_gradient_between_head_and_lora(
+        tiny_model_dir, toy_data_dir):
+    from benchmarks.gradient_share import norms
+    from fedtune.common.config import RunConfig
+    from fedtune.common.task import build_task
+
+    config = RunConfig().with_overrides({"model.name": str(tiny_model_dir),
+                                         "data.path": str(toy_data_dir), "privacy.dp": True})
+    task = build_task(config)
+
+    split = norms(task, examples=4)
+
+    assert split["head"] > 0 and split["lora"] > 0  # a zero B still gets a gradient
+    share = split["head"] ** 2 / (split["head"] ** 2 + split["lora"] ** 2)
+    assert abs(split["head_share_of_squared_norm"] - share) < 1e-3
+    assert split["lora_values"] == sum(a.size for k, a in task.initial_adapter.items()
+                                       if "lora_" in k)  # B only: FFA-LoRA under DP-SGD
+    assert not any("lora_A" in k for k in task.initial_adapter)
