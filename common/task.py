@@ -134,8 +134,9 @@ def _cached_task(key: str, held_out_only: bool = False) -> Task:
 
 def _task_key(config: RunConfig) -> str:
     # Only what shapes data and model; a run that changes lr or rounds reuses the same task.
-    keep = ("seed", "model", "data", "lora")
+    keep = ("seed", "model", "data")
     shape = {k: v for k, v in config.to_dict().items() if k in keep}
+    shape["lora"] = dataclasses.asdict(config.adapter)  # resolved: the key rebuilds the config
     if config.audit.enabled:  # the canaries join the clients' training rows
         shape["audit"] = dataclasses.asdict(config.audit)
         shape["federation"] = {"num_clients": config.federation.num_clients}

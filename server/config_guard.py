@@ -8,6 +8,7 @@ TOML becomes the run's configuration and the replaced one is kept beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,33 @@ class ConfigChangeError(InputError, ValueError):
 
 
 def changed_keys(saved: RunConfig, new: RunConfig) -> list[str]:
-    """Dotted keys whose values differ, sorted, except those a restart may change and the
-    audit's settings while neither side audits (inert there; a release may change their
-    defaults, which must not stop a deployment's restart)."""
-    before, after = saved.to_flat(), new.to_flat()
+    """Dotted keys whose values, as the run uses them (an unset one resolved), differ, sorted;
+    except those a restart may change, those the new TOML leaves unset (the run keeps what it
+    has used: `carried`), and the audit's settings while neither side audits (inert there). A
+    release that changes a default must not stop a deployment's restart."""
+    before, after = _effective(saved), _effective(new)
     inert = set() if saved.audit.enabled or new.audit.enabled else {
         k for k in before.keys() | after.keys() if k.startswith("audit.")}
+    skip = MAY_CHANGE | inert | _unset(new)
     return sorted(k for k in before.keys() | after.keys()
-                  if k not in MAY_CHANGE | inert and before.get(k) != after.get(k))
+                  if k not in skip and before.get(k) != after.get(k))
+
+
+def carried(saved: RunConfig, new: RunConfig) -> dict[str, Any]:
+    """The values the run has used for the keys the new configuration leaves unset (None: the
+    default of the run's kind), e.g. `lora.freeze_a: false` of a run started before FFA-LoRA
+    became the DP-SGD default: an adapter's shape never changes under a running run."""
+    before = _effective(saved)
+    return {key: before[key] for key in _unset(new)}
+
+
+def _unset(config: RunConfig) -> set[str]:
+    return {f"lora.{key}" for key, value in dataclasses.asdict(config.lora).items()
+            if value is None}
+
+
+def _effective(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.replace(config, lora=config.adapter).to_flat()
 
 
 def check_restart(run_dir: Path, new: RunConfig, *, accept: bool) -> list[str]:
@@ -56,11 +76,11 @@ def check_restart(run_dir: Path, new: RunConfig, *, accept: bool) -> list[str]:
     # the old configuration is copied aside first, then replaced atomically: a crash in between
     # leaves one of the two in config.json, never none
     write_atomic(run_dir / f"config.replaced-{stamp}.json", saved_file.read_bytes())
-    merged = new.with_overrides({"output.dir": saved.output.dir})
+    merged = new.with_overrides({"output.dir": saved.output.dir, **carried(saved, new)})
     write_atomic(saved_file, merged.to_json().encode())
     return changed
 
 
 
 def _flat(config: RunConfig, key: str) -> Any:
-    return config.to_flat().get(key)
+    return _effective(config).get(key)

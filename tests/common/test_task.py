@@ -56,3 +56,19 @@ def test_evaluation_passes_are_the_runs_batch_not_the_cached_tasks(tiny_model_di
     assert private.evaluation_batch == 16  # a DP-SGD batch is a logical one: its chunks
     evaluate_centrally(task, task.initial_adapter, private.evaluation_batch)
     assert sizes == [5, 16]
+
+
+def test_the_cached_task_builds_the_adapter_the_run_resolves(tiny_model_dir, toy_data_dir):
+    # the cache key rebuilds the config from a few sections: FFA-LoRA's default must survive it
+    from fedtune.common.task import build_task
+    from fedtune.server.fleet_limits import adapter_sizes
+
+    base = {"model.name": str(tiny_model_dir), "data.path": str(toy_data_dir)}
+    for settings, frozen in (({"privacy.dp": True}, True), ({}, False),
+                             ({"privacy.dp": True, "lora.freeze_a": False}, False)):
+        config = RunConfig.from_mapping({**base, **settings})
+        sent = cached_task(config).initial_adapter  # what a node trains and sends
+        assert any("lora_A" in k for k in sent) is not frozen, settings
+        assert any("lora_B" in k for k in sent)
+        assert sorted(a.size for a in sent.values()) == sorted(adapter_sizes(config))
+        assert sent.keys() == build_task(config).initial_adapter.keys()

@@ -70,3 +70,30 @@ def test_a_new_run_and_an_unchanged_restart_pass(tmp_path):
     saved, run_dir = started_run(tmp_path)
     assert check_restart(run_dir, saved.with_overrides({"federation.rounds": 5}),
                          accept=False) == []
+
+
+def test_a_setting_the_new_toml_leaves_unset_keeps_what_the_run_used(tmp_path):
+    # a DP-SGD run started before FFA-LoRA became the default saved `freeze_a: false`
+    saved, run_dir = started_run(tmp_path, **{"privacy.dp": True, "lora.freeze_a": False})
+    same_toml = RunConfig().with_overrides({"privacy.dp": True})  # freeze_a unset: on under DP
+
+    assert changed_keys(saved, same_toml) == []
+    assert check_restart(run_dir, same_toml, accept=False) == []
+    # an explicit other value is a change; the unset one, accepted with another change, is
+    # written out as the run used it, so the adapter keeps its shape
+    explicit = same_toml.with_overrides({"lora.freeze_a": True})
+    assert changed_keys(saved, explicit) == ["lora.freeze_a"]
+    check_restart(run_dir, same_toml.with_overrides({"train.lr": 0.5}), accept=True)
+    now = RunConfig.from_mapping(json.loads((run_dir / CONFIG_FILE).read_text()))
+    assert now.lora.freeze_a is False and now.train.lr == 0.5
+
+
+def test_an_accepted_switch_to_dp_keeps_the_adapters_shape(tmp_path):
+    saved, run_dir = started_run(tmp_path)  # plain: FFA-LoRA off, lora.freeze_a unset
+    dp = RunConfig().with_overrides({"privacy.dp": True})
+
+    assert changed_keys(saved, dp) == ["privacy.dp"]
+    check_restart(run_dir, dp, accept=True)
+
+    now = RunConfig.from_mapping(json.loads((run_dir / CONFIG_FILE).read_text()))
+    assert now.privacy.dp and now.adapter.freeze_a is False  # A keeps training, as it did

@@ -57,6 +57,7 @@ def logits(model: torch.nn.Module, tokenizer, texts=TEXTS) -> torch.Tensor:
     ("mean", "adapter", {}),  # fedtune centralized keeps no checkpoints
     ("pooler", "checkpoint", {}),
     ("mean", "checkpoint", {"lora.freeze_a": True}),  # A is redrawn from the run's seed
+    ("mean", "checkpoint", {"privacy.dp": True}),  # FFA-LoRA by default under DP-SGD
 ])
 def test_the_exported_model_gives_the_runs_logits_under_the_datas_label_names(
         tiny_model_dir, toy_data_dir, tmp_path, pooling, saved, extra):
