@@ -169,8 +169,8 @@ class LoraSettings:
     freeze_a: bool | None = _help("FFA-LoRA (Sun et al. 2024, arXiv:2403.12313): keep lora_A at "
                                   "its seeded initialisation and train B only: half the LoRA "
                                   "values to train, noise and send, and FedAvg of B is exact (A "
-                                  "is shared); unset = on under DP-SGD, off otherwise "
-                                  "(measured: docs/utility.md)", None)
+                                  "is shared); unset = on for a classifier under DP-SGD, "
+                                  "off otherwise (measured: docs/utility.md)", None)
 
     def __post_init__(self) -> None:
         _require(self.r >= 1, "lora.r", "must be >= 1", self.r)
@@ -532,10 +532,11 @@ class RunConfig:
 
     @property
     def adapter(self) -> LoraSettings:
-        """`lora` with FFA-LoRA's default filled for this run: on under DP-SGD, whose noise on
-        both LoRA matrices cost banking77 9 points (docs/utility.md)."""
-        return self.lora.resolved(DP_SGD_FREEZE_A if self.privacy.sample_level
-                                  else PLAIN_FREEZE_A)
+        """`lora` with FFA-LoRA's default filled for this run: on for a classifier under DP-SGD,
+        whose noise on both LoRA matrices cost banking77 9 points (docs/utility.md); a causal
+        LM's was not measured and keeps training A."""
+        dp_classifier = self.privacy.sample_level and self.model.task == CLASSIFICATION
+        return self.lora.resolved(DP_SGD_FREEZE_A if dp_classifier else PLAIN_FREEZE_A)
 
     @property
     def evaluation_batch(self) -> int:

@@ -85,6 +85,8 @@ def test_ffa_lora_is_on_under_dp_sgd_unless_set_and_unset_survives_every_form():
     # Execute, Assert
     assert (plain.adapter.freeze_a, dp_sgd.adapter.freeze_a) == (False, True)
     assert client_level.adapter.freeze_a is False
+    causal = RunConfig.from_mapping({"privacy.dp": True, "model.task": "causal-lm"})
+    assert causal.adapter.freeze_a is False  # measured for classifiers only
     assert both.adapter.freeze_a is False  # an explicit value wins (and a saved `false` resumes)
     assert RunConfig.from_mapping({"lora.freeze_a": True}).adapter.freeze_a is True
     # unset is absent from Flower's flat run config (no null there) and null in JSON
