@@ -102,7 +102,8 @@ def _toml(nested: dict) -> str:
     for section, values in nested.items():
         if isinstance(values, dict):
             lines.append(f"[{section}]")
-            lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+            lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()
+                      if value is not None]  # TOML has no null: unset is left out
         else:
             lines.insert(0, f"{section} = {json.dumps(values)}")
     return "\n".join(lines) + "\n"
