@@ -47,8 +47,9 @@ def carried(saved: RunConfig, new: RunConfig) -> dict[str, Any]:
 
 
 def _unset(config: RunConfig) -> set[str]:
-    return {f"lora.{key}" for key, value in dataclasses.asdict(config.lora).items()
-            if value is None}
+    """Dotted keys of every setting left unset (None), in any section."""
+    return {f"{name}.{key}" for name, section in config.to_dict().items()
+            if isinstance(section, dict) for key, value in section.items() if value is None}
 
 
 def _effective(config: RunConfig) -> dict[str, Any]:
