@@ -6,12 +6,14 @@ panel per data set.
 
     python -m benchmarks.privacy_utility [--rows 0] [--test-rows 0] [--only sst2,banking77]
         [--partitions iid,dirichlet-0.5] [--epsilons 8,none] [--seeds 0,1,2] [--max-length 0]
+        [--jobs 1]
 
 Every run is the real command with only the data, the partition, the privacy target and the seed
 set: every training setting is fedtune's default. `--rows`/`--test-rows` keep a seeded subsample
 (0 = all rows); the JSON states the sizes each figure was measured on, and a saved grid is
 completed, never mixed with one measured on other sizes. Each cell is saved as soon as it is
-measured, so an interrupted run resumes where it stopped.
+measured, so an interrupted run resumes where it stopped. `--jobs 2` runs two cells at once
+(the seconds recorded are then those of a shared machine).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +137,7 @@ def plot(path: Path, grid: dict[str, dict[str, Any]]) -> None:
         for partition in PARTITIONS:
             points = [(positions[e], cell["summary"]["accuracy"]) for e in EPSILONS
                       if (cell := grid[name]["cells"].get(f"{partition}/{e}"))
-                      and "accuracy" in cell["summary"]]
+                      and "accuracy" in cell.get("summary", {})]
             if not points:
                 continue
             xs = [x for x, _ in points]
@@ -163,6 +167,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--test-rows", type=int, default=0, help="test rows kept (0 = all)")
     parser.add_argument("--max-length", type=int, default=0,
                         help="tokens per example (0 = fedtune's default)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once (each is its own process; its time is recorded)")
     args = parser.parse_args()
     for flag, chosen, allowed in (("--only", args.only, DATA_SETS),
                                   ("--partitions", args.partitions, PARTITIONS),
@@ -181,7 +187,25 @@ def main() -> None:
     saved = load(NAME, quick=False)
     grid: dict[str, dict[str, Any]] = saved["grid"] if saved and saved["shape"] == shape else {}
     extra = ["--max-length", str(args.max_length)] if args.max_length else []
-    with tempfile.TemporaryDirectory() as scratch:
+    lock = threading.Lock()  # one writer of the grid, its JSON and its plot at a time
+
+    def measure(name: str, data: Path, partition: str, epsilon: str, seed: int) -> None:
+        command, flags = flags_for(partition, epsilon, seed)
+        out = data.parent / f"{name}-{partition}-{epsilon}-{seed}"
+        result = run(command, ["--data", str(data), *extra, *flags], out)
+        with lock:
+            entry = grid[name]
+            cell = entry["cells"][f"{partition}/{epsilon}"]
+            cell["runs"][str(seed)] = result
+            cell["fedtune"] = " ".join([command, *flags[:-2]])
+            cell["summary"] = summarise(cell["runs"])
+            entry["dp_gap_points"] = dp_gaps(entry["cells"])
+            print(name, partition, epsilon, seed, result, flush=True)
+            path = save(NAME, {"shape": shape, "grid": grid}, quick=False)
+            plot(path.with_suffix(".png"), grid)
+
+    with tempfile.TemporaryDirectory() as scratch, ThreadPoolExecutor(args.jobs) as pool:
+        pending = []
         for name in args.only.split(","):
             data, sizes = prepare(name, Path(scratch), args.rows, args.test_rows)
             entry = grid.setdefault(name, {"sizes": sizes, "cells": {}})
@@ -189,20 +213,11 @@ def main() -> None:
                 for epsilon in args.epsilons.split(","):
                     cell = entry["cells"].setdefault(f"{partition}/{epsilon}", {"runs": {}})
                     for seed in (int(s) for s in args.seeds.split(",")):
-                        if "accuracy" in cell["runs"].get(str(seed), {}):
-                            continue  # measured on these sizes already
-                        command, flags = flags_for(partition, epsilon, seed)
-                        out = Path(scratch) / f"{name}-{partition}-{epsilon}-{seed}"
-                        cell["runs"][str(seed)] = run(
-                            command, ["--data", str(data), *extra, *flags], out)
-                        cell["fedtune"] = " ".join([command, *flags[:-2]])
-                        cell["summary"] = summarise(cell["runs"])
-                        entry["dp_gap_points"] = dp_gaps(entry["cells"])
-                        print(name, partition, epsilon, seed, cell["runs"][str(seed)],
-                              flush=True)
-                        path = save(NAME, {"shape": shape, "grid": grid}, quick=False)
-                        plot(path.with_suffix(".png"), grid)
-
+                        if "accuracy" not in cell["runs"].get(str(seed), {}):
+                            pending.append(pool.submit(measure, name, data, partition, epsilon,
+                                                       seed))
+        for future in pending:
+            future.result()  # a crash in the bookkeeping is not swallowed
 
 if __name__ == "__main__":
     main()

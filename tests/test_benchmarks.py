@@ -103,6 +103,40 @@ def test_the_privacy_utility_grid_shows_mean_spread_the_dp_gap_and_a_panel_per_d
     assert (tmp_path / "curve.png").stat().st_size > 1000
 
 
+def test_privacy_utility_with_two_jobs_records_every_cell_and_resumes_without_rerunning(
+        tmp_path, monkeypatch):
+    import benchmarks.privacy_utility as bench
+    import benchmarks.record as record
+
+    calls = []
+
+    def fake_run(command, flags, out):
+        calls.append(flags)
+        seed = int(flags[flags.index("--seed") + 1])
+        return {"accuracy": 0.5 + seed / 10, "macro_f1": 0.4, "epsilon_max": None, "seconds": 1.0}
+
+    def fake_prepare(name, scratch, rows, test_rows):
+        (scratch / name).mkdir()
+        return scratch / name, {"train_rows": rows, "test_rows": test_rows}
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "prepare", fake_prepare)
+    monkeypatch.setattr(record, "RESULTS", tmp_path)
+    argv = ["privacy_utility", "--only", "sst2,banking77", "--partitions", "iid",
+            "--epsilons", "8,none", "--rows", "10", "--test-rows", "5", "--jobs", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+
+    grid = json.loads((tmp_path / "privacy_utility.json").read_text())["grid"]
+    for name in ("sst2", "banking77"):
+        for cell in ("iid/8", "iid/none"):
+            summary = grid[name]["cells"][cell]["summary"]
+            assert summary["seeds"] == 3 and summary["accuracy"]["mean"] == pytest.approx(0.6)
+    assert len(calls) == 12
+    bench.main()  # everything measured on these sizes already: nothing runs again
+    assert len(calls) == 12
+
+
 def test_the_gradient_share_splits_one_examples_gradient_between_head_and_lora(
         tiny_model_dir, toy_data_dir):
     from benchmarks.gradient_share import norms
