@@ -170,6 +170,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once (each is its own process; its time is recorded)")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs: must be at least 1, got {args.jobs}")
     for flag, chosen, allowed in (("--only", args.only, DATA_SETS),
                                   ("--partitions", args.partitions, PARTITIONS),
                                   ("--epsilons", args.epsilons, EPSILONS)):
@@ -204,20 +206,20 @@ def main() -> None:
             path = save(NAME, {"shape": shape, "grid": grid}, quick=False)
             plot(path.with_suffix(".png"), grid)
 
-    with tempfile.TemporaryDirectory() as scratch, ThreadPoolExecutor(args.jobs) as pool:
-        pending = []
+    with tempfile.TemporaryDirectory() as scratch:
+        todo = []  # the whole grid is laid out before any run starts: workers only fill it in
         for name in args.only.split(","):
             data, sizes = prepare(name, Path(scratch), args.rows, args.test_rows)
             entry = grid.setdefault(name, {"sizes": sizes, "cells": {}})
             for partition in args.partitions.split(","):
                 for epsilon in args.epsilons.split(","):
                     cell = entry["cells"].setdefault(f"{partition}/{epsilon}", {"runs": {}})
-                    for seed in (int(s) for s in args.seeds.split(",")):
-                        if "accuracy" not in cell["runs"].get(str(seed), {}):
-                            pending.append(pool.submit(measure, name, data, partition, epsilon,
-                                                       seed))
-        for future in pending:
-            future.result()  # a crash in the bookkeeping is not swallowed
+                    todo += [(name, data, partition, epsilon, seed)
+                             for seed in (int(s) for s in args.seeds.split(","))
+                             if "accuracy" not in cell["runs"].get(str(seed), {})]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for future in [pool.submit(measure, *item) for item in todo]:
+                future.result()  # a crash in the bookkeeping is not swallowed
 
 if __name__ == "__main__":
     main()
