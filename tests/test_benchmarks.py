@@ -155,3 +155,23 @@ def test_the_gradient_share_splits_one_examples_gradient_between_head_and_lora(
     assert split["lora_values"] == sum(a.size for k, a in task.initial_adapter.items()
                                        if "lora_" in k)  # B only: FFA-LoRA under DP-SGD
     assert not any("lora_A" in k for k in task.initial_adapter)
+
+
+def test_the_head_only_levers_learn_a_separable_task_and_noise_costs_the_class_means():
+    import torch
+
+    from benchmarks.head_only_dp import accuracy, noisy_class_means, private_head
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(2000) % 2
+    x = torch.randn(2000, 8, generator=generator)
+    x[:, 0] += 3 * (2 * labels - 1)  # the class is the sign of the first feature
+    with torch.no_grad():
+        head = private_head(x, labels, 2, epochs=4, lr=5e-2)
+        assert accuracy(head(x), labels) > 0.95
+        unit = torch.nn.functional.normalize(x, dim=1)
+        exact = noisy_class_means(x, labels, 2, None)
+        assert torch.allclose(exact.norm(dim=1), torch.ones(2))
+        assert accuracy(unit @ exact.T, labels) > 0.95
+        noisy = noisy_class_means(x, labels, 2, 0.01)  # noise far above one class's sum
+        assert (noisy - exact).norm() > 0.5
