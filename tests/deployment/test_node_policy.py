@@ -44,7 +44,7 @@ def assert_refused(federation: Federation, row: dict, rule: str) -> None:
     ("[privacy]\ndp = false\n", ("--allow-no-dp", "--allow-no-secagg"), "require-dp"),
     (DP, ("--budget-epsilon", "16", "--allow-no-secagg"), "max-epsilon-per-run"),
     ("[privacy]\ndp = true\nnoise_multiplier = 0.1\n",
-     ("--budget-epsilon", "1000", "--allow-no-secagg", "--min-noise-multiplier", "0.05"),
+     ("--budget-epsilon", "4000", "--allow-no-secagg", "--min-noise-multiplier", "0.05"),
      "min-noise-multiplier"),
 ], ids=["dp-off", "run-above-half-the-budget", "noise-below-floor"])
 def test_a_default_node_refuses_what_its_policy_forbids_and_a_permissive_one_trains(
