@@ -221,5 +221,6 @@ def main() -> None:
             for future in [pool.submit(measure, *item) for item in todo]:
                 future.result()  # a crash in the bookkeeping is not swallowed
 
+
 if __name__ == "__main__":
     main()
