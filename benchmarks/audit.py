@@ -43,7 +43,8 @@ DEFECTS = {"defect-eps1": "no-noise"}  # setting -> FEDTUNE_INJECT_DEFECT
 QUICK = ["--num-clients", "2", "--rounds", "1", "--max-length", "32", "--audit",
          "--canaries", "40"]
 # The audit's design these figures belong to; cells saved under another are measured again.
-DESIGN = "made-up-word canaries, scores minus the initial adapter's, top-only and two-sided guesses"
+DESIGN = ("made-up-word canaries scored in their client's last release, minus the initial "
+          "adapter's scores, top-only and two-sided guesses")
 # --defaults: (train rows, test rows) of each seeded subsample, what 2 CPU cores allow
 DEFAULTS_ROWS = {"banking77": (2000, 1000), "sst2": (2000, 872),
                  "medical_abstracts": (2000, 582), "pubmedqa_pqal": (500, 500)}
@@ -75,7 +76,7 @@ def run(flags: list[str], out: Path, defect: str | None = None) -> dict:
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     keep = ("epsilon_lower_bound", "epsilon_reported", "delta", "confidence", "canaries",
             "canaries_included", "guesses", "guesses_right", "guesses_tried", "tpr_at_1pct_fpr",
-            "defect", "epsilon_detectable_max", "underpowered")
+            "defect", "epsilon_detectable_max", "underpowered", "vantage")
     injected = f"FEDTUNE_INJECT_DEFECT={defect} " if defect else ""
     return {"fedtune": injected + " ".join(["simulate", *flags]), "accuracy": last["accuracy"],
             **{key: audit[key] for key in keep}}

@@ -11,6 +11,7 @@ than an error that would say "some row did this". A deployed node remembers each
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from logging import ERROR, INFO
 
@@ -24,6 +25,7 @@ from fedtune.client.ledger import Ledger, LedgerEntry
 from fedtune.client.node_state import Release, release_key
 from fedtune.client.request import Request
 from fedtune.common.adapter import trainable_state
+from fedtune.common.canaries import RELEASES_ENV, keep_release
 from fedtune.common.client_dp import clip_update
 from fedtune.common.data import Examples
 from fedtune.common.training import TrainStats
@@ -84,7 +86,20 @@ def train_round(request: Request, admission: Admission) -> Release:
         state = clip_update(request.adapter, state, config.privacy.clip_norm)
     elif not all(np.isfinite(v).all() for v in state.values()):
         raise RoundFailure("local training produced non-finite values")
+    else:
+        _keep_for_audit(request, state)
     return Release(state, len(rows), stats.loss)
+
+
+def _keep_for_audit(request: Request, state: dict[str, np.ndarray]) -> None:
+    """A simulated client holding the audit's canaries keeps its release where `fedtune
+    simulate` told its workers (RELEASES_ENV): the audit scores them there, in the mechanism its
+    ledger accounts (docs/audit.md). A deployed node holds no canaries and writes nothing,
+    whatever the run config says: only its own environment could name a directory."""
+    config, node, directory = request.config, request.node, os.environ.get(RELEASES_ENV)
+    if (directory and node.simulated and config.audit.enabled
+            and node.partition_id < config.audit.clients):
+        keep_release(directory, node.partition_id, state)
 
 
 def _spend(request: Request, ledger: Ledger, admission: Admission) -> LedgerEntry:

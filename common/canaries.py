@@ -10,14 +10,21 @@ everything else.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from fedtune.common.atomic_file import write_atomic
 from fedtune.common.config import CAUSAL_LM, AuditConfig
 from fedtune.common.data import Examples
+from fedtune.common.run_dir import AUDIT_RELEASES_DIR
 
 AUDIT_STREAM = 0x61756469  # "audi"; partitions and rounds draw from other (seed, ...) tuples
+# Where a simulated canary client keeps its releases: set by `fedtune simulate` for its own Ray
+# workers, never by a run config, so no server can make a node write (an absolute directory)
+RELEASES_ENV = "FEDTUNE_AUDIT_RELEASES"
 SECRET_PREFIX = "my secret code is"
 _LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz"))
 
@@ -60,6 +67,28 @@ def with_canaries(rows: Examples, canaries: Canaries, client: int) -> Examples:
     """`rows` followed by the included canaries `client` holds (the rows as they are if none)."""
     joining = canaries.joining(client)
     return Examples.concat([rows, joining]) if len(joining) else rows
+
+
+def releases_directory(run_dir: str | Path) -> Path:
+    """Where the canary clients of the run in `run_dir` keep their releases."""
+    return Path(run_dir).resolve() / AUDIT_RELEASES_DIR
+
+
+def keep_release(directory: str | Path, client: int, state: dict[str, np.ndarray]) -> None:
+    """Keep a simulated canary client's latest release (its trained adapter, as it leaves the
+    node) for the audit, replacing the one before."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **state)
+    write_atomic(Path(directory) / f"client-{client}.npz", buffer.getvalue())
+
+
+def kept_release(directory: str | Path, client: int) -> dict[str, np.ndarray] | None:
+    """The last release `keep_release` kept for `client`, or None if it kept none."""
+    path = Path(directory) / f"client-{client}.npz"
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as saved:
+        return {name: saved[name] for name in saved.files}
 
 
 def made_up_word(rng: np.random.Generator) -> str:

@@ -22,6 +22,7 @@ SAMPLES_FILE = "samples.jsonl"  # a causal LM's sample generations per round
 LABEL_NAMES_FILE = "labels.json"  # {"0": name, ...}, as in a data directory
 RELEASES_FILE = "client_level_releases.json"  # client-level DP: each noised release, logged first
 AUDIT_FILE = "audit.json"  # the privacy audit's bound
+AUDIT_RELEASES_DIR = "audit-releases"  # the audit: each simulated canary client's last release
 
 
 class RunDirError(InputError, RuntimeError):

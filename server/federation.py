@@ -8,6 +8,7 @@ is written here on top of the strategy's own configure/aggregate methods and Flo
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from logging import WARNING
@@ -22,7 +23,13 @@ from fedtune.common import record_keys as keys
 from fedtune.common.adapter import load_trainable_state
 from fedtune.common.adapter_state import from_record, to_record
 from fedtune.common.config import CAUSAL_LM, RunConfig
-from fedtune.common.run_dir import ADAPTER_DIR, CONFIG_FILE, RunDirError, write_config
+from fedtune.common.run_dir import (
+    ADAPTER_DIR,
+    AUDIT_RELEASES_DIR,
+    CONFIG_FILE,
+    RunDirError,
+    write_config,
+)
 from fedtune.common.task import cached_task
 from fedtune.server import progress as round_progress
 from fedtune.server.checkpoint import (
@@ -248,6 +255,8 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, *, resume: bool) -> None:
     if has_run:
         raise RunDirError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "
                           f"or choose another --out")
+    # a run stopped before its first round may have left canary releases: never audit those
+    shutil.rmtree(run_dir / AUDIT_RELEASES_DIR, ignore_errors=True)
     write_config(run_dir, config)
 
 

@@ -1,18 +1,22 @@
 """The one-run privacy audit of a finished simulation or baseline: score every canary's
-membership from the final global adapter, bound epsilon from below, write `audit.json`.
+membership from the trained adapter, bound epsilon from below, write `audit.json`.
 
-Scores, final adapter minus initial adapter: classification, the log-probability of the
-canary's random label; causal LM, minus the mean loss of its secret (and, from the final adapter,
-the secret's exposure among fresh reference secrets). Reported epsilon: sample-level DP, the
-largest ledger epsilon of the clients holding canaries; client-level DP, the run's client-level
-epsilon (a row's inclusion changes one client's data, so it bounds a row's leakage too,
-loosely); no DP, none (infinite).
+Scores, trained adapter minus initial adapter: classification, the log-probability of the
+canary's random label; causal LM, minus the mean loss of its secret (and, from the trained
+adapter, the secret's exposure among fresh reference secrets). The trained adapter is where the
+run's claim covers a canary most closely: without DP and under DP-SGD, the last release of the
+client holding it (the mechanism its ledger accounts; the global model only averages it with
+others); under client-level DP, whose noise the server adds, the final global adapter.
+Reported epsilon: sample-level DP, the largest ledger epsilon of the clients holding canaries;
+client-level DP, the run's client-level epsilon (a row's inclusion changes one client's data,
+so it bounds a row's leakage too, loosely); no DP, none (infinite).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ from fedtune.client.ledger import Ledger
 from fedtune.client.node import Node, data_set_identity
 from fedtune.common.adapter import load_trainable_state
 from fedtune.common.atomic_file import write_atomic
+from fedtune.common.canaries import Canaries, kept_release, releases_directory
 from fedtune.common.causal_lm import per_example_loss
 from fedtune.common.client_dp import client_level_plan
 from fedtune.common.config import CAUSAL_LM, RunConfig
@@ -45,12 +50,14 @@ def audit_run(config: RunConfig, *, centralized: bool) -> dict[str, Any]:
     """Audit the finished run of `config` and write RUN_DIR/audit.json; return what it holds."""
     run_dir = Path(config.output.dir)
     task = cached_task(config)
-    if not centralized:  # the simulation's final global adapter is its last checkpoint
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is not None:
-            load_trainable_state(task.model, checkpoint.arrays)
     canaries = task.canaries()
-    scores = membership_scores(task, canaries.rows)
+    causal = config.model.task == CAUSAL_LM
+    scores, bits = np.zeros(len(canaries.included)), np.zeros(len(canaries.included))
+    releases = _releases(config, run_dir, centralized)
+    for mine in _vantages(task, run_dir, canaries, releases, centralized):
+        scores[mine] = membership_scores(task, canaries.rows.subset(mine))
+        if causal:
+            bits[mine] = exposure_bits(task, scores[mine], canaries.references)
     change = scores - initial_scores(task, canaries.rows)
     reported, delta, meaning = reported_privacy(config, task, run_dir)
     audit = config.audit
@@ -70,16 +77,17 @@ def audit_run(config: RunConfig, *, centralized: bool) -> dict[str, Any]:
         "guesses_tried": [{"in": g.positives, "out": g.negatives, "right": g.right,
                            "epsilon": g.epsilon} for g in tried],
         "tpr_at_1pct_fpr": tpr_at_fpr(change, canaries.included, LOW_FPR),
-        "score": ("minus the secret's loss" if config.model.task == CAUSAL_LM
+        "score": ("minus the secret's loss" if causal
                   else "log-probability of the canary's random label")
-        + ", final adapter minus initial adapter",
+        + ", trained adapter minus initial adapter",
+        "vantage": _vantage_words(releases, centralized),
         "meaning": meaning,
         "defect": reported is not None and best.epsilon > reported,
         "epsilon_detectable_max": ceiling,
         "underpowered": ceiling < goal,
     }
-    if config.model.task == CAUSAL_LM:
-        body.update(exposure(task, scores, canaries.included, canaries.references))
+    if causal:
+        body.update(exposure(bits, canaries.included, len(canaries.references)))
     write_atomic(run_dir / AUDIT_FILE, (json.dumps(body, indent=2) + "\n").encode())
     return body
 
@@ -117,20 +125,60 @@ def initial_scores(task: Task, rows: Examples) -> np.ndarray:
                 p.copy_(final[name])
 
 
-def exposure(task: Task, scores: np.ndarray, included: np.ndarray,
-             references: list[str]) -> dict[str, float]:
-    """Carlini et al.'s exposure, -log2 of the share of random secrets at least as likely,
-    estimated with the reference secrets (so at most log2(references + 1))."""
+def exposure_bits(task: Task, scores: np.ndarray, references: list[str]) -> np.ndarray:
+    """Carlini et al.'s exposure of each secret under the adapter in place: -log2 of the share
+    of random secrets at least as likely, estimated with the reference secrets (so at most
+    log2(references + 1))."""
     refs = Examples(texts=[""] * len(references), labels=np.zeros(len(references), np.int64),
                     responses=list(references))
     ref_scores = np.sort(membership_scores(task, refs))
     at_least = len(ref_scores) - np.searchsorted(ref_scores, scores, side="left")
-    bits = -np.log2((1 + at_least) / (len(ref_scores) + 1))
+    return -np.log2((1 + at_least) / (len(ref_scores) + 1))
+
+
+def exposure(bits: np.ndarray, included: np.ndarray, references: int) -> dict[str, float]:
+    """The secrets' exposure, summarised for audit.json."""
     return {"exposure_included_mean": float(bits[included].mean()) if included.any() else 0.0,
             "exposure_excluded_mean": float(bits[~included].mean()) if (~included).any()
             else 0.0,
             "exposure_max": float(bits.max()),
-            "exposure_cap": math.log2(len(ref_scores) + 1)}
+            "exposure_cap": math.log2(references + 1)}
+
+
+def _releases(config: RunConfig, run_dir: Path,
+              centralized: bool) -> list[dict[str, np.ndarray]] | None:
+    """Each canary client's last release, where the audit scores there (no DP, DP-SGD) and
+    every client holding a canary kept one; else None: the final global (or trained) adapter."""
+    if centralized or config.privacy.client_level:
+        return None
+    holders = min(config.audit.clients, config.audit.canaries)  # dealt round-robin
+    kept = [kept_release(releases_directory(run_dir), c) for c in range(holders)]
+    return None if any(release is None for release in kept) else kept
+
+
+def _vantages(task: Task, run_dir: Path, canaries: Canaries,
+              releases: list[dict[str, np.ndarray]] | None,
+              centralized: bool) -> Iterator[np.ndarray]:
+    """Put in place each adapter the canaries are scored with; yield the canaries it scores."""
+    if releases is None:
+        checkpoint = None if centralized else latest_checkpoint(run_dir)
+        if checkpoint is not None:  # the simulation's final global adapter
+            load_trainable_state(task.model, checkpoint.arrays)
+        yield np.arange(len(canaries.included))
+        return
+    for client, release in enumerate(releases):
+        mine = np.flatnonzero(canaries.holder == client)
+        if len(mine):  # more canary clients than canaries leaves some with none
+            load_trainable_state(task.model, release)
+            yield mine
+
+
+def _vantage_words(releases: list | None, centralized: bool) -> str:
+    if centralized:
+        return "the trained model"
+    if releases is None:
+        return "the final global adapter"
+    return "the last release of the client holding each canary"
 
 
 def reported_privacy(config: RunConfig, task: Task,
@@ -150,7 +198,8 @@ def reported_privacy(config: RunConfig, task: Task,
         return max(e for e, _ in spent), max(d for _, d in spent), (
             "sample-level DP: the largest ledger epsilon of the clients holding canaries")
     delta = privacy.delta or min(NO_DP_DELTA, max(default_delta(len(r)) for r in rows))
-    return None, delta, ("no DP: nothing is claimed; the bound is the leakage measured at "
+    return None, delta, ("no DP: nothing is claimed; the bound is the scored adapter's "
+                         "leakage (see vantage), measured at "
                          f"--delta, else at the smaller of {NO_DP_DELTA:g} and the delta a DP "
                          "run would use")
 

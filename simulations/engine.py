@@ -19,6 +19,7 @@ from typing import Any
 from flwr.simulation import run_simulation
 
 from fedtune.client.app import app as client_app
+from fedtune.common.canaries import RELEASES_ENV, releases_directory
 from fedtune.common.config import RunConfig
 from fedtune.common.console import QUIET_WORKERS
 from fedtune.server import progress
@@ -48,6 +49,10 @@ def simulate(config: RunConfig, *, resume: bool = False, num_workers: int | None
     # inherited by this run's Ray workers (never by a deployed node's processes); a later verbose
     # run in the same process must not inherit an earlier run's "1"
     os.environ[QUIET_WORKERS] = "0" if verbose else "1"
+    if config.audit.enabled:  # the canary clients' releases, for the audit (docs/audit.md)
+        os.environ[RELEASES_ENV] = str(releases_directory(config.output.dir))
+    else:
+        os.environ.pop(RELEASES_ENV, None)
     with ExitStack() as stack:
         capacity = stack.enter_context(ray_for_run(ray_address, verbose=verbose))
         workers = num_workers or min(config.federation.num_clients, max(1, capacity.cpus))

@@ -72,7 +72,7 @@ def _unprotected(audit: dict[str, Any]) -> str:
     """A low bound without DP must not read as 'no leakage': nothing bounds it."""
     if audit["epsilon_reported"] is not None or audit["epsilon_lower_bound"] >= 1:
         return ""
-    return (" Without DP nothing limits what the model gives away: a bound this low means this "
+    return (" Without DP nothing limits what training gives away: a bound this low means this "
             "attack found little (it needs memorised canaries, which few rounds, and for a "
             "classifier few labels, make rare), not that the data are safe.")
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from fedtune.common.config import RunConfig
 from fedtune.common.one_run_audit import best_guess
+from fedtune.common.run_dir import AUDIT_RELEASES_DIR
 from fedtune.common.task import cached_task
 from fedtune.simulations.audit import audit_run, initial_scores, membership_scores
 from fedtune.simulations.centralized import train_centralized
@@ -52,8 +54,6 @@ def test_a_centralised_audit_writes_audit_json_and_the_report_shows_it(tiny_mode
 
 
 def test_canaries_are_scored_by_what_training_changed(tiny_model_dir, toy_data_dir, tmp_path):
-    import numpy as np
-
     from fedtune.common.adapter import trainable_state
 
     config = tiny(tiny_model_dir, toy_data_dir, tmp_path / "run",
@@ -135,6 +135,9 @@ def test_a_dp_simulation_is_audited_against_the_canary_clients_ledger(tiny_model
     assert len(holder) == 1 and body["epsilon_reported"] == pytest.approx(holder[0]["epsilon"])
     assert body["delta"] == holder[0]["delta"]
     assert body["epsilon_lower_bound"] <= body["epsilon_reported"] and not body["defect"]
+    assert body["vantage"] == "the last release of the client holding each canary"
+    kept = sorted(p.name for p in (out / AUDIT_RELEASES_DIR).iterdir())
+    assert kept == ["client-0.npz"]  # the canary client's, no other's
     assert "audit: epsilon >= " not in done.stderr and "Privacy audit" in done.stdout
     assert fedtune("report", out).returncode == 0
     assert "Privacy audit" in (out / "report.md").read_text()
@@ -186,3 +189,68 @@ def test_client_level_dp_is_compared_with_the_run_s_client_level_epsilon(tiny_mo
     epsilon, delta, meaning = reported_privacy(config, cached_task(config), tmp_path)
     assert epsilon == 1.2 and delta == client_level_plan(config)[1]
     assert meaning.startswith("client-level DP")
+
+
+def test_a_simulation_scores_canaries_in_the_release_of_the_client_holding_them(
+        tiny_model_dir, toy_data_dir, tmp_path):
+    from fedtune.common.adapter import load_trainable_state, trainable_state
+    from fedtune.common.canaries import keep_release, releases_directory
+
+    config = tiny(tiny_model_dir, toy_data_dir, tmp_path / "run",
+                  **{"audit.enabled": True, "audit.canaries": 40})
+    train_centralized(config)
+    task = cached_task(config)
+    canaries, trained = task.canaries(), trainable_state(task.model)
+    expect = membership_scores(task, canaries.rows) - initial_scores(task, canaries.rows)
+    keep_release(releases_directory(tmp_path / "run"), 0, trained)
+    load_trainable_state(task.model, task.initial_adapter)  # no checkpoint: the release decides
+    body = audit_run(config, centralized=False)
+    assert body["vantage"] == "the last release of the client holding each canary"
+    right = best_guess(expect, canaries.included, body["delta"], 0.95)
+    assert [g["right"] for g in body["guesses_tried"]] == [g.right for g in right]
+    assert not np.allclose(expect, 0)
+
+    client_level = config.with_overrides({"privacy.dp": True, "privacy.level": "client"})
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"round": 1}\n')
+    body = audit_run(client_level, centralized=False)  # its noise is the server's: global model
+    assert body["vantage"] == "the final global adapter"
+    two = config.with_overrides({"audit.clients": 2, "federation.num_clients": 2})
+    assert audit_run(two, centralized=False)["vantage"] == "the final global adapter"  # no 1's
+
+
+def test_only_a_simulated_canary_client_keeps_its_release_where_simulate_said(
+        tiny_model_dir, toy_data_dir, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from fedtune.client.local_round import _keep_for_audit
+    from fedtune.client.node import Node
+    from fedtune.common.canaries import RELEASES_ENV, kept_release
+
+    config = tiny(tiny_model_dir, toy_data_dir, tmp_path / "run",
+                  **{"audit.enabled": True, "audit.clients": 1})
+    state = {"w": np.ones(3, np.float32)}
+    holder = Node.from_node_config({"partition-id": 0, "num-partitions": 2})
+    monkeypatch.delenv(RELEASES_ENV, raising=False)
+    _keep_for_audit(SimpleNamespace(config=config, node=holder), state)
+    assert not (tmp_path / "run").exists()  # a run config alone makes no node write anything
+
+    monkeypatch.setenv(RELEASES_ENV, str(tmp_path / "kept"))
+    deployed = Node.from_node_config({"data-path": str(toy_data_dir), "budget-epsilon": 8.0})
+    for node in (deployed, Node.from_node_config({"partition-id": 1, "num-partitions": 2})):
+        _keep_for_audit(SimpleNamespace(config=config, node=node), state)
+    assert not (tmp_path / "kept").exists()  # no canaries there: nothing kept
+    off = config.with_overrides({"audit.enabled": False})
+    _keep_for_audit(SimpleNamespace(config=off, node=holder), state)
+    assert not (tmp_path / "kept").exists()
+    _keep_for_audit(SimpleNamespace(config=config, node=holder), state)
+    assert np.array_equal(kept_release(tmp_path / "kept", 0)["w"], state["w"])
+
+
+def test_a_new_run_never_audits_releases_an_earlier_unfinished_run_left(tmp_path):
+    from fedtune.common.canaries import keep_release, kept_release, releases_directory
+    from fedtune.server.federation import prepare_run_dir
+
+    keep_release(releases_directory(tmp_path), 0, {"w": np.zeros(2)})
+    prepare_run_dir(tmp_path, RunConfig.from_mapping({"output.dir": str(tmp_path)}),
+                    resume=False)
+    assert kept_release(releases_directory(tmp_path), 0) is None
