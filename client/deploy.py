@@ -25,6 +25,7 @@ from fedtune.client.node import keyed_held_out
 from fedtune.client.policy import NodePolicy, PolicyError
 from fedtune.common import certs
 from fedtune.common.app_bundle import app_digest, check_digest
+from fedtune.common.canaries import RELEASES_ENV
 from fedtune.common.config import CAUSAL_LM, CLASSIFICATION, DataConfig
 from fedtune.common.console import filtered
 from fedtune.common.consortium import pinned_digest
@@ -365,6 +366,7 @@ def node_env(policy: NodePolicy) -> dict[str, str]:
     """The SuperNode's environment: offline for every hub unless the operator allows one, so a
     server can never make this node download what it names."""
     env = tool_env()
+    env.pop(RELEASES_ENV, None)  # a simulation's audit directory is never a deployed node's
     if not policy.allow_hub:
         env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return env

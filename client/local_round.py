@@ -97,8 +97,8 @@ def _keep_for_audit(request: Request, state: dict[str, np.ndarray]) -> None:
     ledger accounts (docs/audit.md). A deployed node holds no canaries and writes nothing,
     whatever the run config says: only its own environment could name a directory."""
     config, node, directory = request.config, request.node, os.environ.get(RELEASES_ENV)
-    if (directory and node.simulated and config.audit.enabled
-            and node.partition_id < config.audit.clients):
+    holders = min(config.audit.clients, config.audit.canaries)  # canaries are dealt round-robin
+    if directory and node.simulated and config.audit.enabled and node.partition_id < holders:
         keep_release(directory, node.partition_id, state)
 
 

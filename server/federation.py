@@ -255,9 +255,21 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, *, resume: bool) -> None:
     if has_run:
         raise RunDirError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "
                           f"or choose another --out")
-    # a run stopped before its first round may have left canary releases: never audit those
-    shutil.rmtree(run_dir / AUDIT_RELEASES_DIR, ignore_errors=True)
+    _clear_releases(run_dir / AUDIT_RELEASES_DIR)
     write_config(run_dir, config)
+
+
+def _clear_releases(releases: Path) -> None:
+    """A run stopped before its first round may have left canary releases (the audit's): a new
+    run must never be audited on them, so they go, or the run does not start."""
+    try:
+        if releases.is_symlink():
+            releases.unlink()
+        elif releases.exists():
+            shutil.rmtree(releases)
+    except OSError as error:
+        raise RunDirError(f"{releases} is left from an earlier run and cannot be removed: "
+                          f"{error}") from None
 
 
 def _bytes(messages: list[Message]) -> int:

@@ -12,7 +12,8 @@ the function or its signature changes. `flwr run .` remains available (docs/simu
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +50,8 @@ def simulate(config: RunConfig, *, resume: bool = False, num_workers: int | None
     # inherited by this run's Ray workers (never by a deployed node's processes); a later verbose
     # run in the same process must not inherit an earlier run's "1"
     os.environ[QUIET_WORKERS] = "0" if verbose else "1"
-    if config.audit.enabled:  # the canary clients' releases, for the audit (docs/audit.md)
-        os.environ[RELEASES_ENV] = str(releases_directory(config.output.dir))
-    else:
-        os.environ.pop(RELEASES_ENV, None)
     with ExitStack() as stack:
+        stack.enter_context(_releases_for_workers(config))
         capacity = stack.enter_context(ray_for_run(ray_address, verbose=verbose))
         workers = num_workers or min(config.federation.num_clients, max(1, capacity.cpus))
         names = stack.enter_context(recorded_node_names())
@@ -64,3 +62,17 @@ def simulate(config: RunConfig, *, resume: bool = False, num_workers: int | None
                        backend_config=backend_config(workers, capacity),
                        verbose_logging=verbose)
     return read_rounds(Path(config.output.dir))
+
+
+@contextmanager
+def _releases_for_workers(config: RunConfig) -> Iterator[None]:
+    """Tell this run's Ray workers where canary clients keep their releases (the audit, docs/
+    audit.md), for this run only: nothing started after it inherits the directory."""
+    if not config.audit.enabled:
+        yield
+        return
+    os.environ[RELEASES_ENV] = str(releases_directory(config.output.dir))
+    try:
+        yield
+    finally:
+        os.environ.pop(RELEASES_ENV, None)

@@ -64,8 +64,13 @@ def audit_line(audit: dict[str, Any]) -> str:
     return (f"Privacy audit: epsilon >= {audit['epsilon_lower_bound']:.3f} at "
             f"{audit['confidence']:.0%} confidence beside {claim} ({audit['guesses_right']}/"
             f"{audit['guesses']} membership guesses right on {audit['canaries']} canaries, TPR "
-            f"{audit['tpr_at_1pct_fpr']:.3f} at 1% FPR).{verdict}{_power(audit)}"
+            f"{audit['tpr_at_1pct_fpr']:.3f} at 1% FPR{_scored(audit)}).{verdict}{_power(audit)}"
             f"{_unprotected(audit)}")
+
+
+def _scored(audit: dict[str, Any]) -> str:
+    """Which adapter the canaries were scored in (audit.json's `vantage`), where it says."""
+    return f", scored in {audit['vantage']}" if audit.get("vantage") else ""
 
 
 def _unprotected(audit: dict[str, Any]) -> str:

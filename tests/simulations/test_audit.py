@@ -254,3 +254,26 @@ def test_a_new_run_never_audits_releases_an_earlier_unfinished_run_left(tmp_path
     prepare_run_dir(tmp_path, RunConfig.from_mapping({"output.dir": str(tmp_path)}),
                     resume=False)
     assert kept_release(releases_directory(tmp_path), 0) is None
+    elsewhere = tmp_path / "elsewhere"  # a link is removed, never what it points at
+    keep_release(elsewhere, 0, {"w": np.zeros(2)})
+    releases_directory(tmp_path).symlink_to(elsewhere)
+    (tmp_path / "config.json").unlink()
+    prepare_run_dir(tmp_path, RunConfig.from_mapping({"output.dir": str(tmp_path)}),
+                    resume=False)
+    assert not releases_directory(tmp_path).exists() and kept_release(elsewhere, 0) is not None
+
+
+def test_a_deployed_node_never_inherits_a_simulation_s_release_directory(monkeypatch):
+    from fedtune.client.deploy import node_env
+    from fedtune.client.policy import NodePolicy
+    from fedtune.common.canaries import RELEASES_ENV
+
+    monkeypatch.setenv(RELEASES_ENV, "/tmp/some-run/audit-releases")
+    assert RELEASES_ENV not in node_env(NodePolicy(require_dp=False))
+
+
+def test_the_audit_line_names_the_adapter_it_scored():
+    audit = {"epsilon_lower_bound": 1.2, "epsilon_reported": None, "confidence": 0.95,
+             "guesses": 30, "guesses_right": 29, "canaries": 300, "tpr_at_1pct_fpr": 0.1,
+             "defect": False, "vantage": "the final global adapter"}
+    assert "scored in the final global adapter)" in audit_line(audit)
