@@ -25,7 +25,7 @@ from fedtune.client.ledger import Ledger, LedgerEntry
 from fedtune.client.node_state import Release, release_key
 from fedtune.client.request import Request
 from fedtune.common.adapter import trainable_state
-from fedtune.common.canaries import RELEASES_ENV, keep_release
+from fedtune.common.canaries import RELEASES_ENV, canary_holders, keep_release
 from fedtune.common.client_dp import clip_update
 from fedtune.common.data import Examples
 from fedtune.common.training import TrainStats
@@ -97,8 +97,8 @@ def _keep_for_audit(request: Request, state: dict[str, np.ndarray]) -> None:
     ledger accounts (docs/audit.md). A deployed node holds no canaries and writes nothing,
     whatever the run config says: only its own environment could name a directory."""
     config, node, directory = request.config, request.node, os.environ.get(RELEASES_ENV)
-    holders = min(config.audit.clients, config.audit.canaries)  # canaries are dealt round-robin
-    if directory and node.simulated and config.audit.enabled and node.partition_id < holders:
+    if (directory and node.simulated and config.audit.enabled
+            and node.partition_id < canary_holders(config.audit)):
         keep_release(directory, node.partition_id, state)
 
 

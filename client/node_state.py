@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedtune.common.adapter_state import from_npz, to_npz
 from fedtune.common.atomic_file import locked, write_atomic
 
 NOISE_FILE = "noise.json"  # calibrated noise multipliers by question, a hint (see NodeState)
@@ -90,18 +90,12 @@ class NodeState:
         path = self._path("release", key)
         if not path.exists():
             return None
-        with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as stored:
-            meta = json.loads(str(stored["__meta__"]))
-            arrays = {name: stored[name] for name in meta["names"]}
+        arrays, meta = from_npz(path.read_bytes())
         return Release(arrays, int(meta["examples"]), float(meta["loss"]))
 
     def keep_release(self, key: str, release: Release) -> None:
-        buffer = io.BytesIO()
-        meta = {"names": sorted(release.arrays), "examples": release.examples,
-                "loss": release.loss}
-        np.savez(buffer, __meta__=np.array(json.dumps(meta)),
-                 **{name: np.asarray(v) for name, v in release.arrays.items()})
-        write_atomic(self._path("release", key), buffer.getvalue())
+        write_atomic(self._path("release", key),
+                     to_npz(release.arrays, examples=release.examples, loss=release.loss))
 
     def recall_noise(self, question: str) -> float | None:
         """The noise multiplier kept for `question` (`common/privacy.py`'s NoiseMemo), if any."""

@@ -7,7 +7,10 @@ starts a process per message (a secure-aggregation step that trains nothing star
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -19,6 +22,23 @@ def to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
+
+
+def to_npz(state: Mapping[str, np.ndarray], **meta: Any) -> bytes:
+    """`state` and JSON-safe `meta` as the bytes of one .npz file (a node's kept release, a
+    simulated canary client's release); read back with `from_npz`, never unpickled."""
+    buffer = io.BytesIO()
+    header = {"names": sorted(state), **meta}
+    np.savez(buffer, __meta__=np.array(json.dumps(header)),
+             **{name: np.asarray(v) for name, v in state.items()})
+    return buffer.getvalue()
+
+
+def from_npz(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(state, meta) of bytes `to_npz` wrote."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as stored:
+        meta = json.loads(str(stored["__meta__"]))
+        return {name: stored[name] for name in meta["names"]}, meta
 
 
 def fit_problem(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, np.ndarray]) -> str:

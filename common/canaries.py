@@ -10,12 +10,12 @@ everything else.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fedtune.common.adapter_state import from_npz, to_npz
 from fedtune.common.atomic_file import write_atomic
 from fedtune.common.config import CAUSAL_LM, AuditConfig
 from fedtune.common.data import Examples
@@ -52,7 +52,7 @@ def make_canaries(audit: AuditConfig, seed: int, task: str, num_labels: int) -> 
     content, inclusion = audit_streams(seed)
     m = audit.canaries
     included = inclusion.random(m) < 0.5
-    holder = np.arange(m) % audit.clients
+    holder = np.arange(m) % audit.clients  # clients 0 .. canary_holders(audit) - 1
     if task == CAUSAL_LM:
         secrets = [_secret(content, audit.length) for _ in range(m)]
         references = [_secret(content, audit.length) for _ in range(audit.references)]
@@ -69,6 +69,12 @@ def with_canaries(rows: Examples, canaries: Canaries, client: int) -> Examples:
     return Examples.concat([rows, joining]) if len(joining) else rows
 
 
+def canary_holders(audit: AuditConfig) -> int:
+    """How many clients hold canaries: 0 .. n-1, dealt round-robin (fewer than `audit.clients`
+    where there are fewer canaries than canary clients)."""
+    return min(audit.clients, audit.canaries)
+
+
 def releases_directory(run_dir: str | Path) -> Path:
     """Where the canary clients of the run in `run_dir` keep their releases."""
     return Path(run_dir).resolve() / AUDIT_RELEASES_DIR
@@ -77,18 +83,17 @@ def releases_directory(run_dir: str | Path) -> Path:
 def keep_release(directory: str | Path, client: int, state: dict[str, np.ndarray]) -> None:
     """Keep a simulated canary client's latest release (its trained adapter, as it leaves the
     node) for the audit, replacing the one before."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **state)
-    write_atomic(Path(directory) / f"client-{client}.npz", buffer.getvalue())
+    write_atomic(_release_file(directory, client), to_npz(state))
 
 
 def kept_release(directory: str | Path, client: int) -> dict[str, np.ndarray] | None:
     """The last release `keep_release` kept for `client`, or None if it kept none."""
-    path = Path(directory) / f"client-{client}.npz"
-    if not path.is_file():
-        return None
-    with np.load(path, allow_pickle=False) as saved:
-        return {name: saved[name] for name in saved.files}
+    path = _release_file(directory, client)
+    return from_npz(path.read_bytes())[0] if path.is_file() else None
+
+
+def _release_file(directory: str | Path, client: int) -> Path:
+    return Path(directory) / f"client-{client}.npz"
 
 
 def made_up_word(rng: np.random.Generator) -> str:

@@ -28,7 +28,12 @@ from fedtune.client.ledger import Ledger
 from fedtune.client.node import Node, data_set_identity
 from fedtune.common.adapter import load_trainable_state
 from fedtune.common.atomic_file import write_atomic
-from fedtune.common.canaries import Canaries, kept_release, releases_directory
+from fedtune.common.canaries import (
+    Canaries,
+    canary_holders,
+    kept_release,
+    releases_directory,
+)
 from fedtune.common.causal_lm import per_example_loss
 from fedtune.common.client_dp import client_level_plan
 from fedtune.common.config import CAUSAL_LM, RunConfig
@@ -151,8 +156,8 @@ def _releases(config: RunConfig, run_dir: Path,
     every client holding a canary kept one; else None: the final global (or trained) adapter."""
     if centralized or config.privacy.client_level:
         return None
-    holders = min(config.audit.clients, config.audit.canaries)  # dealt round-robin
-    kept = [kept_release(releases_directory(run_dir), c) for c in range(holders)]
+    directory = releases_directory(run_dir)
+    kept = [kept_release(directory, c) for c in range(canary_holders(config.audit))]
     return None if any(release is None for release in kept) else kept
 
 

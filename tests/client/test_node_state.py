@@ -41,3 +41,22 @@ def test_a_later_message_plans_with_the_noise_its_node_calibrated(tiny_model_dir
     monkeypatch.setattr(privacy, "_searched_noise", no_search)  # as a new process: no cache
     client_app.train(request(config, **{"server-round": 2}), context)
     assert [r["round"] for r in ledger_rounds(ledger)] == [1, 2]
+
+
+def test_a_kept_release_reads_back_as_kept_and_as_earlier_releases_wrote_it(tmp_path):
+    import io
+
+    import numpy as np
+
+    from fedtune.client.node_state import Release
+
+    state = NodeState(tmp_path / "rounds")
+    release = Release({"b": np.arange(3, dtype=np.float32), "a": np.ones((2, 2))}, 40, 0.5)
+    state.keep_release("k", release)
+    back = state.release("k")
+    assert back.examples == 40 and back.loss == 0.5 and sorted(back.arrays) == ["a", "b"]
+    assert all(np.array_equal(back.arrays[n], release.arrays[n]) for n in release.arrays)
+    buffer = io.BytesIO()  # the file layout a node upgraded mid-run may already hold
+    meta = {"names": ["a", "b"], "examples": 40, "loss": 0.5}
+    np.savez(buffer, __meta__=np.array(json.dumps(meta)), **release.arrays)
+    assert state._path("release", "k").read_bytes() == buffer.getvalue()
