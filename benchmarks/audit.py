@@ -19,13 +19,13 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.dp_overhead import SHARED_BANKING77
+from benchmarks.fedtune_run import fedtune, last_round
+from benchmarks.shared_data import SHARED_BANKING77
+from fedtune.common.run_dir import AUDIT_FILE
 
 TRAIN_ROWS, TEST_ROWS = 250, 200
 COMMON = ["--num-clients", "2", "--rounds", "4", "--local-epochs", "3", "--max-length", "32",
@@ -68,12 +68,11 @@ def run(flags: list[str], out: Path, defect: str | None = None) -> dict:
         env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(DEFECT_HOOK),
                                                             env.get("PYTHONPATH")])),
                    FEDTUNE_INJECT_DEFECT=defect)
-    done = subprocess.run([sys.executable, "-m", "fedtune", "simulate", *flags, "--out",
-                           str(out)], capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "?"}
-    audit = json.loads((out / "audit.json").read_text())
-    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    done = fedtune("simulate", flags, out, env)
+    if done.error:
+        return {"error": done.error}
+    audit = json.loads((out / AUDIT_FILE).read_text())
+    last = last_round(out)
     keep = ("epsilon_lower_bound", "epsilon_reported", "delta", "confidence", "canaries",
             "canaries_included", "guesses", "guesses_right", "guesses_tried", "tpr_at_1pct_fpr",
             "defect", "epsilon_detectable_max", "underpowered", "vantage")

@@ -13,7 +13,7 @@ import argparse
 
 import numpy as np
 
-from benchmarks.dp_overhead import SHARED_BANKING77
+from benchmarks.shared_data import SHARED_BANKING77
 
 
 def measure(data_path: str, rank: int) -> dict[str, float]:

@@ -17,13 +17,13 @@ import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.shared_data import SHARED_BANKING77
+
 MODES = ("plain", "hooks", "functorch", "ghost")
-SHARED_BANKING77 = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77"
 
 
 def measure(mode: str, steps: int, batch_size: int, max_length: int, *, model_name: str = "",

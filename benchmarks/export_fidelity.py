@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.record import save
+from fedtune.server.metrics_log import read_rounds
 
 # What a user runs elsewhere: transformers only. argv: model dir, test.jsonl, labels.json.
 # Prints the pipeline's labels, the true label names, whether loading without
@@ -108,8 +109,7 @@ def main() -> None:
                 "--rounds", args.rounds, "--max-length", args.max_length, "--seed", args.seed,
                 "--out", work / "run")
         simulated = time.perf_counter() - started
-        rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text()
-                .splitlines()]
+        rows = read_rounds(work / "run")
         fedtune("export", work / "run", work / "model")
         used = label_with_transformers_only(work / "model", work / "data" / "test.jsonl",
                                             work / "data" / "labels.json", work)

@@ -6,44 +6,35 @@ panel per data set.
 
     python -m benchmarks.privacy_utility [--rows 0] [--test-rows 0] [--only sst2,banking77]
         [--partitions iid,dirichlet-0.5] [--epsilons 8,none] [--seeds 0,1,2] [--max-length 0]
-        [--jobs 1]
+        [--jobs 1] [--cells sst2:iid/1,banking77:dirichlet-0.5/none]
 
 Every run is the real command with only the data, the partition, the privacy target and the seed
 set: every training setting is fedtune's default. `--rows`/`--test-rows` keep a seeded subsample
 (0 = all rows); the JSON states the sizes each figure was measured on, and a saved grid is
 completed, never mixed with one measured on other sizes. Each cell is saved as soon as it is
 measured, so an interrupted run resumes where it stopped. `--jobs 2` runs two cells at once
-(the seconds recorded are then those of a shared machine).
+(the seconds recorded are then those of a shared machine). `--cells` names the cells to fill
+instead of every data set x partition x epsilon, in the order they run, so a long DP-SGD cell
+and short ones can share the two slots.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import random
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.dp_overhead import SHARED_BANKING77
+from benchmarks.fedtune_run import fedtune, last_round
+from benchmarks.shared_data import SHARED, SPLITS, read_lines
 
-SHARED = SHARED_BANKING77.parent
 NAME = "privacy_utility"
-DATA_SETS = ("banking77", "sst2", "medical_abstracts", "pubmedqa_pqal")
-# (train file, test file) of each data set in ../shared/data; medical_abstracts: its derived
-# re-split (SOURCE.md); sst2's labelled test split is its validation split.
-SPLITS = {"banking77": ("train.jsonl", "test.jsonl"),
-          "sst2": ("train.jsonl.gz", "validation.jsonl"),
-          "medical_abstracts": ("resplit_train.jsonl", "resplit_test.jsonl"),
-          "pubmedqa_pqal": ("train.jsonl", "test.jsonl")}
+DATA_SETS = tuple(SPLITS)
 PARTITIONS: dict[str, tuple[str, list[str]]] = {
     "pooled": ("centralized", []),
     "iid": ("simulate", []),
@@ -52,12 +43,6 @@ PARTITIONS: dict[str, tuple[str, list[str]]] = {
 }
 EPSILONS = ("1", "2", "4", "8", "none")
 GAP_EPSILON = "8"
-
-
-def read_lines(path: Path) -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        return [line for line in handle if line.strip()]
 
 
 def prepare(name: str, scratch: Path, rows: int, test_rows: int) -> tuple[Path, dict[str, int]]:
@@ -88,17 +73,12 @@ def flags_for(partition: str, epsilon: str, seed: int) -> tuple[str, list[str]]:
 
 def run(command: str, flags: list[str], out: Path) -> dict[str, Any]:
     """One real run; its last round's accuracy and macro-F1, the largest epsilon, the time."""
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "fedtune", command, *flags, "--out", str(out)],
-                          capture_output=True, text=True)
-    seconds = round(time.perf_counter() - started, 1)
-    if done.returncode != 0:
-        lines = done.stderr.strip().splitlines()
-        return {"error": lines[-1] if lines else f"exit {done.returncode}", "seconds": seconds}
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    last = rows[-1]
+    done = fedtune(command, flags, out)
+    if done.error:
+        return {"error": done.error, "seconds": done.seconds}
+    last = last_round(out)
     return {"accuracy": last["accuracy"], "macro_f1": last.get("macro_f1"),
-            "epsilon_max": last.get("epsilon_max"), "seconds": seconds}
+            "epsilon_max": last.get("epsilon_max"), "seconds": done.seconds}
 
 
 def summarise(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -129,7 +109,8 @@ def plot(path: Path, grid: dict[str, dict[str, Any]]) -> None:
     """A panel per data set: mean accuracy (error bar: min to max over seeds) against epsilon."""
     from benchmarks.plots import plt
 
-    names = [n for n in grid if grid[n]["cells"]]
+    names = [n for n in grid  # a data set with a measured cell
+             if any("accuracy" in c.get("summary", {}) for c in grid[n]["cells"].values())]
     figure, axes = plt.subplots(1, max(len(names), 1), figsize=(4 * max(len(names), 1), 3.4),
                                 squeeze=False)
     positions = {e: i for i, e in enumerate(EPSILONS)}
@@ -169,6 +150,9 @@ def parse() -> argparse.Namespace:
                         help="tokens per example (0 = fedtune's default)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once (each is its own process; its time is recorded)")
+    parser.add_argument("--cells", default="",
+                        help="DATA:PARTITION/EPSILON,... to fill instead of --only x "
+                             "--partitions x --epsilons, in this order")
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs: must be at least 1, got {args.jobs}")
@@ -178,7 +162,28 @@ def parse() -> argparse.Namespace:
         unknown = set(chosen.split(",")) - set(allowed)
         if unknown:
             parser.error(f"{flag}: unknown {sorted(unknown)}; choose from {list(allowed)}")
+    try:
+        args.cells = (parse_cells(args.cells) if args.cells else
+                      [(name, partition, epsilon) for name in args.only.split(",")
+                       for partition in args.partitions.split(",")
+                       for epsilon in args.epsilons.split(",")])
+    except ValueError as error:
+        parser.error(f"--cells: {error}")
     return args
+
+
+def parse_cells(text: str) -> list[tuple[str, str, str]]:
+    """`sst2:iid/1,banking77:pooled/none` as (data set, partition, epsilon), checked."""
+    cells = []
+    for item in text.split(","):
+        name, _, rest = item.partition(":")
+        partition, _, epsilon = rest.partition("/")
+        if name not in DATA_SETS or partition not in PARTITIONS or epsilon not in EPSILONS:
+            raise ValueError(f"{item!r} is not DATA:PARTITION/EPSILON with DATA in "
+                             f"{list(DATA_SETS)}, PARTITION in {list(PARTITIONS)}, EPSILON in "
+                             f"{list(EPSILONS)}")
+        cells.append((name, partition, epsilon))
+    return cells
 
 
 def main() -> None:
@@ -208,15 +213,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         todo = []  # the whole grid is laid out before any run starts: workers only fill it in
-        for name in args.only.split(","):
-            data, sizes = prepare(name, Path(scratch), args.rows, args.test_rows)
-            entry = grid.setdefault(name, {"sizes": sizes, "cells": {}})
-            for partition in args.partitions.split(","):
-                for epsilon in args.epsilons.split(","):
-                    cell = entry["cells"].setdefault(f"{partition}/{epsilon}", {"runs": {}})
-                    todo += [(name, data, partition, epsilon, seed)
-                             for seed in (int(s) for s in args.seeds.split(","))
-                             if "accuracy" not in cell["runs"].get(str(seed), {})]
+        prepared: dict[str, Path] = {}
+        for name, partition, epsilon in dict.fromkeys(args.cells):  # a repeated cell runs once
+            if name not in prepared:
+                prepared[name], sizes = prepare(name, Path(scratch), args.rows, args.test_rows)
+                grid.setdefault(name, {"sizes": sizes, "cells": {}})
+            cell = grid[name]["cells"].setdefault(f"{partition}/{epsilon}", {"runs": {}})
+            todo += [(name, prepared[name], partition, epsilon, seed)
+                     for seed in (int(s) for s in args.seeds.split(","))
+                     if "accuracy" not in cell["runs"].get(str(seed), {})]
         with ThreadPoolExecutor(args.jobs) as pool:
             for future in [pool.submit(measure, *item) for item in todo]:
                 future.result()  # a crash in the bookkeeping is not swallowed

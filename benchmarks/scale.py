@@ -17,7 +17,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from benchmarks.dp_overhead import SHARED_BANKING77
+from benchmarks.shared_data import SHARED_BANKING77
 
 GIB = 1024**3
 SHARED_SST2 = SHARED_BANKING77.parent / "sst2"

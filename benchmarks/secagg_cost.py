@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.fedtune_run import fedtune, last_round
 from fedtune.client.secagg import SecAggClient
 from fedtune.common.secagg import ring
 from fedtune.server.secagg import SecAggServer
@@ -106,13 +105,10 @@ def accuracy_pair(data: str, quick: bool) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as scratch:
         for label, extra in (("plain", []), ("secagg", ["--secagg"])):
             out = Path(scratch) / label
-            started = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "fedtune", "simulate", "--data", data,
-                            *flags, *extra, "--out", str(out)], check=True)
-            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            result[label] = {"accuracy": rows[-1]["accuracy"],
-                             "seconds": time.perf_counter() - started,
-                             "bytes_up_last_round": rows[-1]["bytes_up"]}
+            seconds = fedtune("simulate", ["--data", data, *flags, *extra], out, check=True).seconds
+            last = last_round(out)
+            result[label] = {"accuracy": last["accuracy"], "seconds": seconds,
+                             "bytes_up_last_round": last["bytes_up"]}
     result["accuracy_difference"] = abs(result["secagg"]["accuracy"]  # type: ignore[index]
                                         - result["plain"]["accuracy"])  # type: ignore[index]
     return result
@@ -135,9 +131,9 @@ def main() -> None:
             row = {"vector": label, **one_round(clients, length)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    from benchmarks.dp_overhead import SHARED_BANKING77
     from benchmarks.plots import line_chart
     from benchmarks.record import load, save
+    from benchmarks.shared_data import SHARED_BANKING77
 
     previous = load("secagg_cost", quick=args.quick) or {}
     data = "builtin" if args.quick or not SHARED_BANKING77.is_dir() else str(SHARED_BANKING77)

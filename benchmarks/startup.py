@@ -18,9 +18,9 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from benchmarks.fedtune_run import fedtune
 from benchmarks.record import save
 from fedtune.server.metrics_log import read_rounds
 
@@ -59,10 +59,7 @@ def drop_page_cache() -> bool:
 
 
 def timed(command: str, out: Path, *flags: str) -> dict:
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "fedtune", command, "--out", str(out), *flags],
-                   check=True, capture_output=True, text=True)
-    wall = time.perf_counter() - started
+    wall = fedtune(command, flags, out, check=True).seconds
     rounds = [row["seconds"] for row in read_rounds(out)]
     return {"wall_s": round(wall, 1), "round_s": [round(s, 1) for s in rounds],
             "first_over_second": round(rounds[0] / rounds[1], 2) if len(rounds) > 1 else None}

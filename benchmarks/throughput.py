@@ -8,20 +8,15 @@ seed and passes, both measured in this one run as examples per second over the w
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.dp_overhead import SHARED_BANKING77
+from benchmarks.fedtune_run import fedtune
+from benchmarks.shared_data import SHARED_BANKING77
 
 
 def timed_run(command: str, flags: list[str], out: Path) -> float:
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "fedtune", command, *flags, "--out", str(out)],
-                   check=True, capture_output=True, text=True)
-    return time.perf_counter() - started
+    return fedtune(command, flags, out, check=True).seconds
 
 
 def examples_trained(flags: list[str]) -> int:

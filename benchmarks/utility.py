@@ -14,19 +14,15 @@ partial run (`--only`, `--settings`) keeps and completes what earlier runs measu
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.dp_overhead import SHARED_BANKING77
+from benchmarks.fedtune_run import fedtune
+from benchmarks.shared_data import SHARED, SPLITS, read_lines
+from fedtune.server.metrics_log import read_rounds
 
-SHARED = SHARED_BANKING77.parent
 # Only the shape of the federation is set: every training setting is fedtune's default.
 COMMON = ["--num-clients", "10", "--rounds", "5", "--max-length", "64"]
 DIRICHLET = ["--partition", "dirichlet", "--alpha", "0.5"]
@@ -53,32 +49,28 @@ def prepare(name: str, scratch: Path) -> str:
     shutil.copy(source / "labels.json", target / "labels.json")
     if name == "banking77":
         return str(source)
-    if name == "medical_abstracts":
-        shutil.copy(source / "resplit_train.jsonl", target / "train.jsonl")
-        shutil.copy(source / "resplit_test.jsonl", target / "test.jsonl")
-    elif name == "sst2":
-        with gzip.open(source / "train.jsonl.gz", "rt", encoding="utf-8") as handle:
-            rows = handle.readlines()
+    train, test = SPLITS[name]
+    if name == "sst2":
+        rows = read_lines(source / train)
         random.Random(0).shuffle(rows)
         (target / "train.jsonl").write_text("".join(rows[:SST2_TRAIN_ROWS]), encoding="utf-8")
-        shutil.copy(source / "validation.jsonl", target / "test.jsonl")
+    else:
+        shutil.copy(source / train, target / "train.jsonl")
+    shutil.copy(source / test, target / "test.jsonl")
     return str(target)
 
 
 def run(command: str, flags: list[str], out: Path) -> dict[str, float | None]:
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "fedtune", command, *flags, "--out",
-                           str(out)], capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "?"}
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    done = fedtune(command, flags, out)
+    if done.error:
+        return {"error": done.error}
+    rows = read_rounds(out)
     last = rows[-1]
     return {"fedtune": " ".join([command, *flags]), "accuracy": last["accuracy"],
             "macro_f1": last.get("macro_f1"),
             "worst_client_accuracy": last.get("client_accuracy_worst"),
             "accuracy_per_round": [r["accuracy"] for r in rows],
-            "epsilon_max": last.get("epsilon_max"), "seconds": round(seconds, 1)}
+            "epsilon_max": last.get("epsilon_max"), "seconds": done.seconds}
 
 
 def main() -> None:

@@ -137,6 +137,43 @@ def test_privacy_utility_with_two_jobs_records_every_cell_and_resumes_without_re
     assert len(calls) == 12
 
 
+def test_privacy_utility_fills_the_named_cells_in_their_order_and_refuses_unknown_ones(
+        tmp_path, monkeypatch, capsys):
+    import benchmarks.privacy_utility as bench
+    import benchmarks.record as record
+
+    calls = []
+
+    def fake_run(command, flags, out):
+        calls.append((out.name, command, flags))
+        return {"accuracy": 0.5, "macro_f1": 0.4, "epsilon_max": None, "seconds": 1.0}
+
+    def fake_prepare(name, scratch, rows, test_rows):
+        (scratch / name).mkdir()
+        return scratch / name, {"train_rows": rows, "test_rows": test_rows}
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "prepare", fake_prepare)
+    monkeypatch.setattr(record, "RESULTS", tmp_path)
+    cells = "sst2:iid/1,banking77:dirichlet-0.5/none,sst2:iid/1"
+    monkeypatch.setattr(sys, "argv", ["privacy_utility", "--cells", cells, "--seeds", "0,1"])
+    bench.main()
+
+    assert [name for name, _, _ in calls] == [
+        "sst2-iid-1-0", "sst2-iid-1-1", "banking77-dirichlet-0.5-none-0",
+        "banking77-dirichlet-0.5-none-1"]
+    assert calls[0][2][-5:] == ["--dp", "--epsilon", "1", "--seed", "0"]
+    assert calls[2][2][-6:] == ["--partition", "dirichlet", "--alpha", "0.5", "--seed", "0"]
+    grid = json.loads((tmp_path / "privacy_utility.json").read_text())["grid"]
+    assert set(grid["sst2"]["cells"]) == {"iid/1"}
+    assert set(grid["banking77"]["cells"]) == {"dirichlet-0.5/none"}
+
+    monkeypatch.setattr(sys, "argv", ["privacy_utility", "--cells", "sst2:iid/3"])
+    with pytest.raises(SystemExit) as stopped:
+        bench.main()
+    assert stopped.value.code == 2 and "'sst2:iid/3'" in capsys.readouterr().err
+
+
 def test_the_gradient_share_splits_one_examples_gradient_between_head_and_lora(
         tiny_model_dir, toy_data_dir):
     from benchmarks.gradient_share import norms

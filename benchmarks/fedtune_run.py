@@ -1,0 +1,44 @@
+"""The real `fedtune` command as benchmarks run it: a child process, its wall time, and the
+rounds it logged, read through the run directory's own reader."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedtune.server.metrics_log import read_rounds
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How one `fedtune` process ended: `error` is its last stderr line when it failed."""
+
+    seconds: float
+    error: str | None
+
+
+def fedtune(command: str, flags: Sequence[str], out: Path,
+            env: Mapping[str, str] | None = None, check: bool = False) -> Finished:
+    """`python -m fedtune COMMAND FLAGS --out OUT`, captured and timed; a failure is returned,
+    or raised with `check`."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "fedtune", command, *flags, "--out", str(out)],
+                          capture_output=True, text=True, env=None if env is None else dict(env))
+    seconds = round(time.perf_counter() - started, 1)
+    if done.returncode == 0:
+        return Finished(seconds, None)
+    lines = done.stderr.strip().splitlines()
+    error = lines[-1] if lines else f"exit {done.returncode}"
+    if check:
+        raise RuntimeError(f"fedtune {command} {' '.join(flags)} failed: {error}")
+    return Finished(seconds, error)
+
+
+def last_round(out: Path) -> dict[str, Any]:
+    """The metrics row of the last round a finished run logged."""
+    return read_rounds(out)[-1]
