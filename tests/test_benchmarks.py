@@ -103,15 +103,17 @@ def test_the_privacy_utility_grid_shows_mean_spread_the_dp_gap_and_a_panel_per_d
     assert (tmp_path / "curve.png").stat().st_size > 1000
 
 
-def test_privacy_utility_with_two_jobs_records_every_cell_and_resumes_without_rerunning(
-        tmp_path, monkeypatch):
+@pytest.fixture
+def privacy_utility(tmp_path, monkeypatch):
+    """The benchmark with its runs faked (accuracy 0.5 + seed / 10) and its results in tmp_path;
+    returns the module and the list of each call's run directory name, command and flags."""
     import benchmarks.privacy_utility as bench
     import benchmarks.record as record
 
     calls = []
 
     def fake_run(command, flags, out):
-        calls.append(flags)
+        calls.append((out.name, command, flags))
         seed = int(flags[flags.index("--seed") + 1])
         return {"accuracy": 0.5 + seed / 10, "macro_f1": 0.4, "epsilon_max": None, "seconds": 1.0}
 
@@ -122,6 +124,12 @@ def test_privacy_utility_with_two_jobs_records_every_cell_and_resumes_without_re
     monkeypatch.setattr(bench, "run", fake_run)
     monkeypatch.setattr(bench, "prepare", fake_prepare)
     monkeypatch.setattr(record, "RESULTS", tmp_path)
+    return bench, calls
+
+
+def test_privacy_utility_with_two_jobs_records_every_cell_and_resumes_without_rerunning(
+        privacy_utility, tmp_path, monkeypatch):
+    bench, calls = privacy_utility
     argv = ["privacy_utility", "--only", "sst2,banking77", "--partitions", "iid",
             "--epsilons", "8,none", "--rows", "10", "--test-rows", "5", "--jobs", "2"]
     monkeypatch.setattr(sys, "argv", argv)
@@ -138,23 +146,8 @@ def test_privacy_utility_with_two_jobs_records_every_cell_and_resumes_without_re
 
 
 def test_privacy_utility_fills_the_named_cells_in_their_order_and_refuses_unknown_ones(
-        tmp_path, monkeypatch, capsys):
-    import benchmarks.privacy_utility as bench
-    import benchmarks.record as record
-
-    calls = []
-
-    def fake_run(command, flags, out):
-        calls.append((out.name, command, flags))
-        return {"accuracy": 0.5, "macro_f1": 0.4, "epsilon_max": None, "seconds": 1.0}
-
-    def fake_prepare(name, scratch, rows, test_rows):
-        (scratch / name).mkdir()
-        return scratch / name, {"train_rows": rows, "test_rows": test_rows}
-
-    monkeypatch.setattr(bench, "run", fake_run)
-    monkeypatch.setattr(bench, "prepare", fake_prepare)
-    monkeypatch.setattr(record, "RESULTS", tmp_path)
+        privacy_utility, tmp_path, monkeypatch, capsys):
+    bench, calls = privacy_utility
     cells = "sst2:iid/1,banking77:dirichlet-0.5/none,sst2:iid/1"
     monkeypatch.setattr(sys, "argv", ["privacy_utility", "--cells", cells, "--seeds", "0,1"])
     bench.main()
