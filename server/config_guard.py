@@ -53,7 +53,11 @@ def _unset(config: RunConfig) -> set[str]:
 
 
 def _effective(config: RunConfig) -> dict[str, Any]:
-    return dataclasses.replace(config, lora=config.adapter).to_flat()
+    """Dotted values as the run uses them: every setting left to the run's kind (training's
+    zeros, an empty strategy, FFA-LoRA's None) filled with that kind's default, so a value
+    written out equal to its default is no change, and a switch to DP-SGD names what it moves."""
+    return dataclasses.replace(config, lora=config.adapter, train=config.training,
+                               federation=config.aggregation).to_flat()
 
 
 def check_restart(run_dir: Path, new: RunConfig, *, accept: bool) -> list[str]:

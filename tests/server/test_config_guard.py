@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fedtune.common.config import RunConfig
+from fedtune.common.config import DP_SGD_STRATEGY, DP_SGD_TRAINING, PLAIN_TRAINING, RunConfig
 from fedtune.common.run_dir import CONFIG_FILE
 from fedtune.server.config_guard import ConfigChangeError, changed_keys, check_restart
 
@@ -35,9 +35,35 @@ def test_the_settings_of_an_audit_neither_side_runs_may_change():
 
 def test_every_other_difference_is_named_in_order():
     saved = RunConfig()
-    new = saved.with_overrides({"privacy.dp": True, "secagg.enabled": True, "train.lr": 0.5})
+    new = saved.with_overrides({"model.pooling": "pooler", "secagg.enabled": True, "train.lr": 0.5})
 
-    assert changed_keys(saved, new) == ["privacy.dp", "secagg.enabled", "train.lr"]
+    assert changed_keys(saved, new) == ["model.pooling", "secagg.enabled", "train.lr"]
+
+
+def test_a_value_written_out_equal_to_the_default_of_the_runs_kind_is_no_change():
+    saved = RunConfig().with_overrides({"privacy.dp": True})  # training left to DP-SGD's defaults
+    spelled_out = saved.with_overrides({
+        "train.batch_size": DP_SGD_TRAINING["batch_size"], "train.lr": DP_SGD_TRAINING["lr"],
+        "train.local_epochs": DP_SGD_TRAINING["local_epochs"],
+        "federation.strategy": DP_SGD_STRATEGY, "lora.freeze_a": True})
+
+    assert changed_keys(saved, spelled_out) == []
+    # against the default, not the zero that stood for it: 0 -> 4 would have hidden 4 -> 2
+    other = saved.with_overrides({"train.local_epochs": 2})
+    assert changed_keys(saved, other) == ["train.local_epochs"]
+
+
+def test_a_switch_to_dp_sgd_names_the_training_values_it_moves(tmp_path):
+    saved, run_dir = started_run(tmp_path)
+    dp = RunConfig().with_overrides({"privacy.dp": True})
+
+    with pytest.raises(ConfigChangeError) as refused:
+        check_restart(run_dir, dp, accept=False)
+
+    moved = {"privacy.dp", "train.batch_size", "train.head_lr", "train.local_epochs", "train.lr"}
+    assert set(changed_keys(saved, dp)) == moved
+    assert f"train.batch_size ({PLAIN_TRAINING['batch_size']!r} -> " \
+           f"{DP_SGD_TRAINING['batch_size']!r})" in str(refused.value)
 
 
 def test_a_changed_restart_is_refused_with_the_keys_and_values(tmp_path):
@@ -92,7 +118,7 @@ def test_an_accepted_switch_to_dp_keeps_the_adapters_shape(tmp_path):
     saved, run_dir = started_run(tmp_path)  # plain: FFA-LoRA off, lora.freeze_a unset
     dp = RunConfig().with_overrides({"privacy.dp": True})
 
-    assert changed_keys(saved, dp) == ["privacy.dp"]
+    assert "lora.freeze_a" not in changed_keys(saved, dp)
     check_restart(run_dir, dp, accept=True)
 
     now = RunConfig.from_mapping(json.loads((run_dir / CONFIG_FILE).read_text()))
