@@ -17,12 +17,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks.fedtune_run import fedtune
 from benchmarks.record import save
 from fedtune.server.metrics_log import read_rounds
 
@@ -77,13 +77,7 @@ def subsample(source: Path, target: Path, train_rows: int, test_rows: int, seed:
     shutil.copyfile(source / "labels.json", target / "labels.json")
 
 
-def fedtune(*args: object) -> None:
-    command = [sys.executable, "-m", "fedtune", *map(str, args)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1",
-                               "TOKENIZERS_PARALLELISM": "false"})
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed: {done.stderr[-2000:]}")
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def main() -> None:
@@ -104,13 +98,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="export-fidelity-") as scratch:
         work = Path(scratch)
         subsample(args.data, work / "data", args.train_rows, args.test_rows, args.seed)
-        started = time.perf_counter()
-        fedtune("simulate", "--data", work / "data", "--num-clients", args.clients,
-                "--rounds", args.rounds, "--max-length", args.max_length, "--seed", args.seed,
-                "--out", work / "run")
-        simulated = time.perf_counter() - started
+        simulated = fedtune("simulate", ["--data", work / "data", "--num-clients", args.clients,
+                                         "--rounds", args.rounds, "--max-length", args.max_length,
+                                         "--seed", args.seed], work / "run", OFFLINE,
+                            check=True).seconds
         rows = read_rounds(work / "run")
-        fedtune("export", work / "run", work / "model")
+        fedtune("export", [work / "run", work / "model"], env=OFFLINE, check=True)
         used = label_with_transformers_only(work / "model", work / "data" / "test.jsonl",
                                             work / "data" / "labels.json", work)
     figures = {

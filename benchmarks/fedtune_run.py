@@ -22,20 +22,23 @@ class Finished:
     error: str | None
 
 
-def fedtune(command: str, flags: Sequence[str], out: Path,
+def fedtune(command: str, flags: Sequence[object], out: Path | None = None,
             env: Mapping[str, str] | None = None, check: bool = False) -> Finished:
-    """`python -m fedtune COMMAND FLAGS --out OUT`, captured and timed; a failure is returned,
-    or raised with `check`."""
+    """`python -m fedtune COMMAND FLAGS [--out OUT]`, captured and timed; a failure is returned,
+    or raised with `check` (with the end of its stderr, for whoever reads the benchmark's log)."""
+    argv = [sys.executable, "-m", "fedtune", command, *map(str, flags)]
+    if out is not None:
+        argv += ["--out", str(out)]
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "fedtune", command, *flags, "--out", str(out)],
-                          capture_output=True, text=True, env=None if env is None else dict(env))
+    done = subprocess.run(argv, capture_output=True, text=True,
+                          env=None if env is None else dict(env))
     seconds = round(time.perf_counter() - started, 1)
     if done.returncode == 0:
         return Finished(seconds, None)
     lines = done.stderr.strip().splitlines()
     error = lines[-1] if lines else f"exit {done.returncode}"
     if check:
-        raise RuntimeError(f"fedtune {command} {' '.join(flags)} failed: {error}")
+        raise RuntimeError(f"{' '.join(argv[2:])} failed: {done.stderr[-2000:] or error}")
     return Finished(seconds, error)
 
 
