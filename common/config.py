@@ -561,6 +561,13 @@ class RunConfig:
         return self.federation.resolved(DP_SGD_STRATEGY if self.privacy.sample_level
                                         else PLAIN_STRATEGY)
 
+    def resolved(self) -> RunConfig:
+        """This configuration as a federated run uses it, every setting left to the run's kind
+        written out (`training`, `aggregation`, `adapter`): a saved run keeps its values when a
+        release changes a default, and every node trains with the server's, not its own."""
+        return dataclasses.replace(self, lora=self.adapter, train=self.training,
+                                   federation=self.aggregation)
+
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
         """Build from nested (`{"train": {"lr": ...}}`) or dotted (`{"train.lr": ...}`) keys."""

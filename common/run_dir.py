@@ -14,7 +14,7 @@ from typing import Any
 from fedtune.common.config import RunConfig
 from fedtune.common.errors import InputError
 
-CONFIG_FILE = "config.json"  # the run's resolved configuration, sorted JSON
+CONFIG_FILE = "config.json"  # the run's configuration, sorted JSON (federated: .resolved())
 ADAPTER_DIR = "adapter"  # the final adapter, as PEFT saves it
 CHECKPOINT_DIR = "checkpoints"  # one directory per completed round
 METRICS_FILE = "metrics.jsonl"  # one JSON object per round

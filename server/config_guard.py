@@ -8,7 +8,6 @@ TOML becomes the run's configuration and the replaced one is kept beside it.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -26,38 +25,42 @@ class ConfigChangeError(InputError, ValueError):
 
 
 def changed_keys(saved: RunConfig, new: RunConfig) -> list[str]:
-    """Dotted keys whose values, as the run uses them (an unset one resolved), differ, sorted;
-    except those a restart may change, those the new TOML leaves unset (the run keeps what it
-    has used: `carried`), and the audit's settings while neither side audits (inert there). A
-    release that changes a default must not stop a deployment's restart."""
-    before, after = _effective(saved), _effective(new)
+    """Dotted keys whose values, as the run would go on with them (`restarted`, every default
+    resolved), differ from the run's, sorted; except those a restart may change, and the audit's
+    settings while neither side audits (inert there)."""
+    before, after = _effective(saved), _effective(restarted(saved, new))
     inert = set() if saved.audit.enabled or new.audit.enabled else {
         k for k in before.keys() | after.keys() if k.startswith("audit.")}
-    skip = MAY_CHANGE | inert | _unset(new)
+    skip = MAY_CHANGE | inert
     return sorted(k for k in before.keys() | after.keys()
                   if k not in skip and before.get(k) != after.get(k))
 
 
+def restarted(saved: RunConfig, new: RunConfig) -> RunConfig:
+    """`new` as the run goes on with it: what it leaves to the default keeps the value the run
+    used (`carried`), so a release that changes a default changes no running run."""
+    return new.with_overrides(carried(saved, new))
+
+
 def carried(saved: RunConfig, new: RunConfig) -> dict[str, Any]:
-    """The values the run has used for the keys the new configuration leaves unset (None: the
-    default of the run's kind), e.g. `lora.freeze_a: false` of a run started before FFA-LoRA
-    became the DP-SGD default: an adapter's shape never changes under a running run."""
+    """The run's values for the keys the new configuration leaves to the default of the run's
+    kind. A switch between plain training and DP-SGD takes the new kind's training defaults;
+    the adapter's shape (`lora`, e.g. FFA-LoRA's `freeze_a`) never changes under a running run."""
     before = _effective(saved)
-    return {key: before[key] for key in _unset(new)}
+    same_kind = saved.privacy.sample_level == new.privacy.sample_level
+    return {key: before[key] for key in _left_to_default(new)
+            if same_kind or key.startswith("lora.")}
 
 
-def _unset(config: RunConfig) -> set[str]:
-    """Dotted keys of every setting left unset (None), in any section."""
-    return {f"{name}.{key}" for name, section in config.to_dict().items()
-            if isinstance(section, dict) for key, value in section.items() if value is None}
+def _left_to_default(config: RunConfig) -> set[str]:
+    """Dotted keys whose value stands for the default of the run's kind (a zero, an empty
+    strategy, a None): those `RunConfig.resolved` fills in."""
+    given, resolved = config.to_flat(), config.resolved().to_flat()
+    return {key for key, value in resolved.items() if given.get(key) != value}
 
 
 def _effective(config: RunConfig) -> dict[str, Any]:
-    """Dotted values as the run uses them: every setting left to the run's kind (training's
-    zeros, an empty strategy, FFA-LoRA's None) filled with that kind's default, so a value
-    written out equal to its default is no change, and a switch to DP-SGD names what it moves."""
-    return dataclasses.replace(config, lora=config.adapter, train=config.training,
-                               federation=config.aggregation).to_flat()
+    return config.resolved().to_flat()
 
 
 def check_restart(run_dir: Path, new: RunConfig, *, accept: bool) -> list[str]:
@@ -73,7 +76,8 @@ def check_restart(run_dir: Path, new: RunConfig, *, accept: bool) -> list[str]:
     if not changed:
         return []
     if not accept:
-        shown = ", ".join(f"{k} ({_flat(saved, k)!r} -> {_flat(new, k)!r})" for k in changed)
+        before, after = _effective(saved), _effective(restarted(saved, new))
+        shown = ", ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in changed)
         raise ConfigChangeError(
             f"{saved_file} was started with another configuration: {shown}; restore the TOML "
             "or pass --accept-config-change to continue the run with the new values")
@@ -81,11 +85,6 @@ def check_restart(run_dir: Path, new: RunConfig, *, accept: bool) -> list[str]:
     # the old configuration is copied aside first, then replaced atomically: a crash in between
     # leaves one of the two in config.json, never none
     write_atomic(run_dir / f"config.replaced-{stamp}.json", saved_file.read_bytes())
-    merged = new.with_overrides({"output.dir": saved.output.dir, **carried(saved, new)})
-    write_atomic(saved_file, merged.to_json().encode())
+    merged = restarted(saved, new).with_overrides({"output.dir": saved.output.dir})
+    write_atomic(saved_file, merged.resolved().to_json().encode())
     return changed
-
-
-
-def _flat(config: RunConfig, key: str) -> Any:
-    return _effective(config).get(key)

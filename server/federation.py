@@ -75,6 +75,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
     `simulated`: the server's own randomness (client-level DP noise) follows `config.seed` so a
     simulation repeats; otherwise it comes from the operating system's entropy, since every
     client receives the seed."""
+    config = config.resolved()  # what config.json and every node's request hold
     run_dir = Path(config.output.dir)
     prepare_run_dir(run_dir, config, resume=resume)
     task = cached_task(config, held_out_only=not simulated)  # a server's data need not train

@@ -123,3 +123,31 @@ def test_an_accepted_switch_to_dp_keeps_the_adapters_shape(tmp_path):
 
     now = RunConfig.from_mapping(json.loads((run_dir / CONFIG_FILE).read_text()))
     assert now.privacy.dp and now.adapter.freeze_a is False  # A keeps training, as it did
+
+
+def test_a_release_that_changes_a_default_changes_no_running_run(tmp_path, monkeypatch):
+    import fedtune.common.config as config_module
+
+    started = RunConfig().with_overrides({"privacy.dp": True}).resolved()  # as saved by a run
+    _, run_dir = started_run(tmp_path, **started.to_flat())
+    newer = {**DP_SGD_TRAINING, "lr": DP_SGD_TRAINING["lr"] * 2}
+    monkeypatch.setattr(config_module, "DP_SGD_TRAINING", newer)
+    same_toml = RunConfig().with_overrides({"privacy.dp": True})
+    assert same_toml.training.lr == newer["lr"]  # a new run would take the new default
+
+    assert check_restart(run_dir, same_toml, accept=False) == []
+    check_restart(run_dir, same_toml.with_overrides({"secagg.enabled": True}), accept=True)
+    now = RunConfig.from_mapping(json.loads((run_dir / CONFIG_FILE).read_text()))
+    assert now.training.lr == DP_SGD_TRAINING["lr"] and now.secagg.enabled
+    assert now.train.lr == DP_SGD_TRAINING["lr"]  # written out, not a zero that would move
+
+
+def test_resolved_writes_out_every_default_of_the_runs_kind_and_nothing_else():
+    plain, dp = RunConfig(), RunConfig().with_overrides({"privacy.dp": True})
+
+    assert plain.resolved().train.lr == PLAIN_TRAINING["lr"]
+    assert dp.resolved().train.batch_size == DP_SGD_TRAINING["batch_size"]
+    assert dp.resolved().federation.strategy == DP_SGD_STRATEGY
+    assert dp.resolved().lora.freeze_a is True and plain.resolved().lora.freeze_a is False
+    assert dp.resolved().resolved() == dp.resolved()
+    assert dp.resolved().training == dp.training and dp.resolved().adapter == dp.adapter

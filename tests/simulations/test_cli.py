@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fedtune.common.config import PLAIN_STRATEGY, PLAIN_TRAINING
 from fedtune.server.checkpoint import latest_checkpoint
 from fedtune.server.metrics_log import read_rounds
 from tests.conftest import write_jsonl
@@ -41,7 +42,11 @@ def test_simulate_writes_metrics_checkpoints_and_a_peft_adapter(tiny_model_dir, 
     assert all(r["clients"] == 3 and r["bytes_up"] > 0 for r in history)
     assert sorted(history[-1]["client_accuracy"]) == ["client-0", "client-1", "client-2"]
     assert latest_checkpoint(out).round == 2
-    assert json.loads((out / "config.json").read_text())["federation"]["rounds"] == 2
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["federation"]["rounds"] == 2
+    # every default written out as the run used it: a later release's defaults cannot move it
+    assert saved["train"]["head_lr"] == PLAIN_TRAINING["head_lr"] != 0
+    assert saved["federation"]["strategy"] == PLAIN_STRATEGY and saved["lora"]["freeze_a"] is False
     assert (out / "adapter" / "adapter_config.json").exists()
     board = EventAccumulator(str(out / "tensorboard"), size_guidance={"histograms": 0}).Reload()
     accuracy = board.Scalars("round/accuracy")
