@@ -20,15 +20,17 @@ from fedtune.common.process_tree import (
     stop_tree,
 )
 
-# A child that starts a grandchild in a new session (out of the child's process group), prints
-# its pid, and then ignores SIGTERM or not as asked.
+# A child that starts a grandchild in a new session (out of the child's process group), then
+# ignores SIGTERM or not as asked (the grandchild keeps the default), then prints the
+# grandchild's pid: once it is read, the child is ready (a handler set after the print lost the
+# race on a loaded machine).
 TREE = """
 import signal, subprocess, sys, time
 grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
                               start_new_session=True)
-print(grandchild.pid, flush=True)
 if sys.argv[1] == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print(grandchild.pid, flush=True)
 time.sleep(300)
 """
 
