@@ -114,6 +114,9 @@ def request_violations(policy: NodePolicy, config: RunConfig, node: Node, *,
     limits = ((MAX_LENGTH, "model.max_length", model.max_length, policy.max_length),
               (MAX_PHYSICAL_BATCH, "train.physical_batch", train.physical_batch,
                policy.max_physical_batch),
+              # a plain step is one forward pass of the whole batch (DP-SGD's goes in chunks)
+              *([(MAX_PHYSICAL_BATCH, "train.batch_size", train.batch_size,
+                  policy.max_physical_batch)] if not privacy.sample_level else []),
               (MAX_STEPS, "train.local_steps", train.local_steps, policy.max_steps),
               (MAX_LORA_RANK, "lora.r", config.lora.r, policy.max_lora_rank))
     broken += [f"{rule}: the server asked {name} = {asked}, above this node's {limit}"

@@ -58,8 +58,11 @@ def remember(request: Request, kind: str, make: Callable[[], Release]) -> Releas
 
 
 def _key(request: Request, kind: str) -> str:
-    return release_key(request.run, request.server_round, request.adapter, request.config_json,
-                       kind)
+    """The configuration as this node resolves it, canonical: a server that asks the same round
+    again, its defaults written out after an upgrade or its keys reordered, gets the same
+    release (and spends nothing more)."""
+    return release_key(request.run, request.server_round, request.adapter,
+                       request.config.resolved().to_json(), kind)
 
 
 def train_round(request: Request, admission: Admission) -> Release:
@@ -78,7 +81,7 @@ def train_round(request: Request, admission: Admission) -> Release:
                                              dropout_seed=request.seeds.dropout,
                                              sampling_seed=request.seeds.sampling)
         stats = task.train_plain(loader, optimizer, _plain_training(request),
-                                 config.federation.proximal_weight)
+                                 config.aggregation.proximal_weight)
     state = trainable_state(task.model)
     if config.privacy.client_level:
         if not all(np.isfinite(v).all() for v in state.values()):

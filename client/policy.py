@@ -97,7 +97,8 @@ class NodePolicy:
                               False)
     max_length: int = setting("most tokens per row the server may ask for (and never more than "
                               "the model's positions)", 512)
-    max_physical_batch: int = setting("most rows per forward pass the server may ask for",
+    max_physical_batch: int = setting("most rows per forward pass the server may ask for "
+                                      "(train.physical_batch; train.batch_size outside DP-SGD)",
                                       256)
     max_steps: int = setting("most optimizer steps one round may take", 1000)
     max_lora_rank: int = setting("largest LoRA rank the server may ask for", 64)

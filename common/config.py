@@ -552,7 +552,8 @@ class RunConfig:
     @property
     def pooled_training(self) -> TrainConfig:
         """`train` with the defaults of the centralised baseline (all rows, no DP-SGD), which
-        counts whole passes: `local_steps` is a client's setting."""
+        counts whole passes: `local_steps` is a client's setting. Read it from a configuration
+        as given: a `.resolved()` one already holds a federated client's defaults."""
         return dataclasses.replace(self.train.resolved(POOLED_TRAINING), local_steps=0)
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
@@ -10,7 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.common import console
 from fedtune.common.config import ConfigError, RunConfig, with_run_dir
-from fedtune.common.run_dir import saved_config
+from fedtune.server.config_guard import continued
 from fedtune.server.federation import run_federation
 from fedtune.server.node_registry import read_node_names
 from fedtune.server.progress import RoundProgress
@@ -65,10 +66,8 @@ def config_from_run_config(values: Mapping[str, Any]) -> tuple[RunConfig, bool]:
         config = RunConfig.from_mapping(values)
     refuse_audit(config)
     config = with_run_dir(config, "flwr")
-    previous = saved_config(config.output.dir)
-    if previous is None:
-        return config, False
-    return previous.with_overrides({"federation.rounds": config.federation.rounds}), True
+    previous = continued(Path(config.output.dir), config)
+    return (config, False) if previous is None else (previous, True)
 
 
 def refuse_audit(config: RunConfig) -> None:

@@ -24,6 +24,16 @@ class ConfigChangeError(InputError, ValueError):
     """The configuration differs from the one the run was started with."""
 
 
+def continued(run_dir: Path, new: RunConfig) -> RunConfig | None:
+    """The configuration a resumed run goes on with: the one it saved, with `new`'s
+    `federation.rounds` (a restart may extend it); None where `run_dir` holds no run. Whatever
+    the server sizes or checks for a resumed run reads this, not the TOML."""
+    saved = saved_config(run_dir)
+    if saved is None:
+        return None
+    return saved.with_overrides({"federation.rounds": new.federation.rounds})
+
+
 def changed_keys(saved: RunConfig, new: RunConfig) -> list[str]:
     """Dotted keys whose values, as the run would go on with them (`restarted`, every default
     resolved), differ from the run's, sorted; except those a restart may change, and the audit's
@@ -50,6 +60,15 @@ def carried(saved: RunConfig, new: RunConfig) -> dict[str, Any]:
     same_kind = saved.privacy.sample_level == new.privacy.sample_level
     return {key: before[key] for key in _left_to_default(new)
             if same_kind or key.startswith("lora.")}
+
+
+def kept_from_the_run(saved: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """{key: (the run's value, the TOML's default)} where the two differ: what a restart keeps
+    that the TOML alone would set otherwise (a line removed, or a default a release changed),
+    for the operator to read; written out in the TOML it is a change like any other."""
+    defaults = _effective(new)
+    return {key: (value, defaults.get(key)) for key, value in carried(saved, new).items()
+            if value != defaults.get(key)}
 
 
 def _left_to_default(config: RunConfig) -> set[str]:

@@ -46,7 +46,7 @@ from fedtune.common.run_dir import METRICS_FILE
 from fedtune.common.tool_path import tool_env
 from fedtune.server.app import CONFIG_FILE_KEY, NODE_NAMES_KEY, refuse_audit
 from fedtune.server.checkpoint import checkpoint_rounds
-from fedtune.server.config_guard import check_restart
+from fedtune.server.config_guard import check_restart, continued, kept_from_the_run
 from fedtune.server.fleet_limits import fleet_limits
 from fedtune.server.fleet_proxy import ProxySettings, nginx_binary, start_proxy
 from fedtune.server.metrics_log import read_rounds
@@ -261,7 +261,8 @@ def _check_inputs(settings: ServerSettings) -> tuple[Path, Path, Path]:
 
 
 def _guard_config(settings: ServerSettings) -> RunConfig:
-    """A restart must not change the run's configuration unless the operator says so."""
+    """A restart must not change the run's configuration unless the operator says so; returns
+    the configuration the run goes on with (the proxy is sized from it, its data read)."""
     config = RunConfig.from_toml(settings.config_file)  # a bad one fails here, not in Flower
     refuse_audit(config)
     run_dir = (settings.state_dir / RUN_DIR).resolve()
@@ -270,7 +271,13 @@ def _guard_config(settings: ServerSettings) -> RunConfig:
     if changed:
         print(f"fedtune: the run continues with the changed configuration ({', '.join(changed)}); "
               f"the replaced one is kept in {run_dir}", flush=True)
-    return config
+    goes_on = continued(run_dir, config)
+    if goes_on is None:
+        return config
+    for key, (value, default) in kept_from_the_run(goes_on, config).items():
+        print(f"fedtune: the run keeps {key} = {value!r}, which the TOML leaves to its default "
+              f"({default!r}); write it in the TOML to change it", flush=True)
+    return goes_on
 
 
 def _check_data(config: RunConfig) -> None:

@@ -28,6 +28,7 @@ from fedtune.common.run_dir import (
     AUDIT_RELEASES_DIR,
     CONFIG_FILE,
     RunDirError,
+    saved_config,
     write_config,
 )
 from fedtune.common.task import cached_task
@@ -247,11 +248,16 @@ def _privacy_columns(outcome: TrainOutcome, noise: ServerSideNoise | None) -> di
 
 
 def prepare_run_dir(run_dir: Path, config: RunConfig, *, resume: bool) -> None:
-    """Refuse to start over an existing run; write the resolved configuration for a new one."""
+    """Refuse to start over an existing run; write the resolved configuration for a new one, and
+    for a resumed one that an earlier release saved with its defaults unwritten (pinned at
+    today's: they move no further)."""
     has_run = (run_dir / METRICS_FILE).exists() or bool(checkpoint_rounds(run_dir))
     if resume:
-        if not (run_dir / CONFIG_FILE).exists():
+        saved = saved_config(run_dir)
+        if saved is None:
             raise RunDirError(f"{run_dir} holds no fedtune run to resume (no {CONFIG_FILE})")
+        if saved != saved.resolved():
+            write_config(run_dir, saved.resolved())
         return
     if has_run:
         raise RunDirError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "

@@ -224,3 +224,28 @@ def test_client_level_noise_below_the_node_floor_is_refused(toy_data_dir):
                                                min_noise_multiplier=0.3),
                    data_path=str(toy_data_dir))
     assert request_violations(lenient.policy, config, lenient, secure=False) == []
+
+
+def test_a_plain_batch_is_one_forward_pass_and_held_to_the_nodes_physical_batch(toy_data_dir):
+    from fedtune.client.admission import request_violations
+    from fedtune.client.node import Node
+    from fedtune.client.policy import MAX_PHYSICAL_BATCH, NodePolicy
+    from fedtune.common.config import RunConfig
+
+    node = Node(name="n", policy=NodePolicy(require_dp=False, require_secagg=False),
+                data_path=str(toy_data_dir))
+    limit = node.policy.max_physical_batch
+
+    def broken(**settings) -> list[str]:
+        config = RunConfig.from_mapping({"model.name": "embedded", **settings})
+        return [rule.split(":")[0] for rule in
+                request_violations(node.policy, config, node, secure=False)]
+
+    assert broken(**{"train.batch_size": limit}) == []
+    assert broken(**{"train.batch_size": 100 * limit}) == [MAX_PHYSICAL_BATCH]
+    assert broken(**{"privacy.dp": True, "privacy.level": "client", "privacy.epsilon": 8.0,
+                     "privacy.delta": 0.05, "federation.num_clients": 2,
+                     "privacy.noise_multiplier": 1.0,
+                     "train.batch_size": 100 * limit}) == [MAX_PHYSICAL_BATCH]
+    # DP-SGD's Poisson batch goes through in chunks of train.physical_batch
+    assert broken(**{"privacy.dp": True, "train.batch_size": 100 * limit}) == []

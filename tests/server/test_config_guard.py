@@ -151,3 +151,65 @@ def test_resolved_writes_out_every_default_of_the_runs_kind_and_nothing_else():
     assert dp.resolved().lora.freeze_a is True and plain.resolved().lora.freeze_a is False
     assert dp.resolved().resolved() == dp.resolved()
     assert dp.resolved().training == dp.training and dp.resolved().adapter == dp.adapter
+
+
+def test_a_resumed_run_is_sized_from_the_configuration_it_goes_on_with(tmp_path):
+    from fedtune.server.config_guard import continued
+    from fedtune.server.fleet_limits import fleet_limits
+
+    assert continued(tmp_path / "nothing", RunConfig()) is None
+    _, run_dir = started_run(tmp_path, **{"secagg.enabled": True})  # plain: A and B train
+    dp = RunConfig().with_overrides({"secagg.enabled": True, "privacy.dp": True,
+                                     "federation.rounds": 8})
+    check_restart(run_dir, dp, accept=True)
+
+    goes_on = continued(run_dir, dp)
+    assert goes_on.adapter.freeze_a is False and goes_on.federation.rounds == 8
+    # the TOML alone (FFA-LoRA under DP-SGD) would size the proxy for half the adapter
+    assert fleet_limits(goes_on).largest_object > fleet_limits(dp).largest_object
+
+
+def test_fedtune_server_sizes_and_checks_a_resumed_run_by_its_saved_configuration(tmp_path,
+                                                                                  capsys):
+    from fedtune.server.deploy import RUN_DIR, ServerSettings, _guard_config
+
+    state = tmp_path / "state"
+    state.mkdir()
+    started_run(state, **{"secagg.enabled": True})  # state/run: plain, A and B train
+    assert RUN_DIR == "run"
+    toml = tmp_path / "server.toml"
+    toml.write_text("[privacy]\ndp = true\n[secagg]\nenabled = true\n")
+    settings = ServerSettings(certs_dir=tmp_path, state_dir=state, config_file=toml, nodes=[],
+                              accept_config_change=True)
+
+    used = _guard_config(settings)
+
+    assert used.privacy.dp and used.adapter.freeze_a is False  # not the TOML's FFA-LoRA
+    assert used.output.dir == str(state / "run")
+    said = capsys.readouterr().out
+    assert "changed configuration (privacy.dp, train.batch_size" in said
+    assert "keeps lora.freeze_a = False, which the TOML leaves to its default (True)" in said
+
+
+def test_a_line_removed_from_the_toml_keeps_the_runs_value_and_says_so():
+    from fedtune.server.config_guard import kept_from_the_run
+
+    saved = RunConfig().with_overrides({"train.lr": 0.005}).resolved()
+    removed = RunConfig()
+
+    assert changed_keys(saved, removed) == []
+    assert kept_from_the_run(saved, removed) == {"train.lr": (0.005, PLAIN_TRAINING["lr"])}
+    assert kept_from_the_run(saved, removed.with_overrides({"train.lr": 0.005})) == {}
+
+
+def test_a_run_saved_with_its_defaults_unwritten_is_pinned_when_it_resumes(tmp_path):
+    from fedtune.server.federation import prepare_run_dir
+
+    saved, run_dir = started_run(tmp_path, **{"privacy.dp": True})  # zeros, as releases wrote
+    assert json.loads((run_dir / CONFIG_FILE).read_text())["train"]["lr"] == 0
+
+    prepare_run_dir(run_dir, saved, resume=True)
+
+    pinned = json.loads((run_dir / CONFIG_FILE).read_text())
+    assert pinned["train"]["lr"] == DP_SGD_TRAINING["lr"] and pinned["lora"]["freeze_a"] is True
+    assert RunConfig.from_mapping(pinned) == saved.resolved()
