@@ -60,3 +60,24 @@ def test_a_kept_release_reads_back_as_kept_and_as_earlier_releases_wrote_it(tmp_
     meta = {"names": ["a", "b"], "examples": 40, "loss": 0.5}
     np.savez(buffer, __meta__=np.array(json.dumps(meta)), **release.arrays)
     assert state._path("release", "k").read_bytes() == buffer.getvalue()
+
+
+def test_a_round_asked_again_with_its_defaults_written_out_gets_the_kept_release(
+        tiny_model_dir, toy_data_dir, tmp_path):
+    import numpy as np
+
+    from fedtune.common import record_keys as keys
+    from fedtune.common.adapter_state import from_record
+
+    config = run_config(tiny_model_dir, toy_data_dir, **{"federation.rounds": 2,
+                                                          "train.local_steps": 1})
+    assert config.to_flat() != config.resolved().to_flat()  # zeros, as an earlier server sent
+    ledger = tmp_path / "ledger"
+    context = node_context(tiny_model_dir, toy_data_dir, ledger, **PLAIN_DP)
+    first = client_app.train(request(config), context)
+    again = client_app.train(request(config.resolved()), context)  # the upgraded server
+
+    assert [r["round"] for r in ledger_rounds(ledger)] == [1]  # nothing spent twice
+    sent, resent = (from_record(reply.content[keys.ARRAYS]) for reply in (first, again))
+    assert sorted(sent) == sorted(resent)
+    assert all(np.array_equal(sent[name], resent[name]) for name in sent)
