@@ -42,7 +42,7 @@ from fedtune.common.process_tree import (
     stop_pids,
     stop_tree,
 )
-from fedtune.common.run_dir import METRICS_FILE
+from fedtune.common.run_dir import METRICS_FILE, saved_config
 from fedtune.common.tool_path import tool_env
 from fedtune.server.app import CONFIG_FILE_KEY, NODE_NAMES_KEY, refuse_audit
 from fedtune.server.checkpoint import checkpoint_rounds
@@ -266,18 +266,22 @@ def _guard_config(settings: ServerSettings) -> RunConfig:
     config = RunConfig.from_toml(settings.config_file)  # a bad one fails here, not in Flower
     refuse_audit(config)
     run_dir = (settings.state_dir / RUN_DIR).resolve()
+    saved = saved_config(run_dir)
+    if saved is None:
+        return config
     changed = check_restart(run_dir, config.with_overrides({"output.dir": str(run_dir)}),
                             accept=settings.accept_config_change)
     if changed:
         print(f"fedtune: the run continues with the changed configuration ({', '.join(changed)}); "
               f"the replaced one is kept in {run_dir}", flush=True)
-    goes_on = continued(run_dir, config)
-    if goes_on is None:
-        return config
-    for key, (value, default) in kept_from_the_run(goes_on, config).items():
+    for key, (value, default) in kept_from_the_run(saved, config).items():
         print(f"fedtune: the run keeps {key} = {value!r}, which the TOML leaves to its default "
-              f"({default!r}); write it in the TOML to change it", flush=True)
-    return goes_on
+              f"({default!r}); to change it, write it in the TOML and pass "
+              "--accept-config-change", flush=True)
+    if (rounds := config.federation.rounds) != saved.federation.rounds:
+        print(f"fedtune: the run now ends after round {rounds}, the TOML's federation.rounds "
+              f"(its saved configuration says {saved.federation.rounds})", flush=True)
+    return continued(run_dir, config)
 
 
 def _check_data(config: RunConfig) -> None:

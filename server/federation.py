@@ -248,9 +248,9 @@ def _privacy_columns(outcome: TrainOutcome, noise: ServerSideNoise | None) -> di
 
 
 def prepare_run_dir(run_dir: Path, config: RunConfig, *, resume: bool) -> None:
-    """Refuse to start over an existing run; write the resolved configuration for a new one, and
-    for a resumed one that an earlier release saved with its defaults unwritten (pinned at
-    today's: they move no further)."""
+    """Refuse to start over an existing run; write `config` for a new one (a federation's is
+    resolved, a pooled baseline's as given), and for a resumed one that an earlier release saved
+    with its defaults unwritten, that configuration resolved (pinned at today's defaults)."""
     has_run = (run_dir / METRICS_FILE).exists() or bool(checkpoint_rounds(run_dir))
     if resume:
         saved = saved_config(run_dir)

@@ -178,7 +178,7 @@ def test_fedtune_server_sizes_and_checks_a_resumed_run_by_its_saved_configuratio
     started_run(state, **{"secagg.enabled": True})  # state/run: plain, A and B train
     assert RUN_DIR == "run"
     toml = tmp_path / "server.toml"
-    toml.write_text("[privacy]\ndp = true\n[secagg]\nenabled = true\n")
+    toml.write_text("[privacy]\ndp = true\n[secagg]\nenabled = true\n[federation]\nrounds = 9\n")
     settings = ServerSettings(certs_dir=tmp_path, state_dir=state, config_file=toml, nodes=[],
                               accept_config_change=True)
 
@@ -189,6 +189,8 @@ def test_fedtune_server_sizes_and_checks_a_resumed_run_by_its_saved_configuratio
     said = capsys.readouterr().out
     assert "changed configuration (privacy.dp, train.batch_size" in said
     assert "keeps lora.freeze_a = False, which the TOML leaves to its default (True)" in said
+    assert "now ends after round 9, the TOML's federation.rounds (its saved configuration " \
+           "says 5)" in said and used.federation.rounds == 9
 
 
 def test_a_line_removed_from_the_toml_keeps_the_runs_value_and_says_so():
