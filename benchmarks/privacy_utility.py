@@ -186,6 +186,14 @@ def parse_cells(text: str) -> list[tuple[str, str, str]]:
     return cells
 
 
+def measured(grid: dict[str, Any]) -> dict[str, Any]:
+    """The grid without the cells laid out but not run yet: an interrupted run's JSON holds
+    only what was measured (the next run lays them out again)."""
+    kept = {name: {**entry, "cells": {key: cell for key, cell in entry["cells"].items()
+                                      if cell["runs"]}} for name, entry in grid.items()}
+    return {name: entry for name, entry in kept.items() if entry["cells"]}
+
+
 def main() -> None:
     args = parse()
     from benchmarks.record import load, save
@@ -208,7 +216,7 @@ def main() -> None:
             cell["summary"] = summarise(cell["runs"])
             entry["dp_gap_points"] = dp_gaps(entry["cells"])
             print(name, partition, epsilon, seed, result, flush=True)
-            path = save(NAME, {"shape": shape, "grid": grid}, quick=False)
+            path = save(NAME, {"shape": shape, "grid": measured(grid)}, quick=False)
             plot(path.with_suffix(".png"), grid)
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -167,6 +167,27 @@ def test_privacy_utility_fills_the_named_cells_in_their_order_and_refuses_unknow
     assert stopped.value.code == 2 and "'sst2:iid/3'" in capsys.readouterr().err
 
 
+def test_an_interrupted_privacy_utility_run_records_only_the_cells_it_measured(
+        privacy_utility, tmp_path, monkeypatch):
+    bench, _ = privacy_utility
+    measured = bench.run
+
+    def stopped_at_banking77(command, flags, out):
+        if out.name.startswith("banking77"):
+            raise KeyboardInterrupt
+        return measured(command, flags, out)
+
+    monkeypatch.setattr(bench, "run", stopped_at_banking77)
+    cells = "sst2:iid/none,banking77:iid/none,sst2:iid/8"
+    monkeypatch.setattr(sys, "argv", ["privacy_utility", "--cells", cells, "--jobs", "1"])
+    with pytest.raises(KeyboardInterrupt):
+        bench.main()
+
+    grid = json.loads((tmp_path / "privacy_utility.json").read_text())["grid"]
+    assert list(grid) == ["sst2"]  # banking77's cell was laid out, never measured
+    assert sorted(grid["sst2"]["cells"]) == ["iid/8", "iid/none"]
+
+
 def test_the_gradient_share_splits_one_examples_gradient_between_head_and_lora(
         tiny_model_dir, toy_data_dir):
     from benchmarks.gradient_share import norms
