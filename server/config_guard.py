@@ -38,7 +38,7 @@ def changed_keys(saved: RunConfig, new: RunConfig) -> list[str]:
     """Dotted keys whose values, as the run would go on with them (`restarted`, every default
     resolved), differ from the run's, sorted; except those a restart may change, and the audit's
     settings while neither side audits (inert there)."""
-    before, after = _effective(saved), _effective(restarted(saved, new))
+    before, after = _compared(saved, new)
     inert = set() if saved.audit.enabled or new.audit.enabled else {
         k for k in before.keys() | after.keys() if k.startswith("audit.")}
     skip = MAY_CHANGE | inert
@@ -82,6 +82,11 @@ def _effective(config: RunConfig) -> dict[str, Any]:
     return config.resolved().to_flat()
 
 
+def _compared(saved: RunConfig, new: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the run's values, the values it would go on with): what a restart is judged on."""
+    return _effective(saved), _effective(restarted(saved, new))
+
+
 def check_restart(run_dir: Path, new: RunConfig, *, accept: bool) -> list[str]:
     """Refuse a changed configuration for an existing run, or (accepted) make it the run's.
 
@@ -95,7 +100,7 @@ def check_restart(run_dir: Path, new: RunConfig, *, accept: bool) -> list[str]:
     if not changed:
         return []
     if not accept:
-        before, after = _effective(saved), _effective(restarted(saved, new))
+        before, after = _compared(saved, new)
         shown = ", ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in changed)
         raise ConfigChangeError(
             f"{saved_file} was started with another configuration: {shown}; restore the TOML "

@@ -256,8 +256,8 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, *, resume: bool) -> None:
         saved = saved_config(run_dir)
         if saved is None:
             raise RunDirError(f"{run_dir} holds no fedtune run to resume (no {CONFIG_FILE})")
-        if saved != saved.resolved():
-            write_config(run_dir, saved.resolved())
+        if saved != (pinned := saved.resolved()):
+            write_config(run_dir, pinned)
         return
     if has_run:
         raise RunDirError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "
