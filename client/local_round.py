@@ -102,7 +102,7 @@ def _keep_for_audit(request: Request, state: dict[str, np.ndarray]) -> None:
     config, node, directory = request.config, request.node, os.environ.get(RELEASES_ENV)
     if (directory and node.simulated and config.audit.enabled
             and node.partition_id < canary_holders(config.audit)):
-        keep_release(directory, node.partition_id, state)
+        keep_release(directory, node.partition_id, request.server_round, state)
 
 
 def _spend(request: Request, ledger: Ledger, admission: Admission) -> LedgerEntry:

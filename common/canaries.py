@@ -80,20 +80,35 @@ def releases_directory(run_dir: str | Path) -> Path:
     return Path(run_dir).resolve() / AUDIT_RELEASES_DIR
 
 
-def keep_release(directory: str | Path, client: int, state: dict[str, np.ndarray]) -> None:
-    """Keep a simulated canary client's latest release (its trained adapter, as it leaves the
-    node) for the audit, replacing the one before."""
-    write_atomic(_release_file(directory, client), to_npz(state))
+def keep_release(directory: str | Path, client: int, server_round: int,
+                 state: dict[str, np.ndarray]) -> None:
+    """Keep a simulated canary client's release of `server_round` (its trained adapter, as it
+    leaves the node) for the audit. Each round has its own file and all but the newest go: a reply
+    that finishes late never replaces a newer round's release (`kept_release` reads the newest)."""
+    write_atomic(_release_file(directory, client, server_round), to_npz(state))
+    kept = sorted(_releases(directory, client))
+    for _, path in kept[:-1]:
+        path.unlink(missing_ok=True)
 
 
 def kept_release(directory: str | Path, client: int) -> dict[str, np.ndarray] | None:
-    """The last release `keep_release` kept for `client`, or None if it kept none."""
-    path = _release_file(directory, client)
-    return from_npz(path.read_bytes())[0] if path.is_file() else None
+    """The release of the latest round `keep_release` kept for `client`, or None if it kept none."""
+    kept = _releases(directory, client)
+    return from_npz(max(kept)[1].read_bytes())[0] if kept else None
 
 
-def _release_file(directory: str | Path, client: int) -> Path:
-    return Path(directory) / f"client-{client}.npz"
+def _release_file(directory: str | Path, client: int, server_round: int) -> Path:
+    return Path(directory) / f"client-{client}-round-{server_round:04d}.npz"
+
+
+def _releases(directory: str | Path, client: int) -> list[tuple[int, Path]]:
+    """(round, file) of every release kept for `client`."""
+    found = []
+    for path in Path(directory).glob(f"client-{client}-round-*.npz"):
+        number = path.stem.rsplit("-", 1)[1]
+        if number.isdigit():
+            found.append((int(number), path))
+    return found
 
 
 def made_up_word(rng: np.random.Generator) -> str:

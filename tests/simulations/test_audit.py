@@ -137,7 +137,7 @@ def test_a_dp_simulation_is_audited_against_the_canary_clients_ledger(tiny_model
     assert body["epsilon_lower_bound"] <= body["epsilon_reported"] and not body["defect"]
     assert body["vantage"] == "the last release of the client holding each canary"
     kept = sorted(p.name for p in (out / AUDIT_RELEASES_DIR).iterdir())
-    assert kept == ["client-0.npz"]  # the canary client's, no other's
+    assert kept == ["client-0-round-0001.npz"]  # the canary client's, no other's
     assert "audit: epsilon >= " not in done.stderr and "Privacy audit" in done.stdout
     assert fedtune("report", out).returncode == 0
     assert "Privacy audit" in (out / "report.md").read_text()
@@ -202,7 +202,7 @@ def test_a_simulation_scores_canaries_in_the_release_of_the_client_holding_them(
     task = cached_task(config)
     canaries, trained = task.canaries(), trainable_state(task.model)
     expect = membership_scores(task, canaries.rows) - initial_scores(task, canaries.rows)
-    keep_release(releases_directory(tmp_path / "run"), 0, trained)
+    keep_release(releases_directory(tmp_path / "run"), 0, 1, trained)
     load_trainable_state(task.model, task.initial_adapter)  # no checkpoint: the release decides
     body = audit_run(config, centralized=False)
     assert body["vantage"] == "the last release of the client holding each canary"
@@ -231,31 +231,46 @@ def test_only_a_simulated_canary_client_keeps_its_release_where_simulate_said(
     state = {"w": np.ones(3, np.float32)}
     holder = Node.from_node_config({"partition-id": 0, "num-partitions": 2})
     monkeypatch.delenv(RELEASES_ENV, raising=False)
-    _keep_for_audit(SimpleNamespace(config=config, node=holder), state)
+    _keep_for_audit(SimpleNamespace(config=config, node=holder, server_round=1), state)
     assert not (tmp_path / "run").exists()  # a run config alone makes no node write anything
 
     monkeypatch.setenv(RELEASES_ENV, str(tmp_path / "kept"))
     deployed = Node.from_node_config({"data-path": str(toy_data_dir), "budget-epsilon": 8.0})
     for node in (deployed, Node.from_node_config({"partition-id": 1, "num-partitions": 2})):
-        _keep_for_audit(SimpleNamespace(config=config, node=node), state)
+        _keep_for_audit(SimpleNamespace(config=config, node=node, server_round=1), state)
     assert not (tmp_path / "kept").exists()  # no canaries there: nothing kept
     off = config.with_overrides({"audit.enabled": False})
-    _keep_for_audit(SimpleNamespace(config=off, node=holder), state)
+    _keep_for_audit(SimpleNamespace(config=off, node=holder, server_round=1), state)
     assert not (tmp_path / "kept").exists()
-    _keep_for_audit(SimpleNamespace(config=config, node=holder), state)
+    _keep_for_audit(SimpleNamespace(config=config, node=holder, server_round=1), state)
     assert np.array_equal(kept_release(tmp_path / "kept", 0)["w"], state["w"])
+
+
+def test_a_late_reply_never_replaces_a_newer_round_s_kept_release(tmp_path):
+    from fedtune.common.canaries import keep_release, kept_release
+
+    keep_release(tmp_path, 0, 2, {"w": np.full(2, 2.0)})
+    keep_release(tmp_path, 0, 1, {"w": np.full(2, 1.0)})  # round 1's training finished last
+    keep_release(tmp_path, 1, 1, {"w": np.full(2, 9.0)})  # another client's is its own
+    assert kept_release(tmp_path, 0)["w"].tolist() == [2.0, 2.0]
+    assert not (tmp_path / "client-0-round-0001.npz").exists()
+    keep_release(tmp_path, 0, 3, {"w": np.full(2, 3.0)})
+    assert kept_release(tmp_path, 0)["w"].tolist() == [3.0, 3.0]
+    assert kept_release(tmp_path, 1)["w"].tolist() == [9.0, 9.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # older rounds go
+        "client-0-round-0003.npz", "client-1-round-0001.npz"]
 
 
 def test_a_new_run_never_audits_releases_an_earlier_unfinished_run_left(tmp_path):
     from fedtune.common.canaries import keep_release, kept_release, releases_directory
     from fedtune.server.federation import prepare_run_dir
 
-    keep_release(releases_directory(tmp_path), 0, {"w": np.zeros(2)})
+    keep_release(releases_directory(tmp_path), 0, 1, {"w": np.zeros(2)})
     prepare_run_dir(tmp_path, RunConfig.from_mapping({"output.dir": str(tmp_path)}),
                     resume=False)
     assert kept_release(releases_directory(tmp_path), 0) is None
     elsewhere = tmp_path / "elsewhere"  # a link is removed, never what it points at
-    keep_release(elsewhere, 0, {"w": np.zeros(2)})
+    keep_release(elsewhere, 0, 1, {"w": np.zeros(2)})
     releases_directory(tmp_path).symlink_to(elsewhere)
     (tmp_path / "config.json").unlink()
     prepare_run_dir(tmp_path, RunConfig.from_mapping({"output.dir": str(tmp_path)}),
