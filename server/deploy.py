@@ -97,9 +97,9 @@ def serve(settings: ServerSettings) -> int:
     ca, cert, key = _check_inputs(settings)
     lock = _lock_state(settings.state_dir)
     try:
+        _stop_leftovers(settings.state_dir)  # before the guard may rewrite the run's config
         config = _guard_config(settings)
         _check_data(config)
-        _stop_leftovers(settings.state_dir)
         check_free(settings.host, settings.port, "--port")
         if settings.local_port:
             check_free("127.0.0.1", settings.local_port, "--local-port")

@@ -193,6 +193,26 @@ def test_fedtune_server_sizes_and_checks_a_resumed_run_by_its_saved_configuratio
            "says 5)" in said and used.federation.rounds == 9
 
 
+def test_fedtune_server_stops_a_killed_servers_leftovers_before_its_guard_rewrites_the_config(
+        tmp_path, monkeypatch):
+    from fedtune.server import deploy
+
+    calls = []
+    monkeypatch.setattr(deploy, "_check_inputs", lambda settings: (None, None, None))
+    monkeypatch.setattr(deploy, "_stop_leftovers", lambda state: calls.append("leftovers"))
+
+    def guard(settings):
+        calls.append("guard")
+        raise ConfigChangeError("refused")
+
+    monkeypatch.setattr(deploy, "_guard_config", guard)
+    settings = deploy.ServerSettings(certs_dir=tmp_path, state_dir=tmp_path / "state",
+                                     config_file=tmp_path / "server.toml", nodes=[])
+    with pytest.raises(ConfigChangeError):
+        deploy.serve(settings)
+    assert calls == ["leftovers", "guard"]  # a leftover ServerApp never runs on a rewritten config
+
+
 def test_a_line_removed_from_the_toml_keeps_the_runs_value_and_says_so():
     from fedtune.server.config_guard import kept_from_the_run
 
