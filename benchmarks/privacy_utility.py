@@ -187,11 +187,18 @@ def parse_cells(text: str) -> list[tuple[str, str, str]]:
 
 
 def measured(grid: dict[str, Any]) -> dict[str, Any]:
-    """The grid without the cells laid out but not run yet: an interrupted run's JSON holds
-    only what was measured (the next run lays them out again)."""
-    kept = {name: {**entry, "cells": {key: cell for key, cell in entry["cells"].items()
-                                      if cell["runs"]}} for name, entry in grid.items()}
+    """The grid with only the runs that finished: a cell laid out but not run, or a run that
+    failed or was stopped (the console says which), leaves nothing in the JSON, and the next
+    run of the benchmark measures it again."""
+    kept = {name: {**entry, "cells": {key: {**cell, "runs": _finished(cell["runs"])}
+                                      for key, cell in entry["cells"].items()
+                                      if _finished(cell["runs"])}}
+            for name, entry in grid.items()}
     return {name: entry for name, entry in kept.items() if entry["cells"]}
+
+
+def _finished(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {seed: run for seed, run in runs.items() if "accuracy" in run}
 
 
 def main() -> None:

@@ -188,6 +188,27 @@ def test_an_interrupted_privacy_utility_run_records_only_the_cells_it_measured(
     assert sorted(grid["sst2"]["cells"]) == ["iid/8", "iid/none"]
 
 
+def test_a_failed_or_stopped_privacy_utility_run_leaves_nothing_in_the_json(
+        privacy_utility, tmp_path, monkeypatch):
+    bench, _ = privacy_utility
+    measured = bench.run
+
+    def seed_1_fails_and_banking77_is_stopped(command, flags, out):
+        if out.name.startswith("banking77") or out.name.endswith("-1"):
+            return {"error": "exit -15", "seconds": 2.0}
+        return measured(command, flags, out)
+
+    monkeypatch.setattr(bench, "run", seed_1_fails_and_banking77_is_stopped)
+    monkeypatch.setattr(sys, "argv", ["privacy_utility", "--cells",
+                                      "sst2:iid/none,banking77:iid/none"])
+    bench.main()
+
+    grid = json.loads((tmp_path / "privacy_utility.json").read_text())["grid"]
+    assert list(grid) == ["sst2"]
+    cell = grid["sst2"]["cells"]["iid/none"]
+    assert sorted(cell["runs"]) == ["0", "2"] and cell["summary"]["seeds"] == 2
+
+
 def test_the_gradient_share_splits_one_examples_gradient_between_head_and_lora(
         tiny_model_dir, toy_data_dir):
     from benchmarks.gradient_share import norms
