@@ -114,6 +114,15 @@ def accuracy_pair(data: str, quick: bool) -> dict[str, object]:
     return result
 
 
+def kept_accuracy(previous: dict[str, object]) -> object:
+    """The accuracy pair on disk, with the date it was measured (the file's date when the pair
+    has none of its own): a crypto-only re-run must not pass an old pair off as today's."""
+    accuracy = previous.get("accuracy")
+    if isinstance(accuracy, dict) and "date" not in accuracy:
+        accuracy = {**accuracy, "date": str(previous.get("date", "unknown"))[:10]}
+    return accuracy
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="5 clients, small vectors, "
@@ -137,8 +146,8 @@ def main() -> None:
 
     previous = load("secagg_cost", quick=args.quick) or {}
     data = "builtin" if args.quick or not SHARED_BANKING77.is_dir() else str(SHARED_BANKING77)
-    accuracy = previous.get("accuracy") if args.skip_accuracy else accuracy_pair(data,
-                                                                                 args.quick)
+    accuracy = kept_accuracy(previous) if args.skip_accuracy else {
+        **accuracy_pair(data, args.quick), "date": time.strftime("%Y-%m-%d", time.gmtime())}
     path = save("secagg_cost", {"rounds": rows, "accuracy": accuracy,
                                 "goal_bytes_ratio": 1.05, "goal_accuracy_difference": 0.005},
                 quick=args.quick)

@@ -247,3 +247,14 @@ def test_the_head_only_levers_learn_a_separable_task_and_noise_costs_the_class_m
         assert accuracy(unit @ exact.T, labels) > 0.95
         noisy = noisy_class_means(x, labels, 2, 0.01)  # noise far above one class's sum
         assert (noisy - exact).norm() > 0.5
+
+
+def test_a_crypto_only_secagg_cost_run_keeps_the_accuracy_pair_with_its_own_date():
+    from benchmarks.secagg_cost import kept_accuracy
+
+    pair = {"plain": {"accuracy": 0.4}, "accuracy_difference": 0.0}
+    kept = kept_accuracy({"date": "2026-11-30T19:07:34Z", "accuracy": pair})
+    assert kept == {**pair, "date": "2026-11-30"}
+    dated = {**pair, "date": "2026-12-05"}
+    assert kept_accuracy({"date": "2027-01-01T00:00:00Z", "accuracy": dated}) == dated
+    assert kept_accuracy({}) is None
