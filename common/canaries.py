@@ -102,8 +102,10 @@ def _release_file(directory: str | Path, client: int, server_round: int) -> Path
 
 
 def _releases(directory: str | Path, client: int) -> list[tuple[int, Path]]:
-    """(round, file) of every release kept for `client`."""
-    found = []
+    """(round, file) of every release kept for `client`; a run resumed from an earlier release
+    of fedtune may hold one under the name without a round, older than any round kept since."""
+    legacy = Path(directory) / f"client-{client}.npz"
+    found = [(0, legacy)] if legacy.is_file() else []
     for path in Path(directory).glob(f"client-{client}-round-*.npz"):
         number = path.stem.rsplit("-", 1)[1]
         if number.isdigit():

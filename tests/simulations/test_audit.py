@@ -247,6 +247,7 @@ def test_only_a_simulated_canary_client_keeps_its_release_where_simulate_said(
 
 
 def test_a_late_reply_never_replaces_a_newer_round_s_kept_release(tmp_path):
+    from fedtune.common.adapter_state import to_npz
     from fedtune.common.canaries import keep_release, kept_release
 
     keep_release(tmp_path, 0, 2, {"w": np.full(2, 2.0)})
@@ -259,6 +260,11 @@ def test_a_late_reply_never_replaces_a_newer_round_s_kept_release(tmp_path):
     assert kept_release(tmp_path, 1)["w"].tolist() == [9.0, 9.0]
     assert sorted(p.name for p in tmp_path.iterdir()) == [  # older rounds go
         "client-0-round-0003.npz", "client-1-round-0001.npz"]
+    (tmp_path / "client-2.npz").write_bytes(to_npz({"w": np.full(2, 7.0)}))  # an older fedtune's
+    assert kept_release(tmp_path, 2)["w"].tolist() == [7.0, 7.0]
+    keep_release(tmp_path, 2, 1, {"w": np.full(2, 8.0)})
+    assert kept_release(tmp_path, 2)["w"].tolist() == [8.0, 8.0]
+    assert not (tmp_path / "client-2.npz").exists()
 
 
 def test_a_new_run_never_audits_releases_an_earlier_unfinished_run_left(tmp_path):
