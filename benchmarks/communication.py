@@ -57,7 +57,7 @@ def main() -> None:
     from benchmarks.record import save
 
     out = save("communication", {"cases": rows, "quantisation": "none (float32 adapter; "
-                                 "uint64 ring under secure aggregation)"}, quick=args.quick)
+                                 "uint32 ring under secure aggregation)"}, quick=args.quick)
     bar_chart(out.with_suffix(".png"),
               {f"{r['data']} r{r['lora_r']}": 100 * r["adapter_over_full"] for r in rows},
               title="Adapter bytes per round, % of the full model")
