@@ -190,9 +190,9 @@ def measured(grid: dict[str, Any]) -> dict[str, Any]:
     """The grid with only the runs that finished: a cell laid out but not run, or a run that
     failed or was stopped (the console says which), leaves nothing in the JSON, and the next
     run of the benchmark measures it again."""
-    kept = {name: {**entry, "cells": {key: {**cell, "runs": _finished(cell["runs"])}
+    kept = {name: {**entry, "cells": {key: {**cell, "runs": runs}
                                       for key, cell in entry["cells"].items()
-                                      if _finished(cell["runs"])}}
+                                      if (runs := _finished(cell["runs"]))}}
             for name, entry in grid.items()}
     return {name: entry for name, entry in kept.items() if entry["cells"]}
 
