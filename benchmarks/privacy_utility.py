@@ -15,7 +15,9 @@ completed, never mixed with one measured on other sizes. Each cell is saved as s
 measured, so an interrupted run resumes where it stopped. `--jobs 2` runs two cells at once
 (the seconds recorded are then those of a shared machine). `--cells` names the cells to fill
 instead of every data set x partition x epsilon, in the order they run, so a long DP-SGD cell
-and short ones can share the two slots.
+and short ones can share the two slots. A run that fails (or is stopped) adds nothing to its cell;
+the JSON's `failed` lists this invocation's, with the error, so a cell that never finishes shows
+why.
 """
 
 from __future__ import annotations
@@ -210,6 +212,7 @@ def main() -> None:
     grid: dict[str, dict[str, Any]] = saved["grid"] if saved and saved["shape"] == shape else {}
     extra = ["--max-length", str(args.max_length)] if args.max_length else []
     lock = threading.Lock()  # one writer of the grid, its JSON and its plot at a time
+    failed: list[dict[str, Any]] = []  # this invocation's runs that did not finish
 
     def measure(name: str, data: Path, partition: str, epsilon: str, seed: int) -> None:
         command, flags = flags_for(partition, epsilon, seed)
@@ -219,11 +222,15 @@ def main() -> None:
             entry = grid[name]
             cell = entry["cells"][f"{partition}/{epsilon}"]
             cell["runs"][str(seed)] = result
+            if "error" in result:
+                failed.append({"data": name, "cell": f"{partition}/{epsilon}", "seed": seed,
+                               **result})
             cell["fedtune"] = " ".join([command, *flags[:-2]])
             cell["summary"] = summarise(cell["runs"])
             entry["dp_gap_points"] = dp_gaps(entry["cells"])
             print(name, partition, epsilon, seed, result, flush=True)
-            path = save(NAME, {"shape": shape, "grid": measured(grid)}, quick=False)
+            path = save(NAME, {"shape": shape, "grid": measured(grid), "failed": failed},
+                        quick=False)
             plot(path.with_suffix(".png"), grid)
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -188,7 +188,7 @@ def test_an_interrupted_privacy_utility_run_records_only_the_cells_it_measured(
     assert sorted(grid["sst2"]["cells"]) == ["iid/8", "iid/none"]
 
 
-def test_a_failed_or_stopped_privacy_utility_run_leaves_nothing_in_the_json(
+def test_a_failed_or_stopped_privacy_utility_run_adds_nothing_to_its_cell_and_is_listed(
         privacy_utility, tmp_path, monkeypatch):
     bench, _ = privacy_utility
     measured = bench.run
@@ -207,6 +207,11 @@ def test_a_failed_or_stopped_privacy_utility_run_leaves_nothing_in_the_json(
     assert list(grid) == ["sst2"]
     cell = grid["sst2"]["cells"]["iid/none"]
     assert sorted(cell["runs"]) == ["0", "2"] and cell["summary"]["seeds"] == 2
+    failed = json.loads((tmp_path / "privacy_utility.json").read_text())["failed"]
+    assert sorted((f["data"], f["cell"], f["seed"]) for f in failed) == [
+        ("banking77", "iid/none", 0), ("banking77", "iid/none", 1), ("banking77", "iid/none", 2),
+        ("sst2", "iid/none", 1)]
+    assert {f["error"] for f in failed} == {"exit -15"}
 
 
 def test_the_gradient_share_splits_one_examples_gradient_between_head_and_lora(
