@@ -4,12 +4,14 @@ set (a seeded banking77 subset): the lower bound on epsilon beside the ledger's 
 setting at its default on each data set of the privacy-utility benchmark.
 
     python -m benchmarks.audit [--quick] [--settings no-dp,dp-eps8]
-    python -m benchmarks.audit --defaults [--only sst2,banking77]
+    python -m benchmarks.audit --defaults [--only sst2,banking77] [--seed 1]
 
 Every run is `fedtune simulate ... --audit` with the same data, model, seed and canaries; only the
 privacy flags differ. `defect-eps1` is the DP run at epsilon 1 with a deliberate defect
 (`benchmarks/defect_hook`: DP-SGD without its noise, the ledger charged as if it had it): the
 audit must flag it. Each cell is saved as soon as it is measured, into the grid already on disk.
+`--defaults --seed N` (N > 0) repeats the runs at the defaults with `--seed N` on the same
+subsamples, saved under `defaults_seeds` beside seed 0's `defaults`.
 """
 
 from __future__ import annotations
@@ -110,25 +112,31 @@ def plot(path: Path, results: dict[str, dict]) -> None:
     plt.close(figure)
 
 
-def measure_defaults(names: list[str]) -> None:
-    """A non-private run at fedtune's defaults with `--audit` (its defaults too) per data set."""
+DEFAULTS_KEYS = ("defaults", "defaults_seeds")  # --defaults' figures: seed 0, other seeds
+KEPT = ("data", "common_flags", "results", *DEFAULTS_KEYS)  # what a save keeps
+
+
+def measure_defaults(names: list[str], seed: int = 0) -> None:
+    """A non-private run at fedtune's defaults with `--audit` (its defaults too) per data set;
+    seed 0 is fedtune's default seed, another is passed as `--seed`."""
     from benchmarks.privacy_utility import prepare as prepare_subsample
     from benchmarks.record import load, save
 
     saved = load("audit", quick=False) or {}
     if saved.get("design") != DESIGN:
         saved = {}
-    defaults: dict[str, dict] = saved.get("defaults", {})
+    kept = {key: saved[key] for key in KEPT if key in saved}
+    figures = (kept.setdefault("defaults", {}) if seed == 0 else
+               kept.setdefault("defaults_seeds", {}).setdefault(str(seed), {}))
+    flags = ["--audit", *(["--seed", str(seed)] if seed else [])]
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
             data, sizes = prepare_subsample(name, Path(scratch), *DEFAULTS_ROWS[name])
-            defaults[name] = {**sizes, **run(["--data", str(data), "--audit"],
-                                             Path(scratch) / f"defaults-{name}"),
-                              "date": time.strftime("%Y-%m-%d")}
-            print(name, defaults[name], flush=True)
-            save("audit", {**{k: saved[k] for k in ("data", "common_flags", "results")
-                              if k in saved}, "design": DESIGN, "defaults": defaults},
-                 quick=False)
+            figures[name] = {**sizes, **run(["--data", str(data), *flags],
+                                            Path(scratch) / f"defaults-{name}"),
+                             "date": time.strftime("%Y-%m-%d")}
+            print(name, figures[name], flush=True)
+            save("audit", {**kept, "design": DESIGN}, quick=False)
 
 
 def main() -> None:
@@ -140,6 +148,8 @@ def main() -> None:
                         help="the audit's power at the defaults, a run per data set")
     parser.add_argument("--only", default=",".join(DEFAULTS_ROWS),
                         help="--defaults: comma-separated data sets")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="--defaults: fedtune's --seed (0, its default, is `defaults`)")
     args = parser.parse_args()
     from benchmarks.record import load, save
 
@@ -147,7 +157,9 @@ def main() -> None:
         unknown = set(args.only.split(",")) - set(DEFAULTS_ROWS)
         if unknown:
             parser.error(f"--only: unknown {sorted(unknown)}; choose from {list(DEFAULTS_ROWS)}")
-        measure_defaults(args.only.split(","))
+        if args.seed < 0:
+            parser.error(f"--seed: must be 0 or more, got {args.seed}")
+        measure_defaults(args.only.split(","), args.seed)
         return
 
     chosen = args.settings.split(",")
@@ -161,7 +173,7 @@ def main() -> None:
     if saved and saved.get("design") != DESIGN:
         saved = None
     results: dict[str, dict] = saved["results"] if saved and "results" in saved else {}
-    kept = {"defaults": saved.get("defaults", {})} if saved else {}  # --defaults' figures
+    kept = {key: saved[key] for key in DEFAULTS_KEYS if key in saved} if saved else {}
     with tempfile.TemporaryDirectory() as scratch:
         data = "builtin" if args.quick else prepare(Path(scratch))
         for label in chosen:

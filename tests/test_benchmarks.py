@@ -263,3 +263,38 @@ def test_a_crypto_only_secagg_cost_run_keeps_the_accuracy_pair_with_its_own_date
     dated = {**pair, "date": "2026-12-05"}
     assert kept_accuracy({"date": "2027-01-01T00:00:00Z", "accuracy": dated}) == dated
     assert kept_accuracy({}) is None
+
+
+def test_the_audit_at_the_defaults_keeps_each_seed_apart_and_a_later_claim_run_keeps_them(
+        tmp_path, monkeypatch):
+    import benchmarks.audit as bench
+    import benchmarks.privacy_utility as subsample
+    import benchmarks.record as record
+
+    calls = []
+
+    def fake_run(flags, out, defect=None):
+        calls.append(flags)
+        return {"fedtune": " ".join(flags), "epsilon_lower_bound": 1.0 + len(calls)}
+
+    def fake_prepare(name, scratch, rows, test_rows):
+        return scratch / name, {"train_rows": rows, "test_rows": test_rows}
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(subsample, "prepare", fake_prepare)
+    monkeypatch.setattr(bench, "prepare", lambda scratch: str(scratch / "banking77"))
+    monkeypatch.setattr(bench, "plot", lambda path, results: None)
+    monkeypatch.setattr(record, "RESULTS", tmp_path)
+    for argv in (["--defaults", "--only", "sst2"], ["--defaults", "--only", "sst2", "--seed", "2"],
+                 ["--settings", "no-dp"]):
+        monkeypatch.setattr(sys, "argv", ["audit", *argv])
+        bench.main()
+
+    assert "--seed" not in calls[0] and calls[1][-2:] == ["--seed", "2"]
+    saved = json.loads((tmp_path / "audit.json").read_text())
+    assert saved["defaults"]["sst2"]["epsilon_lower_bound"] == 2.0
+    assert saved["defaults_seeds"]["2"]["sst2"]["epsilon_lower_bound"] == 3.0
+    assert saved["results"]["no-dp"]["epsilon_lower_bound"] == 4.0
+    monkeypatch.setattr(sys, "argv", ["audit", "--defaults", "--seed", "-1"])
+    with pytest.raises(SystemExit):
+        bench.main()
