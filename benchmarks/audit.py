@@ -132,10 +132,11 @@ def measure_defaults(names: list[str], seed: int = 0) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
             data, sizes = prepare_subsample(name, Path(scratch), *DEFAULTS_ROWS[name])
-            figures[name] = {**sizes, **run(["--data", str(data), *flags],
-                                            Path(scratch) / f"defaults-{name}"),
-                             "date": time.strftime("%Y-%m-%d")}
-            print(name, figures[name], flush=True)
+            result = run(["--data", str(data), *flags], Path(scratch) / f"defaults-{name}")
+            print(name, result, flush=True)
+            if "error" in result:  # a failed run never replaces a figure measured before
+                continue
+            figures[name] = {**sizes, **result, "date": time.strftime("%Y-%m-%d")}
             save("audit", {**kept, "design": DESIGN}, quick=False)
 
 
@@ -153,6 +154,8 @@ def main() -> None:
     args = parser.parse_args()
     from benchmarks.record import load, save
 
+    if args.seed and not args.defaults:
+        parser.error("--seed: only with --defaults (the claim grid runs at fedtune's seed)")
     if args.defaults:
         unknown = set(args.only.split(",")) - set(DEFAULTS_ROWS)
         if unknown:
@@ -178,8 +181,8 @@ def main() -> None:
         data = "builtin" if args.quick else prepare(Path(scratch))
         for label in chosen:
             out = Path(scratch) / label
-            results[label] = run(["--data", data, *common, *SETTINGS[label]], out,
-                                 DEFECTS.get(label))
+            results[label] = {**run(["--data", data, *common, *SETTINGS[label]], out,
+                                    DEFECTS.get(label)), "date": time.strftime("%Y-%m-%d")}
             if label in DEFECTS:
                 results[label]["injected_defect"] = DEFECTS[label]
             print(label, results[label], flush=True)

@@ -295,6 +295,13 @@ def test_the_audit_at_the_defaults_keeps_each_seed_apart_and_a_later_claim_run_k
     assert saved["defaults"]["sst2"]["epsilon_lower_bound"] == 2.0
     assert saved["defaults_seeds"]["2"]["sst2"]["epsilon_lower_bound"] == 3.0
     assert saved["results"]["no-dp"]["epsilon_lower_bound"] == 4.0
-    monkeypatch.setattr(sys, "argv", ["audit", "--defaults", "--seed", "-1"])
-    with pytest.raises(SystemExit):
-        bench.main()
+    assert saved["results"]["no-dp"]["date"] == saved["defaults"]["sst2"]["date"]
+
+    monkeypatch.setattr(bench, "run", lambda flags, out, defect=None: {"error": "exit -9"})
+    monkeypatch.setattr(sys, "argv", ["audit", "--defaults", "--only", "sst2"])
+    bench.main()  # a failed run keeps the figure measured before
+    assert json.loads((tmp_path / "audit.json").read_text())["defaults"] == saved["defaults"]
+    for argv in (["--defaults", "--seed", "-1"], ["--seed", "1"]):
+        monkeypatch.setattr(sys, "argv", ["audit", *argv])
+        with pytest.raises(SystemExit):
+            bench.main()
