@@ -28,6 +28,7 @@ import shutil
 import statistics
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,8 @@ def run(command: str, flags: list[str], out: Path) -> dict[str, Any]:
         return {"error": done.error, "seconds": done.seconds}
     last = last_round(out)
     return {"accuracy": last["accuracy"], "macro_f1": last.get("macro_f1"),
-            "epsilon_max": last.get("epsilon_max"), "seconds": done.seconds}
+            "epsilon_max": last.get("epsilon_max"), "seconds": done.seconds,
+            "date": time.strftime("%Y-%m-%d")}  # the file's own date is its last invocation's
 
 
 def summarise(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
