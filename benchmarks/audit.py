@@ -177,22 +177,26 @@ def main() -> None:
         saved = None
     results: dict[str, dict] = saved["results"] if saved and "results" in saved else {}
     kept = {key: saved[key] for key in DEFAULTS_KEYS if key in saved} if saved else {}
+    path = None
     with tempfile.TemporaryDirectory() as scratch:
         data = "builtin" if args.quick else prepare(Path(scratch))
         for label in chosen:
             out = Path(scratch) / label
-            results[label] = {**run(["--data", data, *common, *SETTINGS[label]], out,
-                                    DEFECTS.get(label)), "date": time.strftime("%Y-%m-%d")}
+            result = run(["--data", data, *common, *SETTINGS[label]], out, DEFECTS.get(label))
+            print(label, result, flush=True)
+            if "error" in result and "error" not in results.get(label, result):
+                continue  # a failed run never replaces a figure measured before
+            results[label] = {**result, "date": time.strftime("%Y-%m-%d")}
             if label in DEFECTS:
                 results[label]["injected_defect"] = DEFECTS[label]
-            print(label, results[label], flush=True)
             path = save("audit", {"data": "builtin" if args.quick else
                                   f"banking77 seeded subset: {TRAIN_ROWS} train, "
                                   f"{TEST_ROWS} test rows",
                                   "common_flags": common, "results": results,
                                   "design": DESIGN, **kept},
                         quick=args.quick)
-    plot(path.with_suffix(".png"), results)
+    if path is not None:
+        plot(path.with_suffix(".png"), results)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ panel per data set.
 Every run is the real command with only the data, the partition, the privacy target and the seed
 set: every training setting is fedtune's default. `--rows`/`--test-rows` keep a seeded subsample
 (0 = all rows); the JSON states the sizes each figure was measured on, and a saved grid is
-completed, never mixed with one measured on other sizes. Each cell is saved as soon as it is
+completed, never mixed with one measured on other sizes (nor replaced by one, unless
+`--replace`). Each cell is saved as soon as it is
 measured, so an interrupted run resumes where it stopped. `--jobs 2` runs two cells at once
 (the seconds recorded are then those of a shared machine). `--cells` names the cells to fill
 instead of every data set x partition x epsilon, in the order they run, so a long DP-SGD cell
@@ -26,6 +27,7 @@ import argparse
 import random
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -154,6 +156,9 @@ def parse() -> argparse.Namespace:
                         help="tokens per example (0 = fedtune's default)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once (each is its own process; its time is recorded)")
+    parser.add_argument("--replace", action="store_true",
+                        help="start a new grid when the saved one was measured on other sizes "
+                             "(without it such a run is refused: the saved grid would be lost)")
     parser.add_argument("--cells", default="",
                         help="DATA:PARTITION/EPSILON,... to fill instead of --only x "
                              "--partitions x --epsilons, in this order")
@@ -211,6 +216,11 @@ def main() -> None:
 
     shape = {"rows": args.rows, "test_rows": args.test_rows, "max_length": args.max_length}
     saved = load(NAME, quick=False)
+    if saved and saved["shape"] != shape and not args.replace:
+        print(f"privacy_utility: the saved grid was measured on {saved['shape']}, these flags "
+              f"ask for {shape}; run with the same --rows, --test-rows and --max-length, or pass "
+              f"--replace to start a new grid (the saved one is then lost)", file=sys.stderr)
+        raise SystemExit(2)
     grid: dict[str, dict[str, Any]] = saved["grid"] if saved and saved["shape"] == shape else {}
     extra = ["--max-length", str(args.max_length)] if args.max_length else []
     lock = threading.Lock()  # one writer of the grid, its JSON and its plot at a time

@@ -298,9 +298,13 @@ def test_the_audit_at_the_defaults_keeps_each_seed_apart_and_a_later_claim_run_k
     assert saved["results"]["no-dp"]["date"] == saved["defaults"]["sst2"]["date"]
 
     monkeypatch.setattr(bench, "run", lambda flags, out, defect=None: {"error": "exit -9"})
-    monkeypatch.setattr(sys, "argv", ["audit", "--defaults", "--only", "sst2"])
-    bench.main()  # a failed run keeps the figure measured before
-    assert json.loads((tmp_path / "audit.json").read_text())["defaults"] == saved["defaults"]
+    for argv in (["--defaults", "--only", "sst2"], ["--settings", "no-dp,dp-eps8"]):
+        monkeypatch.setattr(sys, "argv", ["audit", *argv])
+        bench.main()  # a failed run keeps the figure measured before
+    kept = json.loads((tmp_path / "audit.json").read_text())
+    assert kept["defaults"] == saved["defaults"]
+    assert kept["results"]["no-dp"] == saved["results"]["no-dp"]
+    assert kept["results"]["dp-eps8"]["error"] == "exit -9"  # nothing to keep: the error shows
     for argv in (["--defaults", "--seed", "-1"], ["--seed", "1"]):
         monkeypatch.setattr(sys, "argv", ["audit", *argv])
         with pytest.raises(SystemExit):
@@ -320,3 +324,21 @@ def test_a_privacy_utility_run_carries_the_day_it_was_measured(tmp_path, monkeyp
     assert result["date"] == time.strftime("%Y-%m-%d")
     monkeypatch.setattr(bench, "fedtune", lambda command, flags, out: Finished(1.0, "exit 2"))
     assert bench.run("simulate", [], tmp_path) == {"error": "exit 2", "seconds": 1.0}
+
+
+def test_privacy_utility_refuses_to_replace_a_grid_measured_on_other_sizes(
+        privacy_utility, tmp_path, monkeypatch):
+    bench, calls = privacy_utility
+    monkeypatch.setattr(sys, "argv", ["privacy_utility", "--cells", "sst2:iid/none",
+                                      "--rows", "10", "--test-rows", "5"])
+    bench.main()
+    saved = (tmp_path / "privacy_utility.json").read_text()
+    monkeypatch.setattr(sys, "argv", ["privacy_utility", "--cells", "sst2:iid/8"])
+    with pytest.raises(SystemExit) as refused:
+        bench.main()
+    assert refused.value.code == 2 and len(calls) == 3
+    assert (tmp_path / "privacy_utility.json").read_text() == saved
+    monkeypatch.setattr(sys, "argv", ["privacy_utility", "--cells", "sst2:iid/8", "--replace"])
+    bench.main()
+    grid = json.loads((tmp_path / "privacy_utility.json").read_text())["grid"]
+    assert list(grid["sst2"]["cells"]) == ["iid/8"] and grid["sst2"]["sizes"]["train_rows"] == 0
