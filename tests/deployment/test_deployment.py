@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +17,7 @@ from fedtune.common import certs
 from fedtune.common.consortium import bundle
 from fedtune.common.process_tree import descendants, stop_pids
 from fedtune.server.metrics_log import read_rounds
-from tests.conftest import write_jsonl
+from tests.conftest import free_port, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -29,20 +27,6 @@ pytestmark = pytest.mark.slow
 PERMISSIVE = ("--allow-no-dp", "--allow-no-secagg", "--share-evaluation")
 # one run may take half the budget: the run's epsilon 8 and room for noised evaluation answers
 STRICT = ("--budget-epsilon", "20", "--share-evaluation")
-
-
-def free_port() -> int:
-    """A free port below Linux's ephemeral range (32768 and up): a port the kernel hands out
-    (bind to 0) may be taken again by any outgoing connection before the node binds it, which
-    failed a node's start here once ("address already in use")."""
-    while True:
-        port = random.randrange(20_000, 32_768)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
 
 
 class Federation:

@@ -15,7 +15,8 @@ import pytest
 
 from fedtune.common.app_bundle import APP_DIR, app_digest
 from fedtune.server.metrics_log import read_rounds
-from tests.deployment.test_deployment import Federation, free_port, wait_for
+from tests.conftest import free_port
+from tests.deployment.test_deployment import Federation, wait_for
 
 pytestmark = pytest.mark.slow
 FEDTUNE = Path(sys.executable).parent / "fedtune"  # the venv's script, called by its path

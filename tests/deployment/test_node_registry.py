@@ -18,6 +18,7 @@ from fedtune.server.node_registry import (
     listed_keys,
     sync_nodes,
 )
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -25,9 +26,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture()
 def superlink(tmp_path):
     made = certs.init(tmp_path / "certs", ["localhost"])
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = tool_env({**os.environ, "FLWR_HOME": str(tmp_path / "home")})
     proc = subprocess.Popen(
         ["flower-superlink", "--ssl-ca-certfile", str(made.ca_cert), "--ssl-certfile",

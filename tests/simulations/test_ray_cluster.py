@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,15 +17,10 @@ import pytest
 from fedtune.common.process_tree import PROC, descendants
 from fedtune.server.metrics_log import read_rounds
 from fedtune.simulations.ray_cluster import RayClusterError, check_address, cluster_address
+from tests.conftest import free_port
 
 RAY = Path(sys.executable).with_name("ray")
 ACTOR = "ray::ClientAppActor"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def ray_node(*args: str, log: Path) -> subprocess.Popen:
