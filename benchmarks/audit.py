@@ -22,7 +22,6 @@ import os
 import random
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from benchmarks.fedtune_run import fedtune, last_round
@@ -120,7 +119,7 @@ def measure_defaults(names: list[str], seed: int = 0) -> None:
     """A non-private run at fedtune's defaults with `--audit` (its defaults too) per data set;
     seed 0 is fedtune's default seed, another is passed as `--seed`."""
     from benchmarks.privacy_utility import prepare as prepare_subsample
-    from benchmarks.record import load, save
+    from benchmarks.record import load, save, today
 
     saved = load("audit", quick=False) or {}
     if saved.get("design") != DESIGN:
@@ -136,7 +135,7 @@ def measure_defaults(names: list[str], seed: int = 0) -> None:
             print(name, result, flush=True)
             if "error" in result:  # a failed run never replaces a figure measured before
                 continue
-            figures[name] = {**sizes, **result, "date": time.strftime("%Y-%m-%d")}
+            figures[name] = {**sizes, **result, "date": today()}
             save("audit", {**kept, "design": DESIGN}, quick=False)
 
 
@@ -152,7 +151,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="--defaults: fedtune's --seed (0, its default, is `defaults`)")
     args = parser.parse_args()
-    from benchmarks.record import load, save
+    from benchmarks.record import load, save, today
 
     if args.seed and not args.defaults:
         parser.error("--seed: only with --defaults (the claim grid runs at fedtune's seed)")
@@ -184,9 +183,9 @@ def main() -> None:
             out = Path(scratch) / label
             result = run(["--data", data, *common, *SETTINGS[label]], out, DEFECTS.get(label))
             print(label, result, flush=True)
-            if "error" in result and "error" not in results.get(label, result):
+            if "error" in result and "error" not in results.get(label, {"error": None}):
                 continue  # a failed run never replaces a figure measured before
-            results[label] = {**result, "date": time.strftime("%Y-%m-%d")}
+            results[label] = {**result, "date": today()}
             if label in DEFECTS:
                 results[label]["injected_defect"] = DEFECTS[label]
             path = save("audit", {"data": "builtin" if args.quick else

@@ -30,7 +30,6 @@ import statistics
 import sys
 import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -81,10 +80,12 @@ def run(command: str, flags: list[str], out: Path) -> dict[str, Any]:
     done = fedtune(command, flags, out)
     if done.error:
         return {"error": done.error, "seconds": done.seconds}
+    from benchmarks.record import today
+
     last = last_round(out)
     return {"accuracy": last["accuracy"], "macro_f1": last.get("macro_f1"),
             "epsilon_max": last.get("epsilon_max"), "seconds": done.seconds,
-            "date": time.strftime("%Y-%m-%d")}  # the file's own date is its last invocation's
+            "date": today()}  # the file's own date is its last invocation's
 
 
 def summarise(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -35,6 +35,12 @@ def load(name: str, *, quick: bool) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def today() -> str:
+    """The UTC day a figure inside a results file was measured (the file's own `date` is its
+    last invocation's), in the format of that date's first ten characters."""
+    return time.strftime("%Y-%m-%d", time.gmtime())
+
+
 def save(name: str, figures: dict[str, Any], *, quick: bool) -> Path:
     """Write the figures with their provenance to `result_path`."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -141,13 +141,13 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     from benchmarks.plots import line_chart
-    from benchmarks.record import load, save
+    from benchmarks.record import load, save, today
     from benchmarks.shared_data import SHARED_BANKING77
 
     previous = load("secagg_cost", quick=args.quick) or {}
     data = "builtin" if args.quick or not SHARED_BANKING77.is_dir() else str(SHARED_BANKING77)
     accuracy = kept_accuracy(previous) if args.skip_accuracy else {
-        **accuracy_pair(data, args.quick), "date": time.strftime("%Y-%m-%d", time.gmtime())}
+        **accuracy_pair(data, args.quick), "date": today()}
     path = save("secagg_cost", {"rounds": rows, "accuracy": accuracy,
                                 "goal_bytes_ratio": 1.05, "goal_accuracy_difference": 0.005},
                 quick=args.quick)

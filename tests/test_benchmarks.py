@@ -312,16 +312,15 @@ def test_the_audit_at_the_defaults_keeps_each_seed_apart_and_a_later_claim_run_k
 
 
 def test_a_privacy_utility_run_carries_the_day_it_was_measured(tmp_path, monkeypatch):
-    import time
-
     import benchmarks.privacy_utility as bench
     from benchmarks.fedtune_run import Finished
+    from benchmarks.record import today
 
     monkeypatch.setattr(bench, "fedtune", lambda command, flags, out: Finished(3.0, None))
     monkeypatch.setattr(bench, "last_round", lambda out: {"accuracy": 0.5, "macro_f1": 0.4})
     result = bench.run("simulate", ["--seed", "0"], tmp_path)
     assert result["accuracy"] == 0.5 and result["seconds"] == 3.0
-    assert result["date"] == time.strftime("%Y-%m-%d")
+    assert result["date"] == today()
     monkeypatch.setattr(bench, "fedtune", lambda command, flags, out: Finished(1.0, "exit 2"))
     assert bench.run("simulate", [], tmp_path) == {"error": "exit 2", "seconds": 1.0}
 
