@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import socket
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from fedtune.common.errors import InputError
 
 PROC = Path("/proc")
 LISTEN = "0A"  # TCP state in /proc/net/tcp
+LOCAL_PORTS = range(20_000, 32_768)  # below Linux's ephemeral range (32768 and up)
 
 
 class PortBusy(InputError, RuntimeError):
@@ -38,6 +40,21 @@ def check_free(host: str, port: int, flag: str) -> None:
             who = f" by {holder}" if holder else ""
             raise PortBusy(f"port {port} on {host} is already in use{who}; stop it or choose "
                            f"another {flag}") from None
+
+
+def free_local_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now, for a child that binds it next. Not one the kernel hands out
+    (bind to 0): that range also serves outgoing connections, any of which may take the port
+    before the child binds it ("address already in use" once in the suite)."""
+    for _ in range(1000):
+        port = random.randrange(LOCAL_PORTS.start, LOCAL_PORTS.stop)
+        try:
+            check_free(host, port, "port")
+        except PortBusy:
+            continue
+        return port
+    raise PortBusy(f"no free port on {host} between {LOCAL_PORTS.start} and "
+                   f"{LOCAL_PORTS.stop - 1} after 1000 tries")
 
 
 def inspectable() -> bool:

@@ -173,7 +173,7 @@ def _start_and_run(settings: ServerSettings, config: RunConfig, federation: _Fed
     state = settings.state_dir
     (state / "flwr-home").mkdir(parents=True, exist_ok=True)
     env = tool_env({**os.environ, "FLWR_HOME": str((state / "flwr-home").resolve())})
-    link_port = settings.local_port or _free_loopback_port()
+    link_port = settings.local_port or ports.free_local_port()
     link_log = (state / "superlink.log").open("ab")
     database = state / "superlink.db"
     end_stale_sessions(database)  # no SuperLink runs: no node is online
@@ -296,12 +296,6 @@ def _tool(name: str) -> str:
     if found is None:
         raise DeployError(f"`{name}` is not installed (it comes with flwr)")
     return found
-
-
-def _free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _probe_host(host: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 
 import pytest
@@ -133,18 +132,3 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_causal_lm("llama", tmp_path_factory.mktemp("tiny-llama"))
-
-
-def free_port() -> int:
-    """A free loopback port below Linux's ephemeral range (32768 and up): a port the kernel
-    hands out (bind to 0) may be taken again by any outgoing connection before the child binds
-    it, which failed a node's start once ("address already in use")."""
-    from fedtune.common.ports import PortBusy, check_free
-
-    while True:
-        port = random.randrange(20_000, 32_768)
-        try:
-            check_free("127.0.0.1", port, "--port")
-        except PortBusy:
-            continue
-        return port

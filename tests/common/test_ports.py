@@ -7,7 +7,8 @@ import socket
 
 import pytest
 
-from fedtune.common.ports import PortBusy, check_free, listens
+from fedtune.common import ports
+from fedtune.common.ports import LOCAL_PORTS, PortBusy, check_free, free_local_port, listens
 
 
 def test_a_busy_port_is_one_error_naming_the_flag_and_the_holder():
@@ -33,3 +34,20 @@ def test_listening_is_told_apart_from_someone_else_listening():
         held.listen()
         assert listens(os.getpid(), port)
         assert not listens(1, port)
+
+
+def test_a_local_port_for_a_child_is_free_and_outside_the_kernels_range(monkeypatch):
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy = free_local_port()
+        held.bind(("127.0.0.1", busy))
+        held.listen()
+        drawn = iter([busy, busy])
+        real = ports.random.randrange
+        monkeypatch.setattr(ports.random, "randrange", lambda a, b: next(drawn, None) or real(a, b))
+
+        port = free_local_port()
+
+        assert port != busy and port in LOCAL_PORTS  # the busy draws were passed over
+        assert port < 32_768  # not a port an outgoing connection can be handed
+        check_free("127.0.0.1", port, "--port")

@@ -15,9 +15,10 @@ import pytest
 
 from fedtune.common import certs
 from fedtune.common.consortium import bundle
+from fedtune.common.ports import free_local_port
 from fedtune.common.process_tree import descendants, stop_pids
 from fedtune.server.metrics_log import read_rounds
-from tests.conftest import free_port, write_jsonl
+from tests.conftest import write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ class Federation:
     def __init__(self, root: Path, model_dir: Path, *, clients: int = 2, rounds: int = 2,
                  min_clients: int = 0, timeout: float = 120.0, extra: str = "",
                  policy: tuple[str, ...] = PERMISSIVE) -> None:
-        self.root, self.port, self.procs = root, free_port(), []
+        self.root, self.port, self.procs = root, free_local_port(), []
         self.model_dir = model_dir  # every node allows the run's model (--models)
         self.policy = policy  # every node's policy flags, unless a client is given its own
         certs.init(root / "certs", ["localhost"])
@@ -86,7 +87,7 @@ class Federation:
                           "--root-cert", root_cert or self.root / "certs" / "ca.pem",
                           "--node-key", self.root / "keys" / f"hospital-{name}.key",
                           "--data", self.root / f"data-{name}", "--ledger",
-                          self.root / f"ledger-{name}", "--port", port or free_port(),
+                          self.root / f"ledger-{name}", "--port", port or free_local_port(),
                           "--peers", self.peers.directory, "--models", self.model_dir,
                           "--planning-rows", "40",  # each node's public planning row count
                           *(self.policy if policy is None else policy), home=f"flwr-{name}")
@@ -150,7 +151,7 @@ def _run_with_intruders(federation: Federation, tmp_path: Path) -> None:
     federation.start("client-rogue.log", "client", "--server", f"127.0.0.1:{federation.port}",
                      "--root-cert", tmp_path / "certs" / "ca.pem", "--node-key",
                      tmp_path / "keys" / "rogue.key", "--data", tmp_path / "data-a",
-                     "--ledger", tmp_path / "ledger-rogue", "--port", free_port(), *STRICT,
+                     "--ledger", tmp_path / "ledger-rogue", "--port", free_local_port(), *STRICT,
                      "--allow-unpinned-peers", home="flwr-rogue")
     for name in "abd":
         federation.client(name)
@@ -195,7 +196,7 @@ def test_a_client_killed_mid_round_does_not_stop_the_run(tmp_path, tiny_model_di
 def test_bad_client_input_is_one_line_and_exit_2(federation, args, message):
     base = {"--server": f"127.0.0.1:{federation.port}", "--root-cert": "certs/ca.pem",
             "--node-key": "keys/hospital-a.key", "--data": "data-a", "--ledger": "ledger-a",
-            "--budget-epsilon": "8", "--peers": "peers", "--port": str(free_port())}
+            "--budget-epsilon": "8", "--peers": "peers", "--port": str(free_local_port())}
     base.update(dict(zip(args[::2], args[1::2], strict=True)))
     flags = [str(x) for k, v in base.items() if v is not None for x in (k, v)]
     done = subprocess.run([sys.executable, "-m", "fedtune", "client", *flags],

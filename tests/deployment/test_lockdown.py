@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from fedtune.common.app_bundle import APP_DIR, app_digest
+from fedtune.common.ports import free_local_port
 from fedtune.server.metrics_log import read_rounds
-from tests.conftest import free_port
 from tests.deployment.test_deployment import Federation, wait_for
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def client_args(federation: Federation, name: str) -> list[object]:
             federation.root / "certs" / "ca.pem", "--node-key",
             federation.root / "keys" / f"hospital-{name}.key", "--data",
             federation.root / f"data-{name}", "--ledger", federation.root / f"ledger-{name}",
-            "--port", free_port(), "--peers", federation.peers.directory, "--models",
+            "--port", free_local_port(), "--peers", federation.peers.directory, "--models",
             federation.model_dir, "--planning-rows", "40", *federation.policy]
 
 

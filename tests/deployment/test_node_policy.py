@@ -11,10 +11,11 @@ import pytest
 
 from fedtune.common.client_dp import client_level_plan
 from fedtune.common.config import RunConfig
+from fedtune.common.ports import free_local_port
 from fedtune.common.task import build_task
 from fedtune.server.checkpoint import latest_checkpoint
 from fedtune.server.metrics_log import read_rounds
-from tests.deployment.test_deployment import Federation, free_port
+from tests.deployment.test_deployment import Federation
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +70,7 @@ def test_without_secure_aggregation_the_default_node_refuses_and_every_run_share
         federation.stop()
         assert_refused(federation, row, "require-secagg")
         federation.state = tmp_path / "state-2"  # a second federation, another seed and split
-        federation.port = free_port()
+        federation.port = free_local_port()
         federation.config.write_text("seed = 1\n" + federation.config.read_text().replace(
             "local_test_fraction = 0.2", "local_test_fraction = 0.1"))
         second = run_two_node_federation(federation, roomy)

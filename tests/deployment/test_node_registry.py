@@ -10,6 +10,7 @@ import time
 import pytest
 
 from fedtune.common import certs
+from fedtune.common.ports import free_local_port
 from fedtune.common.tool_path import tool_env
 from fedtune.server.node_registry import (
     RegistryError,
@@ -18,7 +19,6 @@ from fedtune.server.node_registry import (
     listed_keys,
     sync_nodes,
 )
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture()
 def superlink(tmp_path):
     made = certs.init(tmp_path / "certs", ["localhost"])
-    port = free_port()
+    port = free_local_port()
     env = tool_env({**os.environ, "FLWR_HOME": str(tmp_path / "home")})
     proc = subprocess.Popen(
         ["flower-superlink", "--ssl-ca-certfile", str(made.ca_cert), "--ssl-certfile",

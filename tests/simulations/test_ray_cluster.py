@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from fedtune.common.ports import free_local_port
 from fedtune.common.process_tree import PROC, descendants
 from fedtune.server.metrics_log import read_rounds
 from fedtune.simulations.ray_cluster import RayClusterError, check_address, cluster_address
-from tests.conftest import free_port
 
 RAY = Path(sys.executable).with_name("ray")
 ACTOR = "ray::ClientAppActor"
@@ -52,13 +52,13 @@ def wait_for(condition, seconds: float, what: str) -> None:
 @pytest.mark.slow
 def test_a_simulation_runs_its_clients_on_both_nodes_of_a_ray_cluster(tiny_model_dir,
                                                                        toy_data_dir, tmp_path):
-    port = free_port()
+    port = free_local_port()
     # the cluster's files (its address file among them) in a directory of its own: a cluster
     # stopped by a signal leaves /tmp/ray/ray_current_cluster behind for any later ray.init()
     # to join (short: Ray's socket paths must fit 107 characters)
     files = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     head = ray_node("--head", "--port", str(port), "--include-dashboard", "false",
-                    "--ray-client-server-port", str(free_port()), "--temp-dir", files,
+                    "--ray-client-server-port", str(free_local_port()), "--temp-dir", files,
                     log=tmp_path / "head.log")
     nodes = [head]
     try:
@@ -139,7 +139,7 @@ def test_an_address_that_names_no_cluster_is_refused_in_one_line(monkeypatch):
 
 def test_the_cli_refuses_a_silent_cluster_before_reading_data(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fedtune", "simulate", "--ray-address",
-                           f"127.0.0.1:{free_port()}", "--data", str(tmp_path / "none"),
+                           f"127.0.0.1:{free_local_port()}", "--data", str(tmp_path / "none"),
                            "--out", str(tmp_path / "run")],
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
