@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from fedtune.common.atomic_file import write_atomic
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PACKAGES = ("torch", "transformers", "peft", "opacus", "flwr", "cryptography")
 
@@ -42,11 +44,12 @@ def today() -> str:
 
 
 def save(name: str, figures: dict[str, Any], *, quick: bool) -> Path:
-    """Write the figures with their provenance to `result_path`."""
+    """Write the figures with their provenance to `result_path`, whole or not at all: a
+    benchmark stopped while writing keeps the figures it saved before."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = result_path(name, quick=quick)
     body = {"benchmark": name, "quick": quick, "command": " ".join([sys.executable, *sys.argv]),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
             **figures}
-    path.write_text(json.dumps(body, indent=2) + "\n")
+    write_atomic(path, (json.dumps(body, indent=2) + "\n").encode())
     return path

@@ -341,3 +341,20 @@ def test_privacy_utility_refuses_to_replace_a_grid_measured_on_other_sizes(
     bench.main()
     grid = json.loads((tmp_path / "privacy_utility.json").read_text())["grid"]
     assert list(grid["sst2"]["cells"]) == ["iid/8"] and grid["sst2"]["sizes"]["train_rows"] == 0
+
+
+def test_a_benchmark_stopped_while_saving_keeps_the_figures_it_saved_before(tmp_path, monkeypatch):
+    import benchmarks.record as record
+    from fedtune.common import atomic_file
+
+    monkeypatch.setattr(record, "RESULTS", tmp_path)
+    path = record.save("grid", {"accuracy": 0.8}, quick=False)
+
+    def stopped(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic_file.os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        record.save("grid", {"accuracy": 0.9}, quick=False)
+    assert record.load("grid", quick=False)["accuracy"] == 0.8
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
