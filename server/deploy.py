@@ -82,7 +82,7 @@ class ServerSettings:
     nodes: list[Path]
     host: str = "0.0.0.0"
     port: int = 9200
-    local_port: int = 0  # the SuperLink's own port on 127.0.0.1; 0: any free one
+    local_port: int = 0  # the SuperLink's own port on 127.0.0.1; 0: ports.free_local_port
     accept_config_change: bool = False
     verbose: bool = False  # relay the run's DEBUG lines and warnings too
 
