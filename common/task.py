@@ -24,7 +24,14 @@ from fedtune.common.data import Examples, LabelledData, load_data
 from fedtune.common.model import load_causal_lm, load_classifier, load_tokenizer, pick_device
 from fedtune.common.objective import Objective, objective_for
 from fedtune.common.partition import local_split, partition
-from fedtune.common.training import EvalStats, TrainStats, adamw, make_loader, train_local
+from fedtune.common.training import (
+    EvalStats,
+    TrainStats,
+    adamw,
+    make_loader,
+    set_dropout,
+    train_local,
+)
 
 
 @dataclass
@@ -74,10 +81,12 @@ class Task:
     def start_round(self, state: dict[str, np.ndarray], rows: Examples, train: TrainConfig, *,
                     dropout_seed: int, sampling_seed: int,
                     ) -> tuple[DataLoader, torch.optim.Optimizer]:
-        """Load `state` and return the round's shuffled batches and a fresh AdamW: the one way
-        a local round starts, on a node, in the defaults sweep and in the benchmarks."""
+        """Load `state`, set the dropout `train` asks for, and return the round's shuffled
+        batches and a fresh AdamW: the one way a local round starts, on a node, in the defaults
+        sweep and in the benchmarks."""
         load_trainable_state(self.model, state)
-        torch.manual_seed(dropout_seed)  # LoRA dropout
+        set_dropout(self.model, train.dropout)
+        torch.manual_seed(dropout_seed)  # the dropout layers' masks
         loader = self.loader(rows, batch_size=train.batch_size, shuffle=True, seed=sampling_seed)
         return loader, adamw(self.model, train.lr, train.weight_decay, train.head_lr)
 

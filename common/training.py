@@ -40,6 +40,16 @@ def make_loader(examples: Examples, collate: Collate, *, batch_size: int, shuffl
                       generator=generator, collate_fn=collate)
 
 
+def set_dropout(model: torch.nn.Module, enabled: bool) -> None:
+    """Every `torch.nn.Dropout` of `model` at the rate it was built with, or at 0 (`train.dropout
+    = false`). A cached model trains many rounds, so the built rate is kept to return to."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            if not hasattr(module, "built_p"):
+                module.built_p = module.p
+            module.p = module.built_p if enabled else 0.0
+
+
 @dataclass(frozen=True)
 class TrainStats:
     loss: float  # mean training loss over the steps taken

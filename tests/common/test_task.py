@@ -72,3 +72,34 @@ def test_the_cached_task_builds_the_adapter_the_run_resolves(tiny_model_dir, toy
         assert any("lora_B" in k for k in sent)
         assert sorted(a.size for a in sent.values()) == sorted(adapter_sizes(config))
         assert sent.keys() == build_task(config).initial_adapter.keys()
+
+
+def test_train_dropout_false_trains_with_every_dropout_layer_at_zero_and_true_restores_them(
+        tiny_model_dir, toy_data_dir):
+    import torch
+
+    config = RunConfig.from_mapping({"model.name": str(tiny_model_dir),
+                                     "data.path": str(toy_data_dir),
+                                     "federation.num_clients": 2, "train.local_steps": 2,
+                                     "train.batch_size": 4, "train.dropout": False})
+    task = cached_task(config)
+    built = {name: m.p for name, m in task.model.named_modules()
+             if isinstance(m, torch.nn.Dropout)}
+    assert any(p > 0 for p in built.values())  # encoder, head and LoRA dropout
+    batch = next(iter(task.loader(task.data.test, batch_size=4, shuffle=False)))
+
+    def two_training_passes():
+        task.model.train()
+        with torch.no_grad():
+            return [task.model(**batch).logits for _ in range(2)]
+
+    one_round(task, config, seed=1)
+    assert all(m.p == 0.0 for m in task.model.modules() if isinstance(m, torch.nn.Dropout))
+    first, second = two_training_passes()
+    assert torch.equal(first, second)  # nothing dropped
+
+    one_round(task, config.with_overrides({"train.dropout": True}), seed=1)
+    assert {name: m.p for name, m in task.model.named_modules()
+            if isinstance(m, torch.nn.Dropout)} == built
+    first, second = two_training_passes()
+    assert not torch.equal(first, second)
