@@ -60,7 +60,8 @@ def remember(request: Request, kind: str, make: Callable[[], Release]) -> Releas
 def _key(request: Request, kind: str) -> str:
     """The configuration as this node resolves it, canonical: a server that asks the same round
     again, its defaults written out after an upgrade or its keys reordered, gets the same
-    release (and spends nothing more)."""
+    release (and spends nothing more). A node upgraded mid-round to a release that adds a
+    setting keys the round anew: it trains again and spends again (charged, never free)."""
     return release_key(request.run, request.server_round, request.adapter,
                        request.config.resolved().to_json(), kind)
 

@@ -1,7 +1,7 @@
 """Independent random streams for one round of local training on one node.
 
 Poisson sampling (which rows each DP-SGD step draws), the DP-SGD noise (or a client-level noise
-share), LoRA dropout and secure aggregation's rounding each get a stream of their own. Two
+share), the dropout layers' masks and secure aggregation's rounding each get a stream of their own. Two
 generators seeded with one value are one Mersenne-Twister stream twice: the noise would then be a
 function of which rows were drawn, which amplification by subsampling assumes cannot happen. In
 simulation the streams are child seeds spawned from (run seed, round, client), so runs repeat; a
@@ -24,7 +24,7 @@ STREAMS = 4  # sampling, noise, dropout, rounding
 class RoundSeeds:
     sampling: int  # which rows each step draws (the data loader's generator)
     noise: int  # DP-SGD's Gaussian noise (Opacus' noise generator)
-    dropout: int  # LoRA dropout (torch's global generator)
+    dropout: int  # the dropout layers' masks (torch's global generator)
     rounding: int  # secure aggregation's stochastic rounding
 
 

@@ -225,9 +225,11 @@ class TrainConfig:
     weight_decay: float = _help("AdamW weight decay", 0.0)
     max_grad_norm: float = _help("clip the batch gradient (each example's under DP-SGD) to this "
                                  "L2 norm; 0 = no clipping", 1.0)
-    dropout: bool = _help("train with the model's dropout layers at the rates it was built with "
-                          "(encoder, head, lora.lora_dropout); false sets every one to 0 while "
-                          "training (measured under DP-SGD: docs/utility.md)", True)
+    dropout: bool = _help("train with the model's torch.nn.Dropout layers at the rates it was "
+                          "built with (encoder, head, lora.lora_dropout); false sets each to 0 "
+                          "while training (a rate a model keeps as a plain number, as Llama's "
+                          "attention_dropout, stays; measured under DP-SGD: docs/utility.md)",
+                          True)
     physical_batch: int = _help("DP-SGD: most examples per forward and backward pass; a larger "
                                 "Poisson batch goes through in chunks as one noisy step (memory "
                                 "only: the privacy accounting is the same)", 64)

@@ -17,7 +17,9 @@ from fedtune.common.errors import InputError
 
 PROC = Path("/proc")
 LISTEN = "0A"  # TCP state in /proc/net/tcp
-LOCAL_PORTS = range(20_000, 32_768)  # below Linux's ephemeral range (32768 and up)
+# Ports for a child that binds 127.0.0.1 (the SuperLink's own): below Linux's default range for
+# outgoing connections (32768-60999) and Kubernetes' NodePorts (30000-32767).
+LOCAL_PORTS = range(20_000, 30_000)
 
 
 class PortBusy(InputError, RuntimeError):
@@ -44,10 +46,11 @@ def check_free(host: str, port: int, flag: str) -> None:
 
 def free_local_port(host: str = "127.0.0.1") -> int:
     """A port free on `host` now, for a child that binds it next. Not one the kernel hands out
-    (bind to 0): that range also serves outgoing connections, any of which may take the port
-    before the child binds it ("address already in use" once in the suite)."""
+    (bind to 0): those also serve outgoing connections, any of which may take the port before
+    the child binds it ("address already in use" once in the suite)."""
+    candidates = local_ports()
     for _ in range(1000):
-        port = random.randrange(LOCAL_PORTS.start, LOCAL_PORTS.stop)
+        port = random.choice(candidates)
         try:
             check_free(host, port, "port")
         except PortBusy:
@@ -55,6 +58,39 @@ def free_local_port(host: str = "127.0.0.1") -> int:
         return port
     raise PortBusy(f"no free port on {host} between {LOCAL_PORTS.start} and "
                    f"{LOCAL_PORTS.stop - 1} after 1000 tries")
+
+
+def local_ports() -> list[int]:
+    """LOCAL_PORTS less those this host hands out to outgoing connections (a widened
+    `ip_local_port_range`) and those it reserves for a service (`ip_local_reserved_ports`);
+    all of LOCAL_PORTS where that leaves none (the caller's start then guards the race)."""
+    low, high = _ephemeral_range()
+    reserved = _reserved_ports()
+    kept = [port for port in LOCAL_PORTS if not low <= port <= high and port not in reserved]
+    return kept or list(LOCAL_PORTS)
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (PROC / "sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32_768, 60_999  # Linux's default
+
+
+def _reserved_ports() -> set[int]:
+    try:
+        text = (PROC / "sys/net/ipv4/ip_local_reserved_ports").read_text().strip()
+    except OSError:
+        return set()
+    reserved: set[int] = set()
+    for item in filter(None, text.split(",")):
+        first, _, last = item.partition("-")
+        try:
+            reserved.update(range(int(first), int(last or first) + 1))
+        except ValueError:
+            continue
+    return reserved
 
 
 def inspectable() -> bool:

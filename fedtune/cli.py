@@ -181,7 +181,7 @@ def _add_lockdown_flags(parser: argparse.ArgumentParser, *, client: bool) -> Non
         return
     parser.add_argument("--local-port", type=int, default=0,
                         help="the SuperLink's own port on 127.0.0.1 (Control and Runtime "
-                        "APIs; default: a free port from 20000-32767)")
+                        "APIs; default: a free port from 20000-29999)")
     parser.add_argument("--accept-config-change", action="store_true",
                         help="continue a run whose TOML configuration changed since it began")
 

@@ -173,18 +173,8 @@ def _start_and_run(settings: ServerSettings, config: RunConfig, federation: _Fed
     state = settings.state_dir
     (state / "flwr-home").mkdir(parents=True, exist_ok=True)
     env = tool_env({**os.environ, "FLWR_HOME": str((state / "flwr-home").resolve())})
-    link_port = settings.local_port or ports.free_local_port()
-    link_log = (state / "superlink.log").open("ab")
-    database = state / "superlink.db"
-    end_stale_sessions(database)  # no SuperLink runs: no node is online
-    superlink = federation.start(subprocess.Popen(
-        [_tool("flower-superlink"), "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert),
-         "--ssl-keyfile", str(key), "--enable-supernode-auth",
-         "--database", str(database.resolve()), "--host", "127.0.0.1",
-         "--port", str(link_port), "--disable-runtime-dependency-installation"],
-        stdout=link_log, stderr=subprocess.STDOUT, env=env, process_group=0))
-    _wait_listening(superlink, "127.0.0.1", link_port, "flower-superlink",
-                    state / "superlink.log")
+    end_stale_sessions(state / "superlink.db")  # no SuperLink runs: no node is online
+    link_port = _start_superlink(settings, env, federation, ca, cert, key)
     federation.control = (f"127.0.0.1:{link_port}", ca)
     _write_cli_config(state / "flwr-home" / "config.toml", link_port, ca)
     client = control_client(f"127.0.0.1:{link_port}", ca)
@@ -204,6 +194,44 @@ def _start_and_run(settings: ServerSettings, config: RunConfig, federation: _Fed
           f"{len(synced.unregistered)} unregistered; app sha256:{app_digest()}", flush=True)
     code = _run(settings, env, link_port, ca, federation)
     return _finished(code, state / RUN_DIR, config.federation.rounds)
+
+
+def _start_superlink(settings: ServerSettings, env: dict[str, str], federation: _Federation,
+                     ca: Path, cert: Path, key: Path) -> int:
+    """Start Flower's SuperLink on 127.0.0.1 and return its port once it listens there. A port
+    fedtune drew that another process took before the SuperLink bound it (a race no check
+    closes) is drawn again, twice at most; the operator's `--local-port` never is."""
+    state, attempt = settings.state_dir, 0
+    while True:
+        attempt += 1
+        port = settings.local_port or ports.free_local_port()
+        with (state / "superlink.log").open("ab") as log:  # the child keeps its own copy
+            superlink = federation.start(subprocess.Popen(
+                [_tool("flower-superlink"), "--ssl-ca-certfile", str(ca), "--ssl-certfile",
+                 str(cert), "--ssl-keyfile", str(key), "--enable-supernode-auth",
+                 "--database", str((state / "superlink.db").resolve()), "--host", "127.0.0.1",
+                 "--port", str(port), "--disable-runtime-dependency-installation"],
+                stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0))
+        try:
+            _wait_listening(superlink, "127.0.0.1", port, "flower-superlink",
+                            state / "superlink.log")
+            return port
+        except DeployError:
+            if superlink.poll() is None or (taken := _taken(port)) is None:
+                raise  # not the race: its own error
+            if settings.local_port or attempt == 3:
+                raise DeployError(f"flower-superlink could not bind: {taken}") from None
+            print(f"fedtune: port {port} was taken before the SuperLink bound it; drawing "
+                  "another", flush=True)
+
+
+def _taken(port: int) -> str | None:
+    """Why 127.0.0.1:`port` cannot be bound now (naming who holds it), or None."""
+    try:
+        check_free("127.0.0.1", port, "--local-port")
+    except ports.PortBusy as busy:
+        return str(busy)
+    return None
 
 
 def _stopped(stop: StopRequested, run_dir: Path) -> int:

@@ -103,3 +103,25 @@ def test_train_dropout_false_trains_with_every_dropout_layer_at_zero_and_true_re
             if isinstance(m, torch.nn.Dropout)} == built
     first, second = two_training_passes()
     assert not torch.equal(first, second)
+
+
+def test_dropout_false_trains_as_rates_zeroed_when_the_model_was_built(tiny_model_dir,
+                                                                       toy_data_dir, monkeypatch):
+    # dp_levers.json's first train.dropout=false figures came from rates set to 0 at build
+    import torch
+
+    import fedtune.common.task as task_module
+
+    config = RunConfig.from_mapping({"model.name": str(tiny_model_dir),
+                                     "data.path": str(toy_data_dir),
+                                     "federation.num_clients": 2, "train.local_steps": 3,
+                                     "train.batch_size": 4, "train.dropout": False})
+    task = cached_task(config)
+    by_setting, _ = one_round(task, config, seed=3)
+
+    monkeypatch.setattr(task_module, "set_dropout", lambda model, enabled: None)
+    for module in task.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    zeroed, _ = one_round(task, config, seed=3)
+    assert all(np.array_equal(by_setting[k], zeroed[k]) for k in by_setting)

@@ -91,3 +91,35 @@ def test_a_registration_the_superlink_refuses_is_an_error(superlink, tmp_path):
     [b] = keys(tmp_path, "b")
     with pytest.raises(RegistryError, match=r"registering .*b\.pub failed: .*412"):
         sync_nodes(Refusing(), [a, b])
+
+
+def test_a_drawn_superlink_port_taken_before_the_superlink_binds_it_is_drawn_again(
+        tmp_path, monkeypatch, capsys):
+    from fedtune.common import ports
+    from fedtune.server import deploy
+
+    made = certs.init(tmp_path / "certs", ["localhost"])
+    env = tool_env({**os.environ, "FLWR_HOME": str(tmp_path / "home")})
+    with socket.socket() as taken:  # the race: someone binds the drawn port first
+        taken.bind(("127.0.0.1", free_local_port()))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        draws = iter([busy])
+        monkeypatch.setattr(ports, "free_local_port", lambda: next(draws, None) or
+                            free_local_port())
+        settings = deploy.ServerSettings(tmp_path / "certs", tmp_path, tmp_path / "run.toml", [])
+        federation = deploy._Federation()
+        try:
+            port = deploy._start_superlink(settings, env, federation, made.ca_cert,
+                                           made.server_cert, made.server_key)
+            assert port != busy
+            assert ports.listens(federation.processes[-1].pid, port)
+            assert f"port {busy} was taken" in capsys.readouterr().out
+
+            chosen = deploy.ServerSettings(tmp_path / "certs", tmp_path, tmp_path / "run.toml",
+                                           [], local_port=busy)
+            with pytest.raises(deploy.DeployError, match="already in use"):
+                deploy._start_superlink(chosen, env, deploy._Federation(), made.ca_cert,
+                                        made.server_cert, made.server_key)  # the operator's
+        finally:
+            federation.stop()
