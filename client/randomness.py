@@ -1,12 +1,12 @@
 """Independent random streams for one round of local training on one node.
 
 Poisson sampling (which rows each DP-SGD step draws), the DP-SGD noise (or a client-level noise
-share), the dropout layers' masks and secure aggregation's rounding each get a stream of their own. Two
-generators seeded with one value are one Mersenne-Twister stream twice: the noise would then be a
-function of which rows were drawn, which amplification by subsampling assumes cannot happen. In
-simulation the streams are child seeds spawned from (run seed, round, client), so runs repeat; a
-deployed node draws them from the operating system's entropy, so no one, the server included, can
-regenerate its batches or its noise.
+share), the dropout layers' masks and secure aggregation's rounding each get a stream of their
+own. Two generators seeded with one value are one Mersenne-Twister stream twice: the noise would
+then be a function of which rows were drawn, which amplification by subsampling assumes cannot
+happen. In simulation the streams are child seeds spawned from (run seed, round, client), so runs
+repeat; a deployed node draws them from the operating system's entropy, so no one, the server
+included, can regenerate its batches or its noise.
 """
 
 from __future__ import annotations
