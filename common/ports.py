@@ -112,9 +112,10 @@ def held_by(port: int) -> str | None:
     for entry in PROC.iterdir():
         if entry.name.isdigit() and inodes & _socket_inodes(int(entry.name)):
             try:
-                name = (entry / "comm").read_text().strip()
+                name = (entry / "comm").read_text(errors="replace").strip()
             except OSError:
                 name = "a process"
+            name = "".join(c for c in name if c.isprintable()) or "a process"  # its own choice
             return f"{name} (pid {entry.name})"
     return None
 

@@ -199,34 +199,45 @@ def _start_and_run(settings: ServerSettings, config: RunConfig, federation: _Fed
 def _start_superlink(settings: ServerSettings, env: dict[str, str], federation: _Federation,
                      ca: Path, cert: Path, key: Path) -> int:
     """Start Flower's SuperLink on 127.0.0.1 and return its port once it listens there. A port
-    fedtune drew that another process took before the SuperLink bound it (a race no check
-    closes) is drawn again, twice at most; the operator's `--local-port` never is."""
-    state, attempt = settings.state_dir, 0
+    fedtune drew that another process bound first (a race no check closes: the SuperLink's log
+    says its port was in use) is drawn again, twice at most; the operator's `--local-port`
+    never is."""
+    log_path, attempt = settings.state_dir / "superlink.log", 0
     while True:
         attempt += 1
         port = settings.local_port or ports.free_local_port()
-        with (state / "superlink.log").open("ab") as log:  # the child keeps its own copy
+        start = log_path.stat().st_size if log_path.exists() else 0
+        with log_path.open("ab") as log:  # the child keeps its own copy
             superlink = federation.start(subprocess.Popen(
                 [_tool("flower-superlink"), "--ssl-ca-certfile", str(ca), "--ssl-certfile",
-                 str(cert), "--ssl-keyfile", str(key), "--enable-supernode-auth",
-                 "--database", str((state / "superlink.db").resolve()), "--host", "127.0.0.1",
+                 str(cert), "--ssl-keyfile", str(key), "--enable-supernode-auth", "--database",
+                 str((settings.state_dir / "superlink.db").resolve()), "--host", "127.0.0.1",
                  "--port", str(port), "--disable-runtime-dependency-installation"],
                 stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0))
         try:
-            _wait_listening(superlink, "127.0.0.1", port, "flower-superlink",
-                            state / "superlink.log")
+            _wait_listening(superlink, "127.0.0.1", port, "flower-superlink", log_path)
             return port
         except DeployError:
-            if superlink.poll() is None or (taken := _taken(port)) is None:
-                raise  # not the race: its own error
+            if superlink.poll() is None or not _port_was_in_use(log_path, start):
+                raise  # its own error
             if settings.local_port or attempt == 3:
-                raise DeployError(f"flower-superlink could not bind: {taken}") from None
+                holder = _taken(port) or f"port {port} on 127.0.0.1 was in use"
+                tries = "" if settings.local_port else f" (each of {attempt} drawn ports)"
+                raise DeployError(f"flower-superlink could not bind: {holder}{tries}") from None
             print(f"fedtune: port {port} was taken before the SuperLink bound it; drawing "
                   "another", flush=True)
 
 
+def _port_was_in_use(log: Path, start: int) -> bool:
+    """Whether the SuperLink's lines after `start` say its port was in use (Flower's own check
+    or its HTTP server's bind), not some other failure."""
+    with log.open("rb") as lines:
+        lines.seek(start)
+        return b"already in use" in lines.read()
+
+
 def _taken(port: int) -> str | None:
-    """Why 127.0.0.1:`port` cannot be bound now (naming who holds it), or None."""
+    """Who holds 127.0.0.1:`port` now (the PortBusy message), or None if no one does."""
     try:
         check_free("127.0.0.1", port, "--local-port")
     except ports.PortBusy as busy:

@@ -96,10 +96,13 @@ def test_a_registration_the_superlink_refuses_is_an_error(superlink, tmp_path):
 def test_a_drawn_superlink_port_taken_before_the_superlink_binds_it_is_drawn_again(
         tmp_path, monkeypatch, capsys):
     from fedtune.common import ports
+    from fedtune.common.process_tree import stop_tree
     from fedtune.server import deploy
 
     made = certs.init(tmp_path / "certs", ["localhost"])
     env = tool_env({**os.environ, "FLWR_HOME": str(tmp_path / "home")})
+    files = (made.ca_cert, made.server_cert, made.server_key)
+    drawn, chosen = deploy._Federation(), deploy._Federation()
     with socket.socket() as taken:  # the race: someone binds the drawn port first
         taken.bind(("127.0.0.1", free_local_port()))
         taken.listen()
@@ -108,18 +111,18 @@ def test_a_drawn_superlink_port_taken_before_the_superlink_binds_it_is_drawn_aga
         monkeypatch.setattr(ports, "free_local_port", lambda: next(draws, None) or
                             free_local_port())
         settings = deploy.ServerSettings(tmp_path / "certs", tmp_path, tmp_path / "run.toml", [])
-        federation = deploy._Federation()
         try:
-            port = deploy._start_superlink(settings, env, federation, made.ca_cert,
-                                           made.server_cert, made.server_key)
-            assert port != busy
-            assert ports.listens(federation.processes[-1].pid, port)
+            port = deploy._start_superlink(settings, env, drawn, *files)
+            assert port != busy and len(drawn.processes) == 2
+            assert ports.listens(drawn.processes[-1].pid, port)
             assert f"port {busy} was taken" in capsys.readouterr().out
 
-            chosen = deploy.ServerSettings(tmp_path / "certs", tmp_path, tmp_path / "run.toml",
-                                           [], local_port=busy)
-            with pytest.raises(deploy.DeployError, match="already in use"):
-                deploy._start_superlink(chosen, env, deploy._Federation(), made.ca_cert,
-                                        made.server_cert, made.server_key)  # the operator's
+            operators = deploy.ServerSettings(tmp_path / "certs", tmp_path,
+                                              tmp_path / "run.toml", [], local_port=busy)
+            with pytest.raises(deploy.DeployError, match=f"port {busy} on 127.0.0.1 is already "
+                               "in use by "):
+                deploy._start_superlink(operators, env, chosen, *files)
+            assert len(chosen.processes) == 1  # the operator's port is never drawn again
+            assert "drawing another" not in capsys.readouterr().out
         finally:
-            federation.stop()
+            stop_tree(drawn.processes + chosen.processes)
