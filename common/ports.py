@@ -44,6 +44,16 @@ def check_free(host: str, port: int, flag: str) -> None:
                            f"another {flag}") from None
 
 
+def why_busy(host: str, port: int, flag: str) -> str | None:
+    """`check_free`'s message (naming who holds the port) when `host:port` cannot be bound
+    now, else None."""
+    try:
+        check_free(host, port, flag)
+    except PortBusy as busy:
+        return str(busy)
+    return None
+
+
 def free_local_port(host: str = "127.0.0.1") -> int:
     """A port free on `host` now, for a child that binds it next. Not one the kernel hands out
     (bind to 0): those also serve outgoing connections, any of which may take the port before
@@ -51,11 +61,8 @@ def free_local_port(host: str = "127.0.0.1") -> int:
     candidates = local_ports()
     for _ in range(1000):
         port = random.choice(candidates)
-        try:
-            check_free(host, port, "port")
-        except PortBusy:
-            continue
-        return port
+        if why_busy(host, port, "port") is None:
+            return port
     raise PortBusy(f"no free port on {host} between {LOCAL_PORTS.start} and "
                    f"{LOCAL_PORTS.stop - 1} after 1000 tries")
 

@@ -221,7 +221,8 @@ def _start_superlink(settings: ServerSettings, env: dict[str, str], federation: 
             if superlink.poll() is None or not _port_was_in_use(log_path, start):
                 raise  # its own error
             if settings.local_port or attempt == 3:
-                holder = _taken(port) or f"port {port} on 127.0.0.1 was in use"
+                holder = (ports.why_busy("127.0.0.1", port, "--local-port")
+                          or f"port {port} on 127.0.0.1 was in use")
                 tries = "" if settings.local_port else f" (each of {attempt} drawn ports)"
                 raise DeployError(f"flower-superlink could not bind: {holder}{tries}") from None
             print(f"fedtune: port {port} was taken before the SuperLink bound it; drawing "
@@ -234,15 +235,6 @@ def _port_was_in_use(log: Path, start: int) -> bool:
     with log.open("rb") as lines:
         lines.seek(start)
         return b"already in use" in lines.read()
-
-
-def _taken(port: int) -> str | None:
-    """Who holds 127.0.0.1:`port` now (the PortBusy message), or None if no one does."""
-    try:
-        check_free("127.0.0.1", port, "--local-port")
-    except ports.PortBusy as busy:
-        return str(busy)
-    return None
 
 
 def _stopped(stop: StopRequested, run_dir: Path) -> int:
