@@ -96,7 +96,6 @@ def test_a_registration_the_superlink_refuses_is_an_error(superlink, tmp_path):
 def test_a_drawn_superlink_port_taken_before_the_superlink_binds_it_is_drawn_again(
         tmp_path, monkeypatch, capsys):
     from fedtune.common import ports
-    from fedtune.common.process_tree import stop_tree
     from fedtune.server import deploy
 
     made = certs.init(tmp_path / "certs", ["localhost"])
@@ -125,4 +124,5 @@ def test_a_drawn_superlink_port_taken_before_the_superlink_binds_it_is_drawn_aga
             assert len(chosen.processes) == 1  # the operator's port is never drawn again
             assert "drawing another" not in capsys.readouterr().out
         finally:
-            stop_tree(drawn.processes + chosen.processes)
+            for federation in (drawn, chosen):
+                federation.stop()
