@@ -30,7 +30,6 @@ from fedtune.common.config import RunConfig
 from fedtune.common.console import filtered
 from fedtune.common.data import load_data
 from fedtune.common.errors import InputError
-from fedtune.common.ports import check_free
 from fedtune.common.process_tree import (
     StopRequested,
     alive,
@@ -100,9 +99,9 @@ def serve(settings: ServerSettings) -> int:
         _stop_leftovers(settings.state_dir)  # before the guard may rewrite the run's config
         config = _guard_config(settings)
         _check_data(config)
-        check_free(settings.host, settings.port, "--port")
+        ports.check_free(settings.host, settings.port, "--port")
         if settings.local_port:
-            check_free("127.0.0.1", settings.local_port, "--local-port")
+            ports.check_free("127.0.0.1", settings.local_port, "--local-port")
         become_subreaper()
         federation = _Federation()
         with stop_on_signals():
