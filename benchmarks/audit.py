@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from benchmarks.fedtune_run import fedtune, last_round
+from benchmarks.fedtune_run import fedtune, last_round, lost_clients
 from benchmarks.shared_data import SHARED_BANKING77
 from fedtune.common.run_dir import AUDIT_FILE
 
@@ -72,6 +72,8 @@ def run(flags: list[str], out: Path, defect: str | None = None) -> dict:
     done = fedtune("simulate", flags, out, env)
     if done.error:
         return {"error": done.error}
+    if lost := lost_clients(out):
+        return {"error": f"clients lost, {lost}"}
     audit = json.loads((out / AUDIT_FILE).read_text())
     last = last_round(out)
     keep = ("epsilon_lower_bound", "epsilon_reported", "delta", "confidence", "canaries",

@@ -45,3 +45,16 @@ def fedtune(command: str, flags: Sequence[object], out: Path | None = None,
 def last_round(out: Path) -> dict[str, Any]:
     """The metrics row of the last round a finished run logged."""
     return read_rounds(out)[-1]
+
+
+def lost_clients(out: Path) -> str:
+    """Why a finished run's figures do not count ("" when they do): a round in which a sampled
+    client failed or that aggregated nothing. A simulation's clients fail only when something
+    outside the run breaks (Ray ends its actors under memory pressure), and the run then goes on
+    from a smaller average or none, exit status 0, so its last accuracy is not the setting's."""
+    lost = [f"round {row['round']}: " + (row.get("round_abandoned")
+                                         or f"{row['clients_failed']} clients failed")
+            for row in read_rounds(out)
+            if row.get("clients_failed") or row.get("round_abandoned")]
+    return "; ".join(lost)
+

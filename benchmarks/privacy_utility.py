@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.fedtune_run import fedtune, last_round
+from benchmarks.fedtune_run import fedtune, last_round, lost_clients
 from benchmarks.shared_data import SHARED, SPLITS, read_lines
 
 NAME = "privacy_utility"
@@ -80,6 +80,8 @@ def run(command: str, flags: list[str], out: Path) -> dict[str, Any]:
     done = fedtune(command, flags, out)
     if done.error:
         return {"error": done.error, "seconds": done.seconds}
+    if lost := lost_clients(out):
+        return {"error": f"clients lost, {lost}", "seconds": done.seconds}
     from benchmarks.record import today
 
     last = last_round(out)

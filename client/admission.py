@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedtune.client.dp_plan import DPRoundPlan, plan_round
+from fedtune.client.dp_plan import DPRoundPlan, plan_round, steps_per_round
 from fedtune.client.ledger import Ledger
 from fedtune.client.node import Node
 from fedtune.client.policy import (
@@ -25,6 +25,7 @@ from fedtune.client.policy import (
     MAX_LENGTH,
     MAX_LORA_RANK,
     MAX_PHYSICAL_BATCH,
+    MAX_RUN_STEPS,
     MAX_STEPS,
     MIN_NOISE,
     MODELS,
@@ -104,7 +105,9 @@ def request_violations(policy: NodePolicy, config: RunConfig, node: Node, *,
         asked = "privacy.dp = false" if not privacy.dp else f"privacy.level = {privacy.level!r}"
         broken.append(f"{REQUIRE_DP}: this node trains only with sample-level DP-SGD, the "
                       f"server asked {asked}")
-    if privacy.client_level and (z := client_level_plan(config)[0].noise_multiplier) < \
+    if privacy.client_level and (horizon := horizon_violation(policy, config, 1)):
+        broken.append(horizon)  # each round is one release: no accountant for such a horizon
+    elif privacy.client_level and (z := client_level_plan(config)[0].noise_multiplier) < \
             policy.min_noise_multiplier:
         broken.append(f"{MIN_NOISE}: the client-level noise multiplier {z:.3g} is below this "
                       f"node's floor, {policy.min_noise_multiplier:g}")
@@ -124,15 +127,41 @@ def request_violations(policy: NodePolicy, config: RunConfig, node: Node, *,
     return broken
 
 
+def horizon_violation(policy: NodePolicy, config: RunConfig, steps_per_round: int) -> str:
+    """The `max-run-steps` rule ("" when kept): an accountant's time and memory grow with the
+    steps it composes, so a run's whole horizon is bounded before any accountant sees it."""
+    rounds = config.federation.rounds
+    if steps_per_round * rounds <= policy.max_run_steps:
+        return ""
+    return (f"{MAX_RUN_STEPS}: the run plans {steps_per_round} steps a round over "
+            f"federation.rounds = {rounds}, {steps_per_round * rounds} in all, above this "
+            f"node's {policy.max_run_steps}")
+
+
 def model_violations(policy: NodePolicy, config: RunConfig, task: Task) -> list[str]:
-    """What the request asks beyond the loaded model (its positions)."""
-    base = task.model.get_base_model().config
-    positions = getattr(base, "max_position_embeddings", None) or getattr(base, "n_positions",
-                                                                        None)
-    if isinstance(positions, int) and config.model.max_length > positions:
+    """What the request asks beyond the loaded model (the tokens its positions take)."""
+    positions = token_capacity(task.model.get_base_model())
+    if positions is not None and config.model.max_length > positions:
         return [f"{MAX_LENGTH}: the server asked model.max_length = {config.model.max_length}, "
                 f"above the model's {positions} positions"]
     return []
+
+
+def token_capacity(model: Any) -> int | None:
+    """How many tokens one row may hold on `model` (None: the model states no limit). A
+    position table with a padding index (RoBERTa's family) numbers a row's tokens from that
+    index + 1, so its first slots never hold a token: a row one token longer than the rest
+    fails on its own, a failure only some rows would cause."""
+    base = model.config
+    positions = getattr(base, "max_position_embeddings", None) or getattr(base, "n_positions",
+                                                                        None)
+    if not isinstance(positions, int):
+        return None
+    for name, module in model.named_modules():
+        padding = getattr(module, "padding_idx", None)
+        if name.endswith("position_embeddings") and isinstance(padding, int):
+            return min(positions, module.num_embeddings) - padding - 1
+    return positions
 
 
 ADAPTER_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -183,6 +212,8 @@ def _dp_admission(request: Request, answered: bool, broken: list[str]) -> Admiss
         return Refused([*broken, f"{PLANNING_ROWS}: this node plans DP-SGD only for a public "
                         "row count: the server sent no privacy.planning_rows and the node's "
                         "policy sets none"])
+    if horizon := horizon_violation(policy, config, steps_per_round(config, planning_rows)):
+        return Refused([*broken, horizon])
     try:
         ledger = request.ledger(delta)
         plan = plan_round(config, planning_rows, delta, ledger.accountant, request.state())

@@ -28,6 +28,13 @@ class DPRoundPlan:
     expected_batch: float  # sample rate x planning rows: the public divisor of each noisy sum
 
 
+def steps_per_round(config: RunConfig, planning_rows: int) -> int:
+    """DP-SGD steps one round of this run takes on `planning_rows` rows (public values only)."""
+    train = config.training
+    return dp_sgd_schedule(planning_rows, train.batch_size, train.local_epochs,
+                           train.local_steps)[1]
+
+
 def plan_round(config: RunConfig, planning_rows: int, delta: float | None = None,
                accountant: str = "", memo: NoiseMemo | None = None) -> DPRoundPlan:
     """Noise for the whole planned horizon (every round x this round's steps), not per round.

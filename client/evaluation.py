@@ -19,12 +19,13 @@ from fedtune.client.admission import (
     Refused,
     above_cap,
     adapter_violations,
+    horizon_violation,
     model_violations,
     planning,
     request_violations,
     run_cost,
 )
-from fedtune.client.dp_plan import plan_round
+from fedtune.client.dp_plan import plan_round, steps_per_round
 from fedtune.client.ledger import Ledger
 from fedtune.client.policy import BUDGET, ROUND_CAP, RUN_CAP, SHARE_EVALUATION, NodePolicy
 from fedtune.client.replies import evaluation_metrics
@@ -85,9 +86,12 @@ def _run_with_answer(request: Request, ledger: Ledger, event: GaussianEvent) -> 
     more = [event]
     remaining = config.federation.rounds - request.server_round
     planning_rows = planning(request)[0]
-    # a plan with no noise reaching the run's epsilon is refused when asked: it costs nothing
+    # a plan with no noise reaching the run's epsilon, or past `max-run-steps`, is refused when
+    # asked: it costs nothing
     with contextlib.suppress(PrivacyError):
-        if config.privacy.sample_level and remaining > 0 and planning_rows:
+        if config.privacy.sample_level and remaining > 0 and planning_rows and not \
+                horizon_violation(request.node.policy, config,
+                                  steps_per_round(config, planning_rows)):
             plan = plan_round(config, planning_rows, delta, ledger.accountant,
                               request.state())
             more += [plan.event] * remaining

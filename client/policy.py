@@ -37,6 +37,7 @@ MODELS = "models"
 MAX_LENGTH = "max-length"
 MAX_PHYSICAL_BATCH = "max-physical-batch"
 MAX_STEPS = "max-steps"
+MAX_RUN_STEPS = "max-run-steps"
 MAX_LORA_RANK = "max-lora-rank"
 MAX_ADAPTER_VALUE = "max-adapter-value"
 TASK = "task"  # a request for another task than the node's data holds
@@ -101,6 +102,9 @@ class NodePolicy:
                                       "(train.physical_batch; train.batch_size outside DP-SGD)",
                                       256)
     max_steps: int = setting("most optimizer steps one round may take", 1000)
+    max_run_steps: int = setting(
+        "most DP-SGD steps one run may plan over all its rounds (client-level DP: its rounds), "
+        "checked before any accountant composes them", 20000)
     max_lora_rank: int = setting("largest LoRA rank the server may ask for", 64)
     max_adapter_value: float = setting("largest |value| of a received adapter", 1000.0)
     test_fraction: float = setting("share of this node's rows held out (each row's side set by "
@@ -145,7 +149,8 @@ class NodePolicy:
                self.models)
         for name, value in ((MAX_LENGTH, self.max_length),
                             (MAX_PHYSICAL_BATCH, self.max_physical_batch),
-                            (MAX_STEPS, self.max_steps), (MAX_LORA_RANK, self.max_lora_rank)):
+                            (MAX_STEPS, self.max_steps), (MAX_RUN_STEPS, self.max_run_steps),
+                            (MAX_LORA_RANK, self.max_lora_rank)):
             _check(value >= 1, name, "must be >= 1", value)
         _check(0 < self.max_adapter_value < math.inf, MAX_ADAPTER_VALUE,
                "must be finite and > 0", self.max_adapter_value)
@@ -166,7 +171,7 @@ class NodePolicy:
                    min_noise_multiplier=0.0, accountant=privacy.accountant,
                    share_evaluation=True, evaluation_noise=0.0, models=[config.model.name],
                    allow_hub=True, max_length=UNLIMITED, max_physical_batch=UNLIMITED,
-                   max_steps=UNLIMITED, max_lora_rank=UNLIMITED,
+                   max_steps=UNLIMITED, max_run_steps=UNLIMITED, max_lora_rank=UNLIMITED,
                    max_adapter_value=sys.float_info.max,
                    test_fraction=config.partition.local_test_fraction,
                    max_dropout=min(config.secagg.dropout_tolerance, 0.33))

@@ -32,6 +32,10 @@ MAX_EPSILON = 100.0
 MAX_NOISE_MULTIPLIER = 1e6
 MAX_ROUNDS = 100_000
 MAX_PATH = 4096
+# A clipping norm's range: the noise is drawn in float32 with std z C, which loses its precision
+# among float32's subnormal numbers (1e-45 draws exactly 0 while the ledger still counts z) and
+# overflows past 3e38; this range keeps z C far from both.
+MIN_CLIP_NORM, MAX_CLIP_NORM = 1e-6, 1e6
 DEFAULT_ACCOUNTANT = "prv"  # a new ledger's; an existing one keeps its own (client/ledger.py)
 # federation.strategy -> the server step size used when federation.server_lr is 0
 STRATEGIES: dict[str, float] = {"fedavg": 1.0, "fedprox": 1.0, "fedavgm": 1.0,
@@ -372,7 +376,8 @@ class PrivacyConfig:
                  f"must be in [0, {MAX_NOISE_MULTIPLIER:g}]", self.noise_multiplier)
         _require(self.planning_rows >= 0, "privacy.planning_rows", "must be >= 0",
                  self.planning_rows)
-        _require(self.clip_norm > 0, "privacy.clip_norm", "must be > 0", self.clip_norm)
+        _require(MIN_CLIP_NORM <= self.clip_norm <= MAX_CLIP_NORM, "privacy.clip_norm",
+                 f"must be in [{MIN_CLIP_NORM:g}, {MAX_CLIP_NORM:g}]", self.clip_norm)
         self.budgets()  # validates the entries
 
     @property
@@ -513,8 +518,9 @@ class RunConfig:
                           f"{federation.strategy!r} (no server step); use fedavgm for a server "
                           "learning rate", stacklevel=2)
         if self.privacy.sample_level:
-            _require(self.train.max_grad_norm > 0, "train.max_grad_norm",
-                     "must be > 0 under DP-SGD (it bounds each example's gradient)",
+            _require(MIN_CLIP_NORM <= self.train.max_grad_norm <= MAX_CLIP_NORM,
+                     "train.max_grad_norm", f"must be in [{MIN_CLIP_NORM:g}, "
+                     f"{MAX_CLIP_NORM:g}] under DP-SGD (it bounds each example's gradient)",
                      self.train.max_grad_norm)
             _require(self.federation.strategy != "fedprox", "federation.strategy",
                      "cannot be 'fedprox' with privacy.level 'sample' (DP-SGD replaces the "

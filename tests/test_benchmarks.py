@@ -214,6 +214,29 @@ def test_a_failed_or_stopped_privacy_utility_run_adds_nothing_to_its_cell_and_is
     assert {f["error"] for f in failed} == {"exit -15"}
 
 
+def test_a_run_whose_clients_were_lost_is_a_failed_run_not_a_figure(tmp_path, monkeypatch):
+    # Ray ended two actors under memory pressure: the run went on from one client, then none,
+    # and exited 0 with a last accuracy that is not the setting's
+    import benchmarks.privacy_utility as bench
+    from benchmarks.fedtune_run import Finished
+    from fedtune.server.metrics_log import append_round
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for row in ({"round": 1, "accuracy": 0.23, "clients": 5, "clients_failed": 0},
+                {"round": 2, "accuracy": 0.14, "clients": 1, "clients_failed": 4},
+                {"round": 3, "accuracy": 0.14, "clients": 0, "clients_failed": 5,
+                 "round_abandoned": "5 failed or did not answer"}):
+        append_round(out, row)
+    monkeypatch.setattr(bench, "fedtune", lambda command, flags, out: Finished(9.0, None))
+    result = bench.run("simulate", ["--seed", "0"], out)
+    assert result == {"error": "clients lost, round 2: 4 clients failed; round 3: 5 failed or "
+                               "did not answer", "seconds": 9.0}
+    (out / "metrics.jsonl").unlink()
+    append_round(out, {"round": 1, "accuracy": 0.8, "clients": 5, "clients_failed": 0})
+    assert bench.run("simulate", ["--seed", "0"], out)["accuracy"] == 0.8
+
+
 def test_the_gradient_share_splits_one_examples_gradient_between_head_and_lora(
         tiny_model_dir, toy_data_dir):
     from benchmarks.gradient_share import norms

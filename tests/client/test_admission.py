@@ -4,6 +4,7 @@ is read: driven through the ClientApp with hand-built messages, as a malicious s
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from fedtune.client.policy import (
     MAX_ADAPTER_VALUE,
     MAX_LENGTH,
     MAX_LORA_RANK,
+    MAX_RUN_STEPS,
     MIN_NOISE,
     MODELS,
     PLANNING_ROWS,
@@ -84,6 +86,77 @@ def test_a_noise_below_the_floor_is_refused_before_any_accountant_sees_it(
     reply = client_app.train(request(config), node_context(tiny_model_dir, toy_data_dir,
                                                            tmp_path / "ledger", **PERMISSIVE))
     assert MIN_NOISE in refusal_reason(reply)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"federation.rounds": 100_000},  # the noise search would compose 100,000 rounds of steps
+    {"federation.rounds": 100_000, "privacy.noise_multiplier": 1.0},  # the run cap would
+    {"federation.rounds": 3_000, "train.local_steps": 1_000},  # 3 million steps
+])
+def test_a_horizon_past_the_nodes_limit_is_refused_before_any_accountant_sees_it(
+        tiny_model_dir, toy_data_dir, tmp_path, monkeypatch, overrides):
+    # PRV over a million steps takes minutes and gigabytes on every message: a server's long
+    # horizon is refused from its values alone, not left to stall or kill the node
+    from fedtune.client import admission, dp_plan
+
+    def no_accounting(*args, **kwargs):
+        raise AssertionError("an accountant was asked about a horizon past the node's limit")
+
+    monkeypatch.setattr(admission, "epsilon_spent", no_accounting)
+    monkeypatch.setattr(dp_plan, "noise_for_target", no_accounting)
+    config = run_config(tiny_model_dir, toy_data_dir, **overrides)
+    reply = client_app.train(request(config), node_context(tiny_model_dir, toy_data_dir,
+                                                           tmp_path / "ledger", **PERMISSIVE))
+    assert MAX_RUN_STEPS in refusal_reason(reply)
+    assert ledger_rounds(tmp_path / "ledger") == []
+
+
+def test_the_horizon_limit_counts_a_rounds_steps_times_the_rounds(toy_data_dir):
+    from fedtune.client.admission import horizon_violation, request_violations
+    from fedtune.client.node import Node
+    from fedtune.client.policy import NodePolicy
+    from fedtune.common.config import RunConfig
+
+    policy = NodePolicy(require_dp=False, require_secagg=False, max_run_steps=100)
+    config = RunConfig.from_mapping({"model.name": "embedded", "federation.rounds": 10})
+    assert horizon_violation(policy, config, 10) == ""  # 100 steps: at the limit
+    assert horizon_violation(policy, config, 11).startswith(f"{MAX_RUN_STEPS}: ")
+    # client-level DP: each round is one release, refused before its noise is searched
+    client_level = RunConfig.from_mapping({
+        "model.name": "embedded", "privacy.dp": True, "privacy.level": "client",
+        "privacy.epsilon": 8.0, "privacy.delta": 0.05, "federation.num_clients": 2,
+        "federation.rounds": 101})
+    node = Node(name="n", policy=policy, data_path=str(toy_data_dir))
+    assert [rule.split(":")[0] for rule in
+            request_violations(policy, client_level, node, secure=False)] == [MAX_RUN_STEPS]
+
+
+def test_a_position_table_with_a_padding_offset_holds_fewer_tokens(tmp_path):
+    # RoBERTa numbers positions from its padding index + 1: with 34 slots a 33-token row fails
+    # while a 32-token one trains, a failure only some rows would cause, so the node refuses
+    # any max_length past what every row can hold
+    import torch
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from fedtune.client.admission import model_violations, token_capacity
+    from fedtune.client.policy import NodePolicy
+    from fedtune.common.config import RunConfig
+
+    config = RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=16,
+                           max_position_embeddings=34, pad_token_id=1)
+    model = RobertaForSequenceClassification(config).eval()
+    capacity = token_capacity(model)
+    assert capacity == 32
+    with torch.no_grad():
+        model(input_ids=torch.full((1, capacity), 5))
+        with pytest.raises((IndexError, RuntimeError)):
+            model(input_ids=torch.full((1, capacity + 1), 5))
+    task = SimpleNamespace(model=SimpleNamespace(get_base_model=lambda: model))
+    policy = NodePolicy(require_dp=False, require_secagg=False)
+    for length, refused in ((32, False), (33, True), (34, True)):
+        asked = RunConfig.from_mapping({"model.name": "embedded", "model.max_length": length})
+        assert bool(model_violations(policy, asked, task)) is refused, length
 
 
 def test_a_model_the_node_did_not_allow_is_refused_before_it_is_loaded(tiny_model_dir,

@@ -69,6 +69,24 @@ def test_an_answer_that_would_crowd_out_planned_training_is_refused_and_training
     assert [e["kind"] for e in ledger_rounds(tmp_path / "roomy")] == ["dp-sgd", "evaluation"]
 
 
+def test_an_answer_in_a_run_past_the_horizon_limit_plans_no_training(
+        tiny_model_dir, toy_data_dir, tmp_path, monkeypatch):
+    # the run's training would be refused (max-run-steps), so the answer is costed alone and
+    # no accountant calibrates noise over the server's 100,000 rounds
+    from fedtune.client import dp_plan
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("noise searched over a horizon past the node's limit")
+
+    monkeypatch.setattr(dp_plan, "noise_for_target", no_search)
+    config = run_config(tiny_model_dir, toy_data_dir, **{"federation.rounds": 100_000})
+    context = node_context(tiny_model_dir, toy_data_dir, tmp_path / "ledger", **{
+        "budget-epsilon": 8.0, "share-evaluation": True, "evaluation-noise": 5.0})
+    reply = client_app.evaluate_global(request(config, "evaluate"), context)
+    assert keys.METRICS in reply.content
+    assert [e["kind"] for e in ledger_rounds(tmp_path / "ledger")] == ["evaluation"]
+
+
 def test_a_noised_answer_scores_each_row_alone(tiny_model_dir, toy_data_dir, tmp_path,
                                                monkeypatch):
     # a crafted head can put a row's logit on the margin, and its batchmates' padding then

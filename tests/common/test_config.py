@@ -105,6 +105,10 @@ def test_ffa_lora_is_on_under_dp_sgd_unless_set_and_unset_survives_every_form():
     ({"privacy.noise_multiplier": 1e300}, "privacy.noise_multiplier` must be in"),
     ({"federation.rounds": 10**10}, "federation.rounds` must be in"),
     ({"output.dir": "x" * 5000}, "output.dir` must be at most 4096 characters"),
+    # a clipping norm of 1e-45 makes float32 noise of std z C exactly 0 while the ledger counts z
+    ({"privacy.dp": True, "train.max_grad_norm": 1e-45}, r"train.max_grad_norm` must be in \["),
+    ({"privacy.clip_norm": 1e-45}, r"privacy.clip_norm` must be in \["),
+    ({"privacy.clip_norm": 1e300}, r"privacy.clip_norm` must be in \["),
 ])
 def test_values_no_accountant_or_ledger_could_use_are_refused_by_name(override, message):
     # a server's Infinity noise or 1e300 epsilon would keep a node's accountant searching for ever
