@@ -306,11 +306,16 @@ def run(args: argparse.Namespace) -> None:
         rows = simulate(config, resume=bool(args.resume), num_workers=args.workers,
                         verbose=args.verbose, ray_address=address)
     if rows:
-        from fedtune.server.run_summary import shortfall, summary_line
+        from fedtune.server.run_summary import failed_replies, shortfall, summary_line
 
         print(summary_line(config.output.dir, rows))
         if (problem := shortfall(rows, config.federation.rounds)) is not None:
             print(f"fedtune: warning: {problem}", file=sys.stderr)
+        if (failed := failed_replies(rows)) is not None:  # a simulated client fails only when
+            # its own process does: an error in fedtune, or Ray ending its actor
+            print(f"fedtune: warning: {failed}; a simulated client fails only when its process "
+                  "does (--verbose shows why; Ray ends its actors when memory runs short)",
+                  file=sys.stderr)
     if config.audit.enabled:
         from fedtune.simulations.audit import audit_run
         from fedtune.simulations.report import audit_line

@@ -32,3 +32,15 @@ def shortfall(rows: list[dict[str, Any]], rounds: int) -> str | None:
                 "to train (budgets spent or node policies refusing); started again, it "
                 "resumes and asks every node again")
     return None
+
+
+def failed_replies(rows: list[dict[str, Any]]) -> str | None:
+    """How many sampled clients failed (errors or no answer), and in which rounds; None when
+    none did. A run goes on without them, so its accuracy is then not the setting's."""
+    failed = {row["round"]: row["clients_failed"] for row in rows if row.get("clients_failed")}
+    if not failed:
+        return None
+    rounds = ", ".join(map(str, failed))
+    return (f"{sum(failed.values())} client replies failed (round{'s' * (len(failed) > 1)} "
+            f"{rounds}): the rounds went on without them")
+

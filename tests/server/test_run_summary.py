@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedtune.server.run_summary import shortfall, summary_line
+from fedtune.server.run_summary import failed_replies, shortfall, summary_line
 
 
 def rows(*abandoned: bool) -> list[dict]:
@@ -30,3 +30,13 @@ def test_a_run_that_stopped_early_says_it_resumes():
     problem = shortfall(rows(False), rounds=3)
     assert problem.startswith("the run stopped after round 1 of 3: no client was left")
     assert shortfall([], rounds=1) == "no round was recorded"
+
+
+def test_failed_replies_are_counted_with_their_rounds():
+    assert failed_replies(rows(False, False)) is None
+    lost = [{"round": 1, "clients_failed": 0}, {"round": 2, "clients_failed": 4},
+            {"round": 3, "clients_failed": 5, "round_abandoned": "5 failed or did not answer"}]
+    assert failed_replies(lost) == "9 client replies failed (rounds 2, 3): the rounds went on " \
+        "without them"
+    assert failed_replies(lost[:2]).startswith("4 client replies failed (round 2):")
+
