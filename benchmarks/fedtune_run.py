@@ -57,4 +57,3 @@ def lost_clients(out: Path) -> str:
             for row in read_rounds(out)
             if row.get("clients_failed") or row.get("round_abandoned")]
     return "; ".join(lost)
-

@@ -52,6 +52,8 @@ def _epsilon(steps: tuple[tuple[tuple[float, float], int], ...], delta: float,
         return math.inf
     from opacus.accountants import create_accountant  # Opacus brings torch: only when counting
 
+    if accountant == "prv" and prv_grid_points(history, delta) > MAX_PRV_POINTS:
+        accountant = "rdp"  # a valid upper bound too, looser, in constant memory
     counter = create_accountant(mechanism=accountant)
     counter.history = history
     # PRV's numerical error can put a nearly free history slightly below zero (-2.6e-3 seen at
@@ -59,7 +61,54 @@ def _epsilon(steps: tuple[tuple[tuple[float, float], int], ...], delta: float,
     return max(0.0, float(counter.get_epsilon(delta=delta)))
 
 
+# PRV discretises the privacy loss on a grid whose size grows with the steps, with 1/delta and
+# with the loss itself (small noise, large sample rates): about 70 bytes a point measured here
+# (1.1 million points: 80 MB). A history needing more is counted by RDP instead: every value a
+# server can choose (noise at the node's floor, a sample rate of 1, a long horizon) then costs
+# a node constant memory, never gigabytes.
+MAX_PRV_POINTS = 5_000_000
+PRV_EPS_ERROR = 0.01  # Opacus' default precision of get_epsilon, as every call here uses it
+
+
+def prv_grid_points(history: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """Points of the grids Opacus' PRV accountant builds for `history` ((noise, rate, steps)
+    each) at `delta`: its domain 2 L over its mesh, once for each distinct event. Computed as
+    Gopi et al. size the domain, with RDP bounds only (milliseconds)."""
+    from opacus.accountants.analysis.prv import (
+        PoissonSubsampledGaussianPRV,
+        compute_safe_domain_size,
+    )
+
+    delta_error = delta / 1000  # Opacus' default for get_epsilon
+    steps = [count for _, _, count in history]
+    mesh = PRV_EPS_ERROR / math.sqrt(sum(steps) * math.log(12 / delta_error) / 2)
+    if len(history) * 2 * _domain_bound(history, delta_error) / mesh <= MAX_PRV_POINTS:
+        return len(history) * 2 * _domain_bound(history, delta_error) / mesh  # an upper bound
+    half_width = compute_safe_domain_size(
+        [PoissonSubsampledGaussianPRV(rate, noise) for noise, rate, _ in history], steps,
+        PRV_EPS_ERROR, delta_error)
+    return len(history) * 2 * half_width / mesh
+
+
+def _domain_bound(history: Sequence[tuple[float, float, int]], delta_error: float) -> float:
+    """A quick upper bound (microseconds; Opacus' own takes a tenth of a second) of the
+    half-width its RDP bounds give PRV's domain: each event's RDP at order a is at most the
+    unsampled Gaussian's, a steps / (2 noise^2), and Opacus' conversion to epsilon adds at most
+    log(1/delta) / (a - 1), at every order it tries."""
+    import numpy as np
+    from opacus.accountants import RDPAccountant
+
+    orders = np.array(RDPAccountant.DEFAULT_ALPHAS, dtype=float)
+    total = sum(steps for _, _, steps in history)
+    rdp = sum(orders * steps / (2 * noise**2) for noise, _, steps in history)
+    whole = np.min(rdp + math.log(4 / delta_error) / (orders - 1))
+    one = max(np.min(orders / (2 * noise**2) + math.log(8 * total / delta_error) / (orders - 1))
+              for noise, _, _ in history)
+    return float(max(whole, one, PRV_EPS_ERROR)) + 3
+
+
 SEARCH_TOLERANCE = 0.01  # how far under the target epsilon a calibrated noise may land
+MAX_SEARCHED_NOISE = 2.0**20  # a target no noise up to this reaches is refused
 MIN_REMEMBERED = 0.1  # a remembered noise below this is searched again (see _lands_at)
 
 
@@ -107,17 +156,28 @@ def _lands_at(noise: object, epsilon: float, delta: float, sample_rate: float, s
 @lru_cache(maxsize=64)
 def _searched_noise(epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str) -> float:
-    from opacus.accountants.utils import get_noise_multiplier
+    """Bisection for the smallest noise within SEARCH_TOLERANCE under `epsilon` (epsilon falls
+    as the noise grows). Every probe goes through `_epsilon`, so none builds a PRV grid past
+    MAX_PRV_POINTS; the probes never go below half the answer."""
+    def spent(noise: float) -> float:
+        return _epsilon((((noise, sample_rate), steps),), delta, accountant)
 
-    try:
-        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
-                                          sample_rate=sample_rate, steps=steps,
-                                          accountant=accountant,
-                                          epsilon_tolerance=SEARCH_TOLERANCE))
-    except ValueError as error:
-        raise PrivacyError(f"no noise multiplier reaches epsilon {epsilon} at delta {delta:g} "
-                           f"over {steps} steps at sample rate {sample_rate:.4g}: "
-                           f"{error}") from None
+    low, high = 0.0, 1.0
+    while spent(high) > epsilon:
+        low, high = high, 2 * high
+        if high > MAX_SEARCHED_NOISE:
+            raise PrivacyError(f"no noise multiplier reaches epsilon {epsilon} at delta "
+                               f"{delta:g} over {steps} steps at sample rate {sample_rate:.4g}: "
+                               f"not even {MAX_SEARCHED_NOISE:g}")
+    for _ in range(100):  # halves the interval each time: far past float precision
+        if epsilon - spent(high) <= SEARCH_TOLERANCE:
+            break
+        middle = (low + high) / 2
+        if spent(middle) <= epsilon:
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 def default_delta(records: int) -> float:

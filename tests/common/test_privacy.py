@@ -92,6 +92,57 @@ def test_an_unreachable_target_is_a_privacy_error():
         noise_for_target(1e-9, 1e-5, 1.0, 10_000, "rdp")
 
 
+@pytest.mark.parametrize("history", [
+    [(1.78, 0.5, 40)], [(0.87, 0.045, 440)], [(0.7, 0.005, 15_600)], [(0.5, 1.0, 1000)],
+    [(13.8, 1.0, 20_000)], [(1.78, 0.5, 40), (3.5, 1.0, 1)], [(0.6, 0.01, 3)],
+])
+def test_the_quick_grid_bound_is_never_under_opacus_own(history):
+    # the quick bound decides when Opacus' exact domain is not computed: it must never be lower
+    from opacus.accountants.analysis.prv import (
+        PoissonSubsampledGaussianPRV,
+        compute_safe_domain_size,
+    )
+
+    from fedtune.common.privacy import PRV_EPS_ERROR, _domain_bound
+
+    delta_error = 1e-5 / 1000
+    exact = compute_safe_domain_size(
+        [PoissonSubsampledGaussianPRV(rate, noise) for noise, rate, _ in history],
+        [steps for _, _, steps in history], PRV_EPS_ERROR, delta_error)
+    assert _domain_bound(history, delta_error) >= exact
+
+
+def test_a_history_past_prvs_grid_limit_is_counted_by_rdp_without_building_the_grid(
+        monkeypatch):
+    # noise at a node's floor (0.5), sample rate 1, a round of max-steps (1000): PRV's grid would
+    # hold about 5e7 points, gigabytes, on a server's word; RDP's bound is valid and cheap
+    from opacus.accountants.prv import PRVAccountant
+
+    from fedtune.common import privacy
+
+    def no_grid(*args, **kwargs):
+        raise AssertionError("a PRV grid past MAX_PRV_POINTS was built")
+
+    monkeypatch.setattr(PRVAccountant, "_get_dprv", no_grid)
+    event = GaussianEvent(0.5, 1.0, 1000)
+    assert privacy.prv_grid_points([(0.5, 1.0, 1000)], 1e-5) > privacy.MAX_PRV_POINTS
+    assert epsilon_spent([event], 1e-5, "prv") == epsilon_spent([event], 1e-5, "rdp")
+    # the noise search's probes too: a target of 100 at sample rate 1 over 20,000 steps
+    noise = noise_for_target(100.0, 1e-5, 1.0, 20_000, "prv")
+    assert epsilon_spent([GaussianEvent(noise, 1.0, 20_000)], 1e-5, "prv") <= 100.0
+
+
+def test_the_search_agrees_with_opacus_own_within_its_tolerance():
+    from opacus.accountants.utils import get_noise_multiplier
+
+    for target, rate, steps, delta in ((8.0, 0.5, 40, 2.5e-4), (2.0, 0.045, 440, 1.9e-5)):
+        ours = noise_for_target(target, delta, rate, steps, "prv")
+        theirs = get_noise_multiplier(target_epsilon=target, target_delta=delta,
+                                      sample_rate=rate, steps=steps, accountant="prv",
+                                      epsilon_tolerance=0.01)
+        assert ours == pytest.approx(theirs, rel=0.01)
+
+
 def test_schedule_and_default_delta():
     assert dp_sgd_schedule(100, 32, local_epochs=2, local_steps=0) == (0.25, 8)
     assert dp_sgd_schedule(100, 32, local_epochs=2, local_steps=5) == (0.25, 5)
