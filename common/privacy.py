@@ -56,9 +56,15 @@ def _epsilon(steps: tuple[tuple[tuple[float, float], int], ...], delta: float,
         accountant = "rdp"  # a valid upper bound too, looser, in constant memory
     counter = create_accountant(mechanism=accountant)
     counter.history = history
+    try:
+        epsilon = float(counter.get_epsilon(delta=delta))
+    except RuntimeError:  # PRV cannot bound a sample rate below delta ("Cannot compute epsilon")
+        return _epsilon(steps, delta, "rdp") if accountant == "prv" else math.inf
+    if math.isnan(epsilon):  # never recorded as free (max(0.0, nan) is 0.0)
+        return math.inf
     # PRV's numerical error can put a nearly free history slightly below zero (-2.6e-3 seen at
     # noise multiplier 1000); epsilon is never negative
-    return max(0.0, float(counter.get_epsilon(delta=delta)))
+    return max(0.0, epsilon)
 
 
 # PRV discretises the privacy loss on a grid whose size grows with the steps, with 1/delta and
@@ -158,7 +164,8 @@ def _searched_noise(epsilon: float, delta: float, sample_rate: float, steps: int
                     accountant: str) -> float:
     """Bisection for the smallest noise within SEARCH_TOLERANCE under `epsilon` (epsilon falls
     as the noise grows). Every probe goes through `_epsilon`, so none builds a PRV grid past
-    MAX_PRV_POINTS; the probes never go below half the answer."""
+    MAX_PRV_POINTS; the probes never go below half the answer, and `high` always spends at
+    most `epsilon`."""
     def spent(noise: float) -> float:
         return _epsilon((((noise, sample_rate), steps),), delta, accountant)
 
@@ -170,7 +177,9 @@ def _searched_noise(epsilon: float, delta: float, sample_rate: float, steps: int
                                f"{delta:g} over {steps} steps at sample rate {sample_rate:.4g}: "
                                f"not even {MAX_SEARCHED_NOISE:g}")
     for _ in range(100):  # halves the interval each time: far past float precision
-        if epsilon - spent(high) <= SEARCH_TOLERANCE:
+        # the second test ends a target that falls in the step where PRV takes over from RDP
+        # (a grid at the limit): no noise lands within the tolerance there
+        if epsilon - spent(high) <= SEARCH_TOLERANCE or high - low <= 1e-4 * high:
             break
         middle = (low + high) / 2
         if spent(middle) <= epsilon:

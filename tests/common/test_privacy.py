@@ -132,6 +132,35 @@ def test_a_history_past_prvs_grid_limit_is_counted_by_rdp_without_building_the_g
     assert epsilon_spent([GaussianEvent(noise, 1.0, 20_000)], 1e-5, "prv") <= 100.0
 
 
+def test_a_target_inside_a_step_of_epsilon_ends_the_search_at_the_step(monkeypatch):
+    # where PRV takes over from RDP at the grid limit, epsilon drops by a step: a target inside
+    # it is never reached within the tolerance, and the search stops at the step's noise
+    from fedtune.common import privacy
+
+    calls = []
+
+    def stepped(steps, delta, accountant):
+        calls.append(steps)
+        (((noise, _), _),) = steps
+        return 50.0 if noise < 3.0 else 40.0
+
+    monkeypatch.setattr(privacy, "_epsilon", stepped)
+    noise = privacy._searched_noise.__wrapped__(45.0, 1e-5, 1.0, 20_000, "prv")
+    assert 3.0 <= noise <= 3.0 * (1 + 1e-4)
+    assert len(calls) < 60
+
+
+def test_an_accountant_that_answers_nan_is_never_read_as_free(monkeypatch):
+    from opacus.accountants.rdp import RDPAccountant
+
+    from fedtune.common import privacy
+
+    monkeypatch.setattr(RDPAccountant, "get_epsilon", lambda self, delta: math.nan)
+    privacy._epsilon.cache_clear()
+    assert epsilon_spent([GaussianEvent(1.234, 0.1, 7)], 1e-5, "rdp") == math.inf
+    privacy._epsilon.cache_clear()
+
+
 def test_the_search_agrees_with_opacus_own_within_its_tolerance():
     from opacus.accountants.utils import get_noise_multiplier
 
