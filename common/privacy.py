@@ -88,8 +88,9 @@ def prv_grid_points(history: Sequence[tuple[float, float, int]], delta: float) -
     delta_error = delta / 1000  # Opacus' default for get_epsilon
     steps = [count for _, _, count in history]
     mesh = PRV_EPS_ERROR / math.sqrt(sum(steps) * math.log(12 / delta_error) / 2)
-    if len(history) * 2 * _domain_bound(history, delta_error) / mesh <= MAX_PRV_POINTS:
-        return len(history) * 2 * _domain_bound(history, delta_error) / mesh  # an upper bound
+    quick = len(history) * 2 * _domain_bound(history, delta_error) / mesh
+    if quick <= MAX_PRV_POINTS:  # an upper bound already under the limit: no need for Opacus'
+        return quick
     half_width = compute_safe_domain_size(
         [PoissonSubsampledGaussianPRV(rate, noise) for noise, rate, _ in history], steps,
         PRV_EPS_ERROR, delta_error)
