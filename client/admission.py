@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedtune.client.dp_plan import DPRoundPlan, plan_round, steps_per_round
+from fedtune.client.dp_plan import DPRoundPlan, plan_round, round_schedule
 from fedtune.client.ledger import Ledger
 from fedtune.client.node import Node
 from fedtune.client.policy import (
@@ -212,7 +212,7 @@ def _dp_admission(request: Request, answered: bool, broken: list[str]) -> Admiss
         return Refused([*broken, f"{PLANNING_ROWS}: this node plans DP-SGD only for a public "
                         "row count: the server sent no privacy.planning_rows and the node's "
                         "policy sets none"])
-    if horizon := horizon_violation(policy, config, steps_per_round(config, planning_rows)):
+    if horizon := horizon_violation(policy, config, round_schedule(config, planning_rows)[1]):
         return Refused([*broken, horizon])
     try:
         ledger = request.ledger(delta)

@@ -28,11 +28,12 @@ class DPRoundPlan:
     expected_batch: float  # sample rate x planning rows: the public divisor of each noisy sum
 
 
-def steps_per_round(config: RunConfig, planning_rows: int) -> int:
-    """DP-SGD steps one round of this run takes on `planning_rows` rows (public values only)."""
+def round_schedule(config: RunConfig, planning_rows: int) -> tuple[float, int]:
+    """(sample rate, steps) of one DP-SGD round of this run on `planning_rows` rows: what the
+    plan calibrates and the horizon limit counts (public values only)."""
     train = config.training
     return dp_sgd_schedule(planning_rows, train.batch_size, train.local_epochs,
-                           train.local_steps)[1]
+                           train.local_steps)
 
 
 def plan_round(config: RunConfig, planning_rows: int, delta: float | None = None,
@@ -46,10 +47,9 @@ def plan_round(config: RunConfig, planning_rows: int, delta: float | None = None
     privacy = config.privacy
     accountant = accountant or privacy.accountant_or_default
     delta = delta or privacy.delta or default_delta(planning_rows)
-    train = config.training
-    sample_rate, steps = dp_sgd_schedule(planning_rows, train.batch_size, train.local_epochs,
-                                         train.local_steps)
+    sample_rate, steps = round_schedule(config, planning_rows)
     noise = privacy.noise_multiplier or noise_for_target(
         privacy.epsilon, delta, sample_rate, steps * config.federation.rounds, accountant, memo)
-    return DPRoundPlan(GaussianEvent(noise, sample_rate, steps), delta, train.max_grad_norm,
+    return DPRoundPlan(GaussianEvent(noise, sample_rate, steps), delta,
+                       config.training.max_grad_norm,
                        expected_batch=sample_rate * planning_rows)

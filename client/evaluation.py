@@ -25,7 +25,7 @@ from fedtune.client.admission import (
     request_violations,
     run_cost,
 )
-from fedtune.client.dp_plan import plan_round, steps_per_round
+from fedtune.client.dp_plan import plan_round, round_schedule
 from fedtune.client.ledger import Ledger
 from fedtune.client.policy import BUDGET, ROUND_CAP, RUN_CAP, SHARE_EVALUATION, NodePolicy
 from fedtune.client.replies import evaluation_metrics
@@ -91,7 +91,7 @@ def _run_with_answer(request: Request, ledger: Ledger, event: GaussianEvent) -> 
     with contextlib.suppress(PrivacyError):
         if config.privacy.sample_level and remaining > 0 and planning_rows and not \
                 horizon_violation(request.node.policy, config,
-                                  steps_per_round(config, planning_rows)):
+                                  round_schedule(config, planning_rows)[1]):
             plan = plan_round(config, planning_rows, delta, ledger.accountant,
                               request.state())
             more += [plan.event] * remaining

@@ -43,4 +43,3 @@ def failed_replies(rows: list[dict[str, Any]]) -> str | None:
     rounds = ", ".join(map(str, failed))
     return (f"{sum(failed.values())} client replies failed (round{'s' * (len(failed) > 1)} "
             f"{rounds}): the rounds went on without them")
-
