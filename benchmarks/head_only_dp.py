@@ -1,7 +1,7 @@
 """What a private head alone reaches on the frozen MiniLM's features: an upper view of two DP-SGD
 levers without training the encoder (docs/utility.md, "the DP gap").
 
-    python -m benchmarks.head_only_dp --data DIR [--data DIR ...]
+    python -m benchmarks.head_only_dp --data DIR [--data DIR ...] [--rows 2000,4000,8000]
 
 On seeded 2,000 training / 500 test rows (the privacy-utility subsamples' size), split round-robin
 into 5 clients of 400 rows, each client's rows as masked-mean features of the frozen encoder:
@@ -14,6 +14,10 @@ into 5 clients of 400 rows, each client's rows as masked-mean features of the fr
   unit-norm features once (sensitivity 1) with Gaussian noise for epsilon e at delta 1/(10 n);
   the server's summed class directions classify by cosine (nearest class mean): what a warm
   start of the head paid with e of the budget would start DP-SGD from.
+
+With `--rows`, instead: the private head at fedtune's DP-SGD local epochs against the same head
+trained without clipping or noise, on each number of training rows (5 clients of a fifth each),
+so the DP gap's dependence on rows is measured where a full run per size would take hours.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from transformers import AutoModel
 
 from benchmarks.feature_probe import features, seeded
 from benchmarks.record import save
-from fedtune.common.config import DataConfig
+from fedtune.common.config import DP_SGD_TRAINING, DataConfig
 from fedtune.common.data import load_data
 from fedtune.common.model import load_tokenizer, resolve_model_path
 from fedtune.common.privacy import default_delta, dp_sgd_schedule, noise_for_target
@@ -38,11 +42,13 @@ WARM_EPSILONS = (1.0, 2.0, 4.0, 8.0)
 
 
 def private_head(x: torch.Tensor, y: torch.Tensor, num_labels: int, epochs: int, lr: float,
-                 seed: int = 0) -> torch.nn.Linear:
-    """FedAvg over CLIENTS of DP-SGD on a linear head; returns the global head."""
+                 seed: int = 0, private: bool = True) -> torch.nn.Linear:
+    """FedAvg over CLIENTS of DP-SGD on a linear head; returns the global head. `private=False`
+    is the same schedule without clipping or noise: the reference its DP cost is read against."""
     rows = len(x) // CLIENTS
     rate, steps = dp_sgd_schedule(rows, BATCH, epochs, 0)  # fedtune's own schedule
-    noise = noise_for_target(EPSILON, default_delta(rows), rate, steps * ROUNDS, "prv")
+    noise = noise_for_target(EPSILON, default_delta(rows), rate, steps * ROUNDS, "prv") \
+        if private else 0.0
     generator = torch.Generator().manual_seed(seed)
     weight, bias = torch.zeros(num_labels, x.shape[1]), torch.zeros(num_labels)
     for _ in range(ROUNDS):
@@ -57,7 +63,7 @@ def private_head(x: torch.Tensor, y: torch.Tensor, num_labels: int, epochs: int,
                 residual = torch.softmax(xb @ w.detach().T + b.detach(), 1)
                 residual[torch.arange(len(yb)), yb] -= 1  # d loss / d logits, per example
                 norm = torch.sqrt(residual.pow(2).sum(1) * (xb.pow(2).sum(1) + 1))
-                scale = torch.clamp(1.0 / (norm + 1e-6), max=1.0)[:, None]
+                scale = torch.clamp(1.0 / (norm + 1e-6), max=1.0)[:, None] if private else 1.0
                 grad_w = (residual * scale).T @ xb
                 grad_b = (residual * scale).sum(0)
                 grad_w += torch.randn(grad_w.shape, generator=generator) * noise
@@ -108,21 +114,46 @@ def measure(directory: str, model: torch.nn.Module, tokenizer: Any, lr: float) -
             "dp_head_by_local_epochs": heads, "class_means_by_epsilon": means}
 
 
+def by_rows(directory: str, model: torch.nn.Module, tokenizer: Any, lr: float,
+            sizes: list[int]) -> dict[str, Any]:
+    """The private head at fedtune's DP-SGD epochs against the same head without DP, on seeded
+    subsamples of each size (each one the start of the next): how the DP gap moves with rows."""
+    data = load_data(DataConfig(path=directory), seed=0)
+    train, test = seeded(data.train, max(sizes)), seeded(data.test, TEST_ROWS)
+    x, tx = (features(model, tokenizer, rows, 128)["mean"] for rows in (train, test))
+    y, ty = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
+    epochs, out = DP_SGD_TRAINING["local_epochs"], {}
+    with torch.no_grad():
+        for n in sorted(sizes):
+            dp, plain = (accuracy(private_head(x[:n], y[:n], data.num_labels, epochs, lr,
+                                               private=private)(tx), ty)
+                         for private in (True, False))
+            out[str(min(n, len(train)))] = {"dp": dp, "no_dp": plain,
+                                            "gap_points": round(100 * (plain - dp), 1)}
+    return {"test_rows": len(test), "local_epochs": epochs, "by_train_rows": out}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", action="append", required=True, help="a data directory")
     parser.add_argument("--head-lr", type=float, default=5e-2, help="the DP-SGD head default")
+    parser.add_argument("--rows", default="",
+                        help="training-row counts, e.g. 2000,4000,8000: the DP gap of the head "
+                             "against rows instead (head_only_dp_rows.json)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     tokenizer = load_tokenizer("embedded")
     model = AutoModel.from_pretrained(resolve_model_path("embedded")).eval()
+    sizes = [int(n) for n in args.rows.split(",")] if args.rows else []
     results = {}
     for directory in args.data:
-        results[Path(directory).name] = measure(directory, model, tokenizer, args.head_lr)
+        results[Path(directory).name] = by_rows(directory, model, tokenizer, args.head_lr,
+                                                sizes) if sizes else \
+            measure(directory, model, tokenizer, args.head_lr)
         print(Path(directory).name, results[Path(directory).name], flush=True)
-    save("head_only_dp", {"clients": CLIENTS, "rounds": ROUNDS, "epsilon": EPSILON,
-                          "expected_batch": BATCH, "head_lr": args.head_lr, "results": results},
-         quick=False)
+    save("head_only_dp_rows" if sizes else "head_only_dp",
+         {"clients": CLIENTS, "rounds": ROUNDS, "epsilon": EPSILON, "expected_batch": BATCH,
+          "head_lr": args.head_lr, "results": results}, quick=False)
 
 
 if __name__ == "__main__":

@@ -9,16 +9,15 @@ panel per data set.
         [--jobs 1] [--cells sst2:iid/1,banking77:dirichlet-0.5/none]
 
 Every run is the real command with only the data, the partition, the privacy target and the seed
-set: every training setting is fedtune's default. `--rows`/`--test-rows` keep a seeded subsample
-(0 = all rows); the JSON states the sizes each figure was measured on, and a saved grid is
-completed, never mixed with one measured on other sizes (nor replaced by one, unless
-`--replace`). Each cell is saved as soon as it is
-measured, so an interrupted run resumes where it stopped. `--jobs 2` runs two cells at once
-(the seconds recorded are then those of a shared machine). `--cells` names the cells to fill
-instead of every data set x partition x epsilon, in the order they run, so a long DP-SGD cell
-and short ones can share the two slots. A run that fails (or is stopped) adds nothing to its cell;
-the JSON's `failed` lists this invocation's, with the error, so a cell that never finishes shows
-why.
+set: every training setting is fedtune's default. `--rows`/`--test-rows` keep a seeded subsample (0
+= all rows); the JSON states the sizes each figure was measured on, and a saved grid is completed,
+never mixed with one measured on other sizes (nor replaced by one, unless `--replace`; `--results
+NAME` keeps a grid on other sizes in a file of its own). Each cell is saved as soon as it is
+measured, so an interrupted run resumes where it stopped. `--jobs 2` runs two cells at once (the
+seconds recorded are then those of a shared machine). `--cells` names the cells to fill instead of
+every data set x partition x epsilon, in the order they run, so a long DP-SGD cell and short ones
+can share the two slots. A run that fails (or is stopped) adds nothing to its cell; the JSON's
+`failed` lists this invocation's, with the error, so a cell that never finishes shows why.
 """
 
 from __future__ import annotations
@@ -162,6 +161,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--replace", action="store_true",
                         help="start a new grid when the saved one was measured on other sizes "
                              "(without it such a run is refused: the saved grid would be lost)")
+    parser.add_argument("--results", default=NAME, metavar="NAME",
+                        help="the grid's file, benchmarks/results/NAME.json (and .png): a grid "
+                             "on other sizes kept beside the saved one")
     parser.add_argument("--cells", default="",
                         help="DATA:PARTITION/EPSILON,... to fill instead of --only x "
                              "--partitions x --epsilons, in this order")
@@ -218,7 +220,7 @@ def main() -> None:
     from benchmarks.record import load, save
 
     shape = {"rows": args.rows, "test_rows": args.test_rows, "max_length": args.max_length}
-    saved = load(NAME, quick=False)
+    saved = load(args.results, quick=False)
     if saved and saved["shape"] != shape and not args.replace:
         print(f"privacy_utility: the saved grid was measured on {saved['shape']}, these flags "
               f"ask for {shape}; run with the same --rows, --test-rows and --max-length, or pass "
@@ -244,7 +246,7 @@ def main() -> None:
             cell["summary"] = summarise(cell["runs"])
             entry["dp_gap_points"] = dp_gaps(entry["cells"])
             print(name, partition, epsilon, seed, result, flush=True)
-            path = save(NAME, {"shape": shape, "grid": measured(grid), "failed": failed},
+            path = save(args.results, {"shape": shape, "grid": measured(grid), "failed": failed},
                         quick=False)
             plot(path.with_suffix(".png"), grid)
 

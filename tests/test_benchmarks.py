@@ -269,6 +269,9 @@ def test_the_head_only_levers_learn_a_separable_task_and_noise_costs_the_class_m
     with torch.no_grad():
         head = private_head(x, labels, 2, epochs=4, lr=5e-2)
         assert accuracy(head(x), labels) > 0.95
+        plain = private_head(x, labels, 2, epochs=4, lr=5e-2, private=False)
+        assert accuracy(plain(x), labels) > 0.95  # the reference the DP gap is read against
+        assert not torch.allclose(plain.weight, head.weight)  # neither clipped nor noised
         unit = torch.nn.functional.normalize(x, dim=1)
         exact = noisy_class_means(x, labels, 2, None)
         assert torch.allclose(exact.norm(dim=1), torch.ones(2))
@@ -364,6 +367,12 @@ def test_privacy_utility_refuses_to_replace_a_grid_measured_on_other_sizes(
     bench.main()
     grid = json.loads((tmp_path / "privacy_utility.json").read_text())["grid"]
     assert list(grid["sst2"]["cells"]) == ["iid/8"] and grid["sst2"]["sizes"]["train_rows"] == 0
+    monkeypatch.setattr(sys, "argv", ["privacy_utility", "--cells", "sst2:iid/none",
+                                      "--rows", "10", "--results", "privacy_utility-10-rows"])
+    bench.main()  # another size in a file of its own: the saved grid stays as it was
+    beside = json.loads((tmp_path / "privacy_utility-10-rows.json").read_text())
+    assert beside["shape"]["rows"] == 10 and (tmp_path / "privacy_utility-10-rows.png").exists()
+    assert json.loads((tmp_path / "privacy_utility.json").read_text())["grid"] == grid
 
 
 def test_a_benchmark_stopped_while_saving_keeps_the_figures_it_saved_before(tmp_path, monkeypatch):
