@@ -17,12 +17,14 @@ into 5 clients of 400 rows, each client's rows as masked-mean features of the fr
 
 With `--rows`, instead: the private head at fedtune's DP-SGD local epochs against the same head
 trained without clipping or noise, on each number of training rows (5 clients of a fifth each),
-so the DP gap's dependence on rows is measured where a full run per size would take hours.
+scored on the whole test split, three seeds: the DP gap's dependence on rows, measured where a
+full run per size would take hours.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from fedtune.common.privacy import default_delta, dp_sgd_schedule, noise_for_tar
 CLIENTS, ROWS, TEST_ROWS, ROUNDS, EPSILON, BATCH = 5, 2000, 500, 5, 8.0, 256
 EPOCHS = (2, 4, 8, 16)
 WARM_EPSILONS = (1.0, 2.0, 4.0, 8.0)
+SEEDS = (0, 1, 2)  # --rows: each size's heads are trained with these seeds
 
 
 def private_head(x: torch.Tensor, y: torch.Tensor, num_labels: int, epochs: int, lr: float,
@@ -117,20 +120,24 @@ def measure(directory: str, model: torch.nn.Module, tokenizer: Any, lr: float) -
 def by_rows(directory: str, model: torch.nn.Module, tokenizer: Any, lr: float,
             sizes: list[int]) -> dict[str, Any]:
     """The private head at fedtune's DP-SGD epochs against the same head without DP, on seeded
-    subsamples of each size (each one the start of the next): how the DP gap moves with rows."""
+    subsamples of each size (each one the start of the next), scored on the whole test split,
+    mean of SEEDS (batches and noise): how the DP gap moves with rows."""
     data = load_data(DataConfig(path=directory), seed=0)
-    train, test = seeded(data.train, max(sizes)), seeded(data.test, TEST_ROWS)
+    train, test = seeded(data.train, max(sizes)), data.test
     x, tx = (features(model, tokenizer, rows, 128)["mean"] for rows in (train, test))
     y, ty = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
     epochs, out = DP_SGD_TRAINING["local_epochs"], {}
     with torch.no_grad():
         for n in sorted(sizes):
-            dp, plain = (accuracy(private_head(x[:n], y[:n], data.num_labels, epochs, lr,
-                                               private=private)(tx), ty)
+            dp, plain = ([accuracy(private_head(x[:n], y[:n], data.num_labels, epochs, lr, seed,
+                                                private)(tx), ty) for seed in SEEDS]
                          for private in (True, False))
-            out[str(min(n, len(train)))] = {"dp": dp, "no_dp": plain,
-                                            "gap_points": round(100 * (plain - dp), 1)}
-    return {"test_rows": len(test), "local_epochs": epochs, "by_train_rows": out}
+            out[str(min(n, len(train)))] = {
+                "dp": round(statistics.mean(dp), 3), "no_dp": round(statistics.mean(plain), 3),
+                "gap_points": round(100 * (statistics.mean(plain) - statistics.mean(dp)), 1),
+                "dp_by_seed": dp, "no_dp_by_seed": plain}
+    return {"test_rows": len(test), "local_epochs": epochs, "seeds": list(SEEDS),
+            "by_train_rows": out}
 
 
 def main() -> None:
