@@ -257,9 +257,11 @@ def test_the_gradient_share_splits_one_examples_gradient_between_head_and_lora(
     assert not any("lora_A" in k for k in task.initial_adapter)
 
 
-def test_the_head_only_levers_learn_a_separable_task_and_noise_costs_the_class_means():
+def test_the_head_only_levers_learn_a_separable_task_and_noise_costs_the_class_means(
+        monkeypatch):
     import torch
 
+    import benchmarks.head_only_dp as bench
     from benchmarks.head_only_dp import accuracy, noisy_class_means, private_head
 
     generator = torch.Generator().manual_seed(0)
@@ -271,13 +273,43 @@ def test_the_head_only_levers_learn_a_separable_task_and_noise_costs_the_class_m
         assert accuracy(head(x), labels) > 0.95
         plain = private_head(x, labels, 2, epochs=4, lr=5e-2, private=False)
         assert accuracy(plain(x), labels) > 0.95  # the reference the DP gap is read against
-        assert not torch.allclose(plain.weight, head.weight)  # neither clipped nor noised
+        assert not torch.allclose(plain.weight, head.weight)
+        # 200 rows a client is one batch of rate 1: without noise every seed trains the same head
+        with monkeypatch.context() as patched:
+            patched.setattr(bench, "noise_for_target", None)  # and no noise is searched for
+            again = [private_head(x[:1000], labels[:1000], 2, 4, 5e-2, seed, private=False)
+                     for seed in (1, 2)]
+        assert torch.equal(again[0].weight, again[1].weight)
         unit = torch.nn.functional.normalize(x, dim=1)
         exact = noisy_class_means(x, labels, 2, None)
         assert torch.allclose(exact.norm(dim=1), torch.ones(2))
         assert accuracy(unit @ exact.T, labels) > 0.95
         noisy = noisy_class_means(x, labels, 2, 0.01)  # noise far above one class's sum
         assert (noisy - exact).norm() > 0.5
+
+
+def test_the_head_gap_by_rows_keys_each_size_once_and_reads_the_gap_from_the_seeds(
+        tiny_model_dir, toy_data_dir, monkeypatch):
+    import statistics
+
+    from transformers import AutoModel
+
+    import benchmarks.head_only_dp as bench
+    from fedtune.common.model import load_tokenizer
+
+    monkeypatch.setattr(bench, "noise_for_target", lambda *_: 1.0)  # the accountant's own tests
+    model = AutoModel.from_pretrained(tiny_model_dir).eval()
+    found = bench.by_rows(str(toy_data_dir), model, load_tokenizer(str(tiny_model_dir)), 5e-2,
+                          [40, 20, 40, 500])  # 72 training rows, 18 test
+    assert found["test_rows"] == 18 and found["seeds"] == [0, 1, 2]
+    assert list(found["by_train_rows"]) == ["20", "40", "72"]  # sorted, once, capped at the data
+    for row in found["by_train_rows"].values():
+        dp, plain = row["dp_by_seed"], row["no_dp_by_seed"]
+        assert len(dp) == len(plain) == 3 and all(0 <= a <= 1 for a in dp + plain)
+        assert row["gap_points"] == round(100 * (statistics.mean(plain) - statistics.mean(dp)), 1)
+        assert len(set(plain)) == 1  # one batch of rate 1 a client and no noise: seeds agree
+    with pytest.raises(ValueError):
+        bench.row_counts("2000,3")  # fewer rows than clients
 
 
 def test_a_crypto_only_secagg_cost_run_keeps_the_accuracy_pair_with_its_own_date():
