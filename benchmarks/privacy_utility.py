@@ -6,7 +6,7 @@ panel per data set.
 
     python -m benchmarks.privacy_utility [--rows 0] [--test-rows 0] [--only sst2,banking77]
         [--partitions iid,dirichlet-0.5] [--epsilons 8,none] [--seeds 0,1,2] [--max-length 0]
-        [--jobs 1] [--cells sst2:iid/1,banking77:dirichlet-0.5/none]
+        [--jobs 1] [--cells sst2:iid/1,banking77:dirichlet-0.5/none] [--results NAME]
 
 Every run is the real command with only the data, the partition, the privacy target and the seed
 set: every training setting is fedtune's default. `--rows`/`--test-rows` keep a seeded subsample (0
