@@ -133,10 +133,10 @@ def by_rows(directory: str, model: torch.nn.Module, tokenizer: Any, lr: float,
             dp, plain = ([accuracy(private_head(x[:n], y[:n], data.num_labels, epochs, lr, seed,
                                                 private)(tx), ty) for seed in SEEDS]
                          for private in (True, False))
-            out[str(n)] = {
-                "dp": round(statistics.mean(dp), 3), "no_dp": round(statistics.mean(plain), 3),
-                "gap_points": round(100 * (statistics.mean(plain) - statistics.mean(dp)), 1),
-                "dp_by_seed": dp, "no_dp_by_seed": plain}
+            dp_mean, plain_mean = statistics.mean(dp), statistics.mean(plain)
+            out[str(n)] = {"dp": round(dp_mean, 3), "no_dp": round(plain_mean, 3),
+                           "gap_points": round(100 * (plain_mean - dp_mean), 1),
+                           "dp_by_seed": dp, "no_dp_by_seed": plain}
     return {"test_rows": len(test), "local_epochs": epochs, "seeds": list(SEEDS),
             "by_train_rows": out}
 
@@ -157,17 +157,16 @@ def main() -> None:
                         help="training-row counts, e.g. 2000,4000,8000: the DP gap of the head "
                              "against rows instead (head_only_dp_rows.json)")
     args = parser.parse_args()
-    sizes = args.rows
     torch.set_num_threads(1)
     tokenizer = load_tokenizer("embedded")
     model = AutoModel.from_pretrained(resolve_model_path("embedded")).eval()
     results = {}
     for directory in args.data:
-        results[Path(directory).name] = by_rows(directory, model, tokenizer, args.head_lr,
-                                                sizes) if sizes else \
-            measure(directory, model, tokenizer, args.head_lr)
-        print(Path(directory).name, results[Path(directory).name], flush=True)
-    save("head_only_dp_rows" if sizes else "head_only_dp",
+        name = Path(directory).name
+        results[name] = (by_rows(directory, model, tokenizer, args.head_lr, args.rows)
+                         if args.rows else measure(directory, model, tokenizer, args.head_lr))
+        print(name, results[name], flush=True)
+    save("head_only_dp_rows" if args.rows else "head_only_dp",
          {"clients": CLIENTS, "rounds": ROUNDS, "epsilon": EPSILON, "expected_batch": BATCH,
           "head_lr": args.head_lr, "results": results}, quick=False)
 
