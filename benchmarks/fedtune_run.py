@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.server.metrics_log import read_rounds
+from fedtune.server.run_summary import failed_replies
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,12 @@ def last_round(out: Path) -> dict[str, Any]:
 
 
 def lost_clients(out: Path) -> str:
-    """Why a finished run's figures do not count ("" when they do): a round in which a sampled
-    client failed or that aggregated nothing. A simulation's clients fail only when something
-    outside the run breaks (Ray ends its actors under memory pressure), and the run then goes on
-    from a smaller average or none, exit status 0, so its last accuracy is not the setting's."""
-    lost = [f"round {row['round']}: " + (row.get("round_abandoned")
-                                         or f"{row['clients_failed']} clients failed")
-            for row in read_rounds(out)
-            if row.get("clients_failed") or row.get("round_abandoned")]
-    return "; ".join(lost)
+    """Why a finished run's figures do not count ("" when they do): a sampled client that
+    failed (`failed_replies`, what `fedtune simulate` warns of) or a round that aggregated
+    nothing. A simulation's clients fail only when something outside the run breaks (Ray ends
+    its actors under memory pressure), and the run then goes on from a smaller average or none,
+    exit status 0, so its last accuracy is not the setting's."""
+    rows = read_rounds(out)
+    abandoned = [f"round {row['round']} abandoned ({row['round_abandoned']})"
+                 for row in rows if row.get("round_abandoned")]
+    return "; ".join(filter(None, [failed_replies(rows), *abandoned]))

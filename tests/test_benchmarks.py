@@ -230,8 +230,14 @@ def test_a_run_whose_clients_were_lost_is_a_failed_run_not_a_figure(tmp_path, mo
         append_round(out, row)
     monkeypatch.setattr(bench, "fedtune", lambda command, flags, out: Finished(9.0, None))
     result = bench.run("simulate", ["--seed", "0"], out)
-    assert result == {"error": "clients lost, round 2: 4 clients failed; round 3: 5 failed or "
-                               "did not answer", "seconds": 9.0}
+    assert result == {"error": "clients lost, 9 client replies failed (rounds 2, 3): the rounds "
+                               "went on without them; round 3 abandoned (5 failed or did not "
+                               "answer)", "seconds": 9.0}
+    (out / "metrics.jsonl").unlink()  # a round that aggregated nothing, no client failing
+    append_round(out, {"round": 1, "accuracy": 0.8, "clients": 0, "clients_failed": 0,
+                       "round_abandoned": "budget spent: client-0"})
+    assert bench.run("simulate", ["--seed", "0"], out)["error"] == \
+        "clients lost, round 1 abandoned (budget spent: client-0)"
     (out / "metrics.jsonl").unlink()
     append_round(out, {"round": 1, "accuracy": 0.8, "clients": 5, "clients_failed": 0})
     assert bench.run("simulate", ["--seed", "0"], out)["accuracy"] == 0.8
