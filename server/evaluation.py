@@ -70,9 +70,12 @@ def summarise_client_evaluation(replies: Iterable[Message], roster: Roster) -> d
     per_client: dict[str, float] = {}
     weights: dict[str, int] = {}
     for reply in replies:
-        if reply.has_error() or keys.METRICS not in reply.content.metric_records:
-            continue  # failed, or a node whose policy does not share its evaluation
         name = roster.name_of(reply.metadata.src_node_id)
+        if reply.has_error():  # a deployed node's error is one fixed line, naming no data
+            log(WARNING, "Evaluation of %s failed: %s", name, printable(reply.error.reason))
+            continue
+        if keys.METRICS not in reply.content.metric_records:
+            continue  # a node whose policy does not share its evaluation
         result = _client_result(reply.content[keys.METRICS])
         if result is None:
             log(WARNING, "Evaluation of %s left out: malformed metrics %s", name,

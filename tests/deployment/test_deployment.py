@@ -130,7 +130,10 @@ def test_nodes_over_tls_with_authentication_complete_a_private_secure_run(tmp_pa
     rows = read_rounds(federation.state / "run")
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["clients"] == 3 for r in rows)
-    assert sorted(rows[-1]["client_accuracy"]) == ["hospital-a", "hospital-b", "hospital-d"]
+    evaluated = sorted(rows[-1].get("client_accuracy", {}))
+    assert evaluated == ["hospital-a", "hospital-b", "hospital-d"], (  # once flaky: say why
+        rows[-1], *(federation.log(f"client-{n}.log")[-2000:] for n in "abd"),
+        federation.log("server.log")[-3000:])
     # reported under DP: planned from public row counts, it tells nothing of a node's size
     assert 0 < rows[-1]["epsilon_max"] <= 10.0
     for name in "abd":  # each ledger on its own node's disk, within its run cap (half of 20)

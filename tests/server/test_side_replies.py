@@ -3,8 +3,10 @@ clients' summary and a node that sends no name is not enrolled, neither stops th
 
 from __future__ import annotations
 
+import logging
+
 import pytest
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from fedtune.common import record_keys as keys
 from fedtune.server.evaluation import summarise_client_evaluation
@@ -40,6 +42,16 @@ def test_a_client_with_nothing_held_out_is_left_out_silently():
     empty = {keys.NUM_EXAMPLES: 0, keys.EVAL_LOSS: 0.0, keys.ACCURACY: float("nan")}
     summary = summarise_client_evaluation([evaluation(1, GOOD), evaluation(2, empty)], Roster())
     assert summary["client_accuracy"] == {"node-1": 0.8}
+
+
+def test_a_failed_evaluation_is_left_out_and_logged_as_one_line(caplog):
+    query = Message(RecordDict(), dst_node_id=2, message_type=MessageType.EVALUATE)
+    failed = Message(Error(code=0, reason="evaluate failed on this node\nforged line"),
+                     reply_to=query)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        summary = summarise_client_evaluation([evaluation(1, GOOD), failed], Roster())
+    assert summary["client_accuracy"] == {"node-1": 0.8}
+    assert "Evaluation of node-2 failed: evaluate failed on this node\\nforged" in caplog.text
 
 
 class NamingGrid:
