@@ -21,6 +21,8 @@ from flwr.serverapp import Grid
 from fedtune.common import record_keys as keys
 from fedtune.common.console import printable
 
+MAX_NAME = 100  # characters of a name a simulated client gives itself: it lands in every log
+
 
 def answering_node(reply: Message, sent: list[Message]) -> int:
     """The node a reply answers for. An error the SuperLink writes in a node's place (it
@@ -103,8 +105,10 @@ class Roster:
                 continue
             config = reply.content.config_records.get(keys.CONFIG)
             name = None if config is None else config.get(keys.CLIENT_NAME)
-            if not isinstance(name, str) or not name:
-                log(WARNING, "Node %d did not identify itself: no name in its reply", node_id)
+            if not isinstance(name, str) or not name or printable(name) != name \
+                    or len(name) > MAX_NAME:
+                log(WARNING, "Node %d did not identify itself: no usable name in its reply "
+                    "(a printable line of at most %d characters)", node_id, MAX_NAME)
                 continue
             self._add(node_id, name)
 

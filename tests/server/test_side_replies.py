@@ -73,6 +73,8 @@ def test_a_node_that_sends_no_usable_name_is_not_enrolled():
         2: RecordDict(),
         3: RecordDict({keys.CONFIG: ConfigRecord({keys.CLIENT_NAME: 5})}),
         4: RecordDict({keys.CONFIG: ConfigRecord({keys.CLIENT_NAME: ""})}),
+        5: RecordDict({keys.CONFIG: ConfigRecord({keys.CLIENT_NAME: "a\nforged line"})}),
+        6: RecordDict({keys.CONFIG: ConfigRecord({keys.CLIENT_NAME: "x" * 101})}),
     })
     roster = Roster()
     roster.refresh(grid, wait_for=1, timeout=1)
