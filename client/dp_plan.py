@@ -26,6 +26,7 @@ class DPRoundPlan:
     delta: float
     max_grad_norm: float
     expected_batch: float  # sample rate x planning rows: the public divisor of each noisy sum
+    head_clip_share: float = 0.0  # of max_grad_norm's square, the head's own bound; 0 = one norm
 
 
 def round_schedule(config: RunConfig, planning_rows: int) -> tuple[float, int]:
@@ -52,4 +53,5 @@ def plan_round(config: RunConfig, planning_rows: int, delta: float | None = None
         privacy.epsilon, delta, sample_rate, steps * config.federation.rounds, accountant, memo)
     return DPRoundPlan(GaussianEvent(noise, sample_rate, steps), delta,
                        config.training.max_grad_norm,
-                       expected_batch=sample_rate * planning_rows)
+                       expected_batch=sample_rate * planning_rows,
+                       head_clip_share=config.training.head_clip_share)

@@ -13,16 +13,18 @@ one row only through a clipped, noised gradient.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 from opacus.grad_sample.utils import wrap_model
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch.utils.data import DataLoader
 
 from fedtune.client.dp_plan import DPRoundPlan
 from fedtune.common.data import Examples
-from fedtune.common.training import Collate, LossFn, TrainStats
+from fedtune.common.training import HEAD_MARKER, Collate, LossFn, TrainStats
 
 # Opacus' per-sample gradient engine; chosen by benchmarks/dp_overhead.py (see docs/benchmarks.md).
 GRAD_SAMPLE_MODE = "hooks"
@@ -30,7 +32,13 @@ GRAD_SAMPLE_MODE = "hooks"
 
 class NeutralisingOptimizer(DPOptimizer):
     """Opacus' DPOptimizer, but an example whose per-example gradient holds a NaN or an infinity
-    contributes zero (as an example whose gradient is zero would) before clipping."""
+    contributes zero (as an example whose gradient is zero would) before clipping; and, given
+    `head_params`, the head and the rest are clipped each to its own part of the norm."""
+
+    def __init__(self, *args, head_params: frozenset[int] = frozenset(),
+                 head_clip_share: float = 0.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.head_params, self.head_clip_share = head_params, head_clip_share
 
     def clip_and_accumulate(self) -> None:
         samples = self.grad_samples
@@ -43,7 +51,36 @@ class NeutralisingOptimizer(DPOptimizer):
                     flat = self._get_flat_grad_sample(param)
                     keep = (~bad).to(flat.device).view(-1, *([1] * (flat.dim() - 1)))
                     param.grad_sample = torch.where(keep, flat, torch.zeros_like(flat))
-        super().clip_and_accumulate()
+        in_head = [id(param) in self.head_params for param in self.params]
+        if not (self.head_clip_share and any(in_head) and not all(in_head)) \
+                or not len(samples[0]):
+            super().clip_and_accumulate()
+        else:
+            self._clip_in_two_parts(in_head)
+
+    def _clip_in_two_parts(self, in_head: list[bool]) -> None:
+        """Clip each example's head gradient to C sqrt(s) and the rest to C sqrt(1 - s): the
+        whole still has norm <= C, so Opacus' noise (std z C) keeps its meaning. Under one norm
+        the fresh head holds 99% of the square and the LoRA matrices' signal drowns in noise."""
+        samples = self.grad_samples
+        device = samples[0].device
+        norms = [sample.reshape(len(sample), -1).norm(2, dim=-1).to(device) for sample in samples]
+        bound = {True: self.max_grad_norm * math.sqrt(self.head_clip_share),
+                 False: self.max_grad_norm * math.sqrt(1 - self.head_clip_share)}
+        factor = {}
+        for part in (True, False):
+            total = torch.stack([n for n, h in zip(norms, in_head, strict=True) if h == part],
+                                dim=1).norm(2, dim=1)
+            factor[part] = (bound[part] / (total + 1e-6)).clamp(max=1.0)
+        for param, sample, part in zip(self.params, samples, in_head, strict=True):
+            _check_processed_flag(param.grad_sample)  # a gradient clipped twice is refused
+            sample = sample.to(param.dtype)
+            clipped = torch.einsum("i,i...", factor[part].to(sample.device, param.dtype), sample)
+            if param.summed_grad is None:
+                param.summed_grad = clipped
+            else:
+                param.summed_grad += clipped  # in place, as Opacus accumulates
+            _mark_as_processed(param.grad_sample)
 
 
 def train_private(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -66,7 +103,10 @@ def train_private(model: torch.nn.Module, loader: DataLoader, optimizer: torch.o
         dp_optimizer = NeutralisingOptimizer(
             optimizer, noise_multiplier=plan.event.noise_multiplier,
             max_grad_norm=plan.max_grad_norm, expected_batch_size=plan.expected_batch,
-            loss_reduction="mean", generator=noise_generator)
+            loss_reduction="mean", generator=noise_generator,
+            head_params=frozenset(id(p) for n, p in model.named_parameters()
+                                  if p.requires_grad and HEAD_MARKER in n),
+            head_clip_share=plan.head_clip_share)
         try:
             return _steps(private, dp_optimizer, rows, collate, plan, loss_fn, device, sampling,
                           physical_batch)

@@ -229,6 +229,11 @@ class TrainConfig:
     weight_decay: float = _help("AdamW weight decay", 0.0)
     max_grad_norm: float = _help("clip the batch gradient (each example's under DP-SGD) to this "
                                  "L2 norm; 0 = no clipping", 1.0)
+    head_clip_share: float = _help("DP-SGD: the share of max_grad_norm's square the fresh head is "
+                                   "clipped to, the LoRA matrices getting the rest (each "
+                                   "example's whole gradient keeps norm <= max_grad_norm, so the "
+                                   "noise and the privacy are the same); 0 = one norm over all",
+                                   0.0)
     dropout: bool = _help("train with the model's torch.nn.Dropout layers at the rates it was "
                           "built with (encoder, head, lora.lora_dropout); false sets each to 0 "
                           "while training (a rate a model keeps as a plain number, as Llama's "
@@ -250,6 +255,8 @@ class TrainConfig:
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
         _require(0 <= self.max_grad_norm < float("inf"), "train.max_grad_norm",
                  "must be finite and >= 0", self.max_grad_norm)
+        _require(0 <= self.head_clip_share < 1, "train.head_clip_share",
+                 "must be in [0, 1) (0 = one norm over all)", self.head_clip_share)
         _require(self.physical_batch >= 1, "train.physical_batch", "must be >= 1",
                  self.physical_batch)
 
@@ -526,6 +533,10 @@ class RunConfig:
                      "cannot be 'fedprox' with privacy.level 'sample' (DP-SGD replaces the "
                      "gradient by its clipped, noised per-example sum, which drops the proximal "
                      "term)", self.federation.strategy)
+        _require(not self.train.head_clip_share or (self.privacy.sample_level
+                                                    and self.model.task == CLASSIFICATION),
+                 "train.head_clip_share", "applies to a classifier's DP-SGD only (privacy.dp, "
+                 "level 'sample'); leave it 0", self.train.head_clip_share)
         if self.model.task == CAUSAL_LM:
             _require(self.partition.scheme != "dirichlet", "partition.scheme",
                      "cannot be 'dirichlet' for model.task 'causal-lm' (text has no labels to "

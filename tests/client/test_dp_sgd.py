@@ -132,7 +132,8 @@ def test_train_private_takes_exactly_its_steps_and_returns_a_clean_model(model, 
     assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
 
 
-def _train_copy(model, loader, physical_batch: int) -> tuple[dict, list[int]]:
+def _train_copy(model, loader, physical_batch: int,
+                head_clip_share: float = 0.0) -> tuple[dict, list[int]]:
     """Trained state of a copy of `model` (dropout off), and the sizes its passes saw."""
     model = copy.deepcopy(model)
     without_dropout(model)
@@ -143,7 +144,7 @@ def _train_copy(model, loader, physical_batch: int) -> tuple[dict, list[int]]:
                                          collate_fn=loader.collate_fn,
                                          generator=torch.Generator().manual_seed(3))
     plan = DPRoundPlan(GaussianEvent(0.8, 16 / 40, 4), delta=1e-3, max_grad_norm=0.5,
-                      expected_batch=16.0)
+                      expected_batch=16.0, head_clip_share=head_clip_share)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     stats = train_private(model, loader, optimizer, plan, loss_fn=LOSS, device=torch.device("cpu"),
                           noise_generator=torch.Generator().manual_seed(5),
@@ -226,3 +227,84 @@ def test_plan_spreads_the_target_over_every_planned_round():
     assert 2.95 <= whole_run <= 3.0
     # noise for four rounds, not for one: one round alone would have needed far less
     assert plan.event.noise_multiplier > 1.2 * noise_for_target(3.0, plan.delta, 0.1, 10, "rdp")
+
+
+def _clipped_and_noise(model, loader, *, share: float, noise: float, clip: float):
+    """One batch through NeutralisingOptimizer with the head clipped apart at `share`: the
+    per-example gradients, which of them are the head's, and the noisy sum's parts."""
+    head_ids = frozenset(id(p) for n, p in model.named_parameters()
+                         if p.requires_grad and dp_sgd.HEAD_MARKER in n)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()  # Opacus keeps activations in training mode only
+    wrapped = dp_sgd.wrap_model(model, grad_sample_mode=GRAD_SAMPLE_MODE, batch_first=True,
+                                loss_reduction="mean")
+    optimizer = dp_sgd.NeutralisingOptimizer(
+        torch.optim.SGD(trainable, lr=0.1), noise_multiplier=noise, max_grad_norm=clip,
+        expected_batch_size=8, loss_reduction="mean", generator=torch.Generator().manual_seed(2),
+        head_params=head_ids, head_clip_share=share)
+    batch = next(iter(loader))
+    LOSS(wrapped, batch).backward()
+    samples = [p.grad_sample.detach().clone() for p in trainable]
+    optimizer.pre_step()
+    in_head = [id(p) in head_ids for p in trainable]
+    noisy_sums = [p.grad * optimizer.expected_batch_size for p in trainable]
+    summed = [p.summed_grad for p in trainable]
+    wrapped._close()
+    return samples, in_head, summed, noisy_sums
+
+
+def _part(tensors: list, in_head: list[bool], head: bool) -> list:
+    return [t for t, h in zip(tensors, in_head, strict=True) if h == head]
+
+
+@pytest.mark.parametrize("share", [0.25, 0.8])
+def test_the_head_and_the_lora_matrices_are_clipped_each_to_its_share(model, loader, share):
+    clip = 0.005  # the fresh LoRA B's gradients are small: both bounds bind
+    samples, in_head, summed, _ = _clipped_and_noise(model, loader, share=share, noise=0.0,
+                                                    clip=clip)
+    assert any(in_head) and not all(in_head)
+    squares = torch.zeros(len(samples[0]))
+    for head, bound in ((True, clip * share ** 0.5), (False, clip * (1 - share) ** 0.5)):
+        mine = _part(samples, in_head, head)
+        norms = torch.cat([s.reshape(len(s), -1) for s in mine], dim=1).norm(dim=1)
+        assert (norms > bound).any()  # each bound binds, so this can fail
+        factors = (bound / (norms + 1e-6)).clamp(max=1.0)
+        for sample, got in zip(mine, _part(summed, in_head, head), strict=True):
+            torch.testing.assert_close(got, torch.einsum("i,i...->...", factors, sample),
+                                       rtol=1e-4, atol=1e-7)
+        squares += (norms * factors) ** 2
+    # the two bounds the code applied add up to the one norm the noise is drawn for
+    assert (squares.sqrt() <= clip + 1e-6).all()
+
+
+def test_clipping_the_head_apart_leaves_the_noise_at_the_whole_norm(model, loader):
+    noise, clip = 1.3, 0.5
+    _, in_head, summed, noisy = _clipped_and_noise(model, loader, share=0.5, noise=noise,
+                                                   clip=clip)
+    for head in (True, False):  # each part's noise, not z C sqrt(s) or z C sqrt(1 - s)
+        drawn = torch.cat([(n - s).ravel() for n, s in zip(_part(noisy, in_head, head),
+                                                           _part(summed, in_head, head),
+                                                           strict=True)])
+        assert drawn.numel() > 90  # the head's 99 values: seeded noise, so no flake
+        assert float(drawn.std()) == pytest.approx(noise * clip, rel=0.15)
+
+
+def test_train_private_clips_the_head_apart_in_chunks_as_in_one_pass(model, loader):
+    flat, _ = _train_copy(model, loader, physical_batch=1000)
+    whole, _ = _train_copy(model, loader, physical_batch=1000, head_clip_share=0.5)
+    split, _ = _train_copy(model, loader, physical_batch=3, head_clip_share=0.5)
+    # the share reaches the optimizer (same draws and noise, another clipping) ...
+    assert any(not np.allclose(whole[name], value) for name, value in flat.items())
+    for name, value in whole.items():  # ... and a batch in chunks is still one noisy step
+        np.testing.assert_allclose(split[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_the_head_share_reaches_the_plan_and_is_checked():
+    config = RunConfig.from_mapping({"privacy.dp": True, "train.head_clip_share": 0.6})
+    assert plan_round(config, planning_rows=1000).head_clip_share == 0.6
+    for bad in ({"privacy.dp": True, "train.head_clip_share": 1.0},
+                {"privacy.dp": True, "train.head_clip_share": -0.1},
+                {"train.head_clip_share": 0.5},  # without DP-SGD it would do nothing
+                {"privacy.dp": True, "privacy.level": "client", "train.head_clip_share": 0.5}):
+        with pytest.raises(ValueError, match=r"train\.head_clip_share"):
+            RunConfig.from_mapping(bad)
