@@ -4,7 +4,7 @@ for a causal LM) and the clients' view of it."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
 from typing import Any
 
@@ -19,7 +19,7 @@ from fedtune.common.console import printable
 from fedtune.common.task import Task
 from fedtune.common.training import EvalStats
 from fedtune.server.replies import MAX_EXAMPLES
-from fedtune.server.roster import Roster
+from fedtune.server.roster import Roster, answering_node
 from fedtune.server.train_outcome import refusal_status
 
 
@@ -65,12 +65,14 @@ def evaluation_refusals(replies: Iterable[Message], roster: Roster) -> dict[str,
     return dict(sorted(declined.items()))
 
 
-def summarise_client_evaluation(replies: Iterable[Message], roster: Roster) -> dict[str, Any]:
-    """Per-client accuracy and its mean (weighted by examples), worst client and spread."""
+def summarise_client_evaluation(replies: Iterable[Message], roster: Roster,
+                                sent: Sequence[Message] = ()) -> dict[str, Any]:
+    """Per-client accuracy and its mean (weighted by examples), worst client and spread;
+    `sent`, the requests, names the node of an error the SuperLink wrote in its place."""
     per_client: dict[str, float] = {}
     weights: dict[str, int] = {}
     for reply in replies:
-        name = roster.name_of(reply.metadata.src_node_id)
+        name = roster.name_of(answering_node(reply, list(sent)))
         if reply.has_error():  # a deployed node's error is one fixed line, naming no data
             log(WARNING, "Evaluation of %s failed: %s", name, printable(reply.error.reason))
             continue

@@ -153,7 +153,7 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False,
             "bytes_up": outcome.bytes_up,
             "bytes_down": outcome.bytes_down + _bytes(eval_messages),
             **_privacy_columns(outcome, noise),
-            **summarise_client_evaluation(eval_replies, roster),
+            **summarise_client_evaluation(eval_replies, roster, eval_messages),
             **({"clients_evaluation_refused": declined} if declined else {}),
             "seconds": time.perf_counter() - started,
         }

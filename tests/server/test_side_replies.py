@@ -52,6 +52,13 @@ def test_a_failed_evaluation_is_left_out_and_logged_as_one_line(caplog):
         summary = summarise_client_evaluation([evaluation(1, GOOD), failed], Roster())
     assert summary["client_accuracy"] == {"node-1": 0.8}
     assert "Evaluation of node-2 failed: evaluate failed on this node\\nforged" in caplog.text
+    # an error the SuperLink writes for a silent node is named after the node asked
+    asked = Message(RecordDict(), dst_node_id=7, message_type=MessageType.EVALUATE)
+    timed_out = Message(Error(code=0, reason="no reply in time"), reply_to=asked)
+    timed_out.metadata.__dict__["_src_node_id"] = 1  # the SuperLink's, as Flower writes it
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        summarise_client_evaluation([timed_out], Roster(), [asked])
+    assert "Evaluation of node-7 failed: no reply in time" in caplog.text
 
 
 class NamingGrid:
