@@ -143,13 +143,15 @@ def by_rows(directory: str, model: torch.nn.Module, tokenizer: Any, lr: float,
 
 def row_counts(text: str) -> list[int]:
     """--rows' sizes: whole numbers, each at least a row a client."""
+    # argparse prints this one line, then exits 2
+    wrong = argparse.ArgumentTypeError(f"{text!r}: each size must be a whole number of at "
+                                       f"least {CLIENTS} rows (one a client)")
     try:
         sizes = [int(n) for n in text.split(",")] if text else []
     except ValueError:
-        sizes = [0]
-    if any(n < CLIENTS for n in sizes):  # argparse prints this one line, then exits 2
-        raise argparse.ArgumentTypeError(f"{text!r}: each size must be a whole number of at "
-                                         f"least {CLIENTS} rows (one a client)")
+        raise wrong from None
+    if any(n < CLIENTS for n in sizes):
+        raise wrong
     return sizes
 
 

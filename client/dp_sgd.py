@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from fedtune.client.dp_plan import DPRoundPlan
 from fedtune.common.data import Examples
-from fedtune.common.training import HEAD_MARKER, Collate, LossFn, TrainStats
+from fedtune.common.training import Collate, LossFn, TrainStats, head_parameters
 
 # Opacus' per-sample gradient engine; chosen by benchmarks/dp_overhead.py (see docs/benchmarks.md).
 GRAD_SAMPLE_MODE = "hooks"
@@ -35,10 +35,12 @@ class NeutralisingOptimizer(DPOptimizer):
     contributes zero (as an example whose gradient is zero would) before clipping; and, given
     `head_params`, the head and the rest are clipped each to its own part of the norm."""
 
-    def __init__(self, *args, head_params: frozenset[int] = frozenset(),
+    def __init__(self, *args, head_params: list[torch.nn.Parameter] | None = None,
                  head_clip_share: float = 0.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.head_params, self.head_clip_share = head_params, head_clip_share
+        head = {id(param) for param in head_params or ()}
+        self.in_head = [id(param) in head for param in self.params]
+        self.head_clip_share = head_clip_share
 
     def clip_and_accumulate(self) -> None:
         samples = self.grad_samples
@@ -51,7 +53,7 @@ class NeutralisingOptimizer(DPOptimizer):
                     flat = self._get_flat_grad_sample(param)
                     keep = (~bad).to(flat.device).view(-1, *([1] * (flat.dim() - 1)))
                     param.grad_sample = torch.where(keep, flat, torch.zeros_like(flat))
-        in_head = [id(param) in self.head_params for param in self.params]
+        in_head = self.in_head
         if not (self.head_clip_share and any(in_head) and not all(in_head)) \
                 or not len(samples[0]):
             super().clip_and_accumulate()
@@ -104,9 +106,7 @@ def train_private(model: torch.nn.Module, loader: DataLoader, optimizer: torch.o
             optimizer, noise_multiplier=plan.event.noise_multiplier,
             max_grad_norm=plan.max_grad_norm, expected_batch_size=plan.expected_batch,
             loss_reduction="mean", generator=noise_generator,
-            head_params=frozenset(id(p) for n, p in model.named_parameters()
-                                  if p.requires_grad and HEAD_MARKER in n),
-            head_clip_share=plan.head_clip_share)
+            head_params=head_parameters(model), head_clip_share=plan.head_clip_share)
         try:
             return _steps(private, dp_optimizer, rows, collate, plan, loss_fn, device, sampling,
                           physical_batch)

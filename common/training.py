@@ -104,12 +104,17 @@ class EvalStats:
 HEAD_MARKER = "modules_to_save"  # PEFT's name for the fully trained copy of the head
 
 
+def head_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable parameters of the fresh head (PEFT's fully trained copy of it)."""
+    return [p for n, p in model.named_parameters() if p.requires_grad and HEAD_MARKER in n]
+
+
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float,
           head_lr: float = 0.0) -> torch.optim.AdamW:
     """AdamW over the trainable parameters only; the fresh head at `head_lr` when > 0 (it starts
     from random values, the LoRA update from zero, so they suit different step sizes)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    head = [p for n, p in named if HEAD_MARKER in n]
+    head = head_parameters(model)
     if not head_lr or not head:
         return torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=weight_decay)
     rest = [p for n, p in named if HEAD_MARKER not in n]

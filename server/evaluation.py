@@ -71,8 +71,9 @@ def summarise_client_evaluation(replies: Iterable[Message], roster: Roster,
     `sent`, the requests, names the node of an error the SuperLink wrote in its place."""
     per_client: dict[str, float] = {}
     weights: dict[str, int] = {}
+    sent = list(sent)
     for reply in replies:
-        name = roster.name_of(answering_node(reply, list(sent)))
+        name = roster.name_of(answering_node(reply, sent))
         if reply.has_error():  # a deployed node's error is one fixed line, naming no data
             log(WARNING, "Evaluation of %s failed: %s", name, printable(reply.error.reason))
             continue

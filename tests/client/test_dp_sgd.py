@@ -232,8 +232,7 @@ def test_plan_spreads_the_target_over_every_planned_round():
 def _clipped_and_noise(model, loader, *, share: float, noise: float, clip: float):
     """One batch through NeutralisingOptimizer with the head clipped apart at `share`: the
     per-example gradients, which of them are the head's, and the noisy sum's parts."""
-    head_ids = frozenset(id(p) for n, p in model.named_parameters()
-                         if p.requires_grad and dp_sgd.HEAD_MARKER in n)
+    head = dp_sgd.head_parameters(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()  # Opacus keeps activations in training mode only
     wrapped = dp_sgd.wrap_model(model, grad_sample_mode=GRAD_SAMPLE_MODE, batch_first=True,
@@ -241,12 +240,12 @@ def _clipped_and_noise(model, loader, *, share: float, noise: float, clip: float
     optimizer = dp_sgd.NeutralisingOptimizer(
         torch.optim.SGD(trainable, lr=0.1), noise_multiplier=noise, max_grad_norm=clip,
         expected_batch_size=8, loss_reduction="mean", generator=torch.Generator().manual_seed(2),
-        head_params=head_ids, head_clip_share=share)
+        head_params=head, head_clip_share=share)
     batch = next(iter(loader))
     LOSS(wrapped, batch).backward()
     samples = [p.grad_sample.detach().clone() for p in trainable]
     optimizer.pre_step()
-    in_head = [id(p) in head_ids for p in trainable]
+    in_head = [any(p is h for h in head) for p in trainable]
     noisy_sums = [p.grad * optimizer.expected_batch_size for p in trainable]
     summed = [p.summed_grad for p in trainable]
     wrapped._close()
