@@ -44,6 +44,7 @@ CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"
 TASKS = (CLASSIFICATION, CAUSAL_LM)
 QUANTIZE = ("none", "4bit", "8bit")
 POOLINGS = ("pooler", "mean")
+HEAD_INITS = ("label_names", "random")
 DEFAULT_PROMPT = "### Instruction:\n{instruction}\n{input}\n### Response:\n"
 
 
@@ -76,6 +77,11 @@ class ModelConfig:
                          "token states, as sentence encoders are trained) | pooler (the model's "
                          "own pooler over the first token, as Hugging Face's classifiers do)",
                          "mean")
+    head_init: str = _help("classification with mean pooling: where the fresh head starts: "
+                           "label_names (each label's row reads its name in labels.json through "
+                           "the frozen encoder: a zero-shot start that reads no training row) | "
+                           "random (Hugging Face's small random weights; also where the labels "
+                           "are only numbered)", "random")
     quantize: str = _help("causal-lm: none | 4bit | 8bit loading of the frozen base, where CUDA "
                           "and bitsandbytes are present (full precision elsewhere)", "none")
 
@@ -90,6 +96,8 @@ class ModelConfig:
                  "applies to model.task 'causal-lm' only", self.quantize)
         _require(self.pooling in POOLINGS, "model.pooling",
                  f"must be one of {', '.join(POOLINGS)}", self.pooling)
+        _require(self.head_init in HEAD_INITS, "model.head_init",
+                 f"must be one of {', '.join(HEAD_INITS)}", self.head_init)
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,10 @@ def saved_config(run_dir: str | Path) -> RunConfig | None:
 
 def migrated(values: dict[str, Any]) -> dict[str, Any]:
     """A saved configuration as today's fields read it: a run saved before `model.pooling`
-    trained the model's own pooler head."""
+    trained the model's own pooler head, one saved before `model.head_init` a random head."""
     if isinstance(values.get("model"), dict):
         values["model"].setdefault("pooling", "pooler")
+        values["model"].setdefault("head_init", "random")
     return values
 
 

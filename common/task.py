@@ -21,6 +21,8 @@ from fedtune.common.adapter import add_lora, load_trainable_state, trainable_sta
 from fedtune.common.canaries import Canaries, make_canaries, with_canaries
 from fedtune.common.config import CAUSAL_LM, PartitionConfig, RunConfig, TrainConfig
 from fedtune.common.data import Examples, LabelledData, load_data
+from fedtune.common.label_prior import init_head_from_names, named
+from fedtune.common.mean_pooling import MeanPoolingClassifier
 from fedtune.common.model import load_causal_lm, load_classifier, load_tokenizer, pick_device
 from fedtune.common.objective import Objective, objective_for
 from fedtune.common.partition import local_split, partition
@@ -112,7 +114,8 @@ def build_task(config: RunConfig, *, held_out_only: bool = False) -> Task:
     data = load_data(config.data, config.seed, task, held_out_only=held_out_only)
     tokenizer = load_tokenizer(config.model.name)
     device = pick_device()
-    model = build_model(config, data.num_labels)
+    model = build_model(config, data.num_labels, label_names=data.label_names,
+                        tokenizer=tokenizer)
     if not getattr(model.get_base_model(), "is_quantized", False):
         model = model.to(device)  # (a quantised base is placed as it loads)
     return Task(config=config, data=data, tokenizer=tokenizer, model=model, device=device,
@@ -120,14 +123,19 @@ def build_task(config: RunConfig, *, held_out_only: bool = False) -> Task:
                 initial_adapter=trainable_state(model))
 
 
-def build_model(config: RunConfig, num_labels: int) -> PeftModel:
+def build_model(config: RunConfig, num_labels: int, *, label_names: list[str] | None = None,
+                tokenizer: PreTrainedTokenizerBase | None = None) -> PeftModel:
     """The run's base model with LoRA (and a classifier's head of `num_labels`), initialised from
-    `config.seed`: every process that builds it draws the same initial adapter."""
+    `config.seed`: every process that builds it draws the same initial adapter. With the names
+    and tokenizer, `model.head_init = "label_names"` starts the head from the names."""
     torch.manual_seed(config.seed)
     if config.model.task == CAUSAL_LM:
         base = load_causal_lm(config.model)
     else:
         base = load_classifier(config.model.name, num_labels, config.model.pooling)
+        if (config.model.head_init == "label_names" and isinstance(base, MeanPoolingClassifier)
+                and label_names and tokenizer is not None and named(label_names)):
+            init_head_from_names(base, tokenizer, label_names, config.model.max_length)
     return add_lora(base, config.adapter, config.model.task)
 
 

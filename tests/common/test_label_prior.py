@@ -1,0 +1,86 @@
+"""`model.head_init = "label_names"`: the head starts as a zero-shot classifier over the label
+names, the same in every process, and nothing else of the initial adapter moves."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedtune.common.config import ConfigError, RunConfig
+from fedtune.common.label_prior import LOGIT_SCALE, named, readable
+from fedtune.common.run_dir import migrated
+from fedtune.common.task import build_task
+from tests.conftest import write_jsonl
+
+NAMES = ["card_arrival", "exchange rate", "lost or stolen phone"]
+
+
+@pytest.fixture()
+def named_data(tmp_path):
+    rows = [{"text": f"{readable(NAMES[i % 3])}", "label": i % 3} for i in range(30)]
+    write_jsonl(tmp_path / "train.jsonl", rows[:24])
+    write_jsonl(tmp_path / "test.jsonl", rows[24:])
+    (tmp_path / "labels.json").write_text(json.dumps(dict(enumerate(NAMES))))
+    return tmp_path
+
+
+def task_for(model_dir, data_dir, head_init: str, seed: int = 0):
+    return build_task(RunConfig.from_mapping({
+        "model.name": str(model_dir), "data.path": str(data_dir), "model.head_init": head_init,
+        "seed": seed}))
+
+
+def head(task) -> tuple[np.ndarray, np.ndarray]:
+    weight = next(v for k, v in task.initial_adapter.items() if "classifier" in k
+                  and k.endswith("weight"))
+    bias = next(v for k, v in task.initial_adapter.items() if "classifier" in k
+                and k.endswith("bias"))
+    return weight, bias
+
+
+def test_each_row_is_the_scaled_unit_reading_of_its_name_and_a_name_reads_as_its_label(
+        tiny_model_dir, named_data):
+    task = task_for(tiny_model_dir, named_data, "label_names")
+    weight, bias = head(task)
+    assert np.allclose(np.linalg.norm(weight, axis=1), LOGIT_SCALE, rtol=1e-5)
+    assert not bias.any()
+    # a text that is a label's name lies nearest that name: the untrained model answers it
+    model, rows = task.model.eval(), task.data.test
+    batch = task.tokenizer([readable(n) for n in NAMES], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits
+    assert logits.argmax(-1).tolist() == [0, 1, 2]
+    assert task.evaluate(rows, 8).accuracy == 1.0
+
+
+def test_the_prior_is_the_same_in_every_process_and_moves_nothing_but_the_head(
+        tiny_model_dir, named_data):
+    prior, again = (task_for(tiny_model_dir, named_data, "label_names") for _ in range(2))
+    plain = task_for(tiny_model_dir, named_data, "random")
+    for key, value in prior.initial_adapter.items():
+        assert np.array_equal(value, again.initial_adapter[key])
+        head_weight = "classifier" in key and key.endswith("weight")  # (both biases are 0)
+        assert np.array_equal(value, plain.initial_adapter[key]) != head_weight, key
+    # the seed moves LoRA, not the names' rows
+    other_seed = task_for(tiny_model_dir, named_data, "label_names", seed=1)
+    assert np.array_equal(head(prior)[0], head(other_seed)[0])
+
+
+def test_numbered_labels_start_random(tiny_model_dir, toy_data_dir):
+    (toy_data_dir / "labels.json").unlink()  # labels 0, 1, 2 with no names
+    prior = task_for(tiny_model_dir, toy_data_dir, "label_names")
+    plain = task_for(tiny_model_dir, toy_data_dir, "random")
+    assert prior.data.label_names == ["0", "1", "2"] and not named(prior.data.label_names)
+    assert all(np.array_equal(v, plain.initial_adapter[k])
+               for k, v in prior.initial_adapter.items())
+
+
+def test_an_unknown_start_is_refused_and_a_saved_run_keeps_its_random_head():
+    with pytest.raises(ConfigError, match=r"model\.head_init"):
+        RunConfig.from_mapping({"model.head_init": "names"})
+    saved = {"model": {"name": "embedded", "pooling": "mean"}}
+    assert RunConfig.from_mapping(migrated(saved)).model.head_init == "random"
