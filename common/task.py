@@ -127,13 +127,13 @@ def build_model(config: RunConfig, num_labels: int, *, label_names: list[str] | 
                 tokenizer: PreTrainedTokenizerBase | None = None) -> PeftModel:
     """The run's base model with LoRA (and a classifier's head of `num_labels`), initialised from
     `config.seed`: every process that builds it draws the same initial adapter. With the names
-    and tokenizer, `model.head_init = "label_names"` starts the head from the names."""
+    and tokenizer, a head_init of "label_names" starts the head from the names."""
     torch.manual_seed(config.seed)
     if config.model.task == CAUSAL_LM:
         base = load_causal_lm(config.model)
     else:
         base = load_classifier(config.model.name, num_labels, config.model.pooling)
-        if (config.model.head_init == "label_names" and isinstance(base, MeanPoolingClassifier)
+        if (config.head_init == "label_names" and isinstance(base, MeanPoolingClassifier)
                 and label_names and tokenizer is not None and named(label_names)):
             init_head_from_names(base, tokenizer, label_names, config.model.max_length)
     return add_lora(base, config.adapter, config.model.task)
@@ -154,6 +154,7 @@ def _task_key(config: RunConfig) -> str:
     keep = ("seed", "model", "data")
     shape = {k: v for k, v in config.to_dict().items() if k in keep}
     shape["lora"] = dataclasses.asdict(config.adapter)  # resolved: the key rebuilds the config
+    shape["model"] = {**shape["model"], "head_init": config.head_init}  # resolved, as lora
     if config.audit.enabled:  # the canaries join the clients' training rows
         shape["audit"] = dataclasses.asdict(config.audit)
         shape["federation"] = {"num_clients": config.federation.num_clients}

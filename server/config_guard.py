@@ -55,11 +55,12 @@ def restarted(saved: RunConfig, new: RunConfig) -> RunConfig:
 def carried(saved: RunConfig, new: RunConfig) -> dict[str, Any]:
     """The run's values for the keys the new configuration leaves to the default of the run's
     kind. A switch between plain training and DP-SGD takes the new kind's training defaults;
-    the adapter's shape (`lora`, e.g. FFA-LoRA's `freeze_a`) never changes under a running run."""
+    the adapter's shape (`lora`, e.g. FFA-LoRA's `freeze_a`) and where its head started
+    (`model.head_init`) never change under a running run."""
     before = _effective(saved)
     same_kind = saved.privacy.sample_level == new.privacy.sample_level
     return {key: before[key] for key in _left_to_default(new)
-            if same_kind or key.startswith("lora.")}
+            if same_kind or key.startswith("lora.") or key == "model.head_init"}
 
 
 def kept_from_the_run(saved: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:

@@ -79,8 +79,25 @@ def test_numbered_labels_start_random(tiny_model_dir, toy_data_dir):
                for k, v in prior.initial_adapter.items())
 
 
-def test_an_unknown_start_is_refused_and_a_saved_run_keeps_its_random_head():
+def test_dp_sgd_starts_from_the_names_by_default_plain_training_at_random():
+    plain, dp = RunConfig(), RunConfig.from_mapping({"privacy.dp": True})
+    assert plain.head_init == "random" and dp.head_init == "label_names"
+    assert dp.resolved().model.head_init == "label_names"  # written out for every node
+    lm = RunConfig.from_mapping({"privacy.dp": True, "model.task": "causal-lm"})
+    assert lm.head_init == "random"  # no head
+    chosen = RunConfig.from_mapping({"privacy.dp": True, "model.head_init": "random"})
+    assert chosen.head_init == "random"
+
+
+def test_an_unknown_start_is_refused_and_a_saved_run_keeps_its_random_head(tmp_path):
+    from fedtune.server.config_guard import changed_keys, restarted
+
     with pytest.raises(ConfigError, match=r"model\.head_init"):
         RunConfig.from_mapping({"model.head_init": "names"})
-    saved = {"model": {"name": "embedded", "pooling": "mean"}}
-    assert RunConfig.from_mapping(migrated(saved)).model.head_init == "random"
+    # a DP-SGD run saved before the key existed started at random; resumed, it stays so
+    before = RunConfig.from_mapping({"privacy.dp": True}).resolved().to_dict()
+    del before["model"]["head_init"]
+    saved = RunConfig.from_mapping(migrated(before))
+    assert saved.head_init == "random"
+    again = RunConfig.from_mapping({"privacy.dp": True})
+    assert restarted(saved, again).head_init == "random" and not changed_keys(saved, again)

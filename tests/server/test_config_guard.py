@@ -8,7 +8,12 @@ import pytest
 
 from fedtune.common.config import DP_SGD_STRATEGY, DP_SGD_TRAINING, PLAIN_TRAINING, RunConfig
 from fedtune.common.run_dir import CONFIG_FILE
-from fedtune.server.config_guard import ConfigChangeError, changed_keys, check_restart
+from fedtune.server.config_guard import (
+    ConfigChangeError,
+    changed_keys,
+    check_restart,
+    restarted,
+)
 
 
 def started_run(tmp_path, **overrides) -> tuple[RunConfig, object]:
@@ -62,6 +67,7 @@ def test_a_switch_to_dp_sgd_names_the_training_values_it_moves(tmp_path):
 
     moved = {"privacy.dp", "train.batch_size", "train.head_lr", "train.local_epochs", "train.lr"}
     assert set(changed_keys(saved, dp)) == moved
+    assert restarted(saved, dp).head_init == "random"  # where the run's head started, as lora
     assert f"train.batch_size ({PLAIN_TRAINING['batch_size']!r} -> " \
            f"{DP_SGD_TRAINING['batch_size']!r})" in str(refused.value)
 
