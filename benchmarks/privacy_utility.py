@@ -7,6 +7,7 @@ panel per data set.
     python -m benchmarks.privacy_utility [--rows 0] [--test-rows 0] [--only sst2,banking77]
         [--partitions iid,dirichlet-0.5] [--epsilons 8,none] [--seeds 0,1,2] [--max-length 0]
         [--jobs 1] [--cells sst2:iid/1,banking77:dirichlet-0.5/none] [--results NAME]
+        [--config TOML]
 
 Every run is the real command with only the data, the partition, the privacy target and the seed
 set: every training setting is fedtune's default. `--rows`/`--test-rows` keep a seeded subsample (0
@@ -18,6 +19,8 @@ seconds recorded are then those of a shared machine). `--cells` names the cells 
 every data set x partition x epsilon, in the order they run, so a long DP-SGD cell and short ones
 can share the two slots. A run that fails (or is stopped) adds nothing to its cell; the JSON's
 `failed` lists this invocation's, with the error, so a cell that never finishes shows why.
+`--config` adds a TOML's settings to every run (the grid records them): how figures of an earlier
+default are measured again.
 """
 
 from __future__ import annotations
@@ -146,6 +149,15 @@ def plot(path: Path, grid: dict[str, dict[str, Any]]) -> None:
     plt.close(figure)
 
 
+def read_config(path: Path) -> str:
+    """The settings file's text, as the grid records it; exit 2 naming an unreadable one."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as error:
+        print(f"privacy_utility: --config {path}: {error.strerror or error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(DATA_SETS))
@@ -164,6 +176,10 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--results", default=NAME, metavar="NAME",
                         help="the grid's file, benchmarks/results/NAME.json (and .png): a grid "
                              "on other sizes kept beside the saved one")
+    parser.add_argument("--config", type=Path, metavar="TOML",
+                        help="settings every run adds (`fedtune ... --config TOML`), e.g. "
+                             "benchmarks/head_at_random.toml; kept in the grid's shape, so a "
+                             "grid is never completed with runs of other settings")
     parser.add_argument("--cells", default="",
                         help="DATA:PARTITION/EPSILON,... to fill instead of --only x "
                              "--partitions x --epsilons, in this order")
@@ -220,6 +236,8 @@ def main() -> None:
     from benchmarks.record import load, save
 
     shape = {"rows": args.rows, "test_rows": args.test_rows, "max_length": args.max_length}
+    if args.config:
+        shape["config"] = read_config(args.config)
     saved = load(args.results, quick=False)
     if saved and saved["shape"] != shape and not args.replace:
         print(f"privacy_utility: the saved grid was measured on {saved['shape']}, these flags "
@@ -228,6 +246,7 @@ def main() -> None:
         raise SystemExit(2)
     grid: dict[str, dict[str, Any]] = saved["grid"] if saved and saved["shape"] == shape else {}
     extra = ["--max-length", str(args.max_length)] if args.max_length else []
+    extra += ["--config", str(args.config.resolve())] if args.config else []
     lock = threading.Lock()  # one writer of the grid, its JSON and its plot at a time
     failed: list[dict[str, Any]] = []  # this invocation's runs that did not finish
 

@@ -415,6 +415,34 @@ def test_privacy_utility_refuses_to_replace_a_grid_measured_on_other_sizes(
     assert json.loads((tmp_path / "privacy_utility.json").read_text())["grid"] == grid
 
 
+def test_privacy_utility_settings_go_to_every_run_and_keep_their_grid_apart(
+        privacy_utility, tmp_path, monkeypatch):
+    bench, calls = privacy_utility
+    settings = tmp_path / "head_at_random.toml"
+    settings.write_text('[model]\nhead_init = "random"\n')
+    monkeypatch.setattr(sys, "argv", ["privacy_utility", "--cells", "sst2:iid/8"])
+    bench.main()
+    plain = (tmp_path / "privacy_utility.json").read_text()
+    assert all("--config" not in flags for _, _, flags in calls)
+    monkeypatch.setattr(sys, "argv", ["privacy_utility", "--cells", "sst2:iid/8", "--config",
+                                      str(settings)])
+    with pytest.raises(SystemExit) as refused:  # the saved grid holds runs without them
+        bench.main()
+    assert refused.value.code == 2 and len(calls) == 3
+    assert (tmp_path / "privacy_utility.json").read_text() == plain
+    monkeypatch.setattr(sys, "argv", [*sys.argv, "--results", "privacy_utility-random-head"])
+    bench.main()
+    assert len(calls) == 6 and all(flags[flags.index("--config") + 1] == str(settings)
+                                   for _, _, flags in calls[3:])
+    saved = json.loads((tmp_path / "privacy_utility-random-head.json").read_text())
+    assert saved["shape"]["config"] == settings.read_text()
+    monkeypatch.setattr(sys, "argv", ["privacy_utility", "--cells", "sst2:iid/8", "--config",
+                                      str(tmp_path / "missing.toml")])
+    with pytest.raises(SystemExit) as unreadable:
+        bench.main()
+    assert unreadable.value.code == 2
+
+
 def test_a_benchmark_stopped_while_saving_keeps_the_figures_it_saved_before(tmp_path, monkeypatch):
     import benchmarks.record as record
     from fedtune.common import atomic_file
