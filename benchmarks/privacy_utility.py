@@ -150,11 +150,16 @@ def plot(path: Path, grid: dict[str, dict[str, Any]]) -> None:
 
 
 def read_config(path: Path) -> str:
-    """The settings file's text, as the grid records it; exit 2 naming an unreadable one."""
+    """The settings file's text, as the grid records it, read as fedtune reads it before any
+    run starts; exit 2 naming an unreadable or invalid one."""
+    from fedtune.common.config import RunConfig
+    from fedtune.common.errors import InputError
+
     try:
+        RunConfig.from_toml(path)
         return path.read_text(encoding="utf-8")
-    except OSError as error:
-        print(f"privacy_utility: --config {path}: {error.strerror or error}", file=sys.stderr)
+    except (OSError, UnicodeError, InputError) as error:
+        print(f"privacy_utility: --config {path}: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -115,12 +115,15 @@ class Node:
 def node_task(node: Node, config: RunConfig) -> Task:
     """The task for this node: the run's model with this node's own data in deployment, read
     with its own fields and the split `fedtune client` checked at start-up (never the server's
-    test fraction, which could leave too few rows for some data sets and not others)."""
+    test fraction, which could leave too few rows for some data sets and not others). Its
+    head starts at random: a deployed node trains and scores only the server's adapter, so
+    reading its own label names (a server's `model.head_init`) would only expose them."""
     if node.data_path is not None:
         data = node.data_config(config)
         config = config.with_overrides({"data.path": data.path, "data.text_field": data.text_field,
                                         "data.label_field": data.label_field,
-                                        "data.test_fraction": DataConfig().test_fraction})
+                                        "data.test_fraction": DataConfig().test_fraction,
+                                        "model.head_init": "random"})
     from fedtune.common.task import cached_task
 
     return cached_task(config)

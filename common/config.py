@@ -551,6 +551,10 @@ class RunConfig:
                                                     and self.model.task == CLASSIFICATION),
                  "train.head_clip_share", "applies to a classifier's DP-SGD only (privacy.dp, "
                  "level 'sample'); leave it 0", self.train.head_clip_share)
+        _require(self.model.head_init != "label_names" or (
+            self.model.task == CLASSIFICATION and self.model.pooling == "mean"),
+            "model.head_init", "label_names applies to a classifier that reads the mean "
+            "(model.pooling 'mean'); leave it empty", self.model.head_init)
         if self.model.task == CAUSAL_LM:
             _require(self.partition.scheme != "dirichlet", "partition.scheme",
                      "cannot be 'dirichlet' for model.task 'causal-lm' (text has no labels to "
@@ -580,10 +584,11 @@ class RunConfig:
 
     @property
     def head_init(self) -> str:
-        """`model.head_init` filled for this run: a classifier under DP-SGD starts its head from
-        the label names (a prior the noise need not build; docs/utility.md)."""
-        dp_classifier = self.privacy.sample_level and self.model.task == CLASSIFICATION
-        return self.model.head_init or (DP_SGD_HEAD_INIT if dp_classifier else PLAIN_HEAD_INIT)
+        """`model.head_init` filled for this run: a mean-pooling classifier under DP-SGD starts
+        its head from the label names (a prior the noise need not build; docs/utility.md)."""
+        dp_mean_head = (self.privacy.sample_level and self.model.task == CLASSIFICATION
+                        and self.model.pooling == "mean")
+        return self.model.head_init or (DP_SGD_HEAD_INIT if dp_mean_head else PLAIN_HEAD_INIT)
 
     @property
     def evaluation_batch(self) -> int:

@@ -304,7 +304,10 @@ def _read_label_names(path: Path) -> list[str] | None:
     try:
         mapping = json.loads(path.read_text(encoding="utf-8"))
         names = [str(mapping[str(i)]) for i in range(len(mapping))]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        for name in names:
+            name.encode("utf-8")  # a lone surrogate (a JSON escape) is no text
+    except (OSError, UnicodeError, json.JSONDecodeError, KeyError, TypeError,
+            AttributeError) as error:
         raise DataError(f"{path} must map '0'..'N-1' to label names: {error}") from None
     if len(names) < 2:  # else the label set would come from the rows after all
         raise DataError(f"{path} must name at least two labels, got {len(names)}")

@@ -19,6 +19,9 @@ from fedtune.common.mean_pooling import MeanPoolingClassifier, masked_mean
 # logit = LOGIT_SCALE x |h| x cos(h, name): on 600 training rows each of banking77, sst2 and
 # medical_abstracts the untrained head's cross-entropy is lowest between 2 and 5 (docs/utility.md)
 LOGIT_SCALE = 4.0
+# A name is read in at most NAME_TOKENS tokens, NAMES_PER_PASS names a pass: thousands of labels
+# or a name of a page cost time, not memory (one pass, padded to the run's max_length, did)
+NAME_TOKENS, NAMES_PER_PASS = 64, 128
 
 
 def named(label_names: list[str]) -> bool:
@@ -40,12 +43,19 @@ def init_head_from_names(model: MeanPoolingClassifier, tokenizer: PreTrainedToke
                          f"{model.classifier.out_features} outputs")
     was_training = model.training
     model.eval()  # no dropout: every process must compute the same rows
-    device = model.classifier.weight.device
-    batch = tokenizer([readable(n) for n in label_names], padding=True, truncation=True,
-                      max_length=max_length, return_tensors="pt").to(device)
-    states = model.encoder(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).last_hidden_state
-    names = functional.normalize(masked_mean(states, batch["attention_mask"]).float(), dim=-1)
-    model.classifier.weight.copy_(LOGIT_SCALE * names)
+    texts = [readable(n) for n in label_names]
+    rows = [_read(model, tokenizer, texts[i:i + NAMES_PER_PASS], min(max_length, NAME_TOKENS))
+            for i in range(0, len(texts), NAMES_PER_PASS)]
+    model.classifier.weight.copy_(LOGIT_SCALE * functional.normalize(torch.cat(rows), dim=-1))
     model.classifier.bias.zero_()
     model.train(was_training)
+
+
+def _read(model: MeanPoolingClassifier, tokenizer: PreTrainedTokenizerBase, texts: list[str],
+          max_length: int) -> torch.Tensor:
+    """The encoder's masked mean of each text's token states, float32."""
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt").to(model.classifier.weight.device)
+    states = model.encoder(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).last_hidden_state
+    return masked_mean(states, batch["attention_mask"]).float()

@@ -441,6 +441,12 @@ def test_privacy_utility_settings_go_to_every_run_and_keep_their_grid_apart(
     with pytest.raises(SystemExit) as unreadable:
         bench.main()
     assert unreadable.value.code == 2
+    settings.write_text('[model]\nhead_init = "names"\n')  # no run would start: none is tried
+    monkeypatch.setattr(sys, "argv", ["privacy_utility", "--cells", "sst2:iid/8", "--config",
+                                      str(settings), "--results", "privacy_utility-random-head"])
+    with pytest.raises(SystemExit) as invalid:
+        bench.main()
+    assert invalid.value.code == 2 and len(calls) == 6
 
 
 def test_a_benchmark_stopped_while_saving_keeps_the_figures_it_saved_before(tmp_path, monkeypatch):

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from fedtune.common import label_prior
 from fedtune.common.config import ConfigError, RunConfig
+from fedtune.common.data import DataError
 from fedtune.common.label_prior import LOGIT_SCALE, named, readable
 from fedtune.common.run_dir import migrated
 from fedtune.common.task import build_task
@@ -27,10 +29,10 @@ def named_data(tmp_path):
     return tmp_path
 
 
-def task_for(model_dir, data_dir, head_init: str, seed: int = 0):
+def task_for(model_dir, data_dir, head_init: str, seed: int = 0, **settings):
     return build_task(RunConfig.from_mapping({
         "model.name": str(model_dir), "data.path": str(data_dir), "model.head_init": head_init,
-        "seed": seed}))
+        "seed": seed, **settings}))
 
 
 def head(task) -> tuple[np.ndarray, np.ndarray]:
@@ -101,3 +103,48 @@ def test_an_unknown_start_is_refused_and_a_saved_run_keeps_its_random_head(tmp_p
     assert saved.head_init == "random"
     again = RunConfig.from_mapping({"privacy.dp": True})
     assert restarted(saved, again).head_init == "random" and not changed_keys(saved, again)
+
+
+def test_names_read_a_few_at_a_time_and_a_long_one_in_a_capped_number_of_tokens(
+        tiny_model_dir, named_data, monkeypatch):
+    whole = head(task_for(tiny_model_dir, named_data, "label_names"))[0]
+    monkeypatch.setattr(label_prior, "NAMES_PER_PASS", 2)
+    assert np.allclose(head(task_for(tiny_model_dir, named_data, "label_names"))[0], whole,
+                       atol=1e-5)
+    names = json.loads((named_data / "labels.json").read_text())
+    names["1"] = " ".join(["exchange rate"] * 2000)
+    (named_data / "labels.json").write_text(json.dumps(names))
+    # a run's max_length past the tiny model's 128 positions: the name is read in 64 tokens
+    long = head(task_for(tiny_model_dir, named_data, "label_names",
+                         **{"model.max_length": 512}))[0]
+    assert np.isfinite(long).all() and np.allclose(np.linalg.norm(long, axis=1), LOGIT_SCALE)
+
+
+def test_a_pooler_head_starts_at_random_and_cannot_be_asked_for_names():
+    pooler = RunConfig.from_mapping({"privacy.dp": True, "model.pooling": "pooler"})
+    assert pooler.head_init == "random"
+    with pytest.raises(ConfigError, match=r"model\.head_init"):
+        RunConfig.from_mapping({"model.pooling": "pooler", "model.head_init": "label_names"})
+
+
+def test_a_label_name_that_is_no_text_is_a_data_error(tiny_model_dir, named_data):
+    (named_data / "labels.json").write_text('{"0": "a", "1": "\\ud800", "2": "c"}')
+    with pytest.raises(DataError, match=r"labels\.json"):
+        task_for(tiny_model_dir, named_data, "label_names")
+
+
+def test_a_deployed_node_never_reads_its_label_names(tiny_model_dir, named_data):
+    from fedtune.client.node import Node, node_task
+    from fedtune.client.policy import NodePolicy
+
+    asked = RunConfig.from_mapping({"model.name": str(tiny_model_dir), "privacy.dp": True,
+                                    "data.path": "/the/servers/path"}).resolved()
+    assert asked.head_init == "label_names"
+    node = Node(name="n", policy=NodePolicy(budget_epsilon=8.0), data_path=str(named_data))
+    task = node_task(node, asked)
+    plain = task_for(tiny_model_dir, named_data, "random")
+    assert all(np.array_equal(v, plain.initial_adapter[k]) for k, v in head_entries(task))
+
+
+def head_entries(task):
+    return [(k, v) for k, v in task.initial_adapter.items() if "classifier" in k]
