@@ -82,7 +82,8 @@ class ModelConfig:
                            "the frozen encoder: a zero-shot start that reads no training row) | "
                            "random (Hugging Face's small random weights; also where the labels "
                            "are only numbered); empty = the default of the run's kind: "
-                           "label_names under DP-SGD, random otherwise", "")
+                           "label_names for a mean-pooling classifier under DP-SGD, random "
+                           "otherwise", "")
     quantize: str = _help("causal-lm: none | 4bit | 8bit loading of the frozen base, where CUDA "
                           "and bitsandbytes are present (full precision elsewhere)", "none")
 

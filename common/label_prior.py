@@ -17,7 +17,8 @@ from transformers import PreTrainedTokenizerBase
 from fedtune.common.mean_pooling import MeanPoolingClassifier, masked_mean
 
 # logit = LOGIT_SCALE x |h| x cos(h, name): on 600 training rows each of banking77, sst2 and
-# medical_abstracts the untrained head's cross-entropy is lowest between 2 and 5 (docs/utility.md)
+# medical_abstracts the untrained head's cross-entropy is lowest between 2 and 5 (a scratch
+# script of 2026-12-07, not kept; docs/utility.md says how the scale was chosen)
 LOGIT_SCALE = 4.0
 # A name is read in at most NAME_TOKENS tokens, NAMES_PER_PASS names a pass: thousands of labels
 # or a name of a page cost time, not memory (one pass, padded to the run's max_length, did)
