@@ -223,7 +223,7 @@ PLAIN_STRATEGY, DP_SGD_STRATEGY = "fedavg", "fedavg"
 PLAIN_FREEZE_A, DP_SGD_FREEZE_A = False, True  # lora.freeze_a unset (FFA-LoRA)
 # model.head_init empty. Under DP-SGD a head started from the label names: at epsilon 8 banking77
 # 0.716 against 0.523 at random, sst2 0.769 against 0.770 (three seeds, 2,000-row subsamples),
-# medical_abstracts 0.606 against 0.606 at the same two seeds; without DP banking77 0.850
+# medical_abstracts 0.606 against 0.612 (three seeds each); without DP banking77 0.850
 # against 0.842 (one seed), so plain training keeps its head (docs/utility.md)
 PLAIN_HEAD_INIT, DP_SGD_HEAD_INIT = "random", "label_names"
 
