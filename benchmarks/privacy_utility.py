@@ -7,7 +7,7 @@ panel per data set.
     python -m benchmarks.privacy_utility [--rows 0] [--test-rows 0] [--only sst2,banking77]
         [--partitions iid,dirichlet-0.5] [--epsilons 8,none] [--seeds 0,1,2] [--max-length 0]
         [--jobs 1] [--cells sst2:iid/1,banking77:dirichlet-0.5/none] [--results NAME]
-        [--config TOML]
+        [--config TOML] [--untrained]
 
 Every run is the real command with only the data, the partition, the privacy target and the seed
 set: every training setting is fedtune's default. `--rows`/`--test-rows` keep a seeded subsample (0
@@ -20,7 +20,9 @@ every data set x partition x epsilon, in the order they run, so a long DP-SGD ce
 can share the two slots. A run that fails (or is stopped) adds nothing to its cell; the JSON's
 `failed` lists this invocation's, with the error, so a cell that never finishes shows why.
 `--config` adds a TOML's settings to every run (the grid records them): how figures of an earlier
-default are measured again.
+default are measured again. `--untrained` runs nothing: it scores the model before any round on
+each `--only` data set's test rows, its head from the label names (where DP-SGD starts) and at
+random (where plain training starts, seed 0), the floor a curve is read against.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ PARTITIONS: dict[str, tuple[str, list[str]]] = {
 }
 EPSILONS = ("1", "2", "4", "8", "none")
 GAP_EPSILON = "8"
+UNTRAINED_BATCH = 64  # test rows a pass when scoring the untrained model
 
 
 def prepare(name: str, scratch: Path, rows: int, test_rows: int) -> tuple[Path, dict[str, int]]:
@@ -117,7 +120,8 @@ def dp_gaps(cells: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def plot(path: Path, grid: dict[str, dict[str, Any]]) -> None:
-    """A panel per data set: mean accuracy (error bar: min to max over seeds) against epsilon."""
+    """A panel per data set: mean accuracy (error bar: min to max over seeds) against epsilon,
+    and a dotted line at the untrained model's, its head from the label names, where measured."""
     from benchmarks.plots import plt
 
     names = [n for n in grid  # a data set with a measured cell
@@ -137,6 +141,9 @@ def plot(path: Path, grid: dict[str, dict[str, Any]]) -> None:
             spread = [[a["mean"] - a["min"] for _, a in points],
                       [a["max"] - a["mean"] for _, a in points]]
             axis.errorbar(xs, means, yerr=spread, marker="o", capsize=3, label=partition)
+        if floor := grid[name].get("untrained", {}).get("label_names"):
+            axis.axhline(floor["accuracy"], linestyle=":", color="grey",
+                         label="untrained, head from names")
         sizes = grid[name]["sizes"]
         axis.set_title(f"{name} ({sizes['train_rows']} train / {sizes['test_rows']} test)",
                        fontsize=9)
@@ -147,6 +154,22 @@ def plot(path: Path, grid: dict[str, dict[str, Any]]) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def untrained(data: Path, max_length: int) -> dict[str, Any]:
+    """Test accuracy and macro-F1 of the model before any round, per start of its head: how much
+    of a private run's score the label names gave before a row was read."""
+    from fedtune.common.config import RunConfig
+    from fedtune.common.task import build_task
+
+    floor: dict[str, Any] = {}
+    for head in ("label_names", "random"):
+        model = {"head_init": head, **({"max_length": max_length} if max_length else {})}
+        task = build_task(RunConfig.from_mapping({"data": {"path": str(data)},
+                                                  "model": model}).resolved())
+        stats = task.evaluate(task.data.test, UNTRAINED_BATCH)
+        floor[head] = {"accuracy": stats.accuracy, "macro_f1": stats.macro_f1}
+    return floor
 
 
 def read_config(path: Path) -> str:
@@ -185,12 +208,17 @@ def parse() -> argparse.Namespace:
                         help="settings every run adds (`fedtune ... --config TOML`), e.g. "
                              "benchmarks/head_at_random.toml; kept in the grid's shape, so a "
                              "grid is never completed with runs of other settings")
+    parser.add_argument("--untrained", action="store_true",
+                        help="run nothing; score the untrained model (head from the label names "
+                             "and at random) on each --only data set's test rows")
     parser.add_argument("--cells", default="",
                         help="DATA:PARTITION/EPSILON,... to fill instead of --only x "
                              "--partitions x --epsilons, in this order")
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs: must be at least 1, got {args.jobs}")
+    if args.untrained and args.config:  # it scores fedtune's model, not the TOML's
+        parser.error("--untrained takes no --config: it scores the default model")
     for flag, chosen, allowed in (("--only", args.only, DATA_SETS),
                                   ("--partitions", args.partitions, PARTITIONS),
                                   ("--epsilons", args.epsilons, EPSILONS)):
@@ -229,7 +257,7 @@ def measured(grid: dict[str, Any]) -> dict[str, Any]:
                                       for key, cell in entry["cells"].items()
                                       if (runs := _finished(cell["runs"]))}}
             for name, entry in grid.items()}
-    return {name: entry for name, entry in kept.items() if entry["cells"]}
+    return {name: entry for name, entry in kept.items() if entry["cells"] or "untrained" in entry}
 
 
 def _finished(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -250,6 +278,9 @@ def main() -> None:
               f"--replace to start a new grid (the saved one is then lost)", file=sys.stderr)
         raise SystemExit(2)
     grid: dict[str, dict[str, Any]] = saved["grid"] if saved and saved["shape"] == shape else {}
+    if args.untrained:
+        measure_untrained(args, shape, grid)
+        return
     extra = ["--max-length", str(args.max_length)] if args.max_length else []
     extra += ["--config", str(args.config.resolve())] if args.config else []
     lock = threading.Lock()  # one writer of the grid, its JSON and its plot at a time
@@ -288,6 +319,22 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             for future in [pool.submit(measure, *item) for item in todo]:
                 future.result()  # a crash in the bookkeeping is not swallowed
+
+
+def measure_untrained(args: argparse.Namespace, shape: dict[str, Any],
+                      grid: dict[str, dict[str, Any]]) -> None:
+    """`--untrained`: each --only data set's floor, saved beside its cells, drawn in its panel."""
+    from benchmarks.record import save, today
+
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in args.only.split(","):
+            data, sizes = prepare(name, Path(scratch), args.rows, args.test_rows)
+            entry = grid.setdefault(name, {"sizes": sizes, "cells": {}})
+            entry["untrained"] = {**untrained(data, args.max_length), "date": today()}
+            print(name, "untrained", entry["untrained"], flush=True)
+            path = save(args.results, {"shape": shape, "grid": measured(grid), "failed": []},
+                        quick=False)
+            plot(path.with_suffix(".png"), grid)
 
 
 if __name__ == "__main__":

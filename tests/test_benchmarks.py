@@ -449,6 +449,43 @@ def test_privacy_utility_settings_go_to_every_run_and_keep_their_grid_apart(
     assert invalid.value.code == 2 and len(calls) == 6
 
 
+def test_untrained_runs_nothing_and_keeps_the_floor_beside_the_cells(
+        privacy_utility, tmp_path, monkeypatch):
+    bench, calls = privacy_utility
+    monkeypatch.setattr(sys, "argv", ["privacy_utility", "--cells", "sst2:iid/8"])
+    bench.main()
+    floor = {"label_names": {"accuracy": 0.6, "macro_f1": 0.5},
+             "random": {"accuracy": 0.5, "macro_f1": 0.3}}
+    monkeypatch.setattr(bench, "untrained", lambda data, max_length: floor)
+    monkeypatch.setattr(sys, "argv", ["privacy_utility", "--untrained", "--only", "sst2,banking77"])
+    bench.main()
+    grid = json.loads((tmp_path / "privacy_utility.json").read_text())["grid"]
+    assert len(calls) == 3  # no run: the epsilon-8 cell is the one measured before
+    assert list(grid["sst2"]["cells"]) == ["iid/8"]
+    assert grid["sst2"]["untrained"]["label_names"] == floor["label_names"]
+    assert grid["banking77"]["untrained"]["random"] == floor["random"]  # kept without cells
+    monkeypatch.setattr(sys, "argv", ["privacy_utility", "--untrained", "--config", "x.toml"])
+    with pytest.raises(SystemExit) as refused:
+        bench.main()
+    assert refused.value.code == 2
+
+
+@pytest.mark.slow
+def test_the_untrained_head_from_the_names_reads_each_name_as_its_own_label(tmp_path):
+    from benchmarks.privacy_utility import untrained
+    from tests.conftest import write_jsonl
+
+    names = ["weather forecast", "football match", "chocolate cake recipe"]
+    (tmp_path / "labels.json").write_text(json.dumps(dict(enumerate(names))))
+    rows = [{"text": name, "label": label} for label, name in enumerate(names)]
+    write_jsonl(tmp_path / "train.jsonl", rows * 2)
+    write_jsonl(tmp_path / "test.jsonl", rows)
+    floor = untrained(tmp_path, 0)
+    assert floor["label_names"] == {"accuracy": 1.0, "macro_f1": 1.0}  # cosine 1 with its own
+    assert set(floor) == {"label_names", "random"}
+    assert 0.0 <= floor["random"]["accuracy"] <= 1.0
+
+
 def test_a_benchmark_stopped_while_saving_keeps_the_figures_it_saved_before(tmp_path, monkeypatch):
     import benchmarks.record as record
     from fedtune.common import atomic_file
