@@ -121,7 +121,8 @@ def dp_gaps(cells: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def plot(path: Path, grid: dict[str, dict[str, Any]]) -> None:
     """A panel per data set: mean accuracy (error bar: min to max over seeds) against epsilon,
-    and a dotted line at the untrained model's, its head from the label names, where measured."""
+    and a dotted line over the DP-SGD columns at the untrained model's, its head from the label
+    names (DP-SGD's start), where measured."""
     from benchmarks.plots import plt
 
     names = [n for n in grid  # a data set with a measured cell
@@ -141,9 +142,9 @@ def plot(path: Path, grid: dict[str, dict[str, Any]]) -> None:
             spread = [[a["mean"] - a["min"] for _, a in points],
                       [a["max"] - a["mean"] for _, a in points]]
             axis.errorbar(xs, means, yerr=spread, marker="o", capsize=3, label=partition)
-        if floor := grid[name].get("untrained", {}).get("label_names"):
-            axis.axhline(floor["accuracy"], linestyle=":", color="grey",
-                         label="untrained, head from names")
+        if floor := grid[name].get("untrained", {}).get("label_names"):  # DP-SGD's start only
+            axis.hlines(floor["accuracy"], positions["1"], positions[GAP_EPSILON],
+                        linestyles=":", colors="grey", label="untrained, head from names")
         sizes = grid[name]["sizes"]
         axis.set_title(f"{name} ({sizes['train_rows']} train / {sizes['test_rows']} test)",
                        fontsize=9)
@@ -217,8 +218,9 @@ def parse() -> argparse.Namespace:
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs: must be at least 1, got {args.jobs}")
-    if args.untrained and args.config:  # it scores fedtune's model, not the TOML's
-        parser.error("--untrained takes no --config: it scores the default model")
+    if args.untrained and (args.config or args.cells):  # fedtune's model, --only's data sets
+        parser.error("--untrained takes no --config or --cells: it scores the default model "
+                     "on each --only data set")
     for flag, chosen, allowed in (("--only", args.only, DATA_SETS),
                                   ("--partitions", args.partitions, PARTITIONS),
                                   ("--epsilons", args.epsilons, EPSILONS)):
@@ -279,7 +281,8 @@ def main() -> None:
         raise SystemExit(2)
     grid: dict[str, dict[str, Any]] = saved["grid"] if saved and saved["shape"] == shape else {}
     if args.untrained:
-        measure_untrained(args, shape, grid)
+        kept = saved.get("failed", []) if saved and saved["shape"] == shape else []
+        measure_untrained(args, shape, grid, kept)  # the last runs' failures stay listed
         return
     extra = ["--max-length", str(args.max_length)] if args.max_length else []
     extra += ["--config", str(args.config.resolve())] if args.config else []
@@ -322,7 +325,7 @@ def main() -> None:
 
 
 def measure_untrained(args: argparse.Namespace, shape: dict[str, Any],
-                      grid: dict[str, dict[str, Any]]) -> None:
+                      grid: dict[str, dict[str, Any]], failed: list[dict[str, Any]]) -> None:
     """`--untrained`: each --only data set's floor, saved beside its cells, drawn in its panel."""
     from benchmarks.record import save, today
 
@@ -332,7 +335,7 @@ def measure_untrained(args: argparse.Namespace, shape: dict[str, Any],
             entry = grid.setdefault(name, {"sizes": sizes, "cells": {}})
             entry["untrained"] = {**untrained(data, args.max_length), "date": today()}
             print(name, "untrained", entry["untrained"], flush=True)
-            path = save(args.results, {"shape": shape, "grid": measured(grid), "failed": []},
+            path = save(args.results, {"shape": shape, "grid": measured(grid), "failed": failed},
                         quick=False)
             plot(path.with_suffix(".png"), grid)
 

@@ -450,24 +450,34 @@ def test_privacy_utility_settings_go_to_every_run_and_keep_their_grid_apart(
 
 
 def test_untrained_runs_nothing_and_keeps_the_floor_beside_the_cells(
-        privacy_utility, tmp_path, monkeypatch):
+        privacy_utility, tmp_path, monkeypatch, capsys):
     bench, calls = privacy_utility
     monkeypatch.setattr(sys, "argv", ["privacy_utility", "--cells", "sst2:iid/8"])
     bench.main()
+    path = tmp_path / "privacy_utility.json"
+    body = json.loads(path.read_text())
+    body["failed"] = [{"data": "sst2", "cell": "iid/1", "seed": 0, "error": "exit 2"}]
+    path.write_text(json.dumps(body))  # the last invocation's failure stays listed
     floor = {"label_names": {"accuracy": 0.6, "macro_f1": 0.5},
              "random": {"accuracy": 0.5, "macro_f1": 0.3}}
     monkeypatch.setattr(bench, "untrained", lambda data, max_length: floor)
     monkeypatch.setattr(sys, "argv", ["privacy_utility", "--untrained", "--only", "sst2,banking77"])
     bench.main()
-    grid = json.loads((tmp_path / "privacy_utility.json").read_text())["grid"]
+    saved = json.loads(path.read_text())
+    grid = saved["grid"]
     assert len(calls) == 3  # no run: the epsilon-8 cell is the one measured before
+    assert saved["failed"] == body["failed"]
     assert list(grid["sst2"]["cells"]) == ["iid/8"]
     assert grid["sst2"]["untrained"]["label_names"] == floor["label_names"]
     assert grid["banking77"]["untrained"]["random"] == floor["random"]  # kept without cells
-    monkeypatch.setattr(sys, "argv", ["privacy_utility", "--untrained", "--config", "x.toml"])
-    with pytest.raises(SystemExit) as refused:
-        bench.main()
-    assert refused.value.code == 2
+    settings = tmp_path / "head_at_random.toml"
+    settings.write_text('[model]\nhead_init = "random"\n')  # valid: refused for being there
+    for extra in (["--config", str(settings)], ["--cells", "sst2:iid/8"]):
+        monkeypatch.setattr(sys, "argv", ["privacy_utility", "--untrained", *extra])
+        with pytest.raises(SystemExit) as refused:
+            bench.main()
+        assert refused.value.code == 2
+        assert "--untrained takes no --config or --cells" in capsys.readouterr().err
 
 
 @pytest.mark.slow
