@@ -262,13 +262,22 @@ def measured(grid: dict[str, Any]) -> dict[str, Any]:
     return {name: entry for name, entry in kept.items() if entry["cells"] or "untrained" in entry}
 
 
+def write(results: str, shape: dict[str, Any], grid: dict[str, Any],
+          failed: list[dict[str, Any]]) -> None:
+    """The grid's JSON (its finished runs) and its plot, as they stand now."""
+    from benchmarks.record import save
+
+    path = save(results, {"shape": shape, "grid": measured(grid), "failed": failed}, quick=False)
+    plot(path.with_suffix(".png"), grid)
+
+
 def _finished(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {seed: run for seed, run in runs.items() if "accuracy" in run}
 
 
 def main() -> None:
     args = parse()
-    from benchmarks.record import load, save
+    from benchmarks.record import load
 
     shape = {"rows": args.rows, "test_rows": args.test_rows, "max_length": args.max_length}
     if args.config:
@@ -279,10 +288,10 @@ def main() -> None:
               f"ask for {shape}; run with the same --rows, --test-rows and --max-length, or pass "
               f"--replace to start a new grid (the saved one is then lost)", file=sys.stderr)
         raise SystemExit(2)
-    grid: dict[str, dict[str, Any]] = saved["grid"] if saved and saved["shape"] == shape else {}
-    if args.untrained:
-        kept = saved.get("failed", []) if saved and saved["shape"] == shape else []
-        measure_untrained(args, shape, grid, kept)  # the last runs' failures stay listed
+    same = bool(saved) and saved["shape"] == shape
+    grid: dict[str, dict[str, Any]] = saved["grid"] if same else {}
+    if args.untrained:  # the last runs' failures stay listed
+        measure_untrained(args, shape, grid, saved.get("failed", []) if same else [])
         return
     extra = ["--max-length", str(args.max_length)] if args.max_length else []
     extra += ["--config", str(args.config.resolve())] if args.config else []
@@ -304,9 +313,7 @@ def main() -> None:
             cell["summary"] = summarise(cell["runs"])
             entry["dp_gap_points"] = dp_gaps(entry["cells"])
             print(name, partition, epsilon, seed, result, flush=True)
-            path = save(args.results, {"shape": shape, "grid": measured(grid), "failed": failed},
-                        quick=False)
-            plot(path.with_suffix(".png"), grid)
+            write(args.results, shape, grid, failed)
 
     with tempfile.TemporaryDirectory() as scratch:
         todo = []  # the whole grid is laid out before any run starts: workers only fill it in
@@ -327,7 +334,7 @@ def main() -> None:
 def measure_untrained(args: argparse.Namespace, shape: dict[str, Any],
                       grid: dict[str, dict[str, Any]], failed: list[dict[str, Any]]) -> None:
     """`--untrained`: each --only data set's floor, saved beside its cells, drawn in its panel."""
-    from benchmarks.record import save, today
+    from benchmarks.record import today
 
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.only.split(","):
@@ -335,9 +342,7 @@ def measure_untrained(args: argparse.Namespace, shape: dict[str, Any],
             entry = grid.setdefault(name, {"sizes": sizes, "cells": {}})
             entry["untrained"] = {**untrained(data, args.max_length), "date": today()}
             print(name, "untrained", entry["untrained"], flush=True)
-            path = save(args.results, {"shape": shape, "grid": measured(grid), "failed": failed},
-                        quick=False)
-            plot(path.with_suffix(".png"), grid)
+            write(args.results, shape, grid, failed)
 
 
 if __name__ == "__main__":
